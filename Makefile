@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU-only machine gets the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_CPU ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= offline
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup  ## the main job on the offline default: SFT -> reward -> PPO on the tiny model
+	$(BIN)/rlhf-exp experiment=demo
+
+test: setup  ## the whole suite (CI runs this); slow end-to-end tests included
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: setup
+	$(BIN)/ruff check rlhf_exp tests bench
+
+bench: setup
+	$(BIN)/python bench/bench_generation.py --model tiny
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,3 @@
+from rlhf_exp.cli import main
+
+main()

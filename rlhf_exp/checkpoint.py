@@ -1,0 +1,103 @@
+"""Checkpoints: plain HF model dirs (safetensors + config + tokenizer), written atomically.
+
+Layout of a stage run dir:
+    checkpoints/step_000120/      one checkpoint (loadable with from_pretrained)
+    checkpoints/final -> step_000300   the final one, marked by a symlink
+Each checkpoint is written to a hidden temp dir beside its target and renamed into place, so a
+run killed mid-save never leaves a half-written checkpoint under its real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from rlhf_exp import dist
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _state_dict(engine_or_model, zero_stage: int):
+    """Full weights on rank 0 (None elsewhere); a collective call under ZeRO-3."""
+    if hasattr(engine_or_model, "module") and zero_stage == 3:
+        return engine_or_model._zero3_consolidated_16bit_state_dict()  # gathers on all ranks
+    module = getattr(engine_or_model, "module", engine_or_model)
+    return module.state_dict() if dist.is_main() else None
+
+
+def save_hf(engine_or_model, tokenizer, out_dir: Path, *, zero_stage: int = 0,
+            lora_save: str = "merged", metadata: dict | None = None) -> Path:
+    """Write an HF checkpoint to `out_dir` atomically; every rank must call it."""
+    out_dir = Path(out_dir)
+    state = _state_dict(engine_or_model, zero_stage)
+    if dist.is_main():
+        module = getattr(engine_or_model, "module", engine_or_model)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+        try:
+            if hasattr(module, "peft_config") and lora_save == "merged":
+                import copy
+
+                merged = copy.deepcopy(module)
+                if state is not None:
+                    merged.load_state_dict(state, strict=False)
+                merged = merged.merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "rlhf_exp.json").write_text(json.dumps(metadata or {}, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    return out_dir
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def mark_final(ckpt: Path) -> Path:
+    """Point `checkpoints/final` at `ckpt` (atomic symlink swap); returns the link."""
+    link = ckpt.parent / "final"
+    if dist.is_main():
+        tmp = ckpt.parent / f".final-{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(ckpt.name)
+        os.replace(tmp, link)
+    dist.barrier()
+    return link
+
+
+def final_checkpoint(run_dir: Path) -> Path | None:
+    link = Path(run_dir) / "checkpoints" / "final"
+    return link.resolve() if link.exists() else None
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "config.json").exists()]
+    return sorted(found)
+
+
+def prune(run_dir: Path, keep_last: int, protect: set[Path] = frozenset()) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (never a protected or final one)."""
+    if not dist.is_main() or keep_last <= 0:
+        return
+    final = final_checkpoint(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    for _, path in ckpts[:-keep_last]:
+        if path.resolve() != final and path.resolve() not in {p.resolve() for p in protect}:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Rows -> token features, and padding-aware collation.
+
+SFT features mask the prompt out of the loss (label -100) and end with EOS, which is distinct
+from the pad token. Batches for training are right-padded; prompts for generation left-padded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def render_prompt(tokenizer, prompt: str, template: str = "{prompt}") -> str:
+    """The chat template when the tokenizer has one, else the plain template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return template.format(prompt=prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt_text: str, response: str, max_prompt_len: int, max_len: int,
+                overlong: str) -> tuple[list[int], int] | None:
+    """(prompt + response + EOS ids, prompt length), or None when dropped as over-long.
+    Truncation keeps the end of the prompt and the start of the response (EOS always kept)."""
+    p = _ids(tokenizer, prompt_text)
+    r = _ids(tokenizer, response) + [tokenizer.eos_token_id]
+    if len(p) > max_prompt_len or len(p) + len(r) > max_len:
+        if overlong == "drop":
+            return None
+        p = p[-max_prompt_len:]
+        room = max_len - len(p)
+        if len(r) > room:
+            r = r[: room - 1] + [tokenizer.eos_token_id]
+    return p + r, len(p)
+
+
+def tokenize_sft(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
+                 overlong: str = "truncate") -> tuple[list[dict], int]:
+    """Features {input_ids, labels}; returns (features, number dropped as over-long)."""
+    feats, dropped = [], 0
+    for row in rows:
+        response = row.get("response") or row.get("chosen")
+        enc = encode_pair(tokenizer, render_prompt(tokenizer, row["prompt"], template), response,
+                          max_prompt_len, max_len, overlong)
+        if enc is None:
+            dropped += 1
+            continue
+        ids, n_prompt = enc
+        feats.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return feats, dropped
+
+
+def pad_right(seqs: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def pad_left(seqs: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+
+
+def collate_sft(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    ids = pad_right([b["input_ids"] for b in batch], pad_id)
+    labels = pad_right([b["labels"] for b in batch], -100)
+    mask = pad_right([[1] * len(b["input_ids"]) for b in batch], 0)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

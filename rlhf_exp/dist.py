@@ -1,0 +1,85 @@
+"""Process-group helpers. Every stage works the same in one process and under torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inside_launch() -> bool:
+    """True when a launcher (torchrun, deepspeed) started this process as one of several ranks."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str) -> None:
+    """Initialise the process group once per process (gloo on CPU, nccl on CUDA).
+
+    A plain single process gets RANK/WORLD_SIZE/MASTER_* set here, else DeepSpeed tries MPI
+    discovery (and fails on mpi4py)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+
+    if device == "cuda":
+        torch.cuda.set_device(local_rank())
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
+                               verbose=False)
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    if torch_dist.is_initialized():
+        return torch_dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.barrier()
+
+
+def device_for(device: str) -> torch.device:
+    return torch.device(f"cuda:{local_rank()}") if device == "cuda" else torch.device("cpu")
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of each value over ranks (metrics computed on each rank's shard)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]

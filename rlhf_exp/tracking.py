@@ -1,0 +1,167 @@
+"""Weights & Biases tracking: one W&B run per stage run, created on rank 0 only.
+
+group = experiment_name (the runs of one experiment sit together), job_type = the stage,
+tags = the group choices plus the user's tags, config = the fully resolved config. Metrics are
+namespaced by stage (`sft/loss`) and by kind (`perf/tokens_per_s`), all stepped on
+`<stage>/step`. Offline by default; `logger.mode=online` or WANDB_MODE for real use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp import dist
+from rlhf_exp.models import cache_root
+
+GROUPS = ("model", "stage", "zero_stage", "hardware", "data_mix", "logger")
+
+
+def group_choices(cfg: DictConfig) -> dict[str, str]:
+    """Which option of each config group this run uses (each option's `name`)."""
+    return {g: str(cfg[g].name) for g in GROUPS}
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    return [f"{g}:{v}" for g, v in group_choices(cfg).items()] + list(cfg.tags)
+
+
+class Tracker:
+    """Logs metrics, tables and artifacts of one stage run; a no-op off rank 0 or with
+    `logger=none`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_type: str, *,
+                 run_id: str | None = None, extra_config: dict | None = None):
+        self.job_type = job_type
+        self.run = None
+        self.run_dir = Path(run_dir)
+        if not dist.is_main() or cfg.logger.name != "wandb":
+            return
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["group_choices"] = group_choices(cfg)
+        config["run_dir"] = str(self.run_dir)
+        config.update(extra_config or {})
+        self.run = wandb.init(
+            project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment_name,
+            job_type=job_type, tags=run_tags(cfg), config=config, dir=str(self.run_dir),
+            name=f"{cfg.experiment_name}-{job_type}-{self.run_dir.name}", mode=mode,
+            id=run_id, resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", quiet=True),
+        )
+        step = f"{job_type}/step"
+        self.run.define_metric(step)
+        for prefix in (job_type, "perf", "eval"):
+            self.run.define_metric(f"{prefix}/*", step_metric=step)
+
+    @property
+    def enabled(self) -> bool:
+        return self.run is not None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run:
+            self.run.log({f"{self.job_type}/step": step, **metrics})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self.run:
+            import wandb
+
+            self.log({key: wandb.Table(columns=columns, data=rows)}, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run:
+            self.run.summary.update(values)
+
+    def log_model(self, path: Path, name: str, aliases: list[str], metadata: dict) -> str | None:
+        """Log a checkpoint dir as a `model` artifact; returns its qualified name."""
+        if not self.run:
+            return None
+        import wandb
+
+        art = wandb.Artifact(name, type="model", metadata=metadata)
+        art.add_dir(str(path))
+        self.run.log_artifact(art, aliases=aliases)
+        full = f"{self.run.project}/{name}:latest"
+        _remember_artifact(full, Path(path))
+        _remember_artifact(f"{name}:latest", Path(path))
+        return full
+
+    def use_artifact(self, name: str) -> Path | None:
+        """Online: declare the input (W&B lineage) and download it. Offline: None."""
+        if not self.run or self.run.settings.mode == "offline" or self.run.offline:
+            return None
+        art = self.run.use_artifact(name, type="model")
+        return Path(art.download())
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+    def where(self) -> str:
+        """How to look at this run afterwards (printed at the end of a stage)."""
+        wandb_dir = self.run_dir / "wandb"
+        return (f"W&B run: {wandb_dir}  (view: wandb leet {wandb_dir}; "
+                f"upload: wandb sync {wandb_dir}/offline-run-*)")
+
+
+# ----------------------------------------------------------------------------- hand-off
+def _index_path() -> Path:
+    return cache_root() / "artifacts.json"
+
+
+def _remember_artifact(name: str, path: Path) -> None:
+    """Offline, `use_artifact` raises: keep name -> local path so a later stage can still start
+    from an artifact name on this machine."""
+    index = _index_path()
+    index.parent.mkdir(parents=True, exist_ok=True)
+    table = json.loads(index.read_text()) if index.exists() else {}
+    table[name] = str(Path(path).resolve())
+    tmp = index.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, index)
+
+
+def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | None]:
+    """A stage's starting point from a local path (a checkpoint or a run dir) or a W&B artifact
+    name. Returns (local path, artifact name or None). Online, an artifact name is declared with
+    `use_artifact` (so W&B shows lineage); offline it falls back to the local path recorded when
+    the artifact was logged."""
+    from rlhf_exp.checkpoint import final_checkpoint
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            ckpt = final_checkpoint(path)
+            if ckpt is None:
+                raise FileNotFoundError(f"{ref}: neither a checkpoint (no config.json) nor a run "
+                                        "dir with checkpoints/final")
+            path = ckpt
+        meta = path / "rlhf_exp.json"
+        artifact = json.loads(meta.read_text()).get("artifact") if meta.exists() else None
+        if artifact and tracker is not None and tracker.enabled:
+            try:
+                tracker.use_artifact(artifact)
+            except Exception:  # lineage is best effort: the local weights are what we load
+                pass
+        return path, artifact
+    if tracker is not None:
+        downloaded = tracker.use_artifact(ref)
+        if downloaded is not None:
+            return downloaded, ref
+    table = json.loads(_index_path().read_text()) if _index_path().exists() else {}
+    key = ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest"
+    if key in table and Path(table[key]).exists():
+        return Path(table[key]), ref
+    raise FileNotFoundError(f"{ref}: not a local path, and no artifact of that name is known "
+                            "offline (log it on this machine first, or go online)")

@@ -1,0 +1,69 @@
+"""Shared test fixtures. Tests run the real parts: DeepSpeed on CPU, W&B offline, Hydra compose.
+
+Environment: W&B offline, the tiny model built into a per-session cache, DeepSpeed's JIT ops
+cached under .cache/torch_extensions (built once, ~25 s).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Small, fast settings for end-to-end runs on 2 CPU cores.
+FAST = [
+    "data_mix.sources.0.synthetic.num_examples=3000",
+    "sft.max_steps=30", "sft.eval_every=0", "sft.log_every=5",
+    "reward.max_steps=30", "reward.eval_every=0", "reward.log_every=5",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One model/artifact cache per test session (the tiny model is built on first use)."""
+    if "RLHF_EXP_CACHE" not in os.environ:
+        os.environ["RLHF_EXP_CACHE"] = str(tmp_path_factory.mktemp("rlhf_exp_cache"))
+    yield
+
+
+def compose(*overrides: str):
+    """The composed and validated config, as the app would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf_exp.cli import CONF_DIR, check
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    check(cfg)
+    return cfg
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: int = 600,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m rlhf_exp ARGS` as a user would; output captured."""
+    return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """One short SFT run shared by the tests that need a trained policy checkpoint."""
+    from rlhf_exp.stages import sft
+
+    run_dir = tmp_path_factory.mktemp("sft_run")
+    cfg = compose("stage=sft", *FAST, "sft.max_steps=40")
+    engine, tokenizer, result = sft.train(cfg, run_dir)
+    return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
+            "result": result}
