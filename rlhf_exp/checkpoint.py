@@ -29,9 +29,42 @@ def _state_dict(engine_or_model, zero_stage: int):
     return module.state_dict() if dist.is_main() else None
 
 
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "merge_and_unload")
+
+
+def _merged_copy(module, state: dict, *, shares_storage: bool):
+    """A plain HF model with the LoRA weights of `state` merged into the base weights.
+
+    Rebuilt on the meta device and filled from the full state dict (rather than deep-copying the
+    live module): under ZeRO-3 the live module's parameters are empty partitions."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    base = module.get_base_model()
+    with torch.device("meta"):
+        fresh = type(base)(copy.deepcopy(base.config))
+    peft_cfg = copy.deepcopy(module.peft_config[module.active_adapter])
+    fresh = get_peft_model(fresh, peft_cfg)
+    if shares_storage:  # merging writes into the base weights: never into the live model's
+        state = {k: v.detach().clone() for k, v in state.items()}
+    fresh.load_state_dict(state, strict=True, assign=True)
+    merged = fresh.merge_and_unload()
+    merged.tie_weights()
+    merged.generation_config = copy.deepcopy(base.generation_config)
+    return merged
+
+
 def save_hf(engine_or_model, tokenizer, out_dir: Path, *, zero_stage: int = 0,
             lora_save: str = "merged", metadata: dict | None = None) -> Path:
-    """Write an HF checkpoint to `out_dir` atomically; every rank must call it."""
+    """Write an HF checkpoint to `out_dir` atomically; every rank must call it.
+
+    Under ZeRO-3 the partitioned weights are gathered into one full state dict first. A LoRA
+    model is saved merged (`lora_save="merged"`: a plain checkpoint any HF code loads) or as the
+    adapter alone (`"adapter"`: adapter_config.json + adapter_model.safetensors, naming its base;
+    models.load_causal_lm / load_reward_model merge it back on load)."""
     out_dir = Path(out_dir)
     state = _state_dict(engine_or_model, zero_stage)
     if dist.is_main():
@@ -39,15 +72,11 @@ def save_hf(engine_or_model, tokenizer, out_dir: Path, *, zero_stage: int = 0,
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
         try:
-            if hasattr(module, "peft_config") and lora_save == "merged":
-                import copy
-
-                merged = copy.deepcopy(module)
-                if state is not None:
-                    merged.load_state_dict(state, strict=False)
-                merged = merged.merge_and_unload()
+            if _is_peft(module) and lora_save == "merged":
+                gathered = hasattr(engine_or_model, "module") and zero_stage == 3
+                merged = _merged_copy(module, state, shares_storage=not gathered)
                 merged.save_pretrained(tmp, safe_serialization=True)
-            else:
+            else:  # a PeftModel writes only its adapter (and modules_to_save) from `state`
                 module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "rlhf_exp.json").write_text(json.dumps(metadata or {}, indent=2))
@@ -59,6 +88,12 @@ def save_hf(engine_or_model, tokenizer, out_dir: Path, *, zero_stage: int = 0,
             raise
     dist.barrier()
     return out_dir
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A full HF checkpoint (config.json) or a LoRA adapter checkpoint (adapter_config.json)."""
+    path = Path(path)
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -88,7 +123,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / "config.json").exists()]
+             if (m := STEP_DIR.match(p.name)) and is_checkpoint(p)]
     return sorted(found)
 
 

@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -134,21 +135,26 @@ def _fail(message: str) -> None:
 
 # ----------------------------------------------------------------------------- launch
 def launch_command(cfg: DictConfig, overrides: list[str], run_dir: str) -> list[str]:
-    """The command that starts every local rank of this run (also shown by hardware.dry_run)."""
+    """The command that starts the ranks of this node (printed by hardware.dry_run=true).
+
+    torchrun: run on every node with that node's hardware.node_rank (static rendezvous at
+    master_addr:master_port). deepspeed: run once, on node 0; with a hostfile its runner starts
+    the other nodes over ssh (pdsh). Both re-run this app with the same overrides and the run dir
+    fixed, so every rank writes to one place."""
     hw = cfg.hardware
     port = hw.master_port or dist.free_port()
-    child = [*overrides, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
-             "hardware.dry_run=false"]
+    child = [o for o in overrides if not o.startswith("hardware.dry_run=")]
+    child += [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
     if hw.launcher == "deepspeed":
-        cmd = ["deepspeed", "--no_local_rank", f"--num_nodes={hw.nnodes}",
+        # `python -m deepspeed.launcher.runner` is the `deepspeed` script, without needing the
+        # venv's bin/ on PATH; --no_local_rank because Hydra rejects a --local_rank argument
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank",
+               f"--num_nodes={hw.nnodes}",
+               f"--{'num_gpus' if hw.device == 'cuda' else 'num_accelerators'}="
+               f"{hw.nproc_per_node}",
                f"--master_addr={hw.master_addr}", f"--master_port={port}"]
         if hw.hostfile:
             cmd.append(f"--hostfile={hw.hostfile}")
-        else:
-            cmd += [f"--num_gpus={hw.nproc_per_node}"] if hw.device == "cuda" else \
-                   [f"--num_accelerators={hw.nproc_per_node}"]
-        if hw.nnodes > 1 and not hw.hostfile:
-            cmd.append(f"--node_rank={hw.node_rank}")
         return [*cmd, "--module", "rlhf_exp", *child]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={hw.nproc_per_node}",
             f"--nnodes={hw.nnodes}", f"--node_rank={hw.node_rank}",
@@ -156,10 +162,18 @@ def launch_command(cfg: DictConfig, overrides: list[str], run_dir: str) -> list[
             "-m", "rlhf_exp", *child]
 
 
-def _relaunch(cfg: DictConfig, run_dir: str) -> float | None:
+class RanksFailed(RuntimeError):
+    """The ranks a multi-process run started exited non-zero (their output says why)."""
+
+    def __init__(self, rc: int):
+        super().__init__(f"the launched ranks exited with code {rc}")
+        self.rc = rc
+
+
+def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = list(HydraConfig.get().overrides.task)
+    overrides = [*HydraConfig.get().overrides.task, *extra]
     cmd = launch_command(cfg, overrides, run_dir)
     if cfg.hardware.dry_run:
         print(shlex.join(cmd))
@@ -169,46 +183,154 @@ def _relaunch(cfg: DictConfig, run_dir: str) -> float | None:
     env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir}
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise SystemExit(rc)
-    return _objective(cfg, Path(run_dir))
+        raise RanksFailed(rc)
+    result = Path(run_dir) / "result.json"
+    metrics = json.loads(result.read_text()).get("metrics", {}) if result.exists() else {}
+    return _objective(cfg, metrics)
 
 
-def _objective(cfg: DictConfig, run_dir: Path) -> float | None:
-    key = cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
-    result = run_dir / "result.json"
-    if not key or not result.exists():
+def _objective_key(cfg: DictConfig) -> str | None:
+    return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+
+
+def _objective(cfg: DictConfig, metrics: dict) -> float | None:
+    """The value the app returns to sweepers: `objective` (or the stage's default) among the
+    stage's final metrics. A named objective the stage did not report is said, not hidden."""
+    key = _objective_key(cfg)
+    if not key:
         return None
-    value = json.loads(result.read_text()).get("metrics", {}).get(key)
+    if key not in metrics:
+        if cfg.objective and dist.is_main():
+            print(f"rlhf-exp: warning: objective={key} is not among the {cfg.stage.name} "
+                  f"stage's final metrics ({', '.join(sorted(metrics)) or 'none'})",
+                  file=sys.stderr, flush=True)
+        return None
+    value = metrics[key]
     return None if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------- app
+def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
+    """Validate, then run the stage here or start its ranks; returns the objective.
+    Bad input raises UserError, failed ranks RanksFailed."""
+    check(cfg)
+    hw = cfg.hardware
+    if hw.launcher == "submitit":  # each submitit task is one rank: no re-execution
+        world = dist.adopt_submitit_env(hw.master_port)
+        if world != hw.nproc_per_node * hw.nnodes:
+            raise UserError(f"the submitit job has {world} tasks but hardware.nproc_per_node x "
+                            f"hardware.nnodes = {hw.nproc_per_node * hw.nnodes}: set "
+                            "hydra.launcher.tasks_per_node / hydra.launcher.nodes to match")
+    elif (hw.nproc_per_node > 1 or hw.nnodes > 1 or hw.dry_run) and not dist.inside_launch():
+        return _relaunch(cfg, str(run_dir), extra)
+    runner = importlib.import_module(RUNNERS[cfg.stage.name])
+    result = runner.run(cfg, run_dir)
+    return _objective(cfg, result.metrics if result is not None else {})
+
+
+def _finish_wandb() -> str | None:
+    """A failed job may leave its W&B run open; the next job of the sweep (same process) would
+    log into it. Close it, marked failed; returns its id."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return None
+    run_id = wandb.run.id
+    wandb.finish(exit_code=1)
+    return run_id
+
+
+def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
+    """One job of a multirun. A failure is reported and recorded (job_status.json), never
+    raised: the other jobs still run, and the end-of-sweep table shows it."""
+    from rlhf_exp import sweep
+
+    key = _objective_key(cfg)
+    try:
+        extra = sweep.apply_to_config(cfg, ctx)
+        value = _execute(cfg, run_dir, extra)
+    except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
+        expected = isinstance(exc, (UserError, RanksFailed))
+        message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        if not expected:
+            traceback.print_exc()
+        print(f"rlhf-exp: job {ctx['job']} failed: {message}", file=sys.stderr, flush=True)
+        run_id = _finish_wandb()
+        sweep.write_status(run_dir, ctx, status="failed", objective_key=key, objective=None,
+                           error=message, wandb_run_id=run_id)
+        return None
+    result = run_dir / "result.json"
+    run_id = json.loads(result.read_text()).get("wandb_run_id") if result.exists() else None
+    sweep.write_status(run_dir, ctx, status="completed", objective_key=key, objective=value,
+                       wandb_run_id=run_id)
+    return value
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
+    from rlhf_exp import sweep
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ctx = sweep.job_context()
+    if ctx is not None:
+        return _sweep_job(cfg, run_dir, ctx)
     try:
-        check(cfg)
+        return _execute(cfg, run_dir, [])
     except UserError as exc:
         _fail(str(exc))
-    run_dir = HydraConfig.get().runtime.output_dir
-    hw = cfg.hardware
-    if (hw.nproc_per_node > 1 or hw.nnodes > 1 or hw.dry_run) and not dist.inside_launch():
-        return _relaunch(cfg, run_dir)
-    runner = importlib.import_module(RUNNERS[cfg.stage.name])
-    try:
-        result = runner.run(cfg, Path(run_dir))
-    except UserError as exc:
-        _fail(str(exc))
-    key = cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
-    value = result.metrics.get(key) if key and result is not None else None
-    return None if value is None else float(value)
+    except RanksFailed as exc:
+        raise SystemExit(exc.rc) from None
+
+
+# ----------------------------------------------------------------------------- resume
+def _quote(value: str) -> str:
+    """A path as a Hydra override value (quoted when it has characters the grammar splits on)."""
+    if all(c.isalnum() or c in "/._-" for c in value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    """`resume=<run dir>`: run again in that dir (hydra.run.dir) with the overrides it was
+    started with; overrides given now win (e.g. a larger sft.max_steps). The stage then loads
+    the newest training checkpoint there and continues the same W&B run."""
+    given = [a for a in argv if a.startswith("resume=")]
+    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
+    if value in ("", "null", "None"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        _fail("resume= continues one run; to continue a sweep, run the same sweep again with "
+              "hydra.sweep.dir=<its sweep dir> (each job resumes from its own checkpoints)")
+    run_dir = Path(value).expanduser().resolve()
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    if not run_dir.is_dir() or not (saved_file.exists() or (run_dir / "checkpoints").is_dir()):
+        _fail(f"resume={value}: not a run dir (expected {value}/.hydra/overrides.yaml or "
+              f"{value}/checkpoints/)")
+    from omegaconf import OmegaConf
+
+    from rlhf_exp import sweep
+
+    saved = [str(o) for o in OmegaConf.load(saved_file)] if saved_file.exists() else []
+    status = run_dir / sweep.STATUS_FILE  # a job of a sweep: keep its W&B group and tags
+    if status.exists():
+        job = json.loads(status.read_text())
+        info = run_dir.parent / sweep.SWEEP_FILE
+        group = json.loads(info.read_text()).get("group") if info.exists() else None
+        saved += [f"logger.group={group}"] if group else []
+        saved += [f"tags=[{','.join(repr(t) for t in job.get('tags', []))}]"]
+    now = [a for a in argv if not a.startswith("resume=")]
+    keys = {sweep._key(a) for a in now if not a.startswith("-")}
+    kept = [o for o in saved if sweep._key(o) not in keys | {"resume", "hydra.run.dir"}]
+    return [*now, *kept, f"resume={_quote(str(run_dir))}",
+            f"hydra.run.dir={_quote(str(run_dir))}"]
 
 
 def main() -> None:
     """Console entry point (`rlhf-exp`, `python -m rlhf_exp`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not dist.inside_launch():
+        sys.argv = [sys.argv[0], *_resume_argv(sys.argv[1:])]
         _prevalidate(sys.argv[1:])
     app()
 

@@ -10,6 +10,7 @@ edit; these dataclasses say what may appear there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,7 +21,7 @@ from rlhf_exp.errors import UserError
 STAGES = ("sft", "reward", "ppo", "pipeline", "eval", "chat")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
-LAUNCHERS = ("torchrun", "deepspeed")
+LAUNCHERS = ("torchrun", "deepspeed", "submitit")
 OFFLOAD = ("none", "cpu")
 SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("prompt_response", "preference", "hh", "chat")
@@ -109,10 +110,16 @@ class HardwareConfig:
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0 = pick a free port on this node
-    launcher: str = "torchrun"  # torchrun | deepspeed
-    hostfile: str | None = None  # deepspeed launcher: one "host slots=N" line per node
+    master_addr: str = "127.0.0.1"  # address of node 0 (every node must reach it)
+    # 0 = pick a free port (single node; submitit: derived from the job id)
+    master_port: int = 0
+    # torchrun | deepspeed: the dispatcher re-executes itself under that launcher;
+    # submitit: the ranks are the tasks of a submitit job (hydra/launcher=submitit_slurm or
+    # submitit_local with tasks_per_node / nodes), no re-execution
+    launcher: str = "torchrun"
+    # deepspeed launcher, several nodes: one "host slots=N" line per node (MPI style), reached
+    # over passwordless ssh (pdsh) from node 0
+    hostfile: str | None = None
     # print the launch command the dispatcher would run, and exit
     dry_run: bool = False
 
@@ -162,6 +169,8 @@ class LoggerConfig:
     name: str = MISSING  # wandb | none
     project: str = "rlhf_exp"
     entity: str | None = None
+    # W&B group; null = experiment_name (a multirun sets `<experiment_name>-<sweep dir name>`)
+    group: str | None = None
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
     log_checkpoints: bool = True  # final checkpoint logged as a `model` artifact
     table_every: int = 20  # ppo: a W&B Table of samples every N steps
@@ -231,6 +240,7 @@ class PPOModelOptim:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler: str = "constant"
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     zero_stage: int | None = None  # null = the run's zero_stage
 
@@ -245,6 +255,8 @@ class EMAConfig:
 class PPOConfig:
     actor_init: str | None = None  # SFT output (path or artifact); null = model base
     critic_init: str | None = None  # reward-model output (path or artifact)
+    # frozen reward model (path or artifact); null = the same checkpoint as critic_init
+    reward_model: str | None = None
     steps: int = 100  # rollouts (PPO iterations)
     rollout_batch_size: int = 64  # prompts per rollout, global
     micro_batch_size_per_device: int = 16  # per forward/backward during the update
@@ -268,28 +280,46 @@ class PPOConfig:
     ptx_coef: float = 0.0  # pretraining/SFT loss mixed into the actor update
     offload_reference: bool = False
     offload_reward_model: bool = False
+    # LoRA of the critic (the actor's is model.lora); same schema
+    critic_lora: LoraConfig = field(default_factory=LoraConfig)
     log_every: int = 1
     eval_every: int = 20
+    eval_num_prompts: int = 256  # held-out prompts (the ppo share's eval slice) per evaluation
+    eval_batch_size: int = 64
     save_every: int = 0
     keep_last: int = 2
 
 
 @dataclass
 class EvalConfig:
-    policies: dict[str, str] = field(default_factory=dict)  # name -> path or artifact
-    reward_model: str | None = None
-    num_prompts: int = 128
+    """`stage=eval`: compare policies on the PPO share's held-out prompts (docs/eval_chat.md)."""
+
+    # name -> path, run dir or artifact; null entries are skipped. The YAML lists sft, ppo and
+    # ppo_ema (set them as eval.policies.sft=...); other names need +eval.policies.<name>=...
+    policies: dict[str, str | None] = field(default_factory=dict)
+    # a pipeline run dir (or one stage's run dir): its sft / ppo / ppo_ema policies and reward
+    # model are found from their result.json and checkpoints; `policies` entries add/override
+    from_run: str | None = None
+    include_base: bool = False  # also evaluate the untrained base model (policy `base`)
+    reward_model: str | None = None  # path or artifact; null = the from_run reward model
+    # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
+    reference: str | None = None
+    kl_estimator: str = "k1"  # k1 | k2 | k3 (rlhf_exp/ppo_math.py)
+    num_prompts: int | None = None  # first N held-out prompts; null = the whole slice
+    num_pairs: int | None = None  # first N held-out preference pairs; null = all
     batch_size: int = 32
+    max_prompt_len: int = 64
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 @dataclass
 class ChatConfig:
-    policy: str | None = None  # path or artifact
+    policy: str | None = None  # path, run dir or artifact; null = the base model
     prompt: str | None = None  # one scripted turn instead of the interactive loop
     system: str | None = None
     generation: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7)
+        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7,
+                                                   use_static_cache=False, compile="none")
     )
 
 
@@ -345,6 +375,140 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
         raise ConfigError(f"{node}.lr={cfg[node].lr} must be > 0")
 
 
+def _check_generation(cfg: DictConfig, node: str) -> None:
+    _positive(cfg, f"{node}.max_new_tokens")
+    gen = OmegaConf.select(cfg, node)
+    if gen.do_sample and not gen.temperature > 0:
+        raise ConfigError(f"{node}.temperature={gen.temperature} must be > 0 when sampling "
+                          f"(set {node}.do_sample=false for greedy)")
+    if not 0 < gen.top_p <= 1:
+        raise ConfigError(f"{node}.top_p={gen.top_p} must be in (0, 1]")
+    if gen.top_k < 0:
+        raise ConfigError(f"{node}.top_k={gen.top_k} must be >= 0 (0 = off)")
+    _allowed(cfg, f"{node}.compile", ("auto", "none", "cuda_graphs", "compile"))
+
+
+def _check_eval_chat(cfg: DictConfig) -> None:
+    """eval.* and chat.*; only the stage that runs is checked, so a bad chat key never stops
+    a training run."""
+    if cfg.stage.name in ("eval", "chat") and (cfg.hardware.nproc_per_node > 1
+                                               or cfg.hardware.nnodes > 1):
+        raise ConfigError(f"stage={cfg.stage.name} runs in one process; set "
+                          "hardware.nproc_per_node=1 hardware.nnodes=1 (e.g. hardware=cpu or "
+                          "hardware=1gpu)")
+    if cfg.stage.name == "eval":
+        ev = cfg.eval
+        if not any(ev.policies.values()) and not ev.from_run and not ev.include_base:
+            raise ConfigError("stage=eval has no policy to evaluate: set eval.from_run=<pipeline "
+                              "run dir>, eval.policies.<name>=<path or artifact>, or "
+                              "eval.include_base=true")
+        for name in ev.policies:
+            if not str(name).replace("_", "").replace("-", "").isalnum():
+                raise ConfigError(f"eval.policies has the name {name!r}; use letters, digits, "
+                                  "_ and - (it names the metrics eval/<name>/...)")
+        _allowed(cfg, "eval.kl_estimator", KL_ESTIMATORS)
+        for key in ("batch_size", "max_prompt_len"):
+            _positive(cfg, f"eval.{key}")
+        for key in ("num_prompts", "num_pairs"):
+            if ev[key] is not None:
+                _positive(cfg, f"eval.{key}")
+        _check_generation(cfg, "eval.generation")
+    if cfg.stage.name == "chat":
+        _check_generation(cfg, "chat.generation")
+
+
+def _check_ppo(cfg: DictConfig) -> None:
+    """PPO keys: allowed values, ranges, and a batch geometry that splits evenly over ranks."""
+    pc = cfg.ppo
+    _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
+    for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
+                "num_minibatches", "generation.max_new_tokens", "max_prompt_len", "log_every",
+                "eval_num_prompts", "eval_batch_size", "kl.horizon"):
+        _positive(cfg, f"ppo.{key}")
+    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    if pc.rollout_batch_size % (pc.num_minibatches * world):
+        raise ConfigError(f"ppo.rollout_batch_size={pc.rollout_batch_size} must be divisible by "
+                          f"ppo.num_minibatches ({pc.num_minibatches}) x ranks ({world})")
+    minibatch = pc.rollout_batch_size // (pc.num_minibatches * world)  # per rank
+    micro = min(pc.micro_batch_size_per_device, minibatch)
+    if minibatch % micro:
+        raise ConfigError(f"ppo: a minibatch holds {minibatch} sequences per rank (rollout_batch_"
+                          f"size / num_minibatches / ranks); ppo.micro_batch_size_per_device="
+                          f"{pc.micro_batch_size_per_device} must divide it")
+    gen = pc.generation
+    if gen.temperature <= 0:
+        raise ConfigError("ppo.generation.temperature must be > 0 (use do_sample=false for greedy)")
+    if not 0 < gen.top_p <= 1:
+        raise ConfigError(f"ppo.generation.top_p={gen.top_p} must be in (0, 1]")
+    if gen.top_k < 0:
+        raise ConfigError(f"ppo.generation.top_k={gen.top_k} must be >= 0 (0 = off)")
+    for key in ("gamma", "lam"):
+        if not 0.0 <= pc[key] <= 1.0:
+            raise ConfigError(f"ppo.{key}={pc[key]} must be in [0, 1]")
+    for key in ("clip_range", "clip_range_value", "reward_clip", "kl.target"):
+        value = OmegaConf.select(cfg, f"ppo.{key}")
+        if value <= 0:
+            raise ConfigError(f"ppo.{key}={value} must be > 0")
+    for key in ("kl.coef", "ptx_coef", "vf_coef", "eval_every", "save_every"):
+        value = OmegaConf.select(cfg, f"ppo.{key}")
+        if value < 0:
+            raise ConfigError(f"ppo.{key}={value} must be >= 0")
+    if pc.target_approx_kl is not None and pc.target_approx_kl <= 0:
+        raise ConfigError(f"ppo.target_approx_kl={pc.target_approx_kl} must be > 0, or null (off)")
+    if not 0.0 < pc.ema.decay < 1.0:
+        raise ConfigError(f"ppo.ema.decay={pc.ema.decay} must be in (0, 1)")
+    for model in ("actor", "critic"):
+        node = pc[model]
+        if node.lr <= 0:
+            raise ConfigError(f"ppo.{model}.lr={node.lr} must be > 0")
+        _allowed(cfg, f"ppo.{model}.lr_scheduler", SCHEDULERS)
+        if node.zero_stage is not None and node.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"ppo.{model}.zero_stage={node.zero_stage} must be 0, 1, 2, 3 or "
+                              "null (= zero_stage.stage)")
+    if pc.critic_lora.save not in ("merged", "adapter"):
+        raise ConfigError(f"ppo.critic_lora.save={pc.critic_lora.save!r} is not allowed; "
+                          "choose one of: merged, adapter")
+
+
+def _check_hardware(cfg: DictConfig) -> None:
+    """Launch geometry: a multi-node run needs a rendezvous every node can reach."""
+    hw = cfg.hardware
+    what = {"master_addr": "the address of node 0", "hostfile": "a hostfile path"}
+    for key in ("master_addr", "hostfile"):
+        if OmegaConf.is_missing(hw, key):  # `???` in a preset: the user must say it
+            raise ConfigError(f"hardware.{key} must be set for hardware={hw.name}: "
+                              f"{what[key]}, e.g. hardware.{key}=...")
+    _allowed(cfg, "hardware.launcher", LAUNCHERS)
+    _positive(cfg, "hardware.nproc_per_node")
+    _positive(cfg, "hardware.nnodes")
+    if not 0 <= hw.node_rank < hw.nnodes:
+        raise ConfigError(f"hardware.node_rank={hw.node_rank} must be in "
+                          f"[0, hardware.nnodes={hw.nnodes})")
+    if not 0 <= hw.master_port < 65536:
+        raise ConfigError(f"hardware.master_port={hw.master_port} must be in [0, 65535] "
+                          "(0 = pick a free one)")
+    if hw.nnodes > 1 and hw.launcher != "submitit":
+        if hw.master_addr in ("127.0.0.1", "localhost", ""):
+            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs hardware.master_addr set to "
+                              f"the address of node 0 (not {hw.master_addr!r})")
+        if hw.master_port == 0:
+            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs a fixed hardware.master_port "
+                              "(the same on every node), e.g. 29500")
+    if hw.launcher == "deepspeed" and hw.nnodes > 1:
+        if not hw.hostfile:
+            raise ConfigError("hardware.launcher=deepspeed with hardware.nnodes > 1 needs "
+                              "hardware.hostfile (one 'host slots=N' line per node)")
+        if not Path(hw.hostfile).is_file():
+            raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
+    if hw.dry_run and hw.launcher == "submitit":
+        raise ConfigError("hardware.dry_run prints a torchrun/deepspeed command; with "
+                          "hardware.launcher=submitit the job is hydra.launcher.* (print it "
+                          "with --cfg hydra)")
+    if hw.hostfile and hw.launcher != "deepspeed":
+        raise ConfigError(f"hardware.hostfile is only read by hardware.launcher=deepspeed "
+                          f"(launcher is {hw.launcher!r}); remove it or switch launcher")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
     _allowed(cfg, "stage.name", STAGES)
@@ -353,12 +517,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"stage.stages has {name!r}; each must be one of: sft, reward, ppo")
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)
-    _allowed(cfg, "hardware.launcher", LAUNCHERS)
-    _positive(cfg, "hardware.nproc_per_node")
-    _positive(cfg, "hardware.nnodes")
-    if not 0 <= cfg.hardware.node_rank < cfg.hardware.nnodes:
-        raise ConfigError(f"hardware.node_rank={cfg.hardware.node_rank} must be in "
-                          f"[0, hardware.nnodes={cfg.hardware.nnodes})")
+    _check_hardware(cfg)
     if cfg.hardware.device == "cpu" and cfg.hardware.precision == "fp16":
         raise ConfigError("hardware.precision=fp16 needs hardware.device=cuda; use fp32 or bf16")
     if cfg.zero_stage.stage not in (0, 1, 2, 3):
@@ -377,6 +536,7 @@ def validate(cfg: DictConfig) -> None:
     _allowed(cfg, "logger.mode", ("offline", "online", "disabled"))
     _check_train_loop(cfg, "sft")
     _check_train_loop(cfg, "reward")
+    _check_eval_chat(cfg)
     # data
     _allowed(cfg, "data_mix.overlong", OVERLONG)
     if not cfg.data_mix.sources:
@@ -400,14 +560,4 @@ def validate(cfg: DictConfig) -> None:
         if src.weight <= 0:
             raise ConfigError(f"{key}.weight={src.weight} must be > 0")
     # ppo
-    _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
-    for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
-                "num_minibatches", "generation.max_new_tokens"):
-        _positive(cfg, f"ppo.{key}")
-    if cfg.ppo.rollout_batch_size % cfg.ppo.num_minibatches:
-        raise ConfigError(f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} must be "
-                          f"divisible by ppo.num_minibatches={cfg.ppo.num_minibatches}")
-    if cfg.ppo.generation.temperature <= 0:
-        raise ConfigError("ppo.generation.temperature must be > 0 (use do_sample=false for greedy)")
-    if not 0 < cfg.ppo.generation.top_p <= 1:
-        raise ConfigError(f"ppo.generation.top_p={cfg.ppo.generation.top_p} must be in (0, 1]")
+    _check_ppo(cfg)

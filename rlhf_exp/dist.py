@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as torch_dist
@@ -20,6 +21,30 @@ def inside_launch() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def adopt_submitit_env(master_port: int = 0) -> int:
+    """Inside a submitit job (Slurm via hydra/launcher=submitit_slurm, or submitit_local), make
+    each task one rank: RANK / LOCAL_RANK / WORLD_SIZE from the job's tasks, MASTER_ADDR = the
+    job's first host, MASTER_PORT = `master_port` or one derived from the job id (the same in
+    every task, no communication needed). Returns the world size."""
+    import submitit
+
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError as exc:
+        from rlhf_exp.errors import UserError
+
+        raise UserError("hardware.launcher=submitit runs only inside a submitit job: add "
+                        "`-m hydra/launcher=submitit_slurm` (or submitit_local) and set "
+                        "hydra.launcher.tasks_per_node / hydra.launcher.nodes") from exc
+    port = master_port or 20000 + int("".join(c for c in env.job_id if c.isdigit()) or 0) % 20000
+    os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                      WORLD_SIZE=str(env.num_tasks), LOCAL_WORLD_SIZE=str(env.num_tasks
+                                                                         // env.num_nodes),
+                      NODE_RANK=str(env.node), MASTER_ADDR=env.hostnames[0],
+                      MASTER_PORT=str(port))
+    return env.num_tasks
+
+
 def init(device: str) -> None:
     """Initialise the process group once per process (gloo on CPU, nccl on CUDA).
 
@@ -27,6 +52,10 @@ def init(device: str) -> None:
     discovery (and fails on mpi4py)."""
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
+    # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 deprecates; the warning would
+    # repeat on every step of every rank and bury the real output
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.\w+` is deprecated")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

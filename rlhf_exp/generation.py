@@ -84,13 +84,15 @@ class Rollout:
 # ----------------------------------------------------------------------------- public entry
 def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
              gen: GenerationConfig, *, eos_token_id: int, pad_token_id: int,
-             generator: torch.Generator | None = None) -> Rollout:
+             generator: torch.Generator | None = None, synced_gpus: bool = False) -> Rollout:
     """Sample `gen.max_new_tokens` tokens after left-padded prompts.
 
     The response always has R = max_new_tokens columns (pad after a row's EOS, or after the loop
     stopped early because every row finished), so rollouts have fixed shapes. Runs in eval mode
     (no dropout) under `torch.no_grad`; the model's train/eval flags are restored afterwards.
     `generator` makes sampling reproducible; a CPU generator with a CUDA model seeds a CUDA one.
+    `synced_gpus`: never stop before R steps. Needed when the weights are ZeRO-3 partitioned
+    over several ranks: every forward is a collective, so all ranks must run the same number.
     """
     model = _unwrap(model)
     device = next(model.parameters()).device
@@ -113,6 +115,8 @@ def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask
             decoder = _static_decoder(model, input_ids.shape[0],
                                       input_ids.shape[1] + gen.max_new_tokens, mode)
             check_every = 1 if mode == "none" else _DONE_CHECK_EVERY
+        if synced_gpus:
+            check_every = gen.max_new_tokens + 1  # the "all done?" early exit never fires
         response = _decode_loop(decoder, input_ids, prompt_mask, gen, eos_token_id,
                                 pad_token_id, rng, check_every)
 

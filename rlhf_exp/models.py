@@ -118,34 +118,63 @@ def _fit_embeddings(model, tokenizer) -> None:
     model.config.eos_token_id = tokenizer.eos_token_id
 
 
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a LoRA adapter checkpoint (`model.lora.save=adapter`), else None."""
+    cfg_file = Path(path) / "adapter_config.json"
+    if not cfg_file.is_file():
+        return None
+    base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{cfg_file} names no base_model_name_or_path: cannot rebuild the model")
+    return str(base)
+
+
+def _load(auto_cls, path: str, tokenizer, model_cfg: DictConfig, precision: str, **kwargs):
+    """`from_pretrained` of a full checkpoint, or of an adapter checkpoint: its base (which may
+    itself be an adapter checkpoint) with the adapter merged in, so every stage starts from plain
+    weights whichever way the previous stage saved them."""
+    base = adapter_base(path)
+    if base is None:
+        model = auto_cls.from_pretrained(
+            path, dtype=torch_dtype(precision), attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        _fit_embeddings(model, tokenizer)
+        return model
+    from peft import PeftModel
+
+    if base.startswith(("/", ".")) and not Path(base).exists():
+        raise FileNotFoundError(f"{path} is a LoRA adapter whose base model {base} is gone")
+    model = _load(auto_cls, base, tokenizer, model_cfg, precision, **kwargs)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    # a LoRA trained on top of these weights must record this dir (not the bare base) as its base
+    model.name_or_path = str(path)
+    return model
+
+
+def _memory_options(model, model_cfg: DictConfig):
+    if model_cfg.gradient_checkpointing:
+        # recompute each decoder layer's activations in backward instead of keeping them;
+        # non-reentrant checkpointing also passes gradients to LoRA weights behind frozen
+        # embeddings
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.config.use_cache = False  # a KV cache is useless when activations are recomputed
+    return model
+
+
 def load_causal_lm(path: str, tokenizer, model_cfg: DictConfig, precision: str = "fp32"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype(precision), attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    _fit_embeddings(model, tokenizer)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    return model
+    model = _load(AutoModelForCausalLM, path, tokenizer, model_cfg, precision)
+    return _memory_options(model, model_cfg)
 
 
 def load_reward_model(path: str, tokenizer, model_cfg: DictConfig, precision: str = "fp32"):
     """A scalar-head model (`AutoModelForSequenceClassification`, num_labels=1)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch_dtype(precision),
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    _fit_embeddings(model, tokenizer)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    return model
+    model = _load(AutoModelForSequenceClassification, path, tokenizer, model_cfg, precision,
+                  num_labels=1)
+    return _memory_options(model, model_cfg)
 
 
 def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):

@@ -1,6 +1,7 @@
 """Weights & Biases tracking: one W&B run per stage run, created on rank 0 only.
 
-group = experiment_name (the runs of one experiment sit together), job_type = the stage,
+group = logger.group or experiment_name (the runs of one experiment sit together; a multirun
+sets one group per sweep and tags each run with its varying values), job_type = the stage,
 tags = the group choices plus the user's tags, config = the fully resolved config. Metrics are
 namespaced by stage (`sft/loss`) and by kind (`perf/tokens_per_s`), all stepped on
 `<stage>/step`. Offline by default; `logger.mode=online` or WANDB_MODE for real use.
@@ -49,7 +50,8 @@ class Tracker:
         config["run_dir"] = str(self.run_dir)
         config.update(extra_config or {})
         self.run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.experiment_name,
+            project=cfg.logger.project, entity=cfg.logger.entity,
+            group=cfg.logger.get("group") or cfg.experiment_name,
             job_type=job_type, tags=run_tags(cfg), config=config, dir=str(self.run_dir),
             name=f"{cfg.experiment_name}-{job_type}-{self.run_dir.name}", mode=mode,
             id=run_id, resume="allow" if run_id else None,
@@ -137,11 +139,11 @@ def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | 
     name. Returns (local path, artifact name or None). Online, an artifact name is declared with
     `use_artifact` (so W&B shows lineage); offline it falls back to the local path recorded when
     the artifact was logged."""
-    from rlhf_exp.checkpoint import final_checkpoint
+    from rlhf_exp.checkpoint import final_checkpoint, is_checkpoint
 
     path = Path(ref).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
+        if not is_checkpoint(path):  # a run dir: its final checkpoint
             ckpt = final_checkpoint(path)
             if ckpt is None:
                 raise FileNotFoundError(f"{ref}: neither a checkpoint (no config.json) nor a run "

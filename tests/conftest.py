@@ -67,3 +67,20 @@ def sft_run(tmp_path_factory):
     engine, tokenizer, result = sft.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
             "result": result}
+
+
+# Tiny per-job budget for sweep tests: each job is a few optimizer steps on a small data slice.
+SWEEP_FAST = [
+    "stage=sft", "data_mix.sources.0.synthetic.num_examples=600",
+    "sft.micro_batch_size_per_device=8", "sft.max_steps=4", "sft.log_every=2",
+    "sft.eval_every=0", "logger.log_checkpoints=false",
+]
+
+
+@pytest.fixture(scope="session")
+def sft_sweep(tmp_path_factory):
+    """One 2x2 Hydra multirun (seed x sft.lr) shared by the sweep and compare tests."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "sft_2x2"
+    proc = cli("-m", *SWEEP_FAST, "seed=1,2", "sft.lr=1e-3,3e-3",
+               f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    return {"proc": proc, "sweep_dir": sweep_dir}

@@ -69,3 +69,32 @@ def collate_sft(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = pad_right([b["labels"] for b in batch], -100)
     mask = pad_right([[1] * len(b["input_ids"]) for b in batch], 0)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
+                   overlong: str = "truncate") -> tuple[list[dict], int]:
+    """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each), keeping the
+    row's text and task for gold-reward evaluation; returns (features, number dropped). A pair
+    is dropped when either side is over-long under `overlong=drop`."""
+    feats, dropped = [], 0
+    for row in rows:
+        prompt_text = render_prompt(tokenizer, row["prompt"], template)
+        chosen = encode_pair(tokenizer, prompt_text, row["chosen"], max_prompt_len, max_len,
+                             overlong)
+        rejected = encode_pair(tokenizer, prompt_text, row["rejected"], max_prompt_len, max_len,
+                               overlong)
+        if chosen is None or rejected is None:
+            dropped += 1
+            continue
+        feats.append({"chosen_ids": chosen[0], "rejected_ids": rejected[0],
+                      "prompt": row["prompt"], "chosen": row["chosen"],
+                      "rejected": row["rejected"], "task": row.get("task")})
+    return feats, dropped
+
+
+def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones (one
+    forward scores both sides)."""
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    return {"input_ids": pad_right(seqs, pad_id),
+            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0)}

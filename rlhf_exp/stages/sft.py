@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from rlhf_exp import checkpoint, dist, engine, models, runtime
 from rlhf_exp.data import build_stage_data
+from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
+from rlhf_exp.errors import UserError
 from rlhf_exp.tracking import Tracker, resolve_init
 
 
@@ -58,18 +60,20 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         raise ValueError("sft: no training examples left after tokenization (check data_mix and "
                          "sft.max_len)")
     collate = partial(collate_sft, pad_id=tokenizer.pad_token_id)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=dist.rank(), shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=sc.micro_batch_size_per_device, sampler=sampler,
-                        collate_fn=collate, drop_last=True)
+    # world-size-invariant order: the same global batches for any ranks x accumulation split
+    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=sc.micro_batch_size_per_device,
+                                 grad_accum=sc.gradient_accumulation_steps, world_size=world,
+                                 rank=dist.rank(), seed=cfg.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
     eval_loader = DataLoader(eval_set[dist.rank()::world],
                              batch_size=sc.micro_batch_size_per_device, collate_fn=collate)
-    steps_per_epoch = len(loader) // sc.gradient_accumulation_steps
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = sc.max_steps if sc.max_steps > 0 else sc.epochs * steps_per_epoch
     global_batch = sc.micro_batch_size_per_device * sc.gradient_accumulation_steps * world
-    if total_steps <= 0:
-        raise ValueError(f"sft: {len(train_set)} examples make no full optimizer step at global "
-                         f"batch {global_batch}")
+    if steps_per_epoch == 0 or total_steps <= 0:
+        raise UserError(f"sft: {len(train_set)} training examples make no full optimizer step at "
+                        f"global batch {global_batch} (sft.micro_batch_size_per_device x "
+                        "sft.gradient_accumulation_steps x ranks): lower them or add data")
 
     # --- DeepSpeed engine
     eng = engine.build_train_engine(
@@ -106,10 +110,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     step, micro, window_loss, window_n, window_tokens = 0, 0, 0.0, 0, 0
     t_window = time.perf_counter()
     first_loss = last_loss = eval_loss = float("nan")
-    epoch = 0
     while step < total_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
+        for batch in loader:  # the rest of the sampler's current epoch; it then moves on
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = eng(**batch).loss
             eng.backward(loss)
@@ -128,7 +130,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                                           window_tokens], device)
                 tok_s = tokens * world / elapsed
                 metrics = {"sft/loss": mean_loss, "sft/lr": eng.get_lr()[0],
-                           "sft/epoch": epoch + (step % max(steps_per_epoch, 1)) / steps_per_epoch,
+                           "sft/epoch": step / steps_per_epoch,
                            "perf/tokens_per_s": tok_s,
                            "perf/samples_per_s": window_n * sc.micro_batch_size_per_device
                            * world / elapsed}
@@ -151,7 +153,6 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 checkpoint.prune(run_dir, sc.keep_last)
             if step >= total_steps:
                 break
-        epoch += 1
     bar.close()
     if eval_set:
         eval_loss = evaluate()

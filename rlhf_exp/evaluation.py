@@ -1,0 +1,128 @@
+"""Held-out evaluation of policies: the prompts, seeded sampling, and the three scores.
+
+Shared by `stage=eval` and PPO's held-out eval so both report the same numbers for the same
+policy: the same rows (the PPO share's held-out slice, in order), the same prompt rendering and
+truncation, the same batches and the same seeded generator give the same responses.
+
+Shapes: B prompts per batch, P prompt tokens (left-padded), R = max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp import ppo_math, scoring, tasks
+from rlhf_exp.data import build_stage_data
+from rlhf_exp.data.tokenize import pad_left, pad_right, render_prompt
+from rlhf_exp.generation import GenerationConfig, Rollout, generate
+
+
+def heldout_rows(cfg: DictConfig, limit: int | None = None) -> list[dict]:
+    """The PPO share's held-out rows (never trained on by any stage), first `limit` of them."""
+    rows = build_stage_data(cfg.data_mix, "ppo", cfg.seed).eval
+    return rows[:limit] if limit else rows
+
+
+def generation_config(node: DictConfig) -> GenerationConfig:
+    """`ppo.generation` / `eval.generation` / `chat.generation` as a GenerationConfig."""
+    return GenerationConfig(**OmegaConf.to_container(node, resolve=True))
+
+
+def encode_prompts(tokenizer, prompts: list[str], template: str,
+                   max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered prompts, each cut to its last `max_prompt_len` tokens, left-padded:
+    (input_ids [B, P], attention_mask [B, P])."""
+    ids = [tokenizer(render_prompt(tokenizer, p, template),
+                     add_special_tokens=False)["input_ids"][-max_prompt_len:] for p in prompts]
+    return pad_left(ids, tokenizer.pad_token_id), pad_left([[1] * len(s) for s in ids], 0)
+
+
+@dataclass
+class Samples:
+    """One policy's responses to the held-out prompts, in prompt order."""
+
+    texts: list[str]  # decoded response, without EOS and special tokens
+    lengths: list[int]  # generated tokens, the EOS included (as PPO's response_length)
+    finished: list[bool]  # the response ended with EOS (not cut at max_new_tokens)
+    rollouts: list[Rollout]  # per batch: token ids and masks (for log-probs / KL)
+
+
+def sample_responses(model, tokenizer, rows: list[dict], gen: GenerationConfig, *,
+                     template: str, max_prompt_len: int, batch_size: int, seed: int,
+                     device: torch.device, synced_gpus: bool = False) -> Samples:
+    """Generate for every row's prompt, `batch_size` prompts at a time, from one generator
+    seeded with `seed`: same rows + settings + batch size + seed = same responses.
+    `synced_gpus`: ZeRO-3 on several ranks (every rank runs all decode steps)."""
+    rng = torch.Generator().manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = Samples([], [], [], [])
+    for lo in range(0, len(rows), batch_size):
+        ids, mask = encode_prompts(tokenizer, [r["prompt"] for r in rows[lo:lo + batch_size]],
+                                   template, max_prompt_len)
+        rollout = generate(model, ids.to(device), mask.to(device), gen, eos_token_id=eos,
+                           pad_token_id=pad, generator=rng, synced_gpus=synced_gpus)
+        responses, rmask = rollout.responses.cpu(), rollout.response_mask.cpu()
+        for tokens, m in zip(responses, rmask):
+            kept = tokens[m.bool()].tolist()
+            done = bool(kept) and kept[-1] == eos
+            out.texts.append(tokenizer.decode(kept[:-1] if done else kept,
+                                              skip_special_tokens=True))
+            out.lengths.append(len(kept))
+            out.finished.append(done)
+        out.rollouts.append(rollout)
+    return out
+
+
+def gold_scores(rows: list[dict], texts: list[str]) -> list[float | None]:
+    """The task's gold reward of each response; None where the row's source has none."""
+    return [tasks.gold_reward(r.get("task"), r["prompt"], t) for r, t in zip(rows, texts)]
+
+
+def reward_scores(reward_model, tokenizer, prompts: list[str], texts: list[str],
+                  finished: list[bool], *, template: str, max_prompt_len: int, batch_size: int,
+                  device: torch.device) -> list[float]:
+    """The reward model's score of each (prompt, response), encoded as the reward stage encodes
+    its pairs (rendered prompt + response + EOS) with the reward model's own tokenizer, so a
+    policy with a different tokenizer is scored fairly. A response cut off before EOS gets no
+    EOS: the score is read at its last token, as PPO reads it."""
+    seqs = []
+    for prompt, text, done in zip(prompts, texts, finished):
+        p = tokenizer(render_prompt(tokenizer, prompt, template),
+                      add_special_tokens=False)["input_ids"][-max_prompt_len:]
+        r = tokenizer(text, add_special_tokens=False)["input_ids"]
+        seqs.append(p + r + ([tokenizer.eos_token_id] if done else []))
+    scores: list[float] = []
+    with torch.no_grad():
+        for lo in range(0, len(seqs), batch_size):
+            chunk = seqs[lo:lo + batch_size]
+            ids = pad_right(chunk, tokenizer.pad_token_id).to(device)
+            mask = pad_right([[1] * len(s) for s in chunk], 0).to(device)
+            scores += scoring.sequence_scores(reward_model, ids, mask).tolist()
+    return scores
+
+
+def response_logprobs(model, rollout: Rollout) -> torch.Tensor:
+    """[B, R] log-prob of each generated token under `model` (fp32, on CPU); positions count
+    real tokens only, as during generation, so left padding does not shift them."""
+    device = next(model.parameters()).device
+    seq = rollout.sequences.to(device)
+    mask = rollout.attention_mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=pos).logits
+    model.train(was_training)
+    P = rollout.prompt_len
+    return ppo_math.logprobs_from_logits(logits[:, P - 1:-1], seq[:, P:]).cpu()
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """[B] KL(policy || reference) of each response: the per-token estimate summed over the
+    response tokens (EOS included), as PPO's per-sequence KL."""
+    per_token = ppo_math.kl_per_token(logprobs, ref_logprobs, estimator)
+    return ppo_math.masked_sum(per_token, response_mask.to(per_token.dtype), dim=-1)

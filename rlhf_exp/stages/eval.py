@@ -1,0 +1,272 @@
+"""Evaluation: compare policies on held-out prompts, and the reward model on held-out pairs.
+
+Run: rlhf-exp stage=eval eval.from_run=<pipeline run dir>
+     rlhf-exp stage=eval eval.policies.sft=<dir> eval.policies.ppo=<dir> eval.reward_model=<dir>
+
+Reads `cfg.eval` (conf/eval/default.yaml). Every policy (base, SFT, PPO, PPO-EMA, or any named
+path/artifact) answers the PPO share's held-out prompts with the settings PPO's held-out eval
+uses (so the PPO policy's gold reward here reproduces ppo/eval_gold_reward). Each response is
+scored by the reward model and, where the task has one, by the gold reward; each policy's KL to
+the reference (the SFT policy) is measured on its own responses. The reward model is also
+scored on the reward share's held-out preference pairs (accuracy, margin, margin histogram).
+Output: a W&B Table (one row per prompt, columns per policy), eval/* metrics, and in the run dir
+eval_samples.jsonl, rm_margin_hist.png and result.json. Runs in one process, no DeepSpeed:
+inference needs no optimizer state or partitioning at the sizes this project evaluates.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp import checkpoint, dist, evaluation, models, runtime
+from rlhf_exp.data import build_stage_data
+from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
+from rlhf_exp.errors import UserError
+from rlhf_exp.scoring import sequence_scores
+from rlhf_exp.tracking import Tracker, resolve_init
+
+POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema")  # table columns in this order, others after
+
+
+def discover_run(run_dir: str) -> tuple[dict[str, str], str | None]:
+    """({policy name: checkpoint}, reward model checkpoint) of a finished run: the stage runs in
+    `run_dir` itself and in its direct subdirectories (a pipeline's sft/, reward/, ppo/), found by
+    their result.json. A PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and
+    reward runs are elsewhere, the actor_init / reward model its config names."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"eval.from_run={run_dir}: no such directory")
+    policies: dict[str, str] = {}
+    reward: str | None = None
+    ppo_cfg = None
+    for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
+        if not result.exists():
+            continue
+        stage = json.loads(result.read_text()).get("stage")
+        stage_dir = result.parent
+        final = checkpoint.final_checkpoint(stage_dir)  # resolved here: the dir may have moved
+        if stage == "sft" and final:
+            policies["sft"] = str(final)
+        elif stage == "reward" and final:
+            reward = str(final)
+        elif stage == "ppo":
+            if final:
+                policies["ppo"] = str(final)
+            ema = stage_dir / "checkpoints" / "ema"
+            if (ema / "config.json").exists():
+                policies["ppo_ema"] = str(ema.resolve())
+            if (stage_dir / "config_resolved.yaml").exists():
+                ppo_cfg = OmegaConf.load(stage_dir / "config_resolved.yaml").get("ppo")
+    if ppo_cfg is not None:  # a lone PPO run: its inputs are the SFT policy and reward model
+        if "sft" not in policies and ppo_cfg.get("actor_init"):
+            policies["sft"] = str(ppo_cfg.actor_init)
+        reward = reward or ppo_cfg.get("reward_model") or ppo_cfg.get("critic_init")
+    if not policies and reward is None:
+        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward or ppo run "
+                        "in it or its subdirectories (give a pipeline or stage run dir)")
+    return policies, reward
+
+
+def _resolve(ref: str, key: str, tracker: Tracker | None) -> tuple[str, str | None]:
+    """A path / run dir / artifact as a local checkpoint; a bad one is the user's error."""
+    try:
+        path, artifact = resolve_init(ref, tracker)
+    except FileNotFoundError as exc:
+        raise UserError(f"{key}: {exc}") from None
+    return str(path), artifact
+
+
+def _mean(values: list) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def margin_histogram(margins: list[float], path: Path, accuracy: float) -> Path:
+    """PNG histogram of chosen - rejected reward margins (the object API needs no display)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    ax.hist(margins, bins=min(40, max(5, len(margins) // 5)), color="tab:blue", alpha=0.8)
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_xlabel("reward margin: score(chosen) - score(rejected)")
+    ax.set_ylabel("held-out pairs")
+    ax.set_title(f"reward model on {len(margins)} held-out pairs: accuracy {accuracy:.3f}")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    ev = cfg.eval
+    runtime.set_seed(cfg.seed)
+    device = dist.device_for(cfg.hardware.device)
+    precision = cfg.hardware.precision
+    template = cfg.model.prompt_template
+    # Online, artifact names are fetched through the W&B run (which records the lineage), so it
+    # starts first; offline, inputs are resolved before it starts, so a bad reference leaves no
+    # run behind.
+    online = cfg.logger.name == "wandb" and \
+        os.environ.get("WANDB_MODE", cfg.logger.mode) == "online"
+    tracker = Tracker(cfg, run_dir, "eval") if online else None
+
+    # --- what to evaluate: from a finished run, then explicit entries (which win)
+    found, found_reward = discover_run(ev.from_run) if ev.from_run else ({}, None)
+    refs = {**found, **{str(k): str(v) for k, v in ev.policies.items() if v}}
+    policies: dict[str, str] = {}
+    artifacts: dict[str, str | None] = {}
+    if ev.include_base:
+        policies["base"] = models.resolve_base_path(cfg.model)
+    for name, ref in refs.items():
+        policies[name], artifacts[name] = _resolve(ref, f"eval.policies.{name}={ref}", tracker)
+    order = [n for n in POLICY_ORDER if n in policies] + \
+            [n for n in policies if n not in POLICY_ORDER]
+    reward_ref = ev.reward_model or found_reward
+    reward_path = _resolve(reward_ref, f"eval.reward_model={reward_ref}", tracker)[0] \
+        if reward_ref else None
+    ref_name = ev.reference or ("sft" if "sft" in policies else None)
+    if ref_name is None:
+        ref_path = None
+    elif ref_name in policies:
+        ref_path = policies[ref_name]
+    else:
+        ref_path = _resolve(ref_name, f"eval.reference={ref_name}", tracker)[0]
+    rows = evaluation.heldout_rows(cfg, ev.num_prompts)
+    if not rows:
+        raise UserError("eval: the PPO share's held-out slice is empty; raise "
+                        "data_mix.eval_fraction or the ppo share in data_mix.split")
+    gen = evaluation.generation_config(ev.generation)
+
+    runtime.save_run_config(cfg, run_dir)
+    tracker = tracker or Tracker(cfg, run_dir, "eval")
+    tracker.summary({"eval/policies": {n: policies[n] for n in order},
+                     "eval/policy_artifacts": {n: a for n, a in artifacts.items() if a},
+                     "eval/reward_model": reward_path or "", "eval/reference": ref_path or ""})
+    runtime.say(f"eval: {len(order)} policies ({', '.join(order)}) on {len(rows)} held-out "
+                f"prompts, reward model {reward_path or '(none)'}, KL reference "
+                f"{ref_name or '(none)'}; generation "
+                f"{OmegaConf.to_container(ev.generation, resolve=True)}")
+
+    # --- frozen scorers, loaded once: the reward model and the KL reference
+    reward_model = reward_tok = None
+    if reward_path:
+        reward_tok = models.load_tokenizer(reward_path, cfg.model)
+        reward_model = models.load_reward_model(reward_path, reward_tok, cfg.model,
+                                                precision).to(device).eval()
+    ref_model = ref_tok = None
+    if ref_path:
+        ref_tok = models.load_tokenizer(ref_path, cfg.model)
+        ref_model = models.load_causal_lm(ref_path, ref_tok, cfg.model, precision).to(device)
+
+    # --- each policy in turn: generate, score, KL to the reference
+    metrics: dict[str, float] = {}
+    per_policy: dict[str, dict[str, list]] = {}
+    for name in order:
+        path = policies[name]
+        tok = models.load_tokenizer(path, cfg.model)
+        model = models.load_causal_lm(path, tok, cfg.model, precision).to(device).eval()
+        samples = evaluation.sample_responses(
+            model, tok, rows, gen, template=template, max_prompt_len=ev.max_prompt_len,
+            batch_size=ev.batch_size, seed=cfg.seed, device=device)
+        gold = evaluation.gold_scores(rows, samples.texts)
+        rewards = evaluation.reward_scores(
+            reward_model, reward_tok, [r["prompt"] for r in rows], samples.texts,
+            samples.finished, template=template, max_prompt_len=ev.max_prompt_len,
+            batch_size=ev.batch_size, device=device) if reward_model is not None else \
+            [None] * len(rows)
+        kl = None
+        if ref_model is not None and path == ref_path:
+            kl = [0.0] * len(rows)  # the reference itself
+        elif ref_model is not None and tok.get_vocab() == ref_tok.get_vocab():
+            kl = []
+            for rollout in samples.rollouts:
+                kl += evaluation.sequence_kl(
+                    evaluation.response_logprobs(model, rollout),
+                    evaluation.response_logprobs(ref_model, rollout),
+                    rollout.response_mask.cpu(), ev.kl_estimator).tolist()
+        elif ref_model is not None:
+            runtime.say(f"eval: {name} has another vocabulary than the reference; no KL for it")
+        per_policy[name] = {"response": samples.texts, "reward": rewards, "gold": gold,
+                            "length": samples.lengths}
+        m = {f"eval/{name}/response_length": _mean(samples.lengths),
+             f"eval/{name}/finished": _mean([float(f) for f in samples.finished])}
+        if reward_model is not None:
+            m[f"eval/{name}/reward_score"] = _mean(rewards)
+        if any(g is not None for g in gold):
+            m[f"eval/{name}/gold_reward"] = _mean(gold)
+        if kl is not None:
+            m[f"eval/{name}/kl_to_sft"] = _mean(kl)
+        metrics.update(m)
+        runtime.say(f"eval: {name:<8} " + "  ".join(
+            f"{k.rsplit('/', 1)[1]} {v:.4f}" for k, v in m.items()))
+        del model
+        gc.collect()
+    del ref_model
+
+    # --- one table row per prompt, one column group per policy
+    columns = ["prompt", "source"]
+    for name in order:
+        columns += [f"{name}/response", f"{name}/reward", f"{name}/gold"]
+    table = []
+    for i, row in enumerate(rows):
+        line = [row["prompt"], row.get("source")]
+        for name in order:
+            p = per_policy[name]
+            line += [p["response"][i], p["reward"][i], p["gold"][i]]
+        table.append(line)
+    samples_file = run_dir / "eval_samples.jsonl"
+    samples_file.write_text("".join(json.dumps(dict(zip(columns, line))) + "\n"
+                                    for line in table))
+    tracker.log_table("eval/samples", columns, table, 0)
+
+    # --- the reward model on the reward share's held-out preference pairs
+    if reward_model is not None:
+        pair_rows = [r for r in build_stage_data(cfg.data_mix, "reward", cfg.seed).eval
+                     if r.get("chosen") and r.get("rejected")][:ev.num_pairs]
+        feats, _ = tokenize_pairs(pair_rows, reward_tok, template, cfg.reward.max_prompt_len,
+                                  cfg.reward.max_len, cfg.data_mix.overlong)
+        margins: list[float] = []
+        with torch.no_grad():
+            for lo in range(0, len(feats), ev.batch_size):
+                batch = collate_pairs(feats[lo:lo + ev.batch_size], reward_tok.pad_token_id)
+                scores = sequence_scores(reward_model, batch["input_ids"].to(device),
+                                         batch["attention_mask"].to(device)).float().cpu()
+                half = scores.shape[0] // 2
+                margins += (scores[:half] - scores[half:]).tolist()
+        if margins:
+            acc = sum(m > 0 for m in margins) / len(margins)
+            metrics.update({"eval/rm_accuracy": acc, "eval/rm_margin": _mean(margins),
+                            "eval/rm_pairs": len(margins)})
+            png = margin_histogram(margins, run_dir / "rm_margin_hist.png", acc)
+            if tracker.enabled:
+                import wandb
+
+                tracker.log({"eval/rm_margin_hist": wandb.Image(str(png))}, 0)
+            runtime.say(f"eval: reward model on {len(margins)} held-out pairs: accuracy "
+                        f"{acc:.4f}, margin {metrics['eval/rm_margin']:.4f}  ({png})")
+        else:
+            runtime.say("eval: the reward share has no held-out preference pairs; no RM eval")
+    del reward_model
+    gc.collect()
+
+    tracker.log({k: v for k, v in metrics.items() if not math.isnan(v)}, 0)
+    tracker.summary(metrics)
+    result = runtime.StageResult("eval", str(run_dir), None, tracker.run_id,
+                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
+    result.write()
+    runtime.say(f"eval: samples {samples_file}")
+    if tracker.enabled:
+        runtime.say(tracker.where())
+    tracker.finish()
+    return result
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    return evaluate(cfg, run_dir)

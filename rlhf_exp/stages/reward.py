@@ -1,0 +1,252 @@
+"""Stage 2: a reward model trained on preference pairs (pairwise Bradley-Terry loss).
+
+Run: rlhf-exp stage=reward [reward.init_from=<sft run dir or artifact>] [model=...] [reward.lr=...]
+
+Reads `cfg.reward` (conf/reward/default.yaml). The model is a plain HF
+`AutoModelForSequenceClassification` with one label (a scalar head on the backbone), started from
+the SFT checkpoint (`reward.init_from`) or the base model (`model.reward_path`, else `model.path`).
+Each pair is scored in one forward (chosen rows then rejected rows, right-padded); the score of a
+sequence is the head's output at its last non-pad token, the EOS closing the response - the same
+place HF's own pooling reads it (rlhf_exp/scoring.py). Loss: -log sigmoid(s_chosen - s_rejected).
+Batch sizes count pairs: `reward.micro_batch_size_per_device` pairs per device per forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rlhf_exp import checkpoint, dist, engine, models, runtime, tasks
+from rlhf_exp.data import build_stage_data
+from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
+from rlhf_exp.scoring import sequence_scores
+from rlhf_exp.tracking import Tracker, resolve_init
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen scores, rejected scores), each (B,), from one collate_pairs batch of 2B rows."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood that the chosen response wins: -log sigmoid(c - r)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation (average ranks for ties); nan when either side is constant."""
+    def ranks(v: list[float]) -> torch.Tensor:
+        t = torch.tensor(v, dtype=torch.float64)
+        order = torch.argsort(t)
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in torch.unique(t):  # ties share their mean rank
+            tie = t == value
+            r[tie] = r[tie].mean()
+        return r
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = float(rx.norm() * ry.norm())
+    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
+    """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
+    rc = cfg.reward
+    runtime.set_seed(cfg.seed)
+    dist.init(cfg.hardware.device)
+    device = dist.device_for(cfg.hardware.device)
+    world = dist.world_size()
+    runtime.save_run_config(cfg, run_dir)
+    tracker = Tracker(cfg, run_dir, "reward")
+
+    # --- model and tokenizer: from the SFT output (path / artifact) or the reward base model
+    init_artifact = None
+    if rc.init_from:
+        base, init_artifact = resolve_init(rc.init_from, tracker)
+        base = str(base)
+    else:
+        base = models.resolve_reward_base_path(cfg.model)
+    tracker.summary({"reward/init_path": base, "reward/init_artifact": init_artifact or ""})
+    tokenizer = models.load_tokenizer(base, cfg.model)
+    model = models.load_reward_model(base, tokenizer, cfg.model, cfg.hardware.precision)
+    model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
+    trainable, total = models.count_parameters(model)
+
+    # --- data: this stage's disjoint share of the data_mix as tokenized preference pairs
+    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
+    template = cfg.model.prompt_template
+    train_set, dropped = tokenize_pairs(data.train, tokenizer, template, rc.max_prompt_len,
+                                        rc.max_len, cfg.data_mix.overlong)
+    eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, rc.max_prompt_len,
+                                            rc.max_len, cfg.data_mix.overlong)
+    if not train_set:
+        raise ValueError("reward: no preference pairs left after tokenization (check data_mix "
+                         "and reward.max_len)")
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=dist.rank(), shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=rc.micro_batch_size_per_device, sampler=sampler,
+                        collate_fn=collate, drop_last=True)
+    # every rank scores the whole (small) held-out slice: equal forward counts under ZeRO-3 and
+    # identical metrics everywhere, without gathering
+    eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
+                             collate_fn=collate)
+    steps_per_epoch = len(loader) // rc.gradient_accumulation_steps
+    total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * steps_per_epoch
+    global_batch = rc.micro_batch_size_per_device * rc.gradient_accumulation_steps * world
+    if total_steps <= 0:
+        raise ValueError(f"reward: {len(train_set)} pairs make no full optimizer step at global "
+                         f"batch {global_batch}")
+
+    # --- DeepSpeed engine
+    eng = engine.build_train_engine(
+        model, cfg, lr=rc.lr, weight_decay=rc.weight_decay, betas=rc.adam_betas, eps=rc.adam_eps,
+        micro_batch_size=rc.micro_batch_size_per_device,
+        grad_accum=rc.gradient_accumulation_steps, max_grad_norm=rc.max_grad_norm,
+        scheduler=rc.lr_scheduler, warmup_steps=rc.warmup_steps, total_steps=total_steps,
+        min_lr_ratio=rc.min_lr_ratio)
+    runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
+                f"{eval_dropped} dropped as over-long), {total_steps} steps, global batch "
+                f"{global_batch} pairs (micro {rc.micro_batch_size_per_device} x accum "
+                f"{rc.gradient_accumulation_steps} x {world} ranks), {trainable:,}/{total:,} "
+                f"trainable params, zero stage {cfg.zero_stage.stage}")
+    tracker.summary({"reward/global_batch_size": global_batch,
+                     "reward/train_examples": len(train_set),
+                     "reward/eval_examples": len(eval_set),
+                     "reward/dropped_overlong": dropped + eval_dropped,
+                     "reward/trainable_params": trainable})
+    tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
+
+    def evaluate() -> dict[str, float]:
+        """Pairwise metrics on the held-out slice, and (where the rows have a gold reward) the
+        rank correlation of every held-out response's score with its gold reward."""
+        eng.module.eval()
+        chosen, rejected = [], []
+        with torch.no_grad():
+            for batch in eval_loader:
+                c, r = pair_scores(eng, {k: v.to(device) for k, v in batch.items()})
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+        eng.module.train()
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        out = {"reward/eval_loss": float(bradley_terry_loss(c, r)),
+               "reward/eval_accuracy": float((c > r).float().mean()),
+               "reward/eval_chosen_score": float(c.mean()),
+               "reward/eval_rejected_score": float(r.mean()),
+               "reward/eval_margin": float((c - r).mean())}
+        scores, golds = [], []
+        for feat, sc, sr in zip(eval_set, c.tolist(), r.tolist()):
+            for response, score in ((feat["chosen"], sc), (feat["rejected"], sr)):
+                gold = tasks.gold_reward(feat["task"], feat["prompt"], response)
+                if gold is not None:
+                    scores.append(score)
+                    golds.append(gold)
+        if scores:
+            out["reward/eval_gold_spearman"] = spearman(scores, golds)
+        return out
+
+    # --- training loop
+    eng.module.train()
+    bar = runtime.progress(total_steps, "reward")
+    step, micro, window, window_n = 0, 0, torch.zeros(5), 0
+    t_window = time.perf_counter()
+    first_loss = last_loss = float("nan")
+    eval_metrics: dict[str, float] = {}
+    epoch = 0
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            c, r = pair_scores(eng, batch)
+            loss = bradley_terry_loss(c, r)
+            eng.backward(loss)
+            eng.step()
+            with torch.no_grad():
+                c, r = c.detach().float(), r.detach().float()
+                window += torch.stack([loss.detach().float().cpu(), (c > r).float().mean().cpu(),
+                                       c.mean().cpu(), r.mean().cpu(), (c - r).mean().cpu()])
+            window_n += 1
+            micro += 1
+            if micro % rc.gradient_accumulation_steps:  # mid-accumulation: no optimizer step yet
+                continue
+            step += 1
+            bar.update(1)
+            if step % rc.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t_window
+                means = dist.all_reduce_mean((window / window_n).tolist(), device)
+                names = ("loss", "accuracy", "chosen_score", "rejected_score", "margin")
+                metrics = {f"reward/{k}": v for k, v in zip(names, means)}
+                metrics["reward/lr"] = eng.get_lr()[0]
+                metrics["reward/epoch"] = epoch + (step % max(steps_per_epoch, 1)) / max(
+                    steps_per_epoch, 1)
+                metrics["perf/samples_per_s"] = (window_n * rc.micro_batch_size_per_device
+                                                 * world / elapsed)
+                grad_norm = eng.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["reward/grad_norm"] = float(grad_norm)
+                tracker.log(metrics, step)
+                first_loss = means[0] if math.isnan(first_loss) else first_loss
+                last_loss = means[0]
+                bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}")
+                window, window_n = torch.zeros(5), 0
+                t_window = time.perf_counter()
+            if eval_set and rc.eval_every > 0 and step % rc.eval_every == 0 \
+                    and step < total_steps:
+                eval_metrics = evaluate()
+                tracker.log(eval_metrics, step)
+            if rc.save_every > 0 and step % rc.save_every == 0 and step < total_steps:
+                checkpoint.save_hf(eng, tokenizer, checkpoint.step_dir(run_dir, step),
+                                   zero_stage=eng.zero_optimization_stage(),
+                                   lora_save=cfg.model.lora.save, metadata={"step": step})
+                checkpoint.prune(run_dir, rc.keep_last)
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    if eval_set:
+        eval_metrics = evaluate()
+        tracker.log(eval_metrics, step)
+
+    # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,
+    # logged as a `model` artifact
+    artifact = f"{cfg.experiment_name}-reward-model"
+    ckpt = checkpoint.save_hf(
+        eng, tokenizer, checkpoint.step_dir(run_dir, step),
+        zero_stage=eng.zero_optimization_stage(), lora_save=cfg.model.lora.save,
+        metadata={"stage": "reward", "step": step, "init_from": rc.init_from,
+                  "init_artifact": init_artifact,
+                  "artifact": f"{cfg.logger.project}/{artifact}:latest"})
+    checkpoint.mark_final(ckpt)
+    checkpoint.prune(run_dir, rc.keep_last)
+    if cfg.logger.log_checkpoints:
+        tracker.log_model(ckpt, artifact, aliases=["final", f"step-{step}"],
+                          metadata={"stage": "reward", "step": step, **eval_metrics})
+    metrics = {"reward/loss": last_loss, "reward/first_loss": first_loss, "reward/steps": step,
+               "reward/dropped_overlong": dropped + eval_dropped, **eval_metrics}
+    tracker.summary(metrics)
+    result = runtime.StageResult("reward", str(run_dir), str(ckpt), tracker.run_id,
+                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
+    result.write()
+    acc = eval_metrics.get("reward/eval_accuracy", float("nan"))
+    runtime.say(f"reward: done. loss {first_loss:.4f} -> {last_loss:.4f}, eval accuracy {acc:.3f}")
+    runtime.say(f"reward: checkpoint {ckpt}")
+    if tracker.enabled:
+        runtime.say(tracker.where())
+    tracker.finish()
+    return eng, tokenizer, result
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    return train(cfg, run_dir)[2]
