@@ -3,6 +3,7 @@
 Layout of a stage run dir:
     checkpoints/step_000120/      one checkpoint (loadable with from_pretrained)
     checkpoints/final -> step_000300   the final one, marked by a symlink
+    checkpoints/best -> step_000200    the best by <stage>.keep_best_metric (if set)
 Each checkpoint is written to a hidden temp dir beside its target and renamed into place, so a
 run killed mid-save never leaves a half-written checkpoint under its real name.
 """
@@ -100,15 +101,23 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def mark(ckpt: Path, name: str) -> Path:
+    """Point `checkpoints/<name>` (final, best) at `ckpt` by an atomic symlink swap. Rank 0
+    only, no barrier (callers sync)."""
+    link = ckpt.parent / name
+    tmp = ckpt.parent / f".{name}-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(ckpt.name)
+    os.replace(tmp, link)
+    return link
+
+
 def mark_final(ckpt: Path) -> Path:
     """Point `checkpoints/final` at `ckpt` (atomic symlink swap); returns the link."""
     link = ckpt.parent / "final"
     if dist.is_main():
-        tmp = ckpt.parent / f".final-{os.getpid()}"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(ckpt.name)
-        os.replace(tmp, link)
+        mark(ckpt, "final")
     dist.barrier()
     return link
 
@@ -128,11 +137,14 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def prune(run_dir: Path, keep_last: int, protect: set[Path] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` step checkpoints (never a protected or final one)."""
+    """Delete all but the newest `keep_last` step checkpoints (never a protected one, nor the
+    ones `checkpoints/final` and `checkpoints/best` point at)."""
     if not dist.is_main() or keep_last <= 0:
         return
-    final = final_checkpoint(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    keep = {p.resolve() for p in protect}
+    keep |= {(root / name).resolve() for name in ("final", "best") if (root / name).exists()}
     ckpts = list_checkpoints(run_dir)
     for _, path in ckpts[:-keep_last]:
-        if path.resolve() != final and path.resolve() not in {p.resolve() for p in protect}:
+        if path.resolve() not in keep:
             shutil.rmtree(path, ignore_errors=True)

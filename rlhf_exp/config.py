@@ -138,16 +138,22 @@ class SyntheticTaskConfig:
 
 @dataclass
 class SourceConfig:
+    """One data source (docs/data.md). Local paths: absolute, relative to the launch directory,
+    or `pkg://rlhf_exp/...` for files shipped inside the package."""
+
     name: str = MISSING
     kind: str = "synthetic"  # synthetic | local | hub
-    path: str | None = None  # local file/folder, or hub dataset id
+    path: str | None = None  # local file/folder (.jsonl/.json/.parquet), or hub dataset id
     format: str = "preference"  # prompt_response | preference | hh | chat
     # internal field -> column name in the source (prompt, response, chosen, rejected, messages)
     columns: dict[str, str] = field(default_factory=dict)
+    # share of the blended examples of every stage: weight / sum of the sources' weights
     weight: float = 1.0
     hub_split: str = "train"
     hub_subset: str | None = None
-    max_examples: int | None = None
+    max_examples: int | None = None  # cap on rows read from the source (null = all)
+    # gold reward of this source's rows (a name in rlhf_exp.tasks, e.g. sort_digits); null = none
+    task: str | None = None
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 
@@ -159,8 +165,9 @@ class DataMixConfig:
     split: list[float] = field(default_factory=lambda: [2.0, 4.0, 4.0])
     eval_fraction: float = 0.05  # held-out slice of each stage's share
     max_eval_examples: int = 512
-    overlong: str = "truncate"  # truncate | drop
-    cache_dir: str | None = None  # tokenized-data cache; null = <cache>/data
+    overlong: str = "truncate"  # truncate | drop (the number dropped is logged)
+    cache: bool = True  # cache tokenized features on disk
+    cache_dir: str | None = None  # tokenized-data cache; null = <RLHF_EXP_CACHE>/data
 
 
 # ----------------------------------------------------------------------------- logger
@@ -202,6 +209,10 @@ class TrainLoopConfig:
     eval_every: int = 100  # 0 = only at the end
     save_every: int = 0  # checkpoint every N steps; 0 = only the final one
     keep_last: int = 2
+    # also keep the checkpoint with the best value of this metric (e.g. sft/eval_loss), linked
+    # as checkpoints/best; null = keep only the last `keep_last`
+    keep_best_metric: str | None = None
+    keep_best_mode: str = "min"  # min | max
 
 
 @dataclass
@@ -301,6 +312,9 @@ class EvalConfig:
     # model are found from their result.json and checkpoints; `policies` entries add/override
     from_run: str | None = None
     include_base: bool = False  # also evaluate the untrained base model (policy `base`)
+    # with from_run: take seed, model, data_mix, reward and ppo from the run's config, so the
+    # held-out prompts are the run's own and the defaults follow its PPO eval
+    match_run: bool = True
     reward_model: str | None = None  # path or artifact; null = the from_run reward model
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
     reference: str | None = None
@@ -373,6 +387,17 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
                           f"than {node}.max_len ({cfg[node].max_len})")
     if cfg[node].lr <= 0:
         raise ConfigError(f"{node}.lr={cfg[node].lr} must be > 0")
+    # resume / checkpoint retention
+    if cfg[node].save_every < 0 or cfg[node].keep_last < 0:
+        raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
+    _allowed(cfg, f"{node}.keep_best_mode", ("min", "max"))
+    best = cfg[node].keep_best_metric
+    if best is not None and not str(best).startswith(f"{node}/"):
+        raise ConfigError(f"{node}.keep_best_metric={best!r} must be a metric of this stage "
+                          f"(e.g. {node}/eval_loss)")
+    if best is not None and cfg[node].save_every <= 0:
+        raise ConfigError(f"{node}.keep_best_metric needs {node}.save_every > 0 (checkpoints "
+                          "to choose from)")
 
 
 def _check_generation(cfg: DictConfig, node: str) -> None:
@@ -398,10 +423,6 @@ def _check_eval_chat(cfg: DictConfig) -> None:
                           "hardware=1gpu)")
     if cfg.stage.name == "eval":
         ev = cfg.eval
-        if not any(ev.policies.values()) and not ev.from_run and not ev.include_base:
-            raise ConfigError("stage=eval has no policy to evaluate: set eval.from_run=<pipeline "
-                              "run dir>, eval.policies.<name>=<path or artifact>, or "
-                              "eval.include_base=true")
         for name in ev.policies:
             if not str(name).replace("_", "").replace("-", "").isalnum():
                 raise ConfigError(f"eval.policies has the name {name!r}; use letters, digits, "
@@ -509,6 +530,34 @@ def _check_hardware(cfg: DictConfig) -> None:
                           f"(launcher is {hw.launcher!r}); remove it or switch launcher")
 
 
+def _check_source(src: DictConfig, key: str) -> None:
+    """What can be known about a data source without reading it (the rows are checked when they
+    are loaded, before training: rlhf_exp/data/sources.py)."""
+    from rlhf_exp.data.sources import FIELDS, LOCAL_SUFFIXES, resolve_path
+    from rlhf_exp.tasks import GOLD_REWARDS
+
+    for field_name in src.columns:
+        if field_name not in FIELDS:
+            raise ConfigError(f"{key}.columns has {field_name!r}; keys are internal fields: "
+                              f"{', '.join(FIELDS)} (values are your column names)")
+    if src.task is not None and src.task not in GOLD_REWARDS:
+        raise ConfigError(f"{key}.task={src.task!r} is not a known gold reward; choose one of: "
+                          f"{', '.join(GOLD_REWARDS)} (or null)")
+    if src.max_examples is not None and src.max_examples < 1:
+        raise ConfigError(f"{key}.max_examples={src.max_examples} must be >= 1 (or null = all)")
+    if src.kind == "local":
+        try:
+            path = resolve_path(str(src.path))
+        except UserError as exc:
+            raise ConfigError(f"{key}.path: {exc}") from None
+        if not path.exists():
+            raise ConfigError(f"{key}.path={src.path!r}: no such file or folder ({path}); "
+                              "relative paths start from the directory you launched in")
+        if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
+            raise ConfigError(f"{key}.path={src.path!r}: unsupported file type "
+                              f"{path.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
     _allowed(cfg, "stage.name", STAGES)
@@ -559,5 +608,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}.path is missing: a {src.kind} source needs a path")
         if src.weight <= 0:
             raise ConfigError(f"{key}.weight={src.weight} must be > 0")
+        _check_source(src, key)
+    names = [src.name for src in cfg.data_mix.sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data_mix.sources have duplicate names {names}; each needs its own "
+                          "(it seeds the source's shuffle and tags its rows)")
+    if cfg.data_mix.max_eval_examples < 0:
+        raise ConfigError(f"data_mix.max_eval_examples={cfg.data_mix.max_eval_examples} must "
+                          "be >= 0")
     # ppo
     _check_ppo(cfg)

@@ -42,6 +42,13 @@ def adopt_submitit_env(master_port: int = 0) -> int:
                                                                          // env.num_nodes),
                       NODE_RANK=str(env.node), MASTER_ADDR=env.hostnames[0],
                       MASTER_PORT=str(port))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # as torchrun does: ranks sharing a node must not each start one thread per core.
+        # Slurm binds each task to its cpus_per_task; the local executor shares all cores.
+        per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+        local = max(1, env.num_tasks // env.num_nodes)
+        torch.set_num_threads(int(per_task) if per_task else
+                              max(1, len(os.sched_getaffinity(0)) // local))
     return env.num_tasks
 
 

@@ -111,4 +111,7 @@ def build_eval_engine(model, cfg: DictConfig, *, zero_stage: int | None = None):
     ds_config["zero_optimization"].pop("offload_optimizer", None)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
+    # DeepSpeed's ZeRO-3 parameter manager of this model (its hooks keep it alive anyway); kept
+    # reachable so callers and tests can see where the partitions live (`.offload_device`)
+    engine.module.zero_param_manager = engine.optimizer
     return engine.module

@@ -82,8 +82,9 @@ def job_context() -> dict[str, Any] | None:
     info_file = sweep_dir / SWEEP_FILE
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     overrides = list(hc.overrides.task)
+    params = hc.sweeper.get("params")  # None for the basic sweeper with nothing swept
     varying = info.get("varying") or varying_keys([], OmegaConf.to_container(
-        hc.sweeper.get("params") or {}, resolve=False))
+        params, resolve=False) if params else {})
     return {"sweep_dir": str(sweep_dir),
             "group": info.get("group") or f"{sweep_dir.parent.name}-{sweep_dir.name}",
             "job": int(hc.job.num),

@@ -39,6 +39,7 @@ class Tracker:
                  run_id: str | None = None, extra_config: dict | None = None):
         self.job_type = job_type
         self.run = None
+        self.latest: dict[str, Any] = {}  # last logged value of each metric (on every rank)
         self.run_dir = Path(run_dir)
         if not dist.is_main() or cfg.logger.name != "wandb":
             return
@@ -71,6 +72,7 @@ class Tracker:
         return self.run.id if self.run else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.latest.update(metrics)
         if self.run:
             self.run.log({f"{self.job_type}/step": step, **metrics})
 

@@ -51,10 +51,18 @@ def compose(*overrides: str):
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 600,
         env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m rlhf_exp ARGS` as a user would; output captured."""
+    """Run `python -m rlhf_exp ARGS` as a user would (from a fresh shell); output captured."""
+    # an in-process stage run (e.g. the sft_run fixture) set RANK/WORLD_SIZE/MASTER_PORT... in
+    # this process for its 1-rank process group; a child inheriting them would think it is
+    # already a launched rank (and reuse a port this process holds)
+    base = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
     return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**base, **(env or {})})
+
+
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
+            "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_exp import checkpoint, evaluation, models
+from rlhf_exp import checkpoint, evaluation, models, runtime
+from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import render_prompt
+from rlhf_exp.errors import UserError
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.tasks import sort_digits
 from rlhf_exp.wandb_reader import read_runs
@@ -164,23 +166,36 @@ def test_from_run_finds_policies_and_reward_model(sft_run, reward_dir, tmp_path)
         (pipe / stage / "result.json").write_text(json.dumps({"stage": stage}))
     shutil.copytree(sft_final, pipe / "ppo" / "checkpoints" / "ema")
     (pipe / "result.json").write_text(json.dumps({"stage": "pipeline"}))
-    policies, reward = eval_stage.discover_run(str(pipe))
-    assert policies == {"sft": str(sft_final),
-                        "ppo": str((pipe / "ppo" / "checkpoints" / "step_000010").resolve()),
-                        "ppo_ema": str((pipe / "ppo" / "checkpoints" / "ema").resolve())}
-    assert reward == str((pipe / "reward" / "checkpoints" / "step_000010").resolve())
-    # a lone PPO run dir: its SFT policy and reward model come from its config
-    (pipe / "ppo" / "config_resolved.yaml").write_text(
-        f"ppo:\n  actor_init: {sft_final}\n  critic_init: {reward_dir}\n")
-    policies, reward = eval_stage.discover_run(str(pipe / "ppo"))
-    assert policies["sft"] == str(sft_final) and reward == str(reward_dir)
-    assert set(policies) == {"sft", "ppo", "ppo_ema"}
+    found = eval_stage.discover_run(str(pipe))
+    assert found.policies == {
+        "sft": str(sft_final),
+        "ppo": str((pipe / "ppo" / "checkpoints" / "step_000010").resolve()),
+        "ppo_ema": str((pipe / "ppo" / "checkpoints" / "ema").resolve())}
+    assert found.reward_model == str((pipe / "reward" / "checkpoints" / "step_000010").resolve())
+    # a lone PPO run dir: its SFT policy and reward model come from its config, and so do the
+    # seed and data_mix that decide which prompts were held out
+    run_cfg = compose("stage=ppo", "seed=7", "data_mix.eval_fraction=0.1",
+                      f"ppo.actor_init={sft_final}", f"ppo.critic_init={reward_dir}",
+                      "ppo.generation.max_new_tokens=9")
+    runtime.save_run_config(run_cfg, pipe / "ppo")
+    found = eval_stage.discover_run(str(pipe / "ppo"))
+    assert found.policies["sft"] == str(sft_final) and found.reward_model == str(reward_dir)
+    assert set(found.policies) == {"sft", "ppo", "ppo_ema"}
+    cfg = eval_stage.match_run(compose("stage=eval", f"eval.from_run={pipe / 'ppo'}"),
+                               found.config)
+    assert cfg.seed == 7 and cfg.data_mix.eval_fraction == 0.1
+    assert cfg.eval.generation.max_new_tokens == 9  # eval's defaults follow the run's PPO eval
 
 
-def test_bad_input_exits_2_with_one_line(tmp_path):
-    proc = cli("stage=eval", f"hydra.run.dir={tmp_path / 'a'}")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "eval.from_run" in proc.stderr
+def test_nothing_to_evaluate_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="eval.from_run"):
+        eval_stage.run(compose("stage=eval"), tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing written before the inputs are known"
+    with pytest.raises(ConfigError, match="one process"):
+        compose("stage=eval", "eval.include_base=true", "hardware.nproc_per_node=2")
+
+
+def test_bad_reference_exits_2_with_one_line(tmp_path):
     proc = cli("stage=eval", f"eval.policies.sft={tmp_path / 'missing'}", *FAST,
                f"hydra.run.dir={tmp_path / 'b'}")
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -188,3 +188,40 @@ def test_lora_adapter_checkpoint_holds_only_the_adapter(lora_adapter, lora_merge
     assert from_adapter.keys() == from_merged.keys()
     for key, value in from_merged.items():
         torch.testing.assert_close(from_adapter[key], value, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- PPO offload
+PPO_TINY = ["stage=ppo", *FAST, "ppo.steps=1", "ppo.rollout_batch_size=8",
+            "ppo.micro_batch_size_per_device=8", "ppo.eval_every=0", "ppo.eval_num_prompts=8",
+            "ppo.eval_batch_size=8", "logger=none", "zero_stage=zero2"]
+
+
+def test_ppo_offloads_reference_and_reward_model(tmp_path, monkeypatch):
+    """ppo.offload_reference / ppo.offload_reward_model: the frozen models PPO actually uses sit
+    on a ZeRO-3 engine whose parameter partitions are offloaded to CPU, while the run's own
+    ZeRO stage is 2. (The real `frozen` runs; it is only observed.)"""
+    from rlhf_exp.stages import ppo
+
+    placed = []
+
+    def observed(model, cfg, zero_stage, offload):
+        kind = type(model).__name__
+        out = real_frozen(model, cfg, zero_stage, offload)
+        placed.append((kind, out))
+        return out
+
+    real_frozen = ppo.frozen
+    monkeypatch.setattr(ppo, "frozen", observed)
+    cfg = compose(*PPO_TINY, "ppo.offload_reference=true", "ppo.offload_reward_model=true")
+    actor, _, result = ppo.train(cfg, tmp_path / "ppo")
+    assert result.metrics["ppo/steps"] == 1
+    assert actor.zero_optimization_stage() == 2
+    kinds = sorted(kind for kind, _ in placed)
+    assert kinds == ["LlamaForCausalLM", "LlamaForSequenceClassification"]  # reference, reward
+    for kind, module in placed:
+        manager = getattr(module, "zero_param_manager", None)
+        assert manager is not None, f"{kind} is not on a ZeRO-3 engine"
+        assert type(manager).__name__ == "DeepSpeedZeRoOffload"
+        assert getattr(manager.offload_device, "value", manager.offload_device) == "cpu", kind
+        assert all(hasattr(p, "ds_tensor") for p in module.parameters()), kind
+        assert not any(p.requires_grad for p in module.parameters())

@@ -93,9 +93,14 @@ def one_rank(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks_zero3(tmp_path_factory):
-    """2 ranks under torchrun, accumulation 1 (global batch 16), ZeRO-3."""
+    """One 2-rank launch under torchrun, ZeRO-3, of the whole recipe: SFT (accumulation 1,
+    global batch 16: the side compared with `one_rank`), then the reward model and PPO from it.
+    Returns the pipeline run dir (stages in sft/, reward/, ppo/)."""
     run_dir = tmp_path_factory.mktemp("two_z3") / "run"
-    proc = cli(*RANKS, "hardware.nproc_per_node=2", "zero_stage=zero3",
+    proc = cli(*RANKS, "stage=pipeline", "hardware.nproc_per_node=2", "zero_stage=zero3",
+               "reward.max_steps=4", "reward.log_every=1", "reward.micro_batch_size_per_device=8",
+               "ppo.steps=2", "ppo.rollout_batch_size=16", "ppo.micro_batch_size_per_device=8",
+               "ppo.eval_every=0", "ppo.eval_num_prompts=16", "ppo.eval_batch_size=8",
                f"hydra.run.dir={run_dir}")
     _ok(proc)
     assert "launching 2 ranks" in proc.stdout
@@ -118,7 +123,7 @@ def test_two_ranks_give_the_one_rank_loss_curve(one_rank, two_ranks_zero3, two_t
     ref = _one_wandb_run(one_rank)
     ref_loss = ref.metric("sft/loss")
     assert len(ref_loss) == 6 and ref_loss[-1] < ref_loss[0]
-    for run_dir, zero in ((two_tasks_submitit, "zero2"), (two_ranks_zero3, "zero3")):
+    for run_dir, zero in ((two_tasks_submitit, "zero2"), (two_ranks_zero3 / "sft", "zero3")):
         run = _one_wandb_run(run_dir)
         assert run.config["hardware"]["nproc_per_node"] == 2
         assert run.config["group_choices"]["zero_stage"] == zero
@@ -136,7 +141,7 @@ def test_zero3_checkpoint_is_consolidated(one_rank, two_ranks_zero3):
 
     from rlhf_exp import checkpoint
 
-    final = checkpoint.final_checkpoint(two_ranks_zero3)
+    final = checkpoint.final_checkpoint(two_ranks_zero3 / "sft")
     assert final is not None and (final / "model.safetensors").is_file()
     z3, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -145,6 +150,33 @@ def test_zero3_checkpoint_is_consolidated(one_rank, two_ranks_zero3):
     for key, value in z3.state_dict().items():
         assert value.shape == ref_state[key].shape and value.numel() > 0, key
         torch.testing.assert_close(value, ref_state[key], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_reward_and_ppo_run_on_two_ranks(two_ranks_zero3):
+    """The reward model and PPO (ZeRO-3: generation synced across ranks) on 2 ranks: one W&B run
+    each, with the 2-rank config and their metrics; consolidated checkpoints that load."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_exp import checkpoint
+
+    reward = _one_wandb_run(two_ranks_zero3 / "reward")
+    ppo = _one_wandb_run(two_ranks_zero3 / "ppo")
+    for run in (reward, ppo):
+        assert run.config["hardware"]["nproc_per_node"] == 2
+        assert run.config["group_choices"]["zero_stage"] == "zero3"
+    assert len(reward.metric("reward/loss")) == 4
+    assert len(ppo.metric("ppo/kl")) == 2 and ppo.metric("ppo/reward_score")
+    # PPO started from this launch's SFT and reward outputs
+    assert ppo.config["ppo"]["actor_init"] == str(two_ranks_zero3 / "sft")
+    assert ppo.config["ppo"]["critic_init"] == str(two_ranks_zero3 / "reward")
+    AutoModelForSequenceClassification.from_pretrained(
+        checkpoint.final_checkpoint(two_ranks_zero3 / "reward"))
+    AutoModelForCausalLM.from_pretrained(checkpoint.final_checkpoint(two_ranks_zero3 / "ppo"))
+    result = json.loads((two_ranks_zero3 / "result.json").read_text())
+    assert result["metrics"]["ppo/steps"] == 2
 
 
 # ----------------------------------------------------------------------------- launch commands

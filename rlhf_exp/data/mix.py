@@ -1,4 +1,15 @@
-"""Blending sources and splitting them disjointly across the sft / reward / ppo stages."""
+"""Blending sources and splitting them disjointly across the sft / reward / ppo stages.
+
+For every source (shuffled once by seed and its name, the same for every stage):
+    1. stage slices: its rows are cut by `data_mix.split` (e.g. 2,4,4 = 20% sft, 40% reward,
+       40% ppo), so no row is ever seen by two stages;
+    2. held-out eval: the first `eval_fraction` of its stage slice (at most
+       `max_eval_examples` x its weight share), never trained on;
+    3. weighted blend: the stage's training set has as many examples as the sources' training
+       slices together, and source i supplies weight_i / sum(weights) of them - a source with
+       more rows than its share is subsampled, one with fewer is repeated (its slice cycles;
+       repetition stays inside the stage).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from rlhf_exp.data.sources import load_source
+from rlhf_exp.data.sources import DataError, load_source
 
 STAGE_INDEX = {"sft": 0, "reward": 1, "ppo": 2}
 
@@ -18,24 +29,62 @@ class StageData:
     eval: list[dict]
 
 
+def stage_slice(n: int, split: list[float], stage: str) -> tuple[int, int]:
+    """[lo, hi) of a source's n shuffled rows that belong to `stage`."""
+    bounds = [0.0]
+    for share in split:
+        bounds.append(bounds[-1] + share)
+    s = STAGE_INDEX[stage]
+    return int(n * bounds[s] / bounds[-1]), int(n * bounds[s + 1] / bounds[-1])
+
+
+def quotas(sizes: list[int], weights: list[float]) -> list[int]:
+    """Rows each source supplies to a blend of sum(sizes) rows in proportion to `weights`
+    (largest remainders, so the quotas add up exactly)."""
+    total, wsum = sum(sizes), sum(weights)
+    exact = [total * w / wsum for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(out)), key=lambda i: exact[i] - out[i], reverse=True):
+        if sum(out) >= total:
+            break
+        out[i] += 1
+    return out
+
+
+def _take(rows: list[dict], k: int) -> list[dict]:
+    """The first k rows, cycling through them when k > len(rows)."""
+    reps, rest = divmod(k, len(rows))
+    return rows * reps + rows[:rest]
+
+
 def build_stage_data(data_mix: DictConfig, stage: str, seed: int) -> StageData:
-    """The rows of one stage: each source is shuffled by seed, cut into the three stage shares of
-    `data_mix.split` (so stages never share a row), and the stage's share split into train and a
-    held-out eval slice."""
-    shares = [float(s) for s in data_mix.split]
-    train, held_out = [], []
+    """The rows of one stage: the weighted blend of every source's disjoint share of the data
+    (module docstring). Deterministic given the seed and the config."""
+    split = [float(s) for s in data_mix.split]
+    weights = [float(src.weight) for src in data_mix.sources]
+    wsum = sum(weights)
+    trains, held_out = [], []
     for i, src in enumerate(data_mix.sources):
         rows = load_source(src, seed=seed + 1000 * i)
-        rng = random.Random(f"{seed}:{src.name}")
-        rng.shuffle(rows)
-        bounds = [0]
-        for share in shares:
-            bounds.append(bounds[-1] + share)
-        lo = int(len(rows) * bounds[STAGE_INDEX[stage]] / bounds[-1])
-        hi = int(len(rows) * bounds[STAGE_INDEX[stage] + 1] / bounds[-1])
+        random.Random(f"{seed}:{src.name}").shuffle(rows)
+        lo, hi = stage_slice(len(rows), split, stage)
         part = rows[lo:hi]
-        n_eval = min(int(len(part) * data_mix.eval_fraction), data_mix.max_eval_examples)
+        if not part and split[STAGE_INDEX[stage]] > 0:
+            raise DataError(f"source {src.name!r} has {len(rows)} rows: too few to give the "
+                            f"{stage} stage its share of data_mix.split={split}")
+        cap = int(data_mix.max_eval_examples * weights[i] / wsum)
+        n_eval = min(int(len(part) * data_mix.eval_fraction), cap)
         held_out += part[:n_eval]
-        train += part[n_eval:]
+        trains.append(part[n_eval:])
+    train: list[dict] = []
+    if len(trains) == 1:  # a single source: all of its slice, as it is
+        train = trains[0]
+    else:
+        for src, rows, k in zip(data_mix.sources, trains,
+                                quotas([len(t) for t in trains], weights)):
+            if k and not rows:
+                raise DataError(f"source {src.name!r} has no {stage} rows left after the eval "
+                                "slice; add rows or lower data_mix.eval_fraction")
+            train += _take(rows, k) if k else []
     random.Random(seed).shuffle(train)
     return StageData(train=train, eval=held_out)

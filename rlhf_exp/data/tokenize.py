@@ -2,9 +2,19 @@
 
 SFT features mask the prompt out of the loss (label -100) and end with EOS, which is distinct
 from the pad token. Batches for training are right-padded; prompts for generation left-padded.
+Tokenized features are cached on disk (`cache_dir`), keyed by the rows, the tokenizer and the
+settings, so a rerun or another stage of the same data skips tokenization.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -16,6 +26,62 @@ def render_prompt(tokenizer, prompt: str, template: str = "{prompt}") -> str:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return template.format(prompt=prompt)
+
+
+def render_row(tokenizer, row: dict, template: str = "{prompt}") -> str:
+    """A row's prompt as model input: hh/chat rows carry their turns as `messages`, which a
+    chat template renders turn by turn; otherwise as render_prompt (plain `prompt` text)."""
+    messages = row.get("messages")
+    if messages and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=True)
+    return render_prompt(tokenizer, row["prompt"], template)
+
+
+# ----------------------------------------------------------------------------- cache
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that changes token ids: the full tokenizer definition (vocab,
+    merges, normalizer), special tokens, chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.all_special_tokens,
+                         tokenizer.pad_token_id, tokenizer.eos_token_id,
+                         getattr(tokenizer, "chat_template", None)], default=str).encode())
+    return h.hexdigest()
+
+
+def cached(kind: str, rows: list[dict], tokenizer, settings: dict,
+           cache_dir: str | Path | None, build: Callable[[], tuple[list[dict], int]]
+           ) -> tuple[list[dict], int]:
+    """`build()` once per (rows, tokenizer, settings); later calls read the pickle. Written to a
+    unique temp file and renamed into place, so concurrent ranks or jobs on a shared disk never
+    see a partial file (the last writer wins with identical content)."""
+    if cache_dir is None:
+        return build()
+    h = hashlib.sha256(json.dumps([kind, settings], sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+    path = Path(cache_dir) / f"{kind}-{h.hexdigest()[:24]}.pkl"
+    if path.exists():
+        try:
+            with path.open("rb") as fh:
+                return pickle.load(fh)
+        except Exception:  # unreadable (truncated by a full disk...): rebuild it
+            pass
+    out = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -39,19 +105,27 @@ def encode_pair(tokenizer, prompt_text: str, response: str, max_prompt_len: int,
 
 
 def tokenize_sft(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
-                 overlong: str = "truncate") -> tuple[list[dict], int]:
-    """Features {input_ids, labels}; returns (features, number dropped as over-long)."""
-    feats, dropped = [], 0
-    for row in rows:
-        response = row.get("response") or row.get("chosen")
-        enc = encode_pair(tokenizer, render_prompt(tokenizer, row["prompt"], template), response,
-                          max_prompt_len, max_len, overlong)
-        if enc is None:
-            dropped += 1
-            continue
-        ids, n_prompt = enc
-        feats.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
-    return feats, dropped
+                 overlong: str = "truncate", cache_dir: str | Path | None = None
+                 ) -> tuple[list[dict], int]:
+    """Features {input_ids, labels}; returns (features, number dropped as over-long). Rows
+    without a response (prompt-only sources) are skipped."""
+    def build() -> tuple[list[dict], int]:
+        feats, dropped = [], 0
+        for row in rows:
+            response = row.get("response") or row.get("chosen")
+            if response is None:
+                continue
+            enc = encode_pair(tokenizer, render_row(tokenizer, row, template), response,
+                              max_prompt_len, max_len, overlong)
+            if enc is None:
+                dropped += 1
+                continue
+            ids, n_prompt = enc
+            feats.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+        return feats, dropped
+    settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
+                "overlong": overlong}
+    return cached("sft", rows, tokenizer, settings, cache_dir, build)
 
 
 def pad_right(seqs: list[list[int]], pad: int) -> torch.Tensor:
@@ -72,24 +146,32 @@ def collate_sft(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
-                   overlong: str = "truncate") -> tuple[list[dict], int]:
+                   overlong: str = "truncate", cache_dir: str | Path | None = None
+                   ) -> tuple[list[dict], int]:
     """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each), keeping the
     row's text and task for gold-reward evaluation; returns (features, number dropped). A pair
-    is dropped when either side is over-long under `overlong=drop`."""
-    feats, dropped = [], 0
-    for row in rows:
-        prompt_text = render_prompt(tokenizer, row["prompt"], template)
-        chosen = encode_pair(tokenizer, prompt_text, row["chosen"], max_prompt_len, max_len,
-                             overlong)
-        rejected = encode_pair(tokenizer, prompt_text, row["rejected"], max_prompt_len, max_len,
-                               overlong)
-        if chosen is None or rejected is None:
-            dropped += 1
-            continue
-        feats.append({"chosen_ids": chosen[0], "rejected_ids": rejected[0],
-                      "prompt": row["prompt"], "chosen": row["chosen"],
-                      "rejected": row["rejected"], "task": row.get("task")})
-    return feats, dropped
+    is dropped when either side is over-long under `overlong=drop`; rows without a pair
+    (prompt_response sources) are skipped."""
+    def build() -> tuple[list[dict], int]:
+        feats, dropped = [], 0
+        for row in rows:
+            if row.get("chosen") is None or row.get("rejected") is None:
+                continue
+            prompt_text = render_row(tokenizer, row, template)
+            chosen = encode_pair(tokenizer, prompt_text, row["chosen"], max_prompt_len, max_len,
+                                 overlong)
+            rejected = encode_pair(tokenizer, prompt_text, row["rejected"], max_prompt_len,
+                                   max_len, overlong)
+            if chosen is None or rejected is None:
+                dropped += 1
+                continue
+            feats.append({"chosen_ids": chosen[0], "rejected_ids": rejected[0],
+                          "prompt": row["prompt"], "chosen": row["chosen"],
+                          "rejected": row["rejected"], "task": row.get("task")})
+        return feats, dropped
+    settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
+                "overlong": overlong}
+    return cached("pairs", rows, tokenizer, settings, cache_dir, build)
 
 
 def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

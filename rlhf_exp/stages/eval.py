@@ -16,10 +16,12 @@ inference needs no optimizer state or partitioning at the sizes this project eva
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,18 +35,27 @@ from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
 POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema")  # table columns in this order, others after
+MATCHED = ("seed", "model", "data_mix", "reward", "ppo")  # taken from the run (eval.match_run)
 
 
-def discover_run(run_dir: str) -> tuple[dict[str, str], str | None]:
-    """({policy name: checkpoint}, reward model checkpoint) of a finished run: the stage runs in
-    `run_dir` itself and in its direct subdirectories (a pipeline's sft/, reward/, ppo/), found by
-    their result.json. A PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and
-    reward runs are elsewhere, the actor_init / reward model its config names."""
+@dataclass
+class FoundRun:
+    """What `eval.from_run` points at."""
+
+    policies: dict[str, str] = field(default_factory=dict)  # name -> checkpoint dir
+    reward_model: str | None = None
+    config: DictConfig | None = None  # the run's config_resolved.yaml
+
+
+def discover_run(run_dir: str) -> FoundRun:
+    """The policies and reward model of a finished run: the stage runs in `run_dir` itself and in
+    its direct subdirectories (a pipeline's sft/, reward/, ppo/), found by their result.json. A
+    PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and reward runs are
+    elsewhere, the actor_init / reward model its config names."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.from_run={run_dir}: no such directory")
-    policies: dict[str, str] = {}
-    reward: str | None = None
+    found = FoundRun()
     ppo_cfg = None
     for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
         if not result.exists():
@@ -53,25 +64,48 @@ def discover_run(run_dir: str) -> tuple[dict[str, str], str | None]:
         stage_dir = result.parent
         final = checkpoint.final_checkpoint(stage_dir)  # resolved here: the dir may have moved
         if stage == "sft" and final:
-            policies["sft"] = str(final)
+            found.policies["sft"] = str(final)
         elif stage == "reward" and final:
-            reward = str(final)
+            found.reward_model = str(final)
         elif stage == "ppo":
             if final:
-                policies["ppo"] = str(final)
+                found.policies["ppo"] = str(final)
             ema = stage_dir / "checkpoints" / "ema"
             if (ema / "config.json").exists():
-                policies["ppo_ema"] = str(ema.resolve())
+                found.policies["ppo_ema"] = str(ema.resolve())
             if (stage_dir / "config_resolved.yaml").exists():
                 ppo_cfg = OmegaConf.load(stage_dir / "config_resolved.yaml").get("ppo")
+        if found.config is None and (stage_dir / "config_resolved.yaml").exists():
+            found.config = OmegaConf.load(stage_dir / "config_resolved.yaml")
     if ppo_cfg is not None:  # a lone PPO run: its inputs are the SFT policy and reward model
-        if "sft" not in policies and ppo_cfg.get("actor_init"):
-            policies["sft"] = str(ppo_cfg.actor_init)
-        reward = reward or ppo_cfg.get("reward_model") or ppo_cfg.get("critic_init")
-    if not policies and reward is None:
+        if "sft" not in found.policies and ppo_cfg.get("actor_init"):
+            found.policies["sft"] = str(ppo_cfg.actor_init)
+        found.reward_model = (found.reward_model or ppo_cfg.get("reward_model")
+                              or ppo_cfg.get("critic_init"))
+    if not found.policies and found.reward_model is None:
         raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward or ppo run "
                         "in it or its subdirectories (give a pipeline or stage run dir)")
-    return policies, reward
+    return found
+
+
+def match_run(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
+    """This config with the run's seed, model, data_mix, reward and ppo nodes: the held-out
+    prompts and pairs are then the ones the run never trained on (the split depends on seed and
+    data_mix), and eval's ${ppo.*} defaults follow the run's PPO eval settings."""
+    cfg = copy.deepcopy(cfg)
+    changed = [k for k in MATCHED if k in run_cfg and run_cfg[k] != cfg[k]]
+    try:
+        for key in changed:
+            node = run_cfg[key]
+            if isinstance(node, DictConfig):  # a fresh node of the schema's type, then the run's
+                node = OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(cfg[key])), node)
+            cfg[key] = node
+    except Exception as exc:  # a run dir from another version of the schema
+        raise UserError(f"eval.from_run: the run's config_resolved.yaml does not fit this "
+                        f"version ({str(exc).splitlines()[0]}); set eval.match_run=false") from None
+    if changed:
+        runtime.say(f"eval: using the run's {', '.join(changed)} (eval.match_run=true)")
+    return cfg
 
 
 def _resolve(ref: str, key: str, tracker: Tracker | None) -> tuple[str, str | None]:
@@ -105,6 +139,13 @@ def margin_histogram(margins: list[float], path: Path, accuracy: float) -> Path:
 
 
 def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    if not any(cfg.eval.policies.values()) and not cfg.eval.from_run \
+            and not cfg.eval.include_base:
+        raise UserError("stage=eval has no policy to evaluate: set eval.from_run=<pipeline run "
+                        "dir>, eval.policies.<name>=<path or artifact>, or eval.include_base=true")
+    found = discover_run(cfg.eval.from_run) if cfg.eval.from_run else FoundRun()
+    if found.config is not None and cfg.eval.match_run:
+        cfg = match_run(cfg, found.config)
     ev = cfg.eval
     runtime.set_seed(cfg.seed)
     device = dist.device_for(cfg.hardware.device)
@@ -118,8 +159,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     tracker = Tracker(cfg, run_dir, "eval") if online else None
 
     # --- what to evaluate: from a finished run, then explicit entries (which win)
-    found, found_reward = discover_run(ev.from_run) if ev.from_run else ({}, None)
-    refs = {**found, **{str(k): str(v) for k, v in ev.policies.items() if v}}
+    refs = {**found.policies, **{str(k): str(v) for k, v in ev.policies.items() if v}}
     policies: dict[str, str] = {}
     artifacts: dict[str, str | None] = {}
     if ev.include_base:
@@ -128,7 +168,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
         policies[name], artifacts[name] = _resolve(ref, f"eval.policies.{name}={ref}", tracker)
     order = [n for n in POLICY_ORDER if n in policies] + \
             [n for n in policies if n not in POLICY_ORDER]
-    reward_ref = ev.reward_model or found_reward
+    reward_ref = ev.reward_model or found.reward_model
     reward_path = _resolve(reward_ref, f"eval.reward_model={reward_ref}", tracker)[0] \
         if reward_ref else None
     ref_name = ev.reference or ("sft" if "sft" in policies else None)

@@ -1,1 +1,165 @@
-"""Placeholder replaced by the pipeline runner (SFT -> reward -> PPO)."""
+"""The whole RLHF recipe in one run: SFT -> reward model -> PPO (`stage=pipeline`, the default).
+
+Run: rlhf-exp                     (or `make demo` = rlhf-exp experiment=demo)
+     rlhf-exp stage.stages=[reward,ppo] ppo.actor_init=<sft run dir>   (skip a stage)
+
+Each stage runs in this process, in order, with its own run dir under this one (<run_dir>/sft,
+/reward, /ppo) and its own W&B run (job_type sft / reward / ppo, all in the group
+`experiment_name`), and starts from the previous stage's final checkpoint unless the config
+names one: `reward.init_from` = the SFT output, `ppo.actor_init` = the SFT output,
+`ppo.critic_init` = the reward model.
+
+At the end the SFT and PPO policies (and the EMA policy when `ppo.ema.enabled`) are reloaded
+from their checkpoints and compared on the same held-out prompts with the same generation
+settings as PPO's held-out eval (rlhf_exp/evaluation.py): mean gold reward, reward-model score,
+response length, and the KL of each policy to the SFT policy. The comparison and a table of the
+stages are printed and written to <run_dir>/summary.md; <run_dir>/result.json holds every
+stage's metrics plus `pipeline/*`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf_exp import checkpoint, dist, evaluation, models, runtime
+from rlhf_exp.tracking import resolve_init
+
+KEY_METRICS = {"sft": ("sft/eval_loss",),
+               "reward": ("reward/eval_accuracy",),
+               "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl")}
+
+
+def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:
+    """The config one stage runs with: stage.name set, and its starting points filled in from
+    the earlier stages' outputs where the user left them unset."""
+    sub = copy.deepcopy(cfg)
+    sub.stage.name = name
+    sft = results.get("sft")
+    reward = results.get("reward")
+    if name == "reward" and sft and not cfg.reward.init_from:
+        sub.reward.init_from = sft.run_dir
+    if name == "ppo":
+        if sft and not cfg.ppo.actor_init:
+            sub.ppo.actor_init = sft.run_dir
+        if reward and not cfg.ppo.critic_init:
+            sub.ppo.critic_init = reward.run_dir
+    return sub
+
+
+@torch.no_grad()
+def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
+                     reward_model: str | None) -> dict[str, dict[str, float]]:
+    """Held-out metrics of each policy checkpoint, with PPO's held-out eval settings: the same
+    rows (sharded over ranks, seed + rank), generation, batch size and seed. Returns
+    {policy name: {gold_reward, reward_score, response_length, kl_to_sft}}."""
+    pc = cfg.ppo
+    device = dist.device_for(cfg.hardware.device)
+    rank, world = dist.rank(), dist.world_size()
+    rows = evaluation.heldout_rows(cfg, limit=pc.eval_num_prompts)[rank::world]
+    gen = evaluation.generation_config(pc.generation)
+    precision = cfg.hardware.precision
+    tokenizer = models.load_tokenizer(reference, cfg.model)
+    ref_model = models.load_causal_lm(reference, tokenizer, cfg.model, precision).to(device).eval()
+    rm = None
+    if reward_model:
+        rm = models.load_reward_model(reward_model, tokenizer, cfg.model, precision)
+        rm = rm.to(device).eval()
+    out = {}
+    for name, path in policies.items():
+        model = (ref_model if path == reference else
+                 models.load_causal_lm(path, tokenizer, cfg.model, precision).to(device).eval())
+        samples = evaluation.sample_responses(
+            model, tokenizer, rows, gen, template=cfg.model.prompt_template,
+            max_prompt_len=pc.max_prompt_len, batch_size=pc.eval_batch_size,
+            seed=cfg.seed + rank, device=device)
+        golds = [g for g in evaluation.gold_scores(rows, samples.texts) if g is not None]
+        kl = 0.0
+        for rollout in samples.rollouts:
+            kl += float(evaluation.sequence_kl(
+                evaluation.response_logprobs(model, rollout),
+                evaluation.response_logprobs(ref_model, rollout),
+                rollout.response_mask, pc.kl.estimator).sum())
+        score = 0.0
+        if rm is not None:
+            score = sum(evaluation.reward_scores(
+                rm, tokenizer, [r["prompt"] for r in rows], samples.texts, samples.finished,
+                template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
+                batch_size=pc.eval_batch_size, device=device))
+        n = len(rows)
+        s = dist.all_reduce_mean([sum(golds), len(golds), score, float(sum(samples.lengths)),
+                                  kl, n], device)
+        metrics = {"response_length": s[3] / s[5], "kl_to_sft": s[4] / s[5]}
+        if rm is not None:
+            metrics["reward_score"] = s[2] / s[5]
+        if s[1] > 0:
+            metrics["gold_reward"] = s[0] / s[1]
+        out[name] = metrics
+    return out
+
+
+def summary_text(results: dict[str, runtime.StageResult],
+                 comparison: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per stage, then the held-out comparison of the policies."""
+    lines = ["| stage | run dir | W&B run | key metrics |", "|---|---|---|---|"]
+    for name, res in results.items():
+        keys = [k for k in KEY_METRICS.get(name, ()) if k in res.metrics]
+        shown = ", ".join(f"{k}={res.metrics[k]:.4g}" for k in keys)
+        lines.append(f"| {name} | {res.run_dir} | {res.wandb_run_id or '-'} | {shown} |")
+    if comparison:
+        cols = ["gold_reward", "reward_score", "response_length", "kl_to_sft"]
+        lines += ["", "Held-out prompts, same prompts and generation settings (ppo.generation, "
+                  "seed):", "", "| policy | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for name, m in comparison.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{m[c]:.4f}" if c in m else "-" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    run_dir = Path(run_dir)
+    runtime.save_run_config(cfg, run_dir)
+    results: dict[str, runtime.StageResult] = {}
+    for name in cfg.stage.stages:
+        runtime.say(f"pipeline: stage {name} -> {run_dir / name}")
+        runner = importlib.import_module(f"rlhf_exp.stages.{name}")
+        # each runner opens and finishes its own W&B run, so the three never mix
+        results[name] = runner.run(stage_config(cfg, name, results), run_dir / name)
+
+    comparison: dict[str, dict[str, float]] = {}
+    if "ppo" in results:
+        ppo_cfg = stage_config(cfg, "ppo", results)
+        sft_path = (str(resolve_init(ppo_cfg.ppo.actor_init)[0]) if ppo_cfg.ppo.actor_init
+                    else models.resolve_base_path(cfg.model))
+        rm_ref = ppo_cfg.ppo.reward_model or ppo_cfg.ppo.critic_init
+        policies = {"sft": sft_path, "ppo": results["ppo"].checkpoint}
+        ema = Path(results["ppo"].run_dir) / "checkpoints" / "ema"
+        if (ema / "config.json").exists():
+            policies["ppo_ema"] = str(ema)
+        comparison = compare_policies(cfg, policies, sft_path,
+                                      str(resolve_init(rm_ref)[0]) if rm_ref else None)
+
+    metrics: dict[str, float] = {}
+    for res in results.values():
+        metrics.update(res.metrics)
+    for name, m in comparison.items():
+        for key, value in m.items():
+            metrics[f"pipeline/{name}_{key}"] = value
+    if "gold_reward" in comparison.get("sft", {}) and "gold_reward" in comparison.get("ppo", {}):
+        metrics["pipeline/gold_reward_gain"] = (comparison["ppo"]["gold_reward"]
+                                                - comparison["sft"]["gold_reward"])
+    text = summary_text(results, comparison)
+    if dist.is_main():
+        (run_dir / "summary.md").write_text(text)
+    runtime.say("\npipeline summary\n" + text)
+    last = results[list(results)[-1]] if results else None
+    final = checkpoint.final_checkpoint(Path(last.run_dir)) if last else None
+    result = runtime.StageResult("pipeline", str(run_dir), str(final) if final else None,
+                                 None, None, metrics)
+    result.write()
+    return result

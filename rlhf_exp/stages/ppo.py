@@ -95,6 +95,7 @@ def frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int, offload: bo
         return engine.build_eval_engine(model, cfg, zero_stage=zero_stage)
     off = copy.deepcopy(cfg)
     off.zero_stage.offload_param = "cpu"
+    off.zero_stage.stage3_param_persistence_threshold = 0  # keep no weight resident
     return engine.build_eval_engine(model, off, zero_stage=3)
 
 
@@ -395,11 +396,10 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
     def evaluate(step: int) -> dict:
         """Held-out prompts, sampled with ppo.generation and a fixed seed (see the docstring)."""
-        sync = {"synced_gpus": True} if synced else {}
         samples = evaluation.sample_responses(
             actor_eng.module, tokenizer, eval_rows, gen_cfg, template=template,
             max_prompt_len=pc.max_prompt_len, batch_size=pc.eval_batch_size,
-            seed=cfg.seed + rank, device=device, **sync)
+            seed=cfg.seed + rank, device=device, synced_gpus=synced)
         golds = [g for g in evaluation.gold_scores(eval_rows, samples.texts) if g is not None]
         rm_scores = evaluation.reward_scores(
             reward_model, tokenizer, [r["prompt"] for r in eval_rows], samples.texts,

@@ -21,18 +21,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from rlhf_exp import checkpoint, dist, engine, models, runtime, tasks
-from rlhf_exp.data import build_stage_data
+from rlhf_exp.data import DataError, build_stage_data
+from rlhf_exp.data import cache_dir as data_cache_dir
+from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
-from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
 
 def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen scores, rejected scores), each (B,), from one collate_pairs batch of 2B rows."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    """(chosen scores, rejected scores), each (B,), from one collate_pairs batch of 2B rows.
+    Called through the DeepSpeed engine's forward (its hooks drive ZeRO's backward), which runs
+    HF's pooling: the rightmost non-pad token, i.e. the EOS at `scoring.last_index`."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits.squeeze(-1).float()
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
@@ -68,6 +72,14 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     dist.init(cfg.hardware.device)
     device = dist.device_for(cfg.hardware.device)
     world = dist.world_size()
+    # this stage's disjoint share of the data_mix; bad data stops the run here, before anything
+    # is written to the run dir or W&B
+    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
+    if not any(row["chosen"] is not None and row["rejected"] is not None for row in data.train):
+        names = ", ".join(f"{s.name} ({s.format})" for s in cfg.data_mix.sources)
+        raise DataError(f"data_mix {cfg.data_mix.name!r}: no preference pairs for the reward "
+                        f"stage in sources {names}; it needs chosen/rejected (formats "
+                        "preference, hh, or chat with chosen/rejected)")
     runtime.save_run_config(cfg, run_dir)
     tracker = Tracker(cfg, run_dir, "reward")
 
@@ -84,29 +96,30 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
     trainable, total = models.count_parameters(model)
 
-    # --- data: this stage's disjoint share of the data_mix as tokenized preference pairs
-    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    template = cfg.model.prompt_template
+    # --- data: the preference pairs, tokenized (cached on disk)
+    template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
     train_set, dropped = tokenize_pairs(data.train, tokenizer, template, rc.max_prompt_len,
-                                        rc.max_len, cfg.data_mix.overlong)
+                                        rc.max_len, cfg.data_mix.overlong, cache)
     eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, rc.max_prompt_len,
-                                            rc.max_len, cfg.data_mix.overlong)
+                                            rc.max_len, cfg.data_mix.overlong, cache)
     if not train_set:
-        raise ValueError("reward: no preference pairs left after tokenization (check data_mix "
-                         "and reward.max_len)")
+        raise DataError(f"reward: all {dropped} training pairs are longer than reward.max_len="
+                        f"{rc.max_len} / max_prompt_len={rc.max_prompt_len} and "
+                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
     collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=dist.rank(), shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=rc.micro_batch_size_per_device, sampler=sampler,
-                        collate_fn=collate, drop_last=True)
+    # the same global batches for any world size (rlhf_exp/data/sampler.py)
+    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=rc.micro_batch_size_per_device,
+                                 grad_accum=rc.gradient_accumulation_steps, world_size=world,
+                                 rank=dist.rank(), seed=cfg.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
     # every rank scores the whole (small) held-out slice: equal forward counts under ZeRO-3 and
     # identical metrics everywhere, without gathering
     eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
                              collate_fn=collate)
-    steps_per_epoch = len(loader) // rc.gradient_accumulation_steps
+    steps_per_epoch = sampler.steps_per_epoch
     total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * steps_per_epoch
-    global_batch = rc.micro_batch_size_per_device * rc.gradient_accumulation_steps * world
-    if total_steps <= 0:
+    global_batch = sampler.global_batch_size
+    if steps_per_epoch == 0 or total_steps <= 0:
         raise ValueError(f"reward: {len(train_set)} pairs make no full optimizer step at global "
                          f"batch {global_batch}")
 
@@ -164,10 +177,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     t_window = time.perf_counter()
     first_loss = last_loss = float("nan")
     eval_metrics: dict[str, float] = {}
-    epoch = 0
     while step < total_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
+        for batch in loader:  # the rest of the sampler's current epoch; it then moves on
             batch = {k: v.to(device) for k, v in batch.items()}
             c, r = pair_scores(eng, batch)
             loss = bradley_terry_loss(c, r)
@@ -189,8 +200,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 names = ("loss", "accuracy", "chosen_score", "rejected_score", "margin")
                 metrics = {f"reward/{k}": v for k, v in zip(names, means)}
                 metrics["reward/lr"] = eng.get_lr()[0]
-                metrics["reward/epoch"] = epoch + (step % max(steps_per_epoch, 1)) / max(
-                    steps_per_epoch, 1)
+                metrics["reward/epoch"] = step / steps_per_epoch
                 metrics["perf/samples_per_s"] = (window_n * rc.micro_batch_size_per_device
                                                  * world / elapsed)
                 grad_norm = eng.get_global_grad_norm()
@@ -213,7 +223,6 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 checkpoint.prune(run_dir, rc.keep_last)
             if step >= total_steps:
                 break
-        epoch += 1
     bar.close()
     if eval_set:
         eval_metrics = evaluate()

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import checkpoint, dist, engine, models, runtime
+from rlhf_exp import checkpoint, dist, engine, models, resume, runtime
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
@@ -35,7 +35,11 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     device = dist.device_for(cfg.hardware.device)
     world = dist.world_size()
     runtime.save_run_config(cfg, run_dir)
-    tracker = Tracker(cfg, run_dir, "sft")
+    # resume: the newest training checkpoint of `resume=<run dir>` or of this run dir (automatic);
+    # None = from scratch. A resumed run continues its W&B run (same id).
+    resume_from = resume.find(cfg, run_dir, "sft")
+    saved = resume.read_state(resume_from) if resume_from else {}
+    tracker = Tracker(cfg, run_dir, "sft", run_id=saved.get("wandb_run_id"))
 
     # --- model and tokenizer: from a previous stage (path / artifact) or the base model
     init_artifact = None
@@ -110,8 +114,20 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     step, micro, window_loss, window_n, window_tokens = 0, 0, 0.0, 0, 0
     t_window = time.perf_counter()
     first_loss = last_loss = eval_loss = float("nan")
+    if resume_from:  # weights, optimizer, LR schedule, then the loop exactly where it stopped
+        saved = resume.load(eng, resume_from)
+        step, micro = saved["step"], saved["micro"]
+        first_loss, last_loss, eval_loss = saved["losses"]
+        window_loss, window_n, window_tokens = saved["window"]
+        sampler.start_at(step)  # data position: the next global batch is step `step`'s
+        bar.update(step)
+        runtime.say(f"sft: resumed from {resume_from} at step {step}/{total_steps}")
     while step < total_steps:
-        for batch in loader:  # the rest of the sampler's current epoch; it then moves on
+        batches = iter(loader)  # the rest of the sampler's current epoch; it then moves on
+        if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
+            resume.restore_rng(resume_from)
+            resume_from = None
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = eng(**batch).loss
             eng.backward(loss)
@@ -147,10 +163,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 eval_loss = evaluate()
                 tracker.log({"sft/eval_loss": eval_loss}, step)
             if sc.save_every > 0 and step % sc.save_every == 0 and step < total_steps:
-                checkpoint.save_hf(eng, tokenizer, checkpoint.step_dir(run_dir, step),
-                                   zero_stage=eng.zero_optimization_stage(),
-                                   lora_save=cfg.model.lora.save, metadata={"step": step})
-                checkpoint.prune(run_dir, sc.keep_last)
+                resume.save(eng, tokenizer, run_dir, step, stage="sft",
+                            state={"micro": micro, "losses": [first_loss, last_loss, eval_loss],
+                                   "wandb_run_id": tracker.run_id},
+                            local={"window": [window_loss, window_n, window_tokens]},
+                            lora_save=cfg.model.lora.save, keep_last=sc.keep_last,
+                            best_metric=sc.keep_best_metric, best_mode=sc.keep_best_mode,
+                            metric_value=tracker.latest.get(sc.keep_best_metric))
             if step >= total_steps:
                 break
     bar.close()
@@ -186,4 +205,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    done = resume.completed(run_dir, "sft")  # run again in a finished run dir: nothing to do
+    if done is not None:
+        runtime.say(f"sft: {run_dir} has already finished (checkpoints/final); not training again")
+        return done
     return train(cfg, run_dir)[2]

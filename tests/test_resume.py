@@ -1,0 +1,135 @@
+"""Resume: an SFT run killed with SIGKILL after a checkpoint, restarted with `resume=<run dir>`,
+ends exactly like an uninterrupted run with the same seed, and continues the same W&B run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, cli, compose
+
+ARGS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+        "sft.micro_batch_size_per_device=8", "sft.max_steps=12", "sft.log_every=1",
+        "sft.eval_every=4", "sft.save_every=4", "sft.keep_last=1",
+        "sft.keep_best_metric=sft/eval_loss", "logger.log_checkpoints=false"]
+
+
+def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
+    """Start the run as a user would and SIGKILL it once checkpoint `step` is complete."""
+    marker = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *ARGS, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 600
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before checkpoint {step}: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint within 600 s")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _wandb_ids(run_dir: Path) -> list[str]:
+    return sorted(p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    from rlhf_exp.compare import load_runs
+    from rlhf_exp.stages import sft
+
+    killed = tmp_path / "killed"
+    _kill_after_checkpoint(killed, 4)
+    assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    (ids_before,) = set(_wandb_ids(killed))  # one W&B run so far
+    # a kill in the middle of a later save leaves a temp dir: resume must ignore it
+    junk = killed / "checkpoints" / ".tmp-step_000008-train"
+    junk.mkdir()
+    (junk / "config.json").write_text("{")
+
+    # restart with only resume=<run dir>: the run's own overrides come from .hydra/
+    proc = cli(f"resume={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sft: resumed from" in proc.stdout and "at step " in proc.stdout
+    resumed = json.loads((killed / "result.json").read_text())
+
+    # the same W&B run continued: a second offline log with the same id
+    ids = _wandb_ids(killed)
+    assert len(ids) == 2 and set(ids) == {ids_before} == {resumed["wandb_run_id"]}
+
+    # the uninterrupted run with the same seed
+    _, _, ref = sft.train(compose(*ARGS), tmp_path / "reference")
+    for key in ("sft/loss", "sft/eval_loss", "sft/first_loss"):
+        assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
+    assert resumed["metrics"]["sft/steps"] == 12
+
+    # step by step: the merged W&B history of the killed + resumed run equals the reference's
+    (run,) = load_runs([str(killed)])
+    (ref_run,) = load_runs([str(tmp_path / "reference")])
+    got, want = run.series("sft/loss"), ref_run.series("sft/loss")
+    assert [s for s, _ in got] == [float(s) for s in range(1, 13)]
+    assert max(abs(a[1] - b[1]) for a, b in zip(got, want)) < 1e-5
+    assert run.series("sft/lr") == pytest.approx(ref_run.series("sft/lr"), abs=1e-12)
+
+    # retention: keep_last=1 step checkpoint + the best by sft/eval_loss + the final one
+    ckpts = killed / "checkpoints"
+    assert not junk.exists()
+    assert (ckpts / "final").resolve().name == "step_000012"
+    best = (ckpts / "best").resolve()
+    assert best.exists() and (best / "trainer_state.json").exists()
+    evals = dict(ref_run.series("sft/eval_loss"))
+    saved = [s for s in (4.0, 8.0) if s in evals]
+    assert best.name == f"step_{int(min(saved, key=evals.get)):06d}"
+    kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
+    assert kept == sorted({best.name, "step_000008", "step_000012"})
+
+    # running the finished run dir again trains nothing and returns its result
+    t0 = time.time()
+    again = sft.run(compose(*ARGS, f"resume={killed}"), killed)
+    assert again.metrics == resumed["metrics"] and time.time() - t0 < 5
+
+
+def test_resume_needs_a_run_dir(tmp_path, capsys):
+    from rlhf_exp.cli import _resume_argv
+
+    with pytest.raises(SystemExit) as exc:
+        _resume_argv([f"resume={tmp_path / 'nope'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf-exp: error: resume=") and "not a run dir" in err
+    with pytest.raises(SystemExit):
+        _resume_argv(["-m", f"resume={tmp_path}", "seed=1,2"])
+    assert "hydra.sweep.dir" in capsys.readouterr().err
+
+
+def test_resume_argv_reuses_the_runs_overrides(tmp_path):
+    from rlhf_exp.cli import _resume_argv
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- stage=sft\n- sft.max_steps=10\n- seed=3\n")
+    argv = _resume_argv([f"resume={tmp_path}", "sft.max_steps=20"])
+    assert argv == ["sft.max_steps=20", "stage=sft", "seed=3", f"resume={tmp_path}",
+                    f"hydra.run.dir={tmp_path}"]
+
+
+def test_keep_best_metric_is_validated():
+    from rlhf_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs sft.save_every > 0"):
+        compose("sft.keep_best_metric=sft/eval_loss")
+    with pytest.raises(ConfigError, match="must be a metric of this stage"):
+        compose("sft.keep_best_metric=eval_loss", "sft.save_every=5")
+    with pytest.raises(ConfigError, match="keep_best_mode"):
+        compose("sft.keep_best_mode=lowest")
