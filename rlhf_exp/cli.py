@@ -23,7 +23,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf_exp import dist
-from rlhf_exp.config import ConfigError, RootConfig, register_configs, validate
+from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -142,6 +142,7 @@ def launch_command(cfg: DictConfig, overrides: list[str], run_dir: str) -> list[
     the other nodes over ssh (pdsh). Both re-run this app with the same overrides and the run dir
     fixed, so every rank writes to one place."""
     hw = cfg.hardware
+    check_rendezvous(cfg)
     port = hw.master_port or dist.free_port()
     child = [o for o in overrides if not o.startswith("hardware.dry_run=")]
     child += [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]

@@ -494,11 +494,6 @@ def _check_ppo(cfg: DictConfig) -> None:
 def _check_hardware(cfg: DictConfig) -> None:
     """Launch geometry: a multi-node run needs a rendezvous every node can reach."""
     hw = cfg.hardware
-    what = {"master_addr": "the address of node 0", "hostfile": "a hostfile path"}
-    for key in ("master_addr", "hostfile"):
-        if OmegaConf.is_missing(hw, key):  # `???` in a preset: the user must say it
-            raise ConfigError(f"hardware.{key} must be set for hardware={hw.name}: "
-                              f"{what[key]}, e.g. hardware.{key}=...")
     _allowed(cfg, "hardware.launcher", LAUNCHERS)
     _positive(cfg, "hardware.nproc_per_node")
     _positive(cfg, "hardware.nnodes")
@@ -508,19 +503,6 @@ def _check_hardware(cfg: DictConfig) -> None:
     if not 0 <= hw.master_port < 65536:
         raise ConfigError(f"hardware.master_port={hw.master_port} must be in [0, 65535] "
                           "(0 = pick a free one)")
-    if hw.nnodes > 1 and hw.launcher != "submitit":
-        if hw.master_addr in ("127.0.0.1", "localhost", ""):
-            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs hardware.master_addr set to "
-                              f"the address of node 0 (not {hw.master_addr!r})")
-        if hw.master_port == 0:
-            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs a fixed hardware.master_port "
-                              "(the same on every node), e.g. 29500")
-    if hw.launcher == "deepspeed" and hw.nnodes > 1:
-        if not hw.hostfile:
-            raise ConfigError("hardware.launcher=deepspeed with hardware.nnodes > 1 needs "
-                              "hardware.hostfile (one 'host slots=N' line per node)")
-        if not Path(hw.hostfile).is_file():
-            raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
     if hw.dry_run and hw.launcher == "submitit":
         raise ConfigError("hardware.dry_run prints a torchrun/deepspeed command; with "
                           "hardware.launcher=submitit the job is hydra.launcher.* (print it "
@@ -556,6 +538,26 @@ def _check_source(src: DictConfig, key: str) -> None:
         if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
             raise ConfigError(f"{key}.path={src.path!r}: unsupported file type "
                               f"{path.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
+
+
+def check_rendezvous(cfg: DictConfig) -> None:
+    """Before a multi-node launch (not at composition, so the multinode presets compose on their
+    own and take the node-specific values on the command line): every node must reach the same
+    master_addr:master_port, and DeepSpeed's runner needs a hostfile."""
+    hw = cfg.hardware
+    if hw.nnodes > 1 and hw.launcher != "submitit":
+        if hw.master_addr in ("127.0.0.1", "localhost", ""):
+            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs hardware.master_addr set to "
+                              f"the address of node 0 (not {hw.master_addr!r})")
+        if hw.master_port == 0:
+            raise ConfigError(f"hardware.nnodes={hw.nnodes} needs a fixed hardware.master_port "
+                              "(the same on every node), e.g. 29500")
+    if hw.launcher == "deepspeed" and hw.nnodes > 1:
+        if not hw.hostfile:
+            raise ConfigError("hardware.launcher=deepspeed with hardware.nnodes > 1 needs "
+                              "hardware.hostfile (one 'host slots=N' line per node)")
+        if not Path(hw.hostfile).is_file():
+            raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
 
 
 def validate(cfg: DictConfig) -> None:

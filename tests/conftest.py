@@ -92,3 +92,17 @@ def sft_sweep(tmp_path_factory):
     proc = cli("-m", *SWEEP_FAST, "seed=1,2", "sft.lr=1e-3,3e-3",
                f"hydra.sweep.dir={sweep_dir}", timeout=900)
     return {"proc": proc, "sweep_dir": sweep_dir}
+
+
+@pytest.fixture(scope="session")
+def reward_run(sft_run, tmp_path_factory):
+    """One short reward-model run started from the SFT run's W&B artifact name (the offline
+    hand-off), shared by the tests that need a trained reward model."""
+    from rlhf_exp.stages import reward
+
+    run_dir = tmp_path_factory.mktemp("reward_run")
+    cfg = compose("stage=reward", *FAST, "reward.max_steps=60", "reward.log_every=10",
+                  f"reward.init_from={sft_run['cfg'].experiment_name}-sft-model")
+    engine, tokenizer, result = reward.train(cfg, run_dir)
+    return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
+            "result": result}

@@ -21,6 +21,7 @@ data raises DataError naming the file, line and column; nothing is trained befor
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -149,6 +150,9 @@ def _read_hub(src: SimpleNamespace) -> list[tuple[str, dict]]:
 
     where = f"hub dataset {src.path!r} (split {src.hub_split!r}"
     where += f", subset {src.hub_subset!r})" if src.hub_subset else ")"
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # offline, every retry warns; the one-line error says it all
     try:
         ds = datasets.load_dataset(src.path, name=src.hub_subset, split=src.hub_split)
     except Exception as exc:
@@ -156,6 +160,8 @@ def _read_hub(src: SimpleNamespace) -> list[tuple[str, dict]]:
         raise DataError(f"source {src.name!r}: cannot load {where}: {reason} - offline? load it "
                         "once with network access (it is cached), or download it and use "
                         "kind=local") from None
+    finally:
+        hub_log.setLevel(level)
     if src.max_examples:
         ds = ds.select(range(min(len(ds), src.max_examples)))
     return [(f"{src.path}[{i}]", row) for i, row in enumerate(ds)]

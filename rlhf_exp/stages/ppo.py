@@ -82,7 +82,10 @@ def as_value_model(model: torch.nn.Module) -> torch.nn.Module:
     hf = model.base_model.model if hasattr(model, "peft_config") else model
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **_):
-        return token_values(self, input_ids, attention_mask)
+        backbone = getattr(self, self.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.score(hidden).squeeze(-1).float()  # [B, T]
 
     hf.forward = types.MethodType(forward, hf)  # peft's forward ends up calling this one
     return model
