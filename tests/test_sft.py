@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_exp import checkpoint
 from rlhf_exp.wandb_reader import read_runs
-from tests.conftest import FAST, cli
 
 
 def _only_run(run_dir: Path):
@@ -76,31 +75,5 @@ def test_prompt_tokens_are_masked_and_eos_appended(sft_run):
     assert f["input_ids"][-1] == tok.eos_token_id and dropped == 0
 
 
-def _check_cli_run(proc, run_dir: Path) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = _only_run(run_dir)
-    assert run.job_type == "sft"
-    assert run.metric("sft/loss")
-    final = checkpoint.final_checkpoint(run_dir)
-    assert final is not None
-    AutoModelForCausalLM.from_pretrained(final)  # a normal HF checkpoint, consolidated
-
-
-SHORT = [*FAST, "sft.max_steps=6", "sft.log_every=2", "sft.micro_batch_size_per_device=8"]
-
-
-@pytest.mark.slow
-def test_zero3_run_completes(tmp_path):
-    run_dir = tmp_path / "z3"
-    proc = cli("stage=sft", "zero_stage=zero3", *SHORT, f"hydra.run.dir={run_dir}")
-    _check_cli_run(proc, run_dir)
-
-
-@pytest.mark.slow
-def test_two_ranks_make_one_wandb_run(tmp_path):
-    run_dir = tmp_path / "two"
-    proc = cli("stage=sft", "hardware.nproc_per_node=2", *SHORT, f"hydra.run.dir={run_dir}")
-    _check_cli_run(proc, run_dir)
-    assert "launching 2 ranks" in proc.stdout
-    summary = json.loads((run_dir / "result.json").read_text())
-    assert summary["metrics"]["sft/steps"] == 6
+# `stage=sft zero_stage=zero3` and `hardware.nproc_per_node=2` runs (one W&B run each, a
+# consolidated checkpoint) are covered by tests/test_scale.py, (one 2-rank ZeRO-3 launch).
