@@ -54,7 +54,8 @@ def _merged_copy(module, state: dict, *, shares_storage: bool):
     fresh.load_state_dict(state, strict=True, assign=True)
     merged = fresh.merge_and_unload()
     merged.tie_weights()
-    merged.generation_config = copy.deepcopy(base.generation_config)
+    if getattr(base, "generation_config", None) is not None:  # seq-cls models have none
+        merged.generation_config = copy.deepcopy(base.generation_config)
     return merged
 
 

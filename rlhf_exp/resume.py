@@ -53,10 +53,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def find(cfg: DictConfig, run_dir: Path, stage: str) -> Path | None:
-    """The checkpoint this run continues from: the newest one in `resume` (a run dir) if set,
-    else in this run dir (automatic resume); None = start from scratch."""
-    source = Path(cfg.resume).expanduser() if cfg.resume else Path(run_dir)
-    ckpt = latest(source)
+    """The checkpoint this run continues from: the newest one in this run dir (`resume=<dir>`
+    makes that dir the run dir; without it, resume is automatic), else in `resume` itself (a
+    caller that passes another run dir); None = start from scratch. A pipeline's stages look in
+    their own sub-run dirs, so `resume=<pipeline run dir>` resumes the stage that was cut."""
+    sources = [Path(run_dir)] + ([Path(cfg.resume).expanduser()] if cfg.resume else [])
+    found = [(src, ckpt) for src in sources if (ckpt := latest(src)) is not None]
+    source, ckpt = found[0] if found else (sources[-1], None)
     if ckpt is None:
         if cfg.resume:
             runtime.say(f"{stage}: resume={cfg.resume} has no training checkpoint yet (they are "

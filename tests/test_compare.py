@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 
-from rlhf_exp.compare import Run, differing_keys, final_and_best, flatten
+from rlhf_exp.compare import Run, differing_keys, final_and_best, flatten, main
 
 
-def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_exp.compare", *args],
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def compare(capsys):
+    """`rlhf-exp-compare ARGS` (its main(), in this process: no interpreter start-up)."""
+    def run(*args: str) -> SimpleNamespace:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
 
 
 def test_flatten_and_differing_keys():
@@ -40,7 +44,7 @@ def test_final_and_best_keep_the_last_value_of_a_repeated_step():
     assert final_and_best(run, "sft/missing") == (None, None)
 
 
-def test_bad_path_is_one_line_exit_2(tmp_path):
+def test_bad_path_is_one_line_exit_2(tmp_path, compare):
     proc = compare(str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
@@ -49,7 +53,7 @@ def test_bad_path_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_sweep_dir(sft_sweep, tmp_path):
+def test_compare_sweep_dir(sft_sweep, tmp_path, compare):
     sweep_dir = sft_sweep["sweep_dir"]
     assert sft_sweep["proc"].returncode == 0, sft_sweep["proc"].stderr[-3000:]
     png = tmp_path / "curves.png"
