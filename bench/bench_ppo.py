@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (run, W&B, model)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override (repeatable)")
     args = p.parse_args()
@@ -109,9 +111,10 @@ def main() -> None:
         values = run.metric(key)[args.skip:] or run.metric(key)
         return statistics.median(values)
 
-    gen_s, exp_s, train_s = median("perf/gen_s"), median("perf/experience_s"), median("perf/train_s")
+    gen_s, exp_s = median("perf/gen_s"), median("perf/experience_s")
+    train_s = median("perf/train_s")
     length = median("ppo/response_length")
-    n_params = sum(p.numel() for p in torch.nn.Module.parameters(_load_shape(cfg)))
+    n_params = sum(p.numel() for p in _load_shape(cfg).parameters())
     device = (torch.cuda.get_device_name() if args.device == "cuda"
               else f"{platform.machine()}, {torch.get_num_threads()} threads, "
                    f"{os.cpu_count()} cores")
@@ -127,6 +130,8 @@ def main() -> None:
     print(f"{'samples/s':<12} {median('perf/samples_per_s'):>8.2f}")
     print(f"{'gen tok/s':<12} {args.rollout * length / gen_s:>8.0f}   "
           f"(mean response {length:.1f} tokens)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _load_shape(cfg):

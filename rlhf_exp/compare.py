@@ -30,7 +30,7 @@ DEFAULT_METRICS = {
     "eval": [],
 }
 # config keys that always differ between runs and say nothing about the experiment
-IGNORED_KEYS = ("run_dir", "tags", "logger.group", "group_choices.")
+IGNORED_KEYS = ("run_dir", "tags", "logger.group", "resume", "group_choices.")
 RUN_PATH = re.compile(r"^(?:https?://[^/]+/)?([^/\s]+)/([^/\s]+)/(?:runs/)?([^/\s]+)$")
 
 
@@ -74,13 +74,15 @@ def _local_runs(path: Path) -> list[Run]:
     # offline-run-<timestamp>-<id>: sorting by the dir name puts a run's resumed parts in order
     for file in sorted(files, key=lambda f: f.parent.name):
         local = read_run(file)
-        run = merged.setdefault(local.run_id, Run(run_id=local.run_id))
+        # a log cut by SIGKILL may lack even its run record: the id is in the file name too
+        run_id = local.run_id or file.stem.removeprefix("run-")
+        run = merged.setdefault(run_id, Run(run_id=run_id))
         run.job_type = local.job_type or run.job_type
         run.group = local.group or run.group
         run.config.update(local.config)
         run.history.extend(local.history)
         run.summary.update(local.summary)
-        run.label = str(local.config.get("run_dir") or file.parent.parent.parent)
+        run.label = str(local.config.get("run_dir") or run.label or file.parent.parent.parent)
     return list(merged.values())
 
 
@@ -128,7 +130,7 @@ def _short_labels(runs: list[Run]) -> None:
         while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
             common += 1
     for run, p in zip(runs, parts):
-        run.label = "/".join(p[common:]) or run.run_id
+        run.label = str(Path(*p[common:])) if p[common:] else run.run_id
 
 
 def _sort_key(run: Run):

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli, compose
+from tests.conftest import RANK_ENV, ROOT, compose
 
 # keep_best_mode=max makes the "best" checkpoint the oldest one (eval loss falls), so the test
 # sees it kept although keep_last=1 alone would delete it
 ARGS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
-        "sft.micro_batch_size_per_device=8", "sft.max_steps=8", "sft.log_every=1",
-        "sft.eval_every=3", "sft.save_every=3", "sft.keep_last=1",
+        "sft.micro_batch_size_per_device=8", "sft.max_steps=6", "sft.log_every=1",
+        "sft.eval_every=2", "sft.save_every=2", "sft.keep_last=1",
         "sft.keep_best_metric=sft/eval_loss", "sft.keep_best_mode=max",
         "logger.log_checkpoints=false"]
 
@@ -27,9 +27,10 @@ ARGS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
 def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
     """Start the run as a user would and SIGKILL it once checkpoint `step` is complete."""
     marker = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}  # see conftest.cli
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *ARGS, f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     deadline = time.time() + 600
     while not marker.exists():
         if proc.poll() is not None:
@@ -48,21 +49,21 @@ def _wandb_ids(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
     from rlhf_exp.compare import load_runs
     from rlhf_exp.stages import sft
 
     killed = tmp_path / "killed"
-    _kill_after_checkpoint(killed, 3)
+    _kill_after_checkpoint(killed, 2)
     assert not (killed / "result.json").exists(), "the run finished before it was killed"
     (ids_before,) = set(_wandb_ids(killed))  # one W&B run so far
     # a kill in the middle of a later save leaves a temp dir: resume must ignore it
-    junk = killed / "checkpoints" / ".tmp-step_000006-train"
+    junk = killed / "checkpoints" / ".tmp-step_000004-train"
     junk.mkdir()
     (junk / "config.json").write_text("{")
 
     # restart with only resume=<run dir>: the run's own overrides come from .hydra/
-    proc = cli(f"resume={killed}")
+    proc = rlhf_exp(f"resume={killed}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sft: resumed from" in proc.stdout and "at step " in proc.stdout
     resumed = json.loads((killed / "result.json").read_text())
@@ -75,7 +76,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     _, _, ref = sft.train(compose(*ARGS), tmp_path / "reference")
     for key in ("sft/loss", "sft/eval_loss", "sft/first_loss"):
         assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
-    assert resumed["metrics"]["sft/steps"] == 8
+    assert resumed["metrics"]["sft/steps"] == 6
 
     # step by step: the merged W&B history of the killed + resumed run equals the reference's.
     # (SIGKILL loses what the killed process had not yet handed to W&B: steps before the
@@ -84,7 +85,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     (ref_run,) = load_runs([str(tmp_path / "reference")])
     want = dict(ref_run.series("sft/loss"))
     got = dict(run.series("sft/loss"))
-    assert set(range(4, 9)) <= set(got) and set(want) == set(range(1, 9))
+    assert set(range(3, 7)) <= set(got) and set(want) == set(range(1, 7))
     assert max(abs(got[s] - want[s]) for s in got) < 1e-5
     lr, ref_lr = dict(run.series("sft/lr")), dict(ref_run.series("sft/lr"))
     assert all(lr[s] == pytest.approx(ref_lr[s], abs=1e-12) for s in lr)
@@ -92,13 +93,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # retention: keep_last=1 (the final one) + the best by sft/eval_loss
     ckpts = killed / "checkpoints"
     assert not junk.exists()
-    assert (ckpts / "final").resolve().name == "step_000008"
+    assert (ckpts / "final").resolve().name == "step_000006"
     best = (ckpts / "best").resolve()
     assert best.exists() and (best / "trainer_state.json").exists()
     evals = dict(ref_run.series("sft/eval_loss"))
-    assert best.name == f"step_{int(max((3.0, 6.0), key=evals.get)):06d}" == "step_000003"
+    assert best.name == f"step_{int(max((2.0, 4.0), key=evals.get)):06d}" == "step_000002"
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
-    assert kept == ["step_000003", "step_000008"]  # the last one (= final) and the best
+    assert kept == ["step_000002", "step_000006"]  # the last one (= final) and the best
 
     # running the finished run dir again trains nothing and returns its result
     t0 = time.time()

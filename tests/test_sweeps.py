@@ -14,7 +14,7 @@ import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from tests.conftest import ROOT, SWEEP_FAST, cli, compose
+from tests.conftest import ROOT, SWEEP_FAST, compose
 
 SWEEPS = ROOT / "sweeps"
 
@@ -174,9 +174,9 @@ def test_multirun_2x2(sft_sweep):
 
 
 @pytest.mark.slow
-def test_multirun_failing_job_is_reported_and_others_run(tmp_path):
+def test_multirun_failing_job_is_reported_and_others_run(tmp_path, rlhf_exp):
     sweep_dir = tmp_path / "sweep"
-    proc = cli("-m", *SWEEP_FAST, "sft.max_steps=1", "sft.log_every=1",
+    proc = rlhf_exp("-m", *SWEEP_FAST, "sft.max_steps=1", "sft.log_every=1",
                "sft.init_from=/nonexistent/checkpoint,null", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "rlhf-exp: job 0 failed:" in proc.stderr and "/nonexistent/checkpoint" in proc.stderr
@@ -197,9 +197,9 @@ def test_multirun_failing_job_is_reported_and_others_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_three_trials(tmp_path):
+def test_optuna_search_three_trials(tmp_path, rlhf_exp):
     sweep_dir = tmp_path / "optuna"
-    proc = cli("-m", "hparams_search=sft_optuna", *SWEEP_FAST, "sft.max_steps=2",
+    proc = rlhf_exp("-m", "hparams_search=sft_optuna", *SWEEP_FAST, "sft.max_steps=2",
                "sft.log_every=1", "hydra.sweeper.n_trials=3",
                "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -75,7 +75,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     # this stage's disjoint share of the data_mix; bad data stops the run here, before anything
     # is written to the run dir or W&B
     data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    if not any(row["chosen"] is not None and row["rejected"] is not None for row in data.train):
+    unpaired = sum(row["chosen"] is None or row["rejected"] is None for row in data.train)
+    if unpaired == len(data.train):
         names = ", ".join(f"{s.name} ({s.format})" for s in cfg.data_mix.sources)
         raise DataError(f"data_mix {cfg.data_mix.name!r}: no preference pairs for the reward "
                         f"stage in sources {names}; it needs chosen/rejected (formats "
@@ -131,7 +132,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         scheduler=rc.lr_scheduler, warmup_steps=rc.warmup_steps, total_steps=total_steps,
         min_lr_ratio=rc.min_lr_ratio)
     runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
-                f"{eval_dropped} dropped as over-long), {total_steps} steps, global batch "
+                f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair skipped), "
+                f"{total_steps} steps, global batch "
                 f"{global_batch} pairs (micro {rc.micro_batch_size_per_device} x accum "
                 f"{rc.gradient_accumulation_steps} x {world} ranks), {trainable:,}/{total:,} "
                 f"trainable params, zero stage {cfg.zero_stage.stage}")
