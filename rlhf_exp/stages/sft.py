@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_exp import checkpoint, dist, engine, models, resume, runtime
 from rlhf_exp.data import build_stage_data
+from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
 from rlhf_exp.errors import UserError
@@ -34,6 +35,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     dist.init(cfg.hardware.device)
     device = dist.device_for(cfg.hardware.device)
     world = dist.world_size()
+    # bad data stops the run here, before a W&B run or any file exists
+    data = build_stage_data(cfg.data_mix, "sft", cfg.seed)
     runtime.save_run_config(cfg, run_dir)
     # resume: the newest training checkpoint of `resume=<run dir>` or of this run dir (automatic);
     # None = from scratch. A resumed run continues its W&B run (same id).
@@ -53,13 +56,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     model = models.apply_lora(model, cfg.model.lora)
     trainable, total = models.count_parameters(model)
 
-    # --- data: this stage's disjoint share of the data_mix, tokenized
-    data = build_stage_data(cfg.data_mix, "sft", cfg.seed)
+    # --- data: this stage's disjoint share of the data_mix, tokenized (cached)
     template = cfg.model.prompt_template
+    cache = data_cache_dir(cfg.data_mix)
     train_set, dropped = tokenize_sft(data.train, tokenizer, template, sc.max_prompt_len,
-                                      sc.max_len, cfg.data_mix.overlong)
+                                      sc.max_len, cfg.data_mix.overlong, cache_dir=cache)
     eval_set, _ = tokenize_sft(data.eval, tokenizer, template, sc.max_prompt_len, sc.max_len,
-                               cfg.data_mix.overlong)
+                               cfg.data_mix.overlong, cache_dir=cache)
     if not train_set:
         raise ValueError("sft: no training examples left after tokenization (check data_mix and "
                          "sft.max_len)")
