@@ -55,7 +55,7 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600,
     # an in-process stage run (e.g. the sft_run fixture) set RANK/WORLD_SIZE/MASTER_PORT... in
     # this process for its 1-rank process group; a child inheriting them would think it is
     # already a launched rank (and reuse a port this process holds)
-    base = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
+    base = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
     return subprocess.run([sys.executable, "-m", "rlhf_exp", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})})
@@ -63,6 +63,9 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 600,
 
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
             "MASTER_PORT")
+# ... and an in-process W&B run set WANDB_SERVICE: a child would attach to this process's W&B
+# service instead of starting its own (a SIGKILLed child then leaves its run id "in use" here)
+CHILD_DROP_ENV = (*RANK_ENV, "WANDB_SERVICE")
 
 
 @pytest.fixture(scope="session")
@@ -115,9 +118,13 @@ def rlhf_exp(capfd, monkeypatch):
     from types import SimpleNamespace
 
     from rlhf_exp import cli as app_cli
+    from rlhf_exp import dist
 
     def run(*args: str) -> SimpleNamespace:
         monkeypatch.setattr(sys, "argv", ["rlhf-exp", *args])
+        # an earlier in-process run left RANK/LOCAL_RANK/... set (its process group lives on and
+        # DeepSpeed needs them): this process is still no launched rank of a multi-rank run
+        monkeypatch.setattr(dist, "inside_launch", lambda: False)
         try:
             app_cli.main()
             code = 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RANK_ENV, ROOT, compose
+from tests.conftest import CHILD_DROP_ENV, ROOT, compose
 
 # keep_best_mode=max makes the "best" checkpoint the oldest one (eval loss falls), so the test
 # sees it kept although keep_last=1 alone would delete it
@@ -27,7 +27,7 @@ ARGS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
 def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
     """Start the run as a user would and SIGKILL it once checkpoint `step` is complete."""
     marker = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
-    env = {k: v for k, v in os.environ.items() if k not in RANK_ENV}  # see conftest.cli
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}  # see conftest.cli
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *ARGS, f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)
