@@ -29,7 +29,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup
-	$(BIN)/ruff check rlhf_exp tests bench
+	$(BIN)/ruff check rlhf_exp tests bench hydra_plugins
 
 bench: setup
 	$(BIN)/python bench/bench_generation.py --model tiny

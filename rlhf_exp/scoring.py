@@ -17,9 +17,12 @@ def _unwrap(model):
     """The HF model under DeepSpeed (`.module`) and peft (`.base_model.model`) wrappers. LoRA
     layers are injected in place, so calling the unwrapped modules still runs the adapters."""
     model = getattr(model, "module", model)
-    if hasattr(model, "peft_config"):
-        model = model.base_model.model
-    return model
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft not installed: no adapters to unwrap
+        return model
+    # (the HF model inside a PeftModel also has `peft_config`: test the wrapper's type)
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import dist
+from rlhf_exp.errors import UserError
 from rlhf_exp.models import cache_root
 
 GROUPS = ("model", "stage", "zero_stage", "hardware", "data_mix", "logger")
@@ -136,6 +137,10 @@ def _remember_artifact(name: str, path: Path) -> None:
     os.replace(tmp, index)
 
 
+class InitError(UserError, FileNotFoundError):
+    """A stage's starting point (`*.init_from`, `ppo.actor_init`, ...) that cannot be found."""
+
+
 def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | None]:
     """A stage's starting point from a local path (a checkpoint or a run dir) or a W&B artifact
     name. Returns (local path, artifact name or None). Online, an artifact name is declared with
@@ -148,7 +153,7 @@ def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | 
         if not is_checkpoint(path):  # a run dir: its final checkpoint
             ckpt = final_checkpoint(path)
             if ckpt is None:
-                raise FileNotFoundError(f"{ref}: neither a checkpoint (no config.json) nor a run "
+                raise InitError(f"{ref}: neither a checkpoint (no config.json) nor a run "
                                         "dir with checkpoints/final")
             path = ckpt
         meta = path / "rlhf_exp.json"
@@ -167,5 +172,5 @@ def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | 
     key = ref if ":" in ref.rsplit("/", 1)[-1] else f"{ref}:latest"
     if key in table and Path(table[key]).exists():
         return Path(table[key]), ref
-    raise FileNotFoundError(f"{ref}: not a local path, and no artifact of that name is known "
+    raise InitError(f"{ref}: not a local path, and no artifact of that name is known "
                             "offline (log it on this machine first, or go online)")

@@ -119,6 +119,14 @@ def gather_all(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def heldout_shard(cfg: DictConfig, rank: int, world: int) -> list[dict]:
+    """This rank's held-out eval prompts: the first `ppo.eval_num_prompts` of the ppo share's
+    eval slice, cut to a multiple of the world size (every rank then runs the same number of
+    generation batches: collectives under ZeRO-3), sharded [rank::world]."""
+    rows = evaluation.heldout_rows(cfg, limit=cfg.ppo.eval_num_prompts)
+    return rows[:len(rows) // world * world][rank::world]
+
+
 def cycle(loader):
     while True:
         yield from loader
@@ -154,6 +162,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     dist.init(cfg.hardware.device)
     device = dist.device_for(cfg.hardware.device)
     world, rank = dist.world_size(), dist.rank()
+
+    # --- data first (a bad data_mix fails before anything is written): prompts of the ppo share
+    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)
+    if len(data.train) < pc.rollout_batch_size:
+        raise ConfigError(f"ppo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
+                          f"than ppo.rollout_batch_size={pc.rollout_batch_size}")
+    eval_rows = heldout_shard(cfg, rank, world)
     runtime.save_run_config(cfg, run_dir)
     tracker = Tracker(cfg, run_dir, "ppo")
 
@@ -223,16 +238,11 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
               if pc.kl.adaptive else ppo_math.FixedKLController(pc.kl.coef))
     score_moments = ppo_math.RunningMoments()
 
-    # --- data: prompts of the ppo share; the sft share for the ptx loss
-    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)
-    if len(data.train) < pc.rollout_batch_size:
-        raise ConfigError(f"ppo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
-                          f"than ppo.rollout_batch_size={pc.rollout_batch_size}")
+    # --- tokens: the prompts (cut to their last max_prompt_len tokens); the sft share for ptx
     template = cfg.model.prompt_template
     prompt_ids = [tokenizer(render_prompt(tokenizer, row["prompt"], template),
                             add_special_tokens=False)["input_ids"][-pc.max_prompt_len:]
                   for row in data.train]
-    eval_rows = evaluation.heldout_rows(cfg, limit=pc.eval_num_prompts)[rank::world]
     ptx_batches = None
     if pc.ptx_coef > 0:
         sft_rows = build_stage_data(cfg.data_mix, "sft", cfg.seed).train
@@ -334,7 +344,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             "perf/experience_s": time.perf_counter() - t0 - t_gen,
         }
         known = [g for g in golds if g is not None]
-        stats["ppo/gold_reward"] = sum(known) / len(known) if known else float("nan")
+        if known:  # only sources with a gold reward (the synthetic task) have one
+            stats["ppo/gold_reward"] = sum(known) / len(known)
         table = [[data.train[i]["prompt"], t, float(raw_scores[j]), g]
                  for j, (i, t, g) in enumerate(zip(rows_idx, texts, golds))][:TABLE_ROWS]
         return exp, stats, table
@@ -419,7 +430,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         return metrics
 
     # --- the loop
-    init_eval = evaluate(0) if eval_rows or world > 1 else {}
+    init_eval = evaluate(0) if eval_rows else {}
     last_eval = init_eval
     batches = prompt_batches()
     bar = runtime.progress(pc.steps, "ppo")
@@ -440,8 +451,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         stats = dict(zip(keys, values))
         last = stats
         bar.update(1)
-        bar.set_postfix(gold=f"{stats['ppo/gold_reward']:.3f}", kl=f"{stats['ppo/kl']:.2f}",
-                        score=f"{stats['ppo/reward_score']:.2f}")
+        bar.set_postfix(gold=f"{stats.get('ppo/gold_reward', float('nan')):.3f}",
+                        kl=f"{stats['ppo/kl']:.2f}", score=f"{stats['ppo/reward_score']:.2f}")
         if step % pc.log_every == 0 or step == pc.steps:
             tracker.log(stats, step)
         if cfg.logger.table_every > 0 and (step % cfg.logger.table_every == 0 or step == 1):
@@ -455,7 +466,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                lora_save=cfg.model.lora.save, metadata={"step": step})
             checkpoint.prune(run_dir, pc.keep_last)
     bar.close()
-    last_eval = evaluate(pc.steps) if eval_rows or world > 1 else last_eval
+    last_eval = evaluate(pc.steps) if eval_rows else last_eval
 
     # --- checkpoints: actor (final), critic, EMA; artifacts
     meta = {"stage": "ppo", "step": pc.steps, **inputs}
