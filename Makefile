@@ -23,7 +23,7 @@ demo: setup  ## the main job on the offline default: SFT -> reward -> PPO on the
 	$(BIN)/rlhf-exp experiment=demo
 
 test: setup  ## the whole suite (CI runs this); slow end-to-end tests included
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
