@@ -104,7 +104,8 @@ def reward_run(sft_run, tmp_path_factory):
     from rlhf_exp.stages import reward
 
     run_dir = tmp_path_factory.mktemp("reward_run")
-    cfg = compose("stage=reward", *FAST, "reward.max_steps=60", "reward.log_every=10",
+    cfg = compose("stage=reward", *FAST, "reward.max_steps=150", "reward.log_every=10",
+                  "reward.warmup_steps=10",
                   f"reward.init_from={sft_run['cfg'].experiment_name}-sft-model")
     engine, tokenizer, result = reward.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,

@@ -121,8 +121,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * steps_per_epoch
     global_batch = sampler.global_batch_size
     if steps_per_epoch == 0 or total_steps <= 0:
-        raise ValueError(f"reward: {len(train_set)} pairs make no full optimizer step at global "
-                         f"batch {global_batch}")
+        raise DataError(f"reward: {len(train_set)} training pairs make no full optimizer step at "
+                        f"global batch {global_batch}; lower reward.micro_batch_size_per_device "
+                        "or add data")
 
     # --- DeepSpeed engine
     eng = engine.build_train_engine(
