@@ -30,7 +30,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
            ("sft", "reward", "ppo", "pipeline", "eval", "chat")}
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
-                     "ppo": "ppo/gold_reward", "pipeline": "ppo/gold_reward",
+                     "ppo": "ppo/eval_gold_reward", "pipeline": "ppo/eval_gold_reward",
                      "eval": None, "chat": None}
 
 register_configs()
