@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import traceback
@@ -171,6 +172,16 @@ class RanksFailed(RuntimeError):
         self.rc = rc
 
 
+def _stop_with_parent() -> None:
+    """Runs in the launcher's process before exec (Linux): if this process dies, even by
+    SIGKILL, the launcher gets SIGTERM and stops its ranks, instead of training on orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -182,7 +193,7 @@ def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | N
     print(f"rlhf-exp: launching {cfg.hardware.nproc_per_node * cfg.hardware.nnodes} ranks: "
           f"{shlex.join(cmd)}", flush=True)
     env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir}
-    rc = subprocess.run(cmd, env=env).returncode
+    rc = subprocess.run(cmd, env=env, preexec_fn=_stop_with_parent).returncode
     if rc != 0:
         raise RanksFailed(rc)
     result = Path(run_dir) / "result.json"

@@ -75,7 +75,14 @@ def tiny_model_dir(shape: DictConfig | dict) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     # build in a temp dir and rename: concurrent first uses (2 ranks, parallel tests) stay safe
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
-    model.save_pretrained(tmp)
+    # not model.save_pretrained: under torch.distributed it writes only on global rank 0, and a
+    # rank that wins the rename below with an empty dir would leave a cache without weights.
+    # The tied lm_head is left out, as save_pretrained does (it is re-tied on load).
+    from safetensors.torch import save_file
+
+    config.save_pretrained(tmp)
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, out)

@@ -22,13 +22,17 @@ ARGS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
         "sft.eval_every=2", "sft.save_every=2", "sft.keep_last=1",
         "sft.keep_best_metric=sft/eval_loss", "sft.keep_best_mode=max",
         "logger.log_checkpoints=false"]
+REWARD_ARGS = ["stage=reward", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+               "reward.micro_batch_size_per_device=8", "reward.max_steps=6",
+               "reward.log_every=1", "reward.eval_every=2", "reward.save_every=2",
+               "reward.keep_last=1", "logger.log_checkpoints=false"]
 
 
-def _kill_after_checkpoint(run_dir: Path, step: int) -> None:
+def _kill_after_checkpoint(run_dir: Path, step: int, args: list[str] = ARGS) -> None:
     """Start the run as a user would and SIGKILL it once checkpoint `step` is complete."""
     marker = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
     env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}  # see conftest.cli
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *ARGS, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args, f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.time() + 600
@@ -105,6 +109,40 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
     t0 = time.time()
     again = sft.run(compose(*ARGS, f"resume={killed}"), killed)
     assert again.metrics == resumed["metrics"] and time.time() - t0 < 5
+
+
+@pytest.mark.slow
+def test_reward_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
+    from rlhf_exp.compare import load_runs
+    from rlhf_exp.stages import reward
+
+    killed = tmp_path / "killed"
+    _kill_after_checkpoint(killed, 2, REWARD_ARGS)
+    assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    (id_before,) = set(_wandb_ids(killed))
+    proc = rlhf_exp(f"resume={killed}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reward: resumed from" in proc.stdout
+    resumed = json.loads((killed / "result.json").read_text())
+    assert set(_wandb_ids(killed)) == {id_before} == {resumed["wandb_run_id"]}
+
+    _, _, ref = reward.train(compose(*REWARD_ARGS), tmp_path / "reference")
+    for key in ("reward/loss", "reward/first_loss", "reward/eval_loss", "reward/eval_accuracy",
+                "reward/eval_margin"):
+        assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
+    assert resumed["metrics"]["reward/steps"] == 6
+    (run,) = load_runs([str(killed)])
+    (ref_run,) = load_runs([str(tmp_path / "reference")])
+    want, got = dict(ref_run.series("reward/loss")), dict(run.series("reward/loss"))
+    assert set(range(3, 7)) <= set(got)
+    assert max(abs(got[s] - want[s]) for s in got) < 1e-5
+    # the last step's checkpoint is the final one; keep_last=1 pruned the step-2/4 ones
+    assert (killed / "checkpoints" / "final").resolve().name == "step_000006"
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step_*")) == ["step_000006"]
+
+    # running the finished run dir again trains nothing and returns its result
+    again = reward.run(compose(*REWARD_ARGS, f"resume={killed}"), killed)
+    assert again.metrics == resumed["metrics"]
 
 
 def test_resume_needs_a_run_dir(tmp_path, capsys):

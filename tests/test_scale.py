@@ -8,15 +8,19 @@ the same code path as `hardware=slurm` on a cluster).
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf_exp.data.sampler import GlobalBatchSampler
-from tests.conftest import FAST, cli, compose
+from tests.conftest import CHILD_DROP_ENV, FAST, ROOT, cli, compose
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -230,6 +234,52 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
     assert f"hydra.run.dir={run_dir}" in printed
     assert not [a for a in printed if a.startswith("hardware.dry_run")]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "wandb").exists()
+
+
+def _launched_for(run_dir: Path) -> list[int]:
+    """PIDs of the processes started for `run_dir` (the launcher and its ranks carry
+    RLHF_EXP_RUN_DIR in their environment)."""
+    want = f"RLHF_EXP_RUN_DIR={run_dir}".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and want in (p / "environ").read_bytes().split(b"\0"):
+                pids.append(int(p.name))
+        except OSError:  # gone, or not ours
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+def test_sigkill_of_the_parent_stops_the_launcher_and_its_ranks(tmp_path):
+    """Also the first use of an empty cache by 2 ranks at once: both build the tiny model and
+    one wins the rename; it must hold the weights whichever rank it was."""
+    run_dir, log = tmp_path / "run", tmp_path / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
+    env["RLHF_EXP_CACHE"] = str(tmp_path / "cache")
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", "stage=sft", *FAST,
+                                 "sft.max_steps=100000", "hardware.nproc_per_node=2",
+                                 f"hydra.run.dir={run_dir}"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 300
+        while "/100000 [" not in log.read_text():  # the ranks are training (progress bar)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the ranks did not start training within 300 s"
+            time.sleep(0.2)
+        assert len(_launched_for(run_dir)) >= 3  # torchrun, 2 ranks (and W&B's service)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 120
+        while _launched_for(run_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _launched_for(run_dir) == []
+    finally:
+        for pid in _launched_for(run_dir):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import checkpoint, dist, engine, models, runtime, tasks
+from rlhf_exp import checkpoint, dist, engine, models, resume, runtime, tasks
 from rlhf_exp.data import DataError, build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.sampler import GlobalBatchSampler
@@ -82,7 +82,11 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                         f"stage in sources {names}; it needs chosen/rejected (formats "
                         "preference, hh, or chat with chosen/rejected)")
     runtime.save_run_config(cfg, run_dir)
-    tracker = Tracker(cfg, run_dir, "reward")
+    # resume: the newest training checkpoint (every reward.save_every steps) of `resume=<run dir>`
+    # or of this run dir; None = from scratch. A resumed run continues its W&B run (same id).
+    resume_from = resume.find(cfg, run_dir, "reward")
+    saved = resume.read_state(resume_from) if resume_from else {}
+    tracker = Tracker(cfg, run_dir, "reward", run_id=saved.get("wandb_run_id"))
 
     # --- model and tokenizer: from the SFT output (path / artifact) or the reward base model
     init_artifact = None
@@ -180,8 +184,21 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     t_window = time.perf_counter()
     first_loss = last_loss = float("nan")
     eval_metrics: dict[str, float] = {}
+    if resume_from:  # weights, optimizer, LR schedule, then the loop exactly where it stopped
+        saved = resume.load(eng, resume_from)
+        step, micro = saved["step"], saved["micro"]
+        first_loss, last_loss = saved["losses"]
+        eval_metrics = saved["eval_metrics"]
+        window, window_n = torch.tensor(saved["window"]), saved["window_n"]
+        sampler.start_at(step)  # data position: the next global batch is step `step`'s
+        bar.update(step)
+        runtime.say(f"reward: resumed from {resume_from} at step {step}/{total_steps}")
     while step < total_steps:
-        for batch in loader:  # the rest of the sampler's current epoch; it then moves on
+        batches = iter(loader)  # the rest of the sampler's current epoch; it then moves on
+        if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
+            resume.restore_rng(resume_from)
+            resume_from = None
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             c, r = pair_scores(eng, batch)
             loss = bradley_terry_loss(c, r)
@@ -220,10 +237,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 eval_metrics = evaluate()
                 tracker.log(eval_metrics, step)
             if rc.save_every > 0 and step % rc.save_every == 0 and step < total_steps:
-                checkpoint.save_hf(eng, tokenizer, checkpoint.step_dir(run_dir, step),
-                                   zero_stage=eng.zero_optimization_stage(),
-                                   lora_save=cfg.model.lora.save, metadata={"step": step})
-                checkpoint.prune(run_dir, rc.keep_last)
+                resume.save(eng, tokenizer, run_dir, step, stage="reward",
+                            state={"micro": micro, "losses": [first_loss, last_loss],
+                                   "eval_metrics": eval_metrics, "wandb_run_id": tracker.run_id},
+                            local={"window": window.tolist(), "window_n": window_n},
+                            lora_save=cfg.model.lora.save, keep_last=rc.keep_last,
+                            best_metric=rc.keep_best_metric, best_mode=rc.keep_best_mode,
+                            metric_value=tracker.latest.get(rc.keep_best_metric))
             if step >= total_steps:
                 break
     bar.close()
@@ -261,4 +281,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    done = resume.completed(run_dir, "reward")  # run again in a finished run dir: nothing to do
+    if done is not None:
+        runtime.say(f"reward: {run_dir} has already finished (checkpoints/final); not training "
+                    "again")
+        return done
     return train(cfg, run_dir)[2]
