@@ -443,7 +443,7 @@ def _check_ppo(cfg: DictConfig) -> None:
     pc = cfg.ppo
     _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
     for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
-                "num_minibatches", "generation.max_new_tokens", "max_prompt_len", "log_every",
+                "num_minibatches", "max_prompt_len", "log_every",
                 "eval_num_prompts", "eval_batch_size", "kl.horizon"):
         _positive(cfg, f"ppo.{key}")
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
@@ -456,13 +456,7 @@ def _check_ppo(cfg: DictConfig) -> None:
         raise ConfigError(f"ppo: a minibatch holds {minibatch} sequences per rank (rollout_batch_"
                           f"size / num_minibatches / ranks); ppo.micro_batch_size_per_device="
                           f"{pc.micro_batch_size_per_device} must divide it")
-    gen = pc.generation
-    if gen.temperature <= 0:
-        raise ConfigError("ppo.generation.temperature must be > 0 (use do_sample=false for greedy)")
-    if not 0 < gen.top_p <= 1:
-        raise ConfigError(f"ppo.generation.top_p={gen.top_p} must be in (0, 1]")
-    if gen.top_k < 0:
-        raise ConfigError(f"ppo.generation.top_k={gen.top_k} must be >= 0 (0 = off)")
+    _check_generation(cfg, "ppo.generation")
     for key in ("gamma", "lam"):
         if not 0.0 <= pc[key] <= 1.0:
             raise ConfigError(f"ppo.{key}={pc[key]} must be in [0, 1]")

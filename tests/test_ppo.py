@@ -212,6 +212,9 @@ def test_value_model_returns_token_values_through_the_engine(sft_run, reward_dir
     ("ppo.critic_lora.save=both", "ppo.critic_lora.save"),
     ("ppo.lam=1.5", "ppo.lam"),
     ("ppo.ptx_coef=-1", "ppo.ptx_coef"),
+    ("ppo.generation.temperature=0", "ppo.generation.temperature"),
+    ("ppo.generation.top_p=0", "ppo.generation.top_p"),
+    ("ppo.generation.compile=fast", "ppo.generation.compile"),
 ])
 def test_bad_ppo_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
