@@ -178,6 +178,25 @@ def test_dropout_is_off_even_in_train_mode(sft_run):
     assert torch.equal(model(**ids).logits, model(**ids).logits)
 
 
+def test_response_logits_are_the_sampling_distributions_at_the_response_positions(sft_run):
+    """Row i of the response logits predicts response token i (read at position P-1+i) and is
+    divided by the sampling temperature, so old/new log-probs are those of the sampler."""
+    final = str(checkpoint.final_checkpoint(sft_run["run_dir"]))
+    tok = models.load_tokenizer(final)
+    model = ppo.disable_dropout(models.load_causal_lm(final, tok, sft_run["cfg"].model))
+    seq = tok(["sort:52813=12358"], return_tensors="pt")["input_ids"]
+    attn = torch.ones_like(seq)
+    pos = torch.arange(seq.shape[1])[None]
+    R = 5  # the last 5 tokens are the response
+    with torch.no_grad():
+        full = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits
+        plain = ppo.response_logits(model, seq, attn, pos, R)
+        tempered = ppo.response_logits(model, seq, attn, pos, R, temperature=0.7)
+    P = seq.shape[1] - R
+    assert torch.allclose(plain, full[:, P - 1:P + R - 1], atol=1e-5)
+    assert torch.allclose(tempered, full[:, P - 1:P + R - 1] / 0.7, atol=1e-5)
+
+
 def test_value_model_returns_token_values_through_the_engine(sft_run, reward_dir):
     """The critic's engine forward returns per-token values (the score head at every position)
     and trains through engine.backward."""

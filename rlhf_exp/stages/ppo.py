@@ -103,11 +103,13 @@ def frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int, offload: bo
 
 
 def response_logits(model, seq: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
-                    response_len: int) -> torch.Tensor:
-    """[B, R, V] logits predicting each response token (those at positions P-1 .. P+R-2)."""
+                    response_len: int, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R, V] logits predicting each response token (those at positions P-1 .. P+R-2),
+    divided by the sampling temperature: the log-probs are then those of the policy that
+    sampled the rollout, so the PPO ratio and the KL are on-policy for any temperature."""
     out = model(input_ids=seq, attention_mask=attn, position_ids=pos,
                 logits_to_keep=response_len + 1).logits
-    return out[:, -(response_len + 1):-1]
+    return out[:, -(response_len + 1):-1] / temperature
 
 
 def gather_all(x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +200,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     grad_accum = minibatch // micro
     optimizer_steps = pc.steps * pc.ppo_epochs * pc.num_minibatches
     R = pc.generation.max_new_tokens
+    temp = pc.generation.temperature if pc.generation.do_sample else 1.0
 
     # --- models
     tokenizer = models.load_tokenizer(actor_path, cfg.model)
@@ -302,9 +305,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         for k in range(0, len(ids), micro):  # forwards in micro-batches bound the memory
             s, a, p = seq[k:k + micro], attn[k:k + micro], pos[k:k + micro]
             logp.append(ppo_math.logprobs_from_logits(
-                response_logits(actor_eng, s, a, p, R), responses[k:k + micro]))
+                response_logits(actor_eng, s, a, p, R, temp), responses[k:k + micro]))
             ref_logp.append(ppo_math.logprobs_from_logits(
-                response_logits(reference, s, a, p, R), responses[k:k + micro]))
+                response_logits(reference, s, a, p, R, temp), responses[k:k + micro]))
             values.append(critic_eng(input_ids=s, attention_mask=a, position_ids=p)
                           [:, -(R + 1):-1].float())
             # the reward model's score at each row's last real token (EOS, or the R-th token)
@@ -360,7 +363,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 for k in range(m * minibatch, (m + 1) * minibatch, micro):
                     b = exp.select(perm[k:k + micro])
                     logits = response_logits(actor_eng, b.sequences, b.attention_mask,
-                                             b.position_ids, R)
+                                             b.position_ids, R, temp)
                     logp = ppo_math.logprobs_from_logits(logits, b.responses)
                     pg_loss, st = ppo_math.policy_loss(logp, b.old_logprobs, b.advantages, b.mask,
                                                        pc.clip_range)
