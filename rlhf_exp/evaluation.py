@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import ppo_math, scoring, tasks
 from rlhf_exp.data import build_stage_data
-from rlhf_exp.data.tokenize import pad_left, pad_right, render_prompt
+from rlhf_exp.data.tokenize import pad_left, pad_right, prompt_ids
 from rlhf_exp.generation import GenerationConfig, Rollout, generate
 
 
@@ -31,12 +31,11 @@ def generation_config(node: DictConfig) -> GenerationConfig:
     return GenerationConfig(**OmegaConf.to_container(node, resolve=True))
 
 
-def encode_prompts(tokenizer, prompts: list[str], template: str,
+def encode_prompts(tokenizer, rows: list[dict], template: str,
                    max_prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rendered prompts, each cut to its last `max_prompt_len` tokens, left-padded:
+    """The rows' prompts (data.tokenize.prompt_ids), left-padded:
     (input_ids [B, P], attention_mask [B, P])."""
-    ids = [tokenizer(render_prompt(tokenizer, p, template),
-                     add_special_tokens=False)["input_ids"][-max_prompt_len:] for p in prompts]
+    ids = [prompt_ids(tokenizer, row, template, max_prompt_len) for row in rows]
     return pad_left(ids, tokenizer.pad_token_id), pad_left([[1] * len(s) for s in ids], 0)
 
 
@@ -60,7 +59,7 @@ def sample_responses(model, tokenizer, rows: list[dict], gen: GenerationConfig, 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out = Samples([], [], [], [])
     for lo in range(0, len(rows), batch_size):
-        ids, mask = encode_prompts(tokenizer, [r["prompt"] for r in rows[lo:lo + batch_size]],
+        ids, mask = encode_prompts(tokenizer, rows[lo:lo + batch_size],
                                    template, max_prompt_len)
         rollout = generate(model, ids.to(device), mask.to(device), gen, eos_token_id=eos,
                            pad_token_id=pad, generator=rng, synced_gpus=synced_gpus)
@@ -81,7 +80,7 @@ def gold_scores(rows: list[dict], texts: list[str]) -> list[float | None]:
     return [tasks.gold_reward(r.get("task"), r["prompt"], t) for r, t in zip(rows, texts)]
 
 
-def reward_scores(reward_model, tokenizer, prompts: list[str], texts: list[str],
+def reward_scores(reward_model, tokenizer, rows: list[dict], texts: list[str],
                   finished: list[bool], *, template: str, max_prompt_len: int, batch_size: int,
                   device: torch.device) -> list[float]:
     """The reward model's score of each (prompt, response), encoded as the reward stage encodes
@@ -89,9 +88,8 @@ def reward_scores(reward_model, tokenizer, prompts: list[str], texts: list[str],
     policy with a different tokenizer is scored fairly. A response cut off before EOS gets no
     EOS: the score is read at its last token, as PPO reads it."""
     seqs = []
-    for prompt, text, done in zip(prompts, texts, finished):
-        p = tokenizer(render_prompt(tokenizer, prompt, template),
-                      add_special_tokens=False)["input_ids"][-max_prompt_len:]
+    for row, text, done in zip(rows, texts, finished):
+        p = prompt_ids(tokenizer, row, template, max_prompt_len)
         r = tokenizer(text, add_special_tokens=False)["input_ids"]
         seqs.append(p + r + ([tokenizer.eos_token_id] if done else []))
     scores: list[float] = []

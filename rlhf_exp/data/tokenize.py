@@ -38,6 +38,13 @@ def render_row(tokenizer, row: dict, template: str = "{prompt}") -> str:
     return render_prompt(tokenizer, row["prompt"], template)
 
 
+def prompt_ids(tokenizer, row: dict, template: str, max_prompt_len: int) -> list[int]:
+    """The token ids a policy is prompted with for `row`: render_row, cut to its last
+    `max_prompt_len` tokens. PPO rollouts, evaluation and scoring all call this, so a row
+    becomes the same tokens everywhere (the stages' training features use render_row too)."""
+    return _ids(tokenizer, render_row(tokenizer, row, template))[-max_prompt_len:]
+
+
 # ----------------------------------------------------------------------------- cache
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that changes token ids: the full tokenizer definition (vocab,

@@ -217,7 +217,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
             batch_size=ev.batch_size, seed=cfg.seed, device=device)
         gold = evaluation.gold_scores(rows, samples.texts)
         rewards = evaluation.reward_scores(
-            reward_model, reward_tok, [r["prompt"] for r in rows], samples.texts,
+            reward_model, reward_tok, rows, samples.texts,
             samples.finished, template=template, max_prompt_len=ev.max_prompt_len,
             batch_size=ev.batch_size, device=device) if reward_model is not None else \
             [None] * len(rows)

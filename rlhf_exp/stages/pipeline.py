@@ -88,7 +88,7 @@ def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
         score = 0.0
         if rm is not None:
             score = sum(evaluation.reward_scores(
-                rm, tokenizer, [r["prompt"] for r in rows], samples.texts, samples.finished,
+                rm, tokenizer, rows, samples.texts, samples.finished,
                 template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
                 batch_size=pc.eval_batch_size, device=device))
         n = len(rows)

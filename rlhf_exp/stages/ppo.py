@@ -51,7 +51,7 @@ from omegaconf import DictConfig
 from rlhf_exp import checkpoint, dist, engine, evaluation, models, ppo_math, runtime, tasks
 from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
-from rlhf_exp.data.tokenize import collate_sft, pad_left, render_prompt, tokenize_sft
+from rlhf_exp.data.tokenize import collate_sft, pad_left, prompt_ids, tokenize_sft
 from rlhf_exp.generation import generate
 from rlhf_exp.scoring import token_values
 from rlhf_exp.tracking import Tracker, resolve_init
@@ -243,9 +243,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
     # --- tokens: the prompts (cut to their last max_prompt_len tokens); the sft share for ptx
     template = cfg.model.prompt_template
-    prompt_ids = [tokenizer(render_prompt(tokenizer, row["prompt"], template),
-                            add_special_tokens=False)["input_ids"][-pc.max_prompt_len:]
-                  for row in data.train]
+    prompt_tokens = [prompt_ids(tokenizer, row, template, pc.max_prompt_len)
+                     for row in data.train]
     ptx_batches = None
     if pc.ptx_coef > 0:
         sft_rows = build_stage_data(cfg.data_mix, "sft", cfg.seed).train
@@ -266,7 +265,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     def prompt_batches():
         """Each step's global batch from a reshuffled pass over the prompts; this rank's slice."""
         while True:
-            perm = torch.randperm(len(prompt_ids), generator=order_gen).tolist()
+            perm = torch.randperm(len(prompt_tokens), generator=order_gen).tolist()
             for i in range(0, len(perm) - pc.rollout_batch_size + 1, pc.rollout_batch_size):
                 yield perm[i + rank * n_local: i + (rank + 1) * n_local]
 
@@ -288,7 +287,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     @torch.no_grad()
     def make_experience(rows_idx: list[int]) -> tuple[Experience, dict, list]:
         t0 = time.perf_counter()
-        ids = [prompt_ids[i] for i in rows_idx]
+        ids = [prompt_tokens[i] for i in rows_idx]
         input_ids = pad_left(ids, tokenizer.pad_token_id)
         prompt_mask = pad_left([[1] * len(x) for x in ids], 0)
         rollout = generate(actor_eng.module, input_ids, prompt_mask, gen_cfg,
@@ -419,7 +418,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             seed=cfg.seed + rank, device=device, synced_gpus=synced)
         golds = [g for g in evaluation.gold_scores(eval_rows, samples.texts) if g is not None]
         rm_scores = evaluation.reward_scores(
-            reward_model, tokenizer, [r["prompt"] for r in eval_rows], samples.texts,
+            reward_model, tokenizer, eval_rows, samples.texts,
             samples.finished, template=template, max_prompt_len=pc.max_prompt_len,
             batch_size=pc.eval_batch_size, device=device)
         n = len(eval_rows)
