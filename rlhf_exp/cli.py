@@ -93,6 +93,10 @@ def _prevalidate(argv: list[str]) -> None:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
                 cfg = compose("config", overrides=combo)
             check(cfg)
+            if cfg.resume:  # before Hydra writes into that run dir
+                from rlhf_exp import resume
+
+                resume.check_compatible(cfg, Path(cfg.resume))
         except UserError as exc:
             _fail(str(exc))
         except Exception as exc:  # composition errors

@@ -263,11 +263,21 @@ class EMAConfig:
 
 
 @dataclass
+class RewardFunctionConfig:
+    """One reward function of an RL stage (rlhf_exp/rewards.py)."""
+
+    fn: str = MISSING  # "package.module:function", e.g. rlhf_exp.tasks:gold_reward_fn
+    weight: float = 1.0
+
+
+@dataclass
 class PPOConfig:
     actor_init: str | None = None  # SFT output (path or artifact); null = model base
     critic_init: str | None = None  # reward-model output (path or artifact)
     # frozen reward model (path or artifact); null = the same checkpoint as critic_init
     reward_model: str | None = None
+    reward_model_weight: float = 1.0  # 0 = no reward model (reward_functions only)
+    reward_functions: list[RewardFunctionConfig] = field(default_factory=list)
     steps: int = 100  # rollouts (PPO iterations)
     rollout_batch_size: int = 64  # prompts per rollout, global
     micro_batch_size_per_device: int = 16  # per forward/backward during the update
@@ -480,9 +490,27 @@ def _check_ppo(cfg: DictConfig) -> None:
         if node.zero_stage is not None and node.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"ppo.{model}.zero_stage={node.zero_stage} must be 0, 1, 2, 3 or "
                               "null (= zero_stage.stage)")
+    check_rewards(cfg, "ppo")
     if pc.critic_lora.save not in ("merged", "adapter"):
         raise ConfigError(f"ppo.critic_lora.save={pc.critic_lora.save!r} is not allowed; "
                           "choose one of: merged, adapter")
+
+
+def check_rewards(cfg: DictConfig, node: str) -> None:
+    """`<node>.reward_model_weight` / `reward_functions`: at least one reward, well-formed names
+    (importing and calling them happens before training: rlhf_exp/rewards.py)."""
+    sc = cfg[node]
+    if sc.reward_model_weight < 0:
+        raise ConfigError(f"{node}.reward_model_weight={sc.reward_model_weight} must be >= 0 "
+                          "(0 = no reward model)")
+    for i, item in enumerate(sc.reward_functions):
+        module, sep, name = str(item.fn).partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"{node}.reward_functions[{i}].fn={item.fn!r}: name a function as "
+                              "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
+    if sc.reward_model_weight == 0 and not sc.reward_functions:
+        raise ConfigError(f"{node}: no reward: {node}.reward_model_weight is 0 and "
+                          f"{node}.reward_functions is empty")
 
 
 def _check_hardware(cfg: DictConfig) -> None:

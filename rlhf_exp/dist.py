@@ -119,3 +119,12 @@ def broadcast_object(obj):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """The concatenation of every rank's (equal-shaped) tensor, in rank order."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    torch_dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

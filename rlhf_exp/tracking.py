@@ -108,6 +108,21 @@ class Tracker:
         art = self.run.use_artifact(name, type="model")
         return Path(art.download())
 
+    def record_inputs(self, inputs: dict[str, str | None], prefix: str) -> None:
+        """The checkpoints and artifacts a run started from: in the config (`inputs`), in the
+        summary (`<prefix>/<key>`), and online as W&B lineage (use_artifact) where they came
+        from an artifact."""
+        self.summary({f"{prefix}/{k}": v or "" for k, v in inputs.items()})
+        if not self.run:
+            return
+        self.run.config.update({"inputs": inputs}, allow_val_change=True)
+        for key, value in inputs.items():
+            if key.endswith("_artifact") and value:
+                try:
+                    self.use_artifact(value)
+                except Exception:  # lineage is best effort: the local weights are what we load
+                    pass
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run:
             self.run.finish(exit_code=exit_code)

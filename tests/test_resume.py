@@ -178,3 +178,57 @@ def test_keep_best_metric_is_validated():
         compose("sft.keep_best_metric=eval_loss", "sft.save_every=5")
     with pytest.raises(ConfigError, match="keep_best_mode"):
         compose("sft.keep_best_mode=lowest")
+
+
+def _finished_sft_run_dir(root: Path, *overrides: str) -> Path:
+    """The files a finished `stage=sft` run leaves in its run dir (no training needed)."""
+    from omegaconf import OmegaConf
+
+    run_dir = root / "sft_run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {o}\n" for o in ("stage=sft", *overrides)))
+    cfg = compose("stage=sft", *overrides)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config_tree.txt").write_text("tree\n")
+    (run_dir / "cli.log").write_text("log\n")
+    (run_dir / "result.json").write_text('{"stage": "sft", "metrics": {}}')
+    (run_dir / "checkpoints" / "step_000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000010" / "config.json").write_text("{}")
+    (run_dir / "checkpoints" / "final").symlink_to("step_000010")
+    return run_dir
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run_dir)): (p.read_bytes() if p.is_file() else b"",
+                                          p.lstat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*"))}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["stage=ppo"], "that run is a stage=sft run, not stage=ppo"),
+    (["stage=reward"], "that run is a stage=sft run, not stage=reward"),
+    (["sft.lr=0.1"], "sft.lr=0.003 (now 0.1)"),
+    (["seed=99"], "seed=1234 (now 99)"),
+    (["model.lora.enabled=true"], "model.lora.enabled=False (now True)"),
+])
+def test_resume_of_another_stage_or_config_stops_before_touching_the_run(tmp_path, rlhf_exp,
+                                                                          args, says):
+    run_dir = _finished_sft_run_dir(tmp_path)
+    before = _snapshot(run_dir)
+    proc = rlhf_exp(*args, f"resume={run_dir}")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"rlhf-exp: error: resume={run_dir}: ") and says in line, line
+    assert _snapshot(run_dir) == before  # not one byte or timestamp changed
+    assert not (run_dir / "wandb").exists()
+
+
+def test_resume_may_change_length_intervals_logger_and_tags(tmp_path):
+    from rlhf_exp import resume
+
+    run_dir = _finished_sft_run_dir(tmp_path, "sft.max_steps=10")
+    cfg = compose("stage=sft", "sft.max_steps=20", "sft.save_every=5", "sft.eval_every=3",
+                  "sft.keep_last=4", "logger=none", "tags=[more]", f"resume={run_dir}",
+                  "ppo.kl.coef=0.5")  # another stage's keys do not matter to an SFT run
+    resume.check_compatible(cfg, run_dir)

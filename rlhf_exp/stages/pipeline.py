@@ -27,7 +27,6 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_exp import checkpoint, dist, evaluation, models, runtime
-from rlhf_exp.stages import ppo
 from rlhf_exp.tracking import resolve_init
 
 KEY_METRICS = {"sft": ("sft/eval_loss",),
@@ -61,7 +60,7 @@ def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
     pc = cfg.ppo
     device = dist.device_for(cfg.hardware.device)
     rank, world = dist.rank(), dist.world_size()
-    rows = ppo.heldout_shard(cfg, rank, world)
+    rows = evaluation.heldout_shard(cfg, pc.eval_num_prompts, rank, world)
     gen = evaluation.generation_config(pc.generation)
     precision = cfg.hardware.precision
     tokenizer = models.load_tokenizer(reference, cfg.model)
