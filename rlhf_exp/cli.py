@@ -114,7 +114,10 @@ def _settle(argv: list[str]) -> list[str]:
     search = _hparams_search(inv.overrides)
     implied = bool(search) and not inv.multirun and not inv.cfg
     inv.multirun = inv.multirun or implied
-    _validate(inv)
+    cfg = _validate(inv)
+    if inv.cfg:
+        _show_config(inv, cfg)
+        raise SystemExit(0)
     if implied:
         print(f"rlhf-exp: note: hparams_search={search} is a search: running it as a multirun "
               "(-m)", file=sys.stderr)
@@ -140,8 +143,9 @@ def _hparams_search(overrides: list[str]) -> str | None:
     return None
 
 
-def _validate(inv: composition.Invocation) -> None:
-    """Compose as the run will (a multirun: each value of each swept choice once) and check()."""
+def _validate(inv: composition.Invocation) -> DictConfig:
+    """Compose as the run will (a multirun: each value of each swept choice once), check();
+    returns the first composed config."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -156,6 +160,7 @@ def _validate(inv: composition.Invocation) -> None:
         if sweeps:
             raise UserError(f"{sweeps[0]} is a sweep; --cfg shows one config: give one value")
     combos = _sweep_samples(inv.overrides) if inv.multirun else [inv.overrides]
+    composed = []
     for combo in combos:
         try:
             cfg = composition.compose(inv, combo, multirun=inv.multirun)
@@ -164,6 +169,37 @@ def _validate(inv: composition.Invocation) -> None:
         except Exception as exc:  # Hydra/OmegaConf composition errors
             raise UserError(_one_line(exc)) from None
         check(cfg)
+        check_rendezvous(cfg)  # a multi-node launch's settings, before Hydra makes a run dir
+        composed.append(cfg)
+    return composed[0]
+
+
+def _show_config(inv: composition.Invocation, cfg: DictConfig) -> None:
+    """`--cfg job|hydra|all [--package P] [--resolve]`: the config just composed and checked,
+    printed as Hydra prints it (hydra._internal.hydra.Hydra.show_cfg), without composing twice."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import Container, OmegaConf, open_dict
+
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_readonly(cfg.hydra, None)
+    if inv.cfg == "job":
+        with open_dict(cfg):
+            del cfg["hydra"]
+    elif inv.cfg == "hydra":
+        cfg = Hydra.get_sanitized_hydra_cfg(cfg)
+    package = None if inv.package == "_global_" else inv.package
+    shown = cfg if package is None else OmegaConf.select(cfg, package)
+    if shown is None:
+        raise UserError(f"--package {package}: no such node in the config")
+    if not isinstance(shown, Container):
+        print(shown)
+        return
+    if package is not None:
+        print(f"# @package {package}")
+    if inv.resolve:
+        OmegaConf.resolve(shown)
+    sys.stdout.write(OmegaConf.to_yaml(shown))
 
 
 def _sweep_samples(overrides: list[str]) -> list[list[str]]:

@@ -1,7 +1,7 @@
 """Shared test fixtures. Tests run the real parts: DeepSpeed on CPU, W&B offline, Hydra compose.
 
-Environment: W&B offline, the tiny model built into a per-session cache, DeepSpeed's JIT ops
-cached under .cache/torch_extensions (built once, ~25 s).
+Environment: W&B offline, the tiny model built into a per-session cache. DeepSpeed compiles
+nothing (rlhf_exp/dist.py skips its CPU shm comm op), so no extensions cache is set up.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Small, fast settings for end-to-end runs on 2 CPU cores.

@@ -98,6 +98,7 @@ def one_error_line(proc) -> str:
     (["hydra.searchpath=[file:///nonexistent/my_conf]"], "hydra.searchpath: "
                                                          "file:///nonexistent/my_conf is not"),
     (["--run", "-m"], "--run cannot be combined"),
+    (["stage=sft", "hardware=multinode_torchrun"], "hardware.master_addr"),
 ])
 def test_mistakes_exit_2_with_one_line(args, needle, rlhf_exp, tmp_path):
     proc = rlhf_exp(*args, f"hydra.run.dir={tmp_path}/run")
@@ -125,8 +126,13 @@ def test_hparams_search_runs_as_a_multirun(capsys):
     assert cli._settle(["hparams_search=sft_optuna", "stage=sft"])[0] == "-m"
     assert "running it as a multirun" in capsys.readouterr().err
     assert cli._settle(["-m", "hparams_search=sft_optuna"]) == ["-m", "hparams_search=sft_optuna"]
-    # --cfg shows the preset's config, runs nothing
-    assert cli._settle(["hparams_search=sft_optuna", "--cfg", "hydra"])[0] != "-m"
+
+
+
+def test_hparams_search_with_cfg_shows_the_search(rlhf_exp):
+    proc = rlhf_exp("hparams_search=sft_optuna", "--cfg", "hydra")  # runs nothing
+    assert proc.returncode == 0, proc.stderr
+    assert "OptunaSweeper" in proc.stdout and "sft.lr: tag(log, interval(" in proc.stdout
 
 
 def test_shell_completion_script(rlhf_exp):
