@@ -69,8 +69,7 @@ def _one_line(exc: BaseException) -> str:
                    if ln.startswith("\t") and "provider=" not in ln]
         if "/" in group:
             name, choice = group.rsplit("/", 1)
-            return (f"{name}={choice} is not an option of group '{name}'; available: "
-                    f"{', '.join(options) or '(none)'}")
+            return composition.not_an_option(name, choice, options)
         return text.splitlines()[0]
     if isinstance(exc, OverrideParseException):
         return str(exc).splitlines()[0] + " (overrides look like key=value)"
@@ -83,6 +82,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
+# ----------------------------------------------------------------------------- command line
 SHELLS = ("bash", "zsh", "fish")
 
 
