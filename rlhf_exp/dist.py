@@ -94,9 +94,16 @@ def _skip_shm_comm_build(deepspeed) -> None:
     build that hangs every later run). The op only serves `inference_all_reduce` (tensor-parallel
     inference), which we never call; every collective we use goes through torch.distributed
     (gloo). Marking the op incompatible makes DeepSpeed skip the build, as it does on platforms
-    without it (deepspeed/comm/torch.py: build_shm_op; the dict is DeepSpeed's own probe result,
-    cached and meant to be edited)."""
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    without it (deepspeed/comm/torch.py: build_shm_op reads `deepspeed.ops.__compatible_ops__`,
+    DeepSpeed's cached probe of which ops can build, "meant to be edited").
+
+    The probe itself compiles test programs with gcc; build_shm_op is its only reader in
+    DeepSpeed 0.19 (pinned), so when it has not run yet we answer for the one op it asks about."""
+    ops = deepspeed.ops
+    if "__compatible_ops__" in vars(ops):  # probed already: keep its other answers
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 def rank() -> int:

@@ -80,13 +80,20 @@ def test_wheel_in_a_fresh_venv_runs_a_user_preset_on_one_and_two_ranks(tmp_path)
     work = tmp_path / "empty"  # the user's shell: no checkout, no conf/ here
     work.mkdir()
     conf = make_user_conf(tmp_path / "my_project")
-    # DeepSpeed must build nothing: a stale `lock` of a killed build (which used to make every
-    # later run wait forever) sits in the extensions dir, and the runs must not hang on it
+    # Nothing may be compiled: a stale `lock` of a killed DeepSpeed build (which used to make
+    # every later run wait forever) sits in the extensions dir, and the compilers on PATH only
+    # write down that they were called
     extensions = tmp_path / "torch_extensions"
     (extensions / "deepspeed_shm_comm").mkdir(parents=True)
     (extensions / "deepspeed_shm_comm" / "lock").touch()
-    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
-    env.update(TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH="")
+    compilers, called = tmp_path / "compilers", tmp_path / "compiler_calls.log"
+    compilers.mkdir()
+    for name in ("gcc", "cc", "g++", "c++", "ninja"):
+        (compilers / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {called}\nexit 1\n')
+        (compilers / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in (*CHILD_DROP_ENV, "CC", "CXX")}
+    env.update(TORCH_EXTENSIONS_DIR=str(extensions), PYTHONPATH="",
+               PATH=f"{compilers}{os.pathsep}{env.get('PATH', '')}")
 
     def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True,
@@ -114,6 +121,7 @@ def test_wheel_in_a_fresh_venv_runs_a_user_preset_on_one_and_two_ranks(tmp_path)
         assert model["hidden_size"] == 64
         assert (run_dir / "rlhf-exp.log").exists()
     assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
+    assert not called.exists(), called.read_text()
 
     # what each rank composed: the launch line hands every rank the user's folder; the ranks
     # ran with the launcher's config digest (a rank composing anything else stops the run)
