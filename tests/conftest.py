@@ -121,6 +121,8 @@ def rlhf_exp(capfd, monkeypatch):
     from rlhf_exp import dist
 
     def run(*args: str) -> SimpleNamespace:
+        from hydra.core.hydra_config import HydraConfig
+
         monkeypatch.setattr(sys, "argv", ["rlhf-exp", *args])
         # an earlier in-process run left RANK/LOCAL_RANK/... set (its process group lives on and
         # DeepSpeed needs them): this process is still no launched rank of a multi-rank run
@@ -130,6 +132,10 @@ def rlhf_exp(capfd, monkeypatch):
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            # a run leaves its Hydra config (launch dir, run dir) set for the process, as the
+            # one app of a real process does; later tests in this process must not see it
+            HydraConfig.instance().cfg = None
         out = capfd.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
     return run

@@ -4,6 +4,7 @@ folder (validated like the built-in options, handed on to every rank), the job n
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from omegaconf import open_dict
 
 from rlhf_exp import cli, composition
+from tests.conftest import CHILD_DROP_ENV
 
 # A user's project: its own model, data mix and experiment options beside the built-in ones.
 USER_MODEL = """\
@@ -255,8 +257,9 @@ for argv in (["--help"], ["stage=sft", "--cfg", "job"]):
 heavy = sorted(m for m in ("torch", "deepspeed", "transformers", "wandb") if m in sys.modules)
 print(json.dumps(heavy), file=sys.stderr)
 """
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}  # no launched rank
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
     assert "config groups" in proc.stdout and "name: sft" in proc.stdout
