@@ -117,7 +117,9 @@ def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
                         "start a new run")
     stages = list(cfg.stage.stages) if stage == "pipeline" else [stage]
     relevant = (*_SHARED_NODES, "stage", *stages)
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    now = _flatten({key: OmegaConf.to_container(cfg[key], resolve=True)
+                    if OmegaConf.is_config(cfg[key]) else cfg[key]
+                    for key in cfg if key != "hydra"})  # (the CLI composes with hydra's node)
     before = _flatten(saved)
     diffs = []
     for key in sorted(set(now) | set(before)):

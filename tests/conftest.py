@@ -1,7 +1,7 @@
 """Shared test fixtures. Tests run the real parts: DeepSpeed on CPU, W&B offline, Hydra compose.
 
-Environment: W&B offline, the tiny model built into a per-session cache, DeepSpeed's JIT ops
-cached under .cache/torch_extensions (built once, ~25 s).
+Environment: W&B offline, the tiny model built into a per-session cache. DeepSpeed compiles
+nothing (rlhf_exp/dist.py skips its CPU shm comm op), so no extensions cache is set up.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Small, fast settings for end-to-end runs on 2 CPU cores.
@@ -122,6 +121,8 @@ def rlhf_exp(capfd, monkeypatch):
     from rlhf_exp import dist
 
     def run(*args: str) -> SimpleNamespace:
+        from hydra.core.hydra_config import HydraConfig
+
         monkeypatch.setattr(sys, "argv", ["rlhf-exp", *args])
         # an earlier in-process run left RANK/LOCAL_RANK/... set (its process group lives on and
         # DeepSpeed needs them): this process is still no launched rank of a multi-rank run
@@ -131,6 +132,10 @@ def rlhf_exp(capfd, monkeypatch):
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            # a run leaves its Hydra config (launch dir, run dir) set for the process, as the
+            # one app of a real process does; later tests in this process must not see it
+            HydraConfig.instance().cfg = None
         out = capfd.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
     return run
