@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_exp.errors import CompareError
 from rlhf_exp.sweep import lower_is_better
 
 # metrics shown when --metrics is not given, by the runs' job type (= stage)
@@ -57,10 +58,6 @@ class Run:
                 x = row.get(xkey, row.get("_step", i))
                 points[float(x)] = float(value)
         return sorted(points.items())
-
-
-class CompareError(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------- reading

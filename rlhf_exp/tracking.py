@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import dist
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import InitError
 from rlhf_exp.models import cache_root
 
 GROUPS = ("model", "stage", "zero_stage", "hardware", "data_mix", "logger")
@@ -135,10 +135,6 @@ def _remember_artifact(name: str, path: Path) -> None:
     tmp = index.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=1))
     os.replace(tmp, index)
-
-
-class InitError(UserError, FileNotFoundError):
-    """A stage's starting point (`*.init_from`, `ppo.actor_init`, ...) that cannot be found."""
 
 
 def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | None]:
