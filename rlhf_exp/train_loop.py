@@ -26,10 +26,11 @@ functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
 
 What the loop does, in this order within an optimizer step: backward/step per micro-batch
 (`gradient_accumulation_steps` of them make one optimizer step; DeepSpeed steps the optimizer at
-the boundary), `check_finite` of the step's loss on all ranks (a NaN/inf stops the run with one
-line, the last checkpoint kept), the log window every `log_every` steps (and at the last),
-eval every `eval_every` steps (`eval_every=0`: none during training), a resumable checkpoint
-every `save_every` steps (`tracker.flush()` first, so the W&B rows up to it survive a kill).
+the boundary), `check_finite` of the step's loss and gradient norm on all ranks (NaN/inf stops
+the run with one line, the last checkpoint kept), the log window every `log_every` steps (and
+at the last), eval every `eval_every` steps (`eval_every=0`: none during training), a resumable
+checkpoint every `save_every` steps (`tracker.flush()` first, so the W&B rows up to it survive
+a kill).
 After the last step: one eval. `resume_from` (a checkpoint of rlhf_exp/resume.py) restores
 weights, optimizer, LR schedule, loop counters, data position and RNG first.
 """
@@ -91,42 +92,43 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
     node = loop.node
     state = restore(eng, sampler, resume_from, loop) if resume_from else LoopState()
     eng.module.train()
-    bar = runtime.progress(loop.total_steps, loop.stage)
-    bar.update(state.step)
     t_window = time.perf_counter()
     step_loss = 0.0  # this rank's loss summed over the current step's micro-batches
-    while state.step < loop.total_steps:
-        batches = iter(loader)  # the rest of the sampler's current epoch; it then moves on
-        if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
-            resume.restore_rng(resume_from)
-            resume_from = None
-        for batch in batches:
-            batch = {k: v.to(loop.device) for k, v in batch.items()}
-            loss, stats = step_fn(eng, batch)
-            eng.backward(loss)
-            eng.step()
-            step_loss += float(loss)
-            _add_to_window(state, {"loss": float(loss), **stats}, batch)
-            state.micro += 1
-            if state.micro % node.gradient_accumulation_steps:  # mid-accumulation
-                continue
-            state.step += 1
-            bar.update(1)
-            _stop_if_not_finite(step_loss, loop, tracker, state.step)
-            step_loss = 0.0
-            if state.step % node.log_every == 0 or state.step == loop.total_steps:
-                log_window(eng, loop, state, tracker, time.perf_counter() - t_window)
-                bar.set_postfix(loss=f"{state.last_loss:.4f}")
-                t_window = time.perf_counter()
-            last = state.step >= loop.total_steps
-            if eval_fn and node.eval_every > 0 and state.step % node.eval_every == 0 and not last:
-                state.eval_metrics = eval_fn(eng)
-                tracker.log(state.eval_metrics, state.step)
-            if node.save_every > 0 and state.step % node.save_every == 0 and not last:
-                save_resumable(eng, loop, state, tracker)
-            if last:
-                break
-    bar.close()
+    with runtime.progress(loop.total_steps, loop.stage) as bar:  # closed on errors too
+        bar.update(state.step)
+        while state.step < loop.total_steps:
+            batches = iter(loader)  # the rest of the sampler's current epoch; then the next
+            if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
+                resume.restore_rng(resume_from)
+                resume_from = None
+            for batch in batches:
+                batch = {k: v.to(loop.device) for k, v in batch.items()}
+                loss, stats = step_fn(eng, batch)
+                eng.backward(loss)
+                eng.step()
+                value = float(loss.detach())
+                step_loss += value
+                _add_to_window(state, {"loss": value, **stats}, batch)
+                state.micro += 1
+                if state.micro % node.gradient_accumulation_steps:  # mid-accumulation
+                    continue
+                state.step += 1
+                bar.update(1)
+                _stop_if_not_finite(eng, step_loss, loop, tracker, state.step)
+                step_loss = 0.0
+                last = state.step >= loop.total_steps
+                if state.step % node.log_every == 0 or last:
+                    log_window(eng, loop, state, tracker, time.perf_counter() - t_window)
+                    bar.set_postfix(loss=f"{state.last_loss:.4f}")
+                    t_window = time.perf_counter()
+                if eval_fn and node.eval_every > 0 and state.step % node.eval_every == 0 \
+                        and not last:
+                    state.eval_metrics = eval_fn(eng)
+                    tracker.log(state.eval_metrics, state.step)
+                if node.save_every > 0 and state.step % node.save_every == 0 and not last:
+                    save_resumable(eng, loop, state, tracker)
+                if last:
+                    break
     if eval_fn:  # once, after the last step
         state.eval_metrics = eval_fn(eng)
         tracker.log(state.eval_metrics, state.step)
@@ -165,11 +167,12 @@ def log_window(eng, loop: Loop, state: LoopState, tracker: Tracker, elapsed: flo
 
 
 # ----------------------------------------------------------------------------- NaN / inf
-def check_finite(loss: float | torch.Tensor, step: int, stage: str) -> None:
-    """Raise NonFiniteLossError (one line naming the step) when `loss` is NaN or inf on ANY
-    rank. A collective: every rank must call it at the same point, and then every rank raises
-    together (none is left waiting in the next collective)."""
-    value = float(loss)
+def check_finite(value: float | torch.Tensor, step: int, stage: str,
+                 what: str = "training loss") -> None:
+    """Raise NonFiniteLossError (one line naming the step) when `value` (the step's loss) is
+    NaN or inf on ANY rank. A collective: every rank must call it at the same point, and then
+    every rank raises together (none is left waiting in the next collective)."""
+    value = float(value)
     bad = not math.isfinite(value)
     if dist.world_size() > 1:
         flag = torch.tensor([1.0 if bad else 0.0], device=_collective_device())
@@ -177,8 +180,7 @@ def check_finite(loss: float | torch.Tensor, step: int, stage: str) -> None:
         bad = bool(flag.item())
     if bad:
         seen = f"{value}" if not math.isfinite(value) else "not finite on another rank"
-        raise NonFiniteLossError(f"{stage}: the training loss is {seen} at step {step}; "
-                                 "stopped")
+        raise NonFiniteLossError(f"{stage}: the {what} is {seen} at step {step}; stopped")
 
 
 def _collective_device() -> torch.device:
@@ -188,16 +190,21 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _stop_if_not_finite(step_loss: float, loop: Loop, tracker: Tracker, step: int) -> None:
-    """check_finite, and on NaN/inf: end the W&B run as failed and say which checkpoint is
-    kept (the loop never saves after a bad step)."""
+def _stop_if_not_finite(eng, step_loss: float, loop: Loop, tracker: Tracker, step: int) -> None:
+    """check_finite of the step's loss and of the gradient norm DeepSpeed reports (ZeRO 1-3; it
+    skips an update whose gradients overflowed, so a run would go on without learning; not
+    with fp16, whose loss scaler expects overflows). On NaN/inf: end the W&B run as failed and
+    say which checkpoint is kept (the loop never saves after a bad step)."""
     try:
         check_finite(step_loss, step, loop.stage)
+        norm = eng.get_global_grad_norm()  # None with ZeRO 0; the same on every rank
+        if norm is not None and not eng.fp16_enabled():
+            check_finite(norm, step, loop.stage, what="gradient norm")
     except NonFiniteLossError as exc:
         tracker.finish(exit_code=1)
         kept = resume.latest(loop.run_dir)
-        where = (f"the last checkpoint {kept} is kept (resume={loop.run_dir} continues from it)"
-                 if kept else f"no checkpoint to resume from ({loop.stage}.save_every)")
+        where = (f"The last checkpoint {kept} is kept (resume={loop.run_dir} continues from it)"
+                 if kept else f"No checkpoint to resume from ({loop.stage}.save_every)")
         raise NonFiniteLossError(f"{exc}. {where}; lower {loop.stage}.lr or check the data") \
             from None
 
