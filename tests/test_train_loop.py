@@ -105,6 +105,36 @@ def test_sft_eval_padding_rows_count_no_tokens():
     assert feats[0]["labels"] == [-100, 5, 0]  # the real row is untouched
 
 
+# ZeRO-3 that really gathers every parameter in every forward (the tiny model's parameters are
+# otherwise below the persistence threshold and stay whole), and an SFT eval slice of 17
+# examples: split 9 / 8 over 2 ranks in micro-batches of 8, the ranks would run 2 and 1
+# forwards, and the run used to hang in the final eval.
+ODD_EVAL_ZERO3 = ["stage=sft", "zero_stage=zero3",
+                  "zero_stage.stage3_param_persistence_threshold=0",
+                  "+zero_stage.extra.stage3_max_reuse_distance=0",
+                  "+zero_stage.extra.stage3_max_live_parameters=0",
+                  "zero_stage.stage3_prefetch_bucket_size=0",
+                  "data_mix.sources.0.synthetic.num_examples=1700", "sft.max_steps=2",
+                  "sft.micro_batch_size_per_device=8", "sft.eval_every=0", "sft.log_every=1",
+                  "logger=none"]
+
+
+@pytest.mark.slow  # torchrun, 2 ranks
+def test_two_ranks_zero3_eval_of_an_odd_slice_finishes_with_the_one_rank_value(tmp_path):
+    from rlhf_exp.stages import sft
+    from tests.conftest import cli, compose
+
+    proc = cli(*ODD_EVAL_ZERO3, "hardware.nproc_per_node=2",
+               f"hydra.run.dir={tmp_path / 'two'}", timeout=420)  # a hang fails here
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "/ 17 eval examples" in proc.stdout
+    two = json.loads((tmp_path / "two" / "result.json").read_text())["metrics"]
+    # one rank, accumulation 2: the same global batches (rlhf_exp/data/sampler.py)
+    _, _, one = sft.train(compose(*ODD_EVAL_ZERO3, "sft.gradient_accumulation_steps=2"),
+                          tmp_path / "one")
+    assert abs(two["sft/eval_loss"] - one.metrics["sft/eval_loss"]) < 1e-4
+
+
 # ----------------------------------------------------------------------------- prune
 def _fake_checkpoint(run_dir: Path, step: int) -> Path:
     path = checkpoint.step_dir(run_dir, step)
