@@ -2,10 +2,13 @@
 
 A stage runner (rlhf_exp/stages/sft.py is the model) reads top to bottom:
 
+    resume_from = resume.find(cfg, run_dir, "sft")          # None = from scratch
+    tracker = Tracker(cfg, run_dir, "sft", run_id=<the checkpoint's W&B run id, or None>)
     data -> model -> features -> engine
     loop = train_loop.Loop(stage="sft", node=cfg.sft, total_steps=..., run_dir=..., ...)
     state = train_loop.train(eng, loader, sampler, loop, step_fn, eval_fn, tracker, resume_from)
     result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=..., ...)
+    train_loop.finish(tracker, result)  # say where the checkpoint and the run are; close it
 
 What a stage provides: two functions of its own module (bind extra inputs with
 functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
@@ -49,7 +52,7 @@ import torch.distributed as torch_dist
 from omegaconf import DictConfig
 
 from rlhf_exp import checkpoint, dist, resume, runtime
-from rlhf_exp.errors import NonFiniteLossError
+from rlhf_exp.errors import NonFiniteLossError, UserError
 from rlhf_exp.tracking import Tracker
 
 StepFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -243,6 +246,10 @@ def restore(eng, sampler, ckpt: Path, loop: Loop) -> LoopState:
     loop state, from a checkpoint written by save_resumable. (The RNG states follow when the
     loop creates its data iterator.)"""
     saved = resume.load(eng, ckpt)
+    if "first_loss" not in saved:
+        raise UserError(f"{ckpt}: written by an older version of the training loop; it cannot be "
+                        "resumed. Start the run again (its weights load with "
+                        f"{loop.stage}.init_from={ckpt})")
     state = LoopState(step=saved["step"], micro=saved["micro"], first_loss=saved["first_loss"],
                       last_loss=saved["last_loss"], eval_metrics=saved["eval_metrics"],
                       window=saved["window"], window_n=saved["window_n"],
