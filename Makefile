@@ -29,7 +29,7 @@ demo: setup  ## the main job on the offline default: SFT -> reward -> PPO on the
 test: setup  ## the whole suite (CI runs this); slow end-to-end tests included
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-test-fast: setup
+test-fast: setup  ## the unit tier: no training run, no subprocess (tests/conftest.py)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup

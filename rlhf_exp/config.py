@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import ConfigError, UserError
 
 STAGES = ("sft", "reward", "ppo", "pipeline", "eval", "chat")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -27,11 +27,10 @@ SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("prompt_response", "preference", "hh", "chat")
 SOURCE_KINDS = ("synthetic", "local", "hub")
 OVERLONG = ("truncate", "drop")
+# the KL estimators of rlhf_exp/ppo_math.kl_per_token (which imports this tuple: this module must
+# stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
+# rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-class ConfigError(UserError, ValueError):
-    """A composed config that cannot run; the message names the key and what is allowed."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -186,16 +185,18 @@ class LoggerConfig:
 # ----------------------------------------------------------------------------- training
 @dataclass
 class TrainLoopConfig:
-    """Keys shared by the SFT and reward stages. Batch sizes: `micro_batch_size_per_device` is
-    per device per forward; one optimizer step sees the *global* batch
-    micro_batch_size_per_device * gradient_accumulation_steps * world_size."""
+    """Keys shared by the SFT and reward stages (rlhf_exp/train_loop.py). Batch sizes:
+    `micro_batch_size_per_device` is per device per forward; one optimizer step sees the
+    *global* batch micro_batch_size_per_device * gradient_accumulation_steps * world_size.
+    Defaults are conf/sft/default.yaml's; RewardConfig sets the ones its YAML changes
+    (tests/test_config_defaults.py keeps them equal)."""
 
     init_from: str | None = None  # local path or W&B artifact name; null = model base
-    epochs: int = 1
+    epochs: int = 4
     max_steps: int = -1  # optimizer steps; -1 = epochs over the data
-    micro_batch_size_per_device: int = 16
+    micro_batch_size_per_device: int = 32
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -203,8 +204,8 @@ class TrainLoopConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    max_prompt_len: int = 64
-    max_len: int = 128  # prompt + response tokens
+    max_prompt_len: int = 32
+    max_len: int = 48  # prompt + response tokens
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     save_every: int = 0  # checkpoint every N steps; 0 = only the final one
@@ -222,18 +223,51 @@ class SFTConfig(TrainLoopConfig):
 
 @dataclass
 class RewardConfig(TrainLoopConfig):
-    lr: float = 5e-4
+    epochs: int = 6
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    log_every: int = 20
+    eval_every: int = 200
+
+
+COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 16
+    """Sampling settings: the schema of `ppo.generation`, `eval.generation` and `chat.generation`,
+    and the object `rlhf_exp.generation.generate` takes (imported there as GenerationConfig).
+    Declared once; chat's node overrides the defaults its YAML changes (ChatConfig below)."""
+
+    max_new_tokens: int = 12  # max response tokens; stops at EOS
     do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    use_static_cache: bool = True
-    compile: str = "auto"  # auto (on for cuda) | none
+    use_static_cache: bool = True  # fixed-shape KV cache
+    # "auto": cuda_graphs on CUDA, none on CPU; "none": eager loop; "cuda_graphs": capture the
+    # decode step with torch.cuda.CUDAGraph; "compile": torch.compile(mode="reduce-overhead")
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_generation(vars(self), "generation")
+
+
+def check_generation(gen: Any, node: str) -> None:
+    """Raise ConfigError naming `<node>.<key>` for a setting generate() cannot use. `gen` is a
+    GenerationSettings' fields or a composed config node (the same check for both)."""
+    if not gen["max_new_tokens"] >= 1:
+        raise ConfigError(f"{node}.max_new_tokens={gen['max_new_tokens']!r} must be >= 1")
+    if gen["do_sample"] and not gen["temperature"] > 0:
+        raise ConfigError(f"{node}.temperature={gen['temperature']} must be > 0 when sampling "
+                          f"(set {node}.do_sample=false for greedy)")
+    if not 0 < gen["top_p"] <= 1:
+        raise ConfigError(f"{node}.top_p={gen['top_p']} must be in (0, 1]")
+    if gen["top_k"] < 0:
+        raise ConfigError(f"{node}.top_k={gen['top_k']} must be >= 0 (0 = off)")
+    if gen["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"{node}.compile={gen['compile']!r} is not allowed; choose one of: "
+                          f"{', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -280,10 +314,10 @@ class PPOConfig:
     reward_functions: list[RewardFunctionConfig] = field(default_factory=list)
     steps: int = 100  # rollouts (PPO iterations)
     rollout_batch_size: int = 64  # prompts per rollout, global
-    micro_batch_size_per_device: int = 16  # per forward/backward during the update
+    micro_batch_size_per_device: int = 32  # per forward/backward during the update
     ppo_epochs: int = 1
     num_minibatches: int = 1
-    max_prompt_len: int = 64
+    max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
     gamma: float = 1.0
@@ -317,7 +351,8 @@ class EvalConfig:
 
     # name -> path, run dir or artifact; null entries are skipped. The YAML lists sft, ppo and
     # ppo_ema (set them as eval.policies.sft=...); other names need +eval.policies.<name>=...
-    policies: dict[str, str | None] = field(default_factory=dict)
+    policies: dict[str, str | None] = field(
+        default_factory=lambda: {"sft": None, "ppo": None, "ppo_ema": None})
     # a pipeline run dir (or one stage's run dir): its sft / ppo / ppo_ema policies and reward
     # model are found from their result.json and checkpoints; `policies` entries add/override
     from_run: str | None = None
@@ -329,10 +364,11 @@ class EvalConfig:
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
     reference: str | None = None
     kl_estimator: str = "k1"  # k1 | k2 | k3 (rlhf_exp/ppo_math.py)
-    num_prompts: int | None = None  # first N held-out prompts; null = the whole slice
+    # the defaults below follow PPO's held-out eval (conf/eval/default.yaml interpolates them)
+    num_prompts: int | None = 256  # first N held-out prompts; null = the whole slice
     num_pairs: int | None = None  # first N held-out preference pairs; null = all
-    batch_size: int = 32
-    max_prompt_len: int = 64
+    batch_size: int = 64
+    max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -342,7 +378,7 @@ class ChatConfig:
     prompt: str | None = None  # one scripted turn instead of the interactive loop
     system: str | None = None
     generation: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7,
+        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.9,
                                                    use_static_cache=False, compile="none")
     )
 
@@ -411,16 +447,7 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
 
 
 def _check_generation(cfg: DictConfig, node: str) -> None:
-    _positive(cfg, f"{node}.max_new_tokens")
-    gen = OmegaConf.select(cfg, node)
-    if gen.do_sample and not gen.temperature > 0:
-        raise ConfigError(f"{node}.temperature={gen.temperature} must be > 0 when sampling "
-                          f"(set {node}.do_sample=false for greedy)")
-    if not 0 < gen.top_p <= 1:
-        raise ConfigError(f"{node}.top_p={gen.top_p} must be in (0, 1]")
-    if gen.top_k < 0:
-        raise ConfigError(f"{node}.top_k={gen.top_k} must be >= 0 (0 = off)")
-    _allowed(cfg, f"{node}.compile", ("auto", "none", "cuda_graphs", "compile"))
+    check_generation(OmegaConf.select(cfg, node), node)
 
 
 def _check_eval_chat(cfg: DictConfig) -> None:

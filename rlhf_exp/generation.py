@@ -31,41 +31,17 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+# The settings' one declaration is the config schema (`ppo.generation`, `eval.generation`, ...):
+# defaults, validation (a bad value raises ConfigError, a ValueError) and the allowed modes.
+from rlhf_exp.config import COMPILE_MODES, GenerationSettings  # noqa: F401
+
+GenerationConfig = GenerationSettings  # the name generate()'s callers use
+
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 _DONE_CHECK_EVERY = 16  # graphed path: steps between "all rows finished?" host syncs
 _CACHE_LEN_MULTIPLE = 64  # graphed path: round P+R up so nearby prompt lengths share one graph
 _MAX_GRAPHS_PER_MODEL = 2  # e.g. one rollout shape and one eval shape
-
-
-@dataclass
-class GenerationConfig:
-    """Mirrors the config keys `ppo.generation.*`."""
-
-    max_new_tokens: int = 32
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    use_static_cache: bool = True  # fixed-shape KV cache
-    # "auto": cuda_graphs on CUDA, none on CPU; "none": eager loop; "cuda_graphs": capture the
-    # decode step with torch.cuda.CUDAGraph; "compile": torch.compile(mode="reduce-overhead")
-    compile: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"generation.temperature must be > 0 when sampling, got "
-                             f"{self.temperature} (set do_sample: false for greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"generation.compile must be one of {COMPILE_MODES}, "
-                             f"got {self.compile!r}")
 
 
 @dataclass

@@ -27,8 +27,7 @@ import math
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
+from rlhf_exp.config import KL_ESTIMATORS  # declared once, in the torch-free config
 
 # -----------------------------------------------------------------------------
 # log-probs and entropy from logits

@@ -196,6 +196,7 @@ PPO_TINY = ["stage=ppo", *FAST, "ppo.steps=1", "ppo.rollout_batch_size=8",
             "ppo.eval_batch_size=8", "logger=none", "zero_stage=zero2"]
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-3 engines
 def test_ppo_offloads_reference_and_reward_model(tmp_path, monkeypatch):
     """ppo.offload_reference / ppo.offload_reward_model: the frozen models PPO actually uses sit
     on a ZeRO-3 engine whose parameter partitions are offloaded to CPU, while the run's own

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from rlhf_exp import engine, models, ppo_math, rollout
+from rlhf_exp.errors import NonFiniteLossError
 from rlhf_exp.stages import ppo
 from tests.conftest import compose
 
@@ -100,7 +101,7 @@ def test_a_nan_loss_stops_the_step_with_one_line():
              "_gold_sum": 0.0, "_gold_n": 0.0}
     try:
         ppo.finish_step(SimpleNamespace(ema=None), cfg, state, stats)
-    except ppo.NonFiniteLoss as exc:
+    except NonFiniteLossError as exc:
         assert "ppo/actor_loss is nan at step 1" in str(exc) and "\n" not in str(exc)
     else:
         raise AssertionError("a NaN loss went through")

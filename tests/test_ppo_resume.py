@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_exp import checkpoint
+from rlhf_exp.wandb_reader import read_merged, read_run, run_files
 from tests.conftest import cli, compose
-from tests.test_resume import _kill_after_checkpoint, _wandb_ids
+from tests.test_resume import _kill_after_checkpoint, _steps, _wandb_ids
 
 # everything stateful switched on: adaptive KL, reward normalisation, EMA, ptx, two epochs x two
 # minibatches (the minibatch shuffle generator), sampling (the sampling generator)
@@ -32,7 +33,6 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
-    from rlhf_exp.compare import load_runs
     from rlhf_exp.stages import ppo
 
     killed = tmp_path / "killed"
@@ -58,14 +58,22 @@ def test_ppo_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
                      else checkpoint.final_checkpoint(tmp_path / "reference"))
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
 
-    (run,) = load_runs([str(killed)])
-    (ref_run,) = load_runs([str(tmp_path / "reference")])
+    # W&B: the killed part holds every row up to the checkpoint (flushed before it was
+    # written); the merged history holds each step once, with the uninterrupted run's values
+    first_part, second_part = (read_run(f) for f in sorted(
+        run_files(killed / "wandb"), key=lambda f: f.parent.name))
+    assert _steps(first_part, "ppo/kl", "ppo")[:2] == [1, 2]
+    assert min(_steps(second_part, "ppo/step", "ppo")) == 3
+    (run,) = read_merged(killed / "wandb")
+    (ref_run,) = read_merged(tmp_path / "reference" / "wandb")
     for key in ("ppo/kl", "ppo/actor_loss", "ppo/critic_loss", "ppo/kl_coef"):
-        want, got = dict(ref_run.series(key)), dict(run.series(key))
-        assert set(want) == {1, 2, 3, 4} and {3, 4} <= set(got), key
-        assert max(abs(got[s] - want[s]) for s in got) < 1e-5, key
-    # the held-out eval before the first step is not logged again by the resumed run
-    assert [s for s, _ in run.series("ppo/eval_gold_reward")].count(0) <= 1
+        assert _steps(run, key, "ppo") == _steps(ref_run, key, "ppo") == [1, 2, 3, 4], key
+        got, want = run.metric(key), ref_run.metric(key)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5, key
+    # held-out evals at steps 0, 2 and 4, each once (the resumed run does not redo step 0)
+    assert _steps(run, "ppo/eval_gold_reward", "ppo") == [0, 2, 4]
+    assert run.metric("ppo/eval_gold_reward") == pytest.approx(
+        ref_run.metric("ppo/eval_gold_reward"), abs=1e-5)
 
     # running the finished run dir again trains nothing and returns its result
     again = ppo.run(compose(*ARGS, f"resume={killed}"), killed)

@@ -29,17 +29,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import DataError
 from rlhf_exp.tasks import sort_digits
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "messages")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 PKG_PREFIX = "pkg://"
-
-
-class DataError(UserError, ValueError):
-    """Bad data: the message names the file (and line or column) and what was expected."""
 
 
 # ----------------------------------------------------------------------------- paths

@@ -75,16 +75,12 @@ from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, prompt_ids, tokenize_sft
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import NonFiniteLossError
 from rlhf_exp.rollout import Trajectory
 from rlhf_exp.tracking import Tracker, resolve_init
 
 TABLE_ROWS = 16  # rows of the periodic W&B samples table
 TABLE_COLUMNS = ["prompt", "response", "reward_score", "gold_reward"]
-
-
-class NonFiniteLoss(UserError):
-    """A NaN or infinite loss: the run stops at that step."""
 
 
 # ----------------------------------------------------------------------------- what a run holds
@@ -473,9 +469,10 @@ def finish_step(m: Models, cfg: DictConfig, state: State, stats: dict[str, float
         stats["ppo/gold_reward"] = gold_sum / gold_n
     for key in ("ppo/actor_loss", "ppo/critic_loss"):
         if not math.isfinite(stats[key]):
-            raise NonFiniteLoss(f"ppo: {key} is {stats[key]} at step {state.step + 1}; stopped "
-                                "(the last training checkpoint, if any, is intact). Lower "
-                                "ppo.actor.lr / ppo.critic.lr or check the reward scale")
+            raise NonFiniteLossError(
+                f"ppo: {key} is {stats[key]} at step {state.step + 1}; stopped (the last "
+                "training checkpoint, if any, is intact). Lower ppo.actor.lr / ppo.critic.lr or "
+                "check the reward scale")
     state.kl_ctl.update(stats["ppo/kl"], cfg.ppo.rollout_batch_size)
     if m.ema is not None:
         update_ema(m, cfg.ppo.ema.decay)
@@ -514,6 +511,7 @@ def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: 
              "ptx_drawn": state.ptx.drawn if state.ptx is not None else 0,
              "kl_coef": state.kl_ctl.value}  # this rank's own (equal on every rank: tested)
     files = {"ema": m.ema.state_dict()} if m.ema is not None else {}
+    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
     resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="ppo", local=local,
                 lora_save=cfg.model.lora.save, keep_last=cfg.ppo.keep_last,
                 engines={"critic": m.critic}, files=files)
