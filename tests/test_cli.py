@@ -243,6 +243,7 @@ def test_execute_checks_then_preflights_then_launches(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- start-up
+@pytest.mark.slow  # one quick interpreter start (no torch, by construction)
 def test_help_and_cfg_job_import_neither_torch_nor_deepspeed():
     """One interpreter start (no torch: fast by construction) runs both and lists what loaded."""
     code = """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from rlhf_exp import engine, models, ppo_math, rollout
@@ -19,6 +20,7 @@ PPO_TINY = ["stage=ppo", "data_mix.sources.0.synthetic.num_examples=600", "ppo.s
             "ppo.eval_num_prompts=8", "ppo.eval_batch_size=8", "logger=none"]
 
 
+@pytest.mark.slow  # builds the actor's training engine (load_models), though it trains nothing
 def test_ema_is_fp32_and_moves_with_a_bf16_actor():
     """A bf16 actor whose weights moved a few bf16 ulps: 300 EMA updates at decay 0.992 must
     cover 1 - 0.992^300 (~91%) of that distance on every weight. A bf16 EMA rounds each
