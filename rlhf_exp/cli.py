@@ -23,9 +23,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import dist
+from rlhf_exp import dist, preflight
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
+from rlhf_exp.quoting import quote_text_values
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
@@ -97,6 +98,12 @@ def _prevalidate(argv: list[str]) -> None:
             _fail(str(exc))
         except Exception as exc:  # composition errors
             _fail(_one_line(exc))
+    try:  # what the config points at (run dir, GPUs, models, data): before Hydra writes anything
+        preflight.before_hydra(CONF_DIR, argv, combos[0])
+    except UserError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # composition errors (hydra.* overrides, search-space keys)
+        _fail(_one_line(exc))
 
 
 def _sweep_samples(overrides: list[str]) -> list[list[str]]:
@@ -258,6 +265,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
 
     key = _objective_key(cfg)
     try:
+        preflight.preflight(cfg, run_dir)  # this job's inputs, before its W&B run exists
         extra = sweep.apply_to_config(cfg, ctx)
         value = _execute(cfg, run_dir, extra)
     except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
@@ -342,7 +350,7 @@ def main() -> None:
     """Console entry point (`rlhf-exp`, `python -m rlhf_exp`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not dist.inside_launch():
-        sys.argv = [sys.argv[0], *_resume_argv(sys.argv[1:])]
+        sys.argv = [sys.argv[0], *quote_text_values(_resume_argv(sys.argv[1:]))]
         _prevalidate(sys.argv[1:])
     app()
 
