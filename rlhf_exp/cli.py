@@ -89,21 +89,19 @@ def _prevalidate(argv: list[str]) -> None:
         combos = _sweep_samples(overrides)
     from hydra import compose, initialize_config_dir
 
-    for combo in combos:
+    hydra_args = [a for a in argv if not a.startswith("-") and a not in overrides]
+    for i, combo in enumerate(combos):
         try:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                cfg = compose("config", overrides=combo)
+                cfg = compose("config", overrides=[*combo, *hydra_args],
+                              return_hydra_config=True)
             check(cfg)
+            if i == 0:  # what it points at (run dir, GPUs, models, data), before Hydra writes
+                preflight.before_hydra(CONF_DIR, cfg, argv)
         except UserError as exc:
             _fail(str(exc))
         except Exception as exc:  # composition errors
             _fail(_one_line(exc))
-    try:  # what the config points at (run dir, GPUs, models, data): before Hydra writes anything
-        preflight.before_hydra(CONF_DIR, argv, combos[0])
-    except UserError as exc:
-        _fail(str(exc))
-    except Exception as exc:  # composition errors (hydra.* overrides, search-space keys)
-        _fail(_one_line(exc))
 
 
 def _sweep_samples(overrides: list[str]) -> list[list[str]]:

@@ -41,21 +41,13 @@ HUB_TIMEOUT_S = 10  # one request, no retries: offline answers at once instead o
 
 
 # ----------------------------------------------------------------------------- entry points
-def before_hydra(conf_dir: str, argv: list[str], overrides: list[str]) -> None:
-    """From the dispatcher, before Hydra starts: compose the run as Hydra will (with the
-    hydra.* overrides, for the run dir) and check it. `overrides` are the job's overrides
-    (for a multirun: the first value of each swept key)."""
-    from hydra import compose, initialize_config_dir
-
-    multirun = "-m" in argv or "--multirun" in argv
-    hydra_args = [a for a in argv if not a.startswith("-")
-                  and a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, *hydra_args], return_hydra_config=True)
-    if multirun:
+def before_hydra(conf_dir: str, cfg: DictConfig, argv: list[str]) -> None:
+    """From the dispatcher, before Hydra starts: `cfg` is the run composed as Hydra will compose
+    it, with its `hydra` node (for a multirun: the first value of each swept key)."""
+    if "-m" in argv or "--multirun" in argv:
         check_output_dir(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
-        check_search_space(conf_dir, cfg, [a for a in argv if not a.startswith("-")
-                                           and a not in hydra_args])
+        check_search_space(conf_dir, cfg, [a for a in argv if not a.startswith("-") and not
+                                           a.lstrip("+~").startswith(("hydra.", "hydra/"))])
         return
     preflight(cfg, Path(str(cfg.hydra.run.dir)))
 

@@ -376,7 +376,7 @@ def load_source(src: DictConfig, seed: int) -> list[dict]:
 
 
 def _empty_reply(row: dict) -> str | None:
-    """The first of response / chosen / rejected that the row has but is blank, else None.
+    """The first of chosen / rejected / response that the row has but is blank, else None.
     (chosen == rejected is allowed: public preference sets hold some such pairs.)"""
-    return next((f for f in ("response", "chosen", "rejected")
+    return next((f for f in ("chosen", "rejected", "response")
                  if row[f] is not None and not row[f].strip()), None)
