@@ -505,7 +505,8 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_run_names(cfg: DictConfig) -> None:
-    """experiment_name names folders and W&B groups/artifacts; tags are W&B tags."""
+    """experiment_name names folders and W&B groups/artifacts; tags are W&B tags; the seed
+    seeds torch."""
     name = str(cfg.experiment_name)
     if not name or not set(name) <= NAME_CHARS or name.startswith((".", "-")) or len(name) > 96:
         raise ConfigError(f"experiment_name={name!r}: use 1-96 letters, digits, _ . and - (not "
@@ -513,6 +514,8 @@ def _check_run_names(cfg: DictConfig) -> None:
     for tag in cfg.tags:
         if not str(tag).strip() or len(str(tag)) > 64:
             raise ConfigError(f"tags has {str(tag)!r}; each tag must be 1-64 characters (W&B)")
+    if not -2**63 < cfg.seed < 2**63:
+        raise ConfigError(f"seed={cfg.seed} must fit in 64 bits (torch's RNG takes no larger)")
     if not str(cfg.logger.project).strip():
         raise ConfigError("logger.project is empty; name the W&B project (default rlhf_exp)")
     if cfg.logger.table_every < 0:

@@ -68,7 +68,9 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     for key, ref in starting_points(cfg):
         check_starting_point(key, ref, cfg)
     check_data(cfg)
-    if cfg.stage.name == "chat" and cfg.chat.prompt is None and not sys.stdin.isatty():
+    _PIPED.clear()
+    if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
+            and not sys.stdin.isatty():
         _PIPED.append(read_piped_prompt(sys.stdin.buffer))
 
 
@@ -97,14 +99,17 @@ def check_output_dir(path: str, key: str) -> None:
 
 
 def check_caches(cfg: DictConfig) -> None:
-    """The model/artifact cache (RLHF_EXP_CACHE) and the tokenized-data cache can be written."""
+    """The tokenized-data cache and RLHF_EXP_CACHE (the tiny model, the data cache's default
+    place, the offline artifact index) can be written; chat writes neither unless it builds the
+    tiny model."""
     from rlhf_exp.models import cache_root
 
-    if cfg.data_mix.cache and cfg.data_mix.cache_dir:
+    if cfg.data_mix.cache and cfg.data_mix.cache_dir and cfg.stage.name != "chat":
         from rlhf_exp.data import resolve_path
 
         check_output_dir(str(resolve_path(str(cfg.data_mix.cache_dir))), "data_mix.cache_dir")
-    check_output_dir(str(cache_root()), "RLHF_EXP_CACHE")
+    if cfg.stage.name != "chat" or not cfg.model.path:
+        check_output_dir(str(cache_root()), "RLHF_EXP_CACHE")
 
 
 # ----------------------------------------------------------------------------- 2. launch

@@ -252,3 +252,24 @@ def test_free_text_is_taken_as_typed(rlhf_exp):
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.chat.prompt == "sort:52813=" and cfg.chat.system == "Be brief, please!"
     assert cfg.model.prompt_template == "{prompt} =>"
+
+
+def test_quoted_text_resolves_to_exactly_what_was_typed():
+    """rlhf_exp/quoting.py: whatever the text, Hydra's parser and OmegaConf give it back."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.quoting import quote_text_values
+
+    texts = ["sort:52813=", "Hi! a, b = c?", "{prompt}\n=>", "it's", "say \"hi\"", "back\\",
+             "a\\'b", "${x} and \\${y}", "[1, 2]", "null-ish", "tail\\\\", "日本語 ünï"]
+    parser = OverridesParser.create()
+    for text in texts:
+        (arg,) = quote_text_values([f"chat.prompt={text}"])
+        value = parser.parse_overrides([arg])[0].value()
+        assert OmegaConf.create({"v": value}).v == text, (text, arg)
+    # other string keys only when Hydra cannot read them; numbers and null untouched
+    assert quote_text_values(["sft.init_from=/runs/a=b", "sft.init_from=/runs/ab", "sft.lr=1e-3",
+                              "chat.prompt=null", "hydra.run.dir=/x"]) == [
+        "sft.init_from='/runs/a=b'", "sft.init_from=/runs/ab", "sft.lr=1e-3", "chat.prompt=null",
+        "hydra.run.dir=/x"]

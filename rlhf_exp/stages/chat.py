@@ -44,8 +44,9 @@ class StreamPrinter(BaseStreamer):
     each time and only the new suffix printed: a token may complete a multi-byte character, so
     text ending in the replacement character waits for the next token."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        # sys.stdout looked up now, not at import: a caller may have replaced it since
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.prompt_seen = False
@@ -146,8 +147,9 @@ class Chat:
         return ids
 
     # ------------------------------------------------------------------------- reply
-    def reply(self, user: str, out=sys.stdout) -> str:
-        """Stream the answer to `user` to `out`; the turn joins the history."""
+    def reply(self, user: str, out=None) -> str:
+        """Stream the answer to `user` to `out` (default: sys.stdout); the turn joins the
+        history."""
         ids = torch.tensor([self.prompt_ids(user)], device=self.device)
         g = self.gen
         sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p,
