@@ -9,6 +9,7 @@ edit; these dataclasses say what may appear there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -731,8 +732,22 @@ def check_rendezvous(cfg: DictConfig) -> None:
             raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
 
 
+def _check_finite(node: Any, key: str = "") -> None:
+    """No nan or inf anywhere: every comparison with them is False, so range checks pass them."""
+    if OmegaConf.is_dict(node):
+        for k in node:
+            if k != "hydra" and not OmegaConf.is_missing(node, k):
+                _check_finite(node[k], f"{key}.{k}" if key else str(k))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node} must be a finite number")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
+    _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
     for name in cfg.stage.stages:
         if name not in ("sft", "reward", "ppo"):

@@ -7,7 +7,8 @@ loads, before a W&B run exists and without touching an existing run dir; each jo
 calls `preflight` again when it starts. The checks, cheap ones first:
 
     1. output dir        hydra.run.dir (or the sweep dir) can be created; so can the caches
-    2. launch            multi-node rendezvous; hardware.device=cuda needs enough visible GPUs
+    2. launch            multi-node rendezvous; hardware.device=cuda needs enough visible GPUs;
+                         model.attn_implementation is one transformers knows
     3. base models       model.path / reward_path / tokenizer_path, those this stage loads: a
                          model dir, or a hub id in the local HF cache (else one short request)
     4. starting points   sft/reward.init_from, ppo.actor_init/critic_init/reward_model,
@@ -44,7 +45,12 @@ HUB_TIMEOUT_S = 10  # one request, no retries: offline answers at once instead o
 def before_hydra(conf_dir: str, cfg: DictConfig, argv: list[str]) -> None:
     """From the dispatcher, before Hydra starts: `cfg` is the run composed as Hydra will compose
     it, with its `hydra` node (for a multirun: the first value of each swept key)."""
-    if "-m" in argv or "--multirun" in argv:
+    multirun = "-m" in argv or "--multirun" in argv
+    if cfg.hardware.launcher == "submitit" and not multirun:
+        raise UserError("hardware.launcher=submitit runs only as the tasks of a submitit job: add "
+                        "-m and hydra/launcher=submitit_slurm (or submitit_local), e.g. "
+                        "rlhf-exp -m hardware=slurm ...")
+    if multirun:
         check_output_dir(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
         check_search_space(conf_dir, cfg, [a for a in argv if not a.startswith("-") and not
                                            a.lstrip("+~").startswith(("hydra.", "hydra/"))])
@@ -61,6 +67,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     check_rendezvous(cfg)
     if not cfg.hardware.dry_run:  # a dry run only prints the command (often on a login node)
         check_device(cfg)
+    check_attention(cfg)
     for key, ref in base_models(cfg):
         check_model_source(key, ref, tokenizer=not cfg.model.tokenizer_path)
     if cfg.model.tokenizer_path:
@@ -96,6 +103,14 @@ def check_output_dir(path: str, key: str) -> None:
         what = "is not writable" if existing == target else f"cannot be created ({existing} " \
             "is not writable)"
         raise UserError(f"{key}={path}: {what}; {fix}")
+    if existing != target:  # root passes os.access everywhere: try it (an empty dir, removed)
+        import tempfile
+
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".rlhf-exp-probe-", dir=existing))
+        except OSError as exc:
+            raise UserError(f"{key}={path}: cannot be created in {existing} "
+                            f"({exc.strerror or exc}); {fix}") from None
 
 
 def check_caches(cfg: DictConfig) -> None:
@@ -134,6 +149,23 @@ def check_device(cfg: DictConfig) -> None:
     if hw.precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError("hardware.precision=bf16 but this GPU has no bf16 support; use "
                         "hardware.precision=fp16 or fp32")
+
+
+def check_attention(cfg: DictConfig) -> None:
+    """model.attn_implementation: one transformers knows (or a hub kernel, org/name), and
+    flash attention only on cuda."""
+    name = str(cfg.model.attn_implementation)
+    if "/" in name:  # a kernel from the hub (transformers' `kernels` integration)
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known:
+        raise UserError(f"model.attn_implementation={name!r} is not an attention "
+                        f"implementation; choose one of: {', '.join(known)}")
+    if name.startswith("flash_attention") and cfg.hardware.device != "cuda":
+        raise UserError(f"model.attn_implementation={name} needs hardware.device=cuda; use sdpa "
+                        "or eager on cpu")
 
 
 # ----------------------------------------------------------------------------- 3. base models

@@ -89,6 +89,7 @@ def _cases():
         ("sft_max_steps_neg", ["stage=sft", "sft.max_steps=-5"], "sft.max_steps=-5"),
         ("reward_max_steps_0", ["stage=reward", "reward.max_steps=0"], "reward.max_steps=0"),
         ("ppo_steps_0", ["stage=ppo", "ppo.steps=0"], "ppo.steps=0"),
+        ("lr_nan", ["stage=sft", "sft.lr=nan"], "sft.lr=nan"),
         ("micro_batch_0", ["stage=sft", "sft.micro_batch_size_per_device=0"],
          "sft.micro_batch_size_per_device"),
         ("actor_weight_decay", ["stage=ppo", "ppo.actor.weight_decay=-1"],
@@ -109,6 +110,10 @@ def _cases():
         # environment (preflight.py)
         ("hardware_1gpu", ["stage=sft", "hardware=1gpu"], "hardware.device=cuda"),
         ("device_cuda", ["stage=sft", "hardware.device=cuda"], "hardware.device=cuda"),
+        ("submitit_single_run", ["stage=sft", "hardware.launcher=submitit"],
+         "hardware.launcher=submitit"),
+        ("attention_typo", ["stage=sft", "model.attn_implementation=spda"],
+         "model.attn_implementation='spda'"),
         ("output_dir_under_file", ["stage=sft", "hydra.run.dir=@a_file@/run"], "hydra.run.dir="),
         ("data_cache_under_file", ["stage=sft", "data_mix.cache_dir=@a_file@/cache"],
          "data_mix.cache_dir"),
