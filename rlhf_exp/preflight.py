@@ -6,7 +6,8 @@ writes the run dir, so a mistake stops the run with one line and exit code 2 bef
 loads, before a W&B run exists and without touching an existing run dir; each job of a multirun
 calls `preflight` again when it starts. The checks, cheap ones first:
 
-    1. output dir        hydra.run.dir (or the sweep dir) can be created; so can the caches
+    1. output dir        hydra.run.dir (or the sweep dir) can be created; so can the caches;
+                         an existing run dir is of this stage (checked last)
     2. launch            multi-node rendezvous; hardware.device=cuda needs enough visible GPUs;
                          model.attn_implementation is one transformers knows
     3. base models       model.path / reward_path / tokenizer_path, those this stage loads: a
@@ -65,6 +66,8 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     check_output_dir(str(run_dir), "hydra.run.dir")
     check_caches(cfg)
     check_rendezvous(cfg)
+    if cfg.hardware.hostfile and not Path(cfg.hardware.hostfile).expanduser().is_file():
+        raise UserError(f"hardware.hostfile={cfg.hardware.hostfile}: no such file")
     if not cfg.hardware.dry_run:  # a dry run only prints the command (often on a login node)
         check_device(cfg)
     check_attention(cfg)
@@ -75,6 +78,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     for key, ref in starting_points(cfg):
         check_starting_point(key, ref, cfg)
     check_data(cfg)
+    check_run_dir(cfg, run_dir)
     _PIPED.clear()
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
@@ -111,6 +115,50 @@ def check_output_dir(path: str, key: str) -> None:
         except OSError as exc:
             raise UserError(f"{key}={path}: cannot be created in {existing} "
                             f"({exc.strerror or exc}); {fix}") from None
+
+
+def _recorded_stage(run_dir: Path) -> str | None:
+    """The stage a run dir belongs to: its result.json, else its saved config."""
+    result = run_dir / "result.json"
+    try:
+        if result.is_file():
+            return json.loads(result.read_text()).get("stage")
+        for saved in (run_dir / "config_resolved.yaml", run_dir / ".hydra" / "config.yaml"):
+            if saved.is_file():
+                return OmegaConf.select(OmegaConf.load(saved), "stage.name")
+    except Exception:  # unreadable: not ours to judge
+        return None
+    return None
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """An existing run dir is one of this stage: a run of another stage would overwrite its
+    config, result and checkpoints. A training checkpoint there (or in `resume`) that this run
+    would continue must be of this stage and from as many ranks (ZeRO shards per rank)."""
+    from rlhf_exp import resume
+
+    run_dir, stage = Path(run_dir), cfg.stage.name
+    owner = _recorded_stage(run_dir) if run_dir.is_dir() else None
+    if owner and owner != stage:
+        raise UserError(f"hydra.run.dir={run_dir} holds a {owner} run; a {stage} run there would "
+                        "overwrite its files: give a new hydra.run.dir (or leave it unset)")
+    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    dirs = [(s, run_dir / s) for s in _stages(cfg)] if stage == "pipeline" else [(stage, run_dir)]
+    for name, where in dirs:
+        if name not in ("sft", "reward"):  # the stages that save training checkpoints
+            continue
+        sources = [where] + ([Path(cfg.resume).expanduser()] if cfg.resume else [])
+        ckpt = next((c for c in map(resume.latest, sources) if c is not None), None)
+        if ckpt is None:
+            continue
+        state = resume.read_state(ckpt)
+        if state.get("stage") != name:
+            raise UserError(f"{ckpt}: a training checkpoint of stage {state.get('stage')!r}, "
+                            f"which a {name} run cannot continue; give a new hydra.run.dir")
+        if state.get("world_size") != world:
+            raise UserError(f"{ckpt} was saved by {state.get('world_size')} ranks, this run has "
+                            f"{world}: resume with the same hardware.nproc_per_node x "
+                            "hardware.nnodes (ZeRO shards the optimizer state per rank)")
 
 
 def check_caches(cfg: DictConfig) -> None:
@@ -218,11 +266,19 @@ def check_model_dir(key: str, ref: str, tokenizer: bool = True, model: bool = Tr
     if not path.is_dir():
         raise UserError(f"{key}={ref}: is a file; give {what}")
     if model:
-        adapter = path / "adapter_config.json"
-        if not (path / "config.json").is_file() and not adapter.is_file():
+        config, adapter = path / "config.json", path / "adapter_config.json"
+        if not config.is_file() and not adapter.is_file():
             raise UserError(f"{key}={ref}: not a model dir (no config.json or "
                             "adapter_config.json in it)")
-        if not (path / "config.json").is_file():
+        try:
+            json.loads((config if config.is_file() else adapter).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{key}={ref}: {(config if config.is_file() else adapter).name} is "
+                            f"not readable JSON ({exc})") from None
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise UserError(f"{key}={ref}: holds no weights (*.safetensors or *.bin); is the "
+                            "download or the copy complete?")
+        if not config.is_file():
             _check_adapter_base(key, adapter)
     if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{key}={ref}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"

@@ -68,6 +68,8 @@ def existing_run(tmp_path_factory) -> Path:
     (run / ".hydra" / "overrides.yaml").write_text("- stage=sft\n- sft.max_steps=40\n")
     (run / "checkpoints" / "step_000040").mkdir(parents=True)
     (run / "checkpoints" / "step_000040" / "config.json").write_text("{}")
+    (run / "checkpoints" / "step_000040" / "trainer_state.json").write_text(json.dumps(
+        {"stage": "sft", "step": 40, "world_size": 1}))
     (run / "result.json").write_text(json.dumps({"stage": "sft", "metrics": {}}))
     return run
 
@@ -166,6 +168,10 @@ def _cases():
         ("data_smaller_than_rollout", ["stage=ppo", SMALL, "ppo.rollout_batch_size=512",
                                        "ppo.micro_batch_size_per_device=8"],
          "ppo.rollout_batch_size=512"),
+        # the existing run dir itself
+        ("run_dir_of_another_stage", ["stage=reward", SMALL], "holds a sft run"),
+        ("resume_other_world_size", ["stage=sft", SMALL, "hardware.nproc_per_node=2"],
+         "saved by 1 ranks, this run has 2"),
         # Optuna search spaces (checked before the first trial)
         ("optuna_low_gt_high", ["-m", "hydra/sweeper=optuna", "stage=sft",
                                 "sft.lr=interval(1e-2,1e-4)"], "sft.lr=interval(1e-2,1e-4)"),
