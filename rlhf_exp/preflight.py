@@ -78,11 +78,11 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     for key, ref in starting_points(cfg):
         check_starting_point(key, ref, cfg)
     check_data(cfg)
-    check_run_dir(cfg, run_dir)
     _PIPED.clear()
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
         _PIPED.append(read_piped_prompt(sys.stdin.buffer))
+    check_run_dir(cfg, run_dir)
 
 
 # ----------------------------------------------------------------------------- 1. folders
