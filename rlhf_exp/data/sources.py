@@ -115,24 +115,32 @@ def _read_bytes(path: Path) -> bytes:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     records = []
-    data = _read_bytes(path)
-    offset = len(BOM) if data.startswith(BOM) else 0
-    for lineno, raw in enumerate(data[offset:].split(b"\n"), 1):
-        line = _decode(raw, path, lineno)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
-                            f"{exc.colno}); expected one JSON object per line") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got "
-                            f"{type(obj).__name__}")
-        records.append((f"{path}:{lineno}", obj))
+    try:
+        fh = path.open("rb")  # bytes: a bad byte is reported with its line, not as a traceback
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw[len(BOM):] if lineno == 1 and raw.startswith(BOM) else raw,
+                           path, lineno)
+            if line.strip():
+                records.append((f"{path}:{lineno}", _json_object(line, path, lineno)))
     return records
+
+
+def _json_object(line: str, path: Path, lineno: int) -> dict:
+    """One JSONL line as a dict."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                        f"{exc.colno}); expected one JSON object per line") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object per line, got "
+                        f"{type(obj).__name__}")
+    return obj
 
 
 def _read_json(path: Path) -> list[tuple[str, dict]]:
