@@ -461,12 +461,13 @@ def _check_text(cfg: DictConfig, key: str, allow_empty: bool = False) -> None:
         return
     if not allow_empty and not str(value).strip():
         raise ConfigError(f"{key} is empty; give some text or leave it null")
-    bad = next((c for c in str(value) if _is_control(c)), None)
+    bad = next((c for c in str(value) if is_control(c)), None)
     if bad is not None:
         raise ConfigError(f"{key} holds the control character {bad!r}; use plain text")
 
 
-def _is_control(char: str) -> bool:
+def is_control(char: str) -> bool:
+    """A control character other than tab, newline and carriage return."""
     import unicodedata
 
     return char not in "\t\n\r" and unicodedata.category(char) == "Cc"

@@ -87,7 +87,8 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- 1. folders
 def check_output_dir(path: str, key: str) -> None:
-    """`path` is a writable folder, or one that can be created (nothing is created here)."""
+    """`path` is a writable folder, or one that can be created (nothing is left behind: where
+    it would be made, an empty probe dir is created and removed)."""
     target = Path(path).expanduser()
     target = target if target.is_absolute() else Path.cwd() / target
     fix = f"set {key}=<a writable folder>" + (" or launch from a writable directory"
@@ -456,9 +457,9 @@ def read_piped_prompt(stream) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(f"chat: stdin is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
                         f"{exc.start}); pipe a text prompt, or give chat.prompt=...") from None
-    from rlhf_exp.config import _is_control
+    from rlhf_exp.config import is_control
 
-    bad = next((i for i, c in enumerate(text) if _is_control(c)), None)
+    bad = next((i for i, c in enumerate(text) if is_control(c)), None)
     if bad is not None:
         raise UserError(f"chat: stdin holds the control character {text[bad]!r} at offset "
                         f"{bad}; pipe plain text, or give chat.prompt=...")

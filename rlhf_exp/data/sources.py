@@ -20,6 +20,7 @@ data raises DataError naming the file, line and column; nothing is trained befor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -343,12 +344,11 @@ def to_row(rec: dict, src: SimpleNamespace, where: str) -> dict:
 def load_source(src: DictConfig, seed: int) -> list[dict]:
     """All rows of one source in the internal schema, in the source's own order."""
     if src.kind == "synthetic":
-        task = src.synthetic
-        rows = sort_digits.generate(task.num_examples, seed, task.min_digits, task.max_digits,
-                                    task.demo_noise)
-        for i, row in enumerate(rows):
-            row["id"], row["source"], row["task"] = f"{src.name}:{i}", src.name, "sort_digits"
-        return rows
+        task, name = src.synthetic, str(src.name)  # (OmegaConf access is slow in a loop)
+        rows = _synthetic_rows(task.num_examples, seed, task.min_digits, task.max_digits,
+                               task.demo_noise)
+        return [{**row, "id": f"{name}:{i}", "source": name, "task": "sort_digits"}
+                for i, row in enumerate(rows)]
     # a plain copy: OmegaConf attribute access costs ~1 ms, and to_row reads it per field per row
     src = SimpleNamespace(**OmegaConf.to_container(src, resolve=True))
     if src.kind == "local":
@@ -381,6 +381,14 @@ def load_source(src: DictConfig, seed: int) -> list[dict]:
     if not rows:
         raise DataError(f"source {src.name!r} ({src.path}): no usable examples")
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_rows(num_examples: int, seed: int, min_digits: int, max_digits: int,
+                    demo_noise: float) -> tuple[dict, ...]:
+    """The generated task rows, made once per process: every stage of a run (and the preflight
+    before it) reads the same source with the same seed. Callers copy each row."""
+    return tuple(sort_digits.generate(num_examples, seed, min_digits, max_digits, demo_noise))
 
 
 def _empty_reply(row: dict) -> str | None:
