@@ -5,8 +5,9 @@
 Before Hydra runs the app, `main()` settles the command line: `--help` is printed from the groups
 the run would see, a command line Hydra would answer with a traceback gets one line, and what it
 composes is checked (every group option, `experiment` and `hparams_search` included, and
-`check()`), so bad input exits 2 with one line before any work. Then, in `app()`:
-check() -> _preflight() -> start the ranks or run the stage here.
+`check()`), then what it points at is checked (rlhf_exp/preflight.py: run dir, GPUs, models,
+starting points, data), so bad input exits 2 with one line before any work. Then, in `app()`:
+check() -> start the ranks or run the stage here.
 
 When `hardware` asks for more than one process and we are not yet inside a launch, the
 dispatcher re-executes itself under torchrun or `deepspeed --no_local_rank` with the same
@@ -32,10 +33,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import composition, dist
+from rlhf_exp import composition, dist, preflight
 from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
+from rlhf_exp.quoting import quote_text_values
 
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
            ("sft", "reward", "ppo", "pipeline", "eval", "chat")}
@@ -162,12 +164,7 @@ def _validate(inv: composition.Invocation) -> DictConfig:
     combos = _sweep_samples(inv.overrides) if inv.multirun else [inv.overrides]
     composed = []
     for combo in combos:
-        try:
-            cfg = composition.compose(inv, combo, multirun=inv.multirun)
-        except UserError:
-            raise
-        except Exception as exc:  # Hydra/OmegaConf composition errors
-            raise UserError(_one_line(exc)) from None
+        cfg = _compose(inv, combo, multirun=inv.multirun)
         check(cfg)
         check_rendezvous(cfg)  # a multi-node launch's settings, before Hydra makes a run dir
         if cfg.resume:  # the same stage and config as the run it continues, before Hydra
@@ -175,7 +172,21 @@ def _validate(inv: composition.Invocation) -> DictConfig:
 
             resume.check_compatible(cfg, Path(cfg.resume))
         composed.append(cfg)
+    if not inv.cfg:  # what the run points at (run dir, GPUs, models, data), before Hydra writes
+        preflight.before_hydra(composed[0], inv.to_argv(),
+                               lambda overrides: _compose(inv, overrides))
     return composed[0]
+
+
+def _compose(inv: composition.Invocation, overrides: list[str],
+             multirun: bool = False) -> DictConfig:
+    """composition.compose, a Hydra/OmegaConf composition error worded as one line."""
+    try:
+        return composition.compose(inv, overrides, multirun=multirun)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(_one_line(exc)) from None
 
 
 def _show_config(inv: composition.Invocation, cfg: DictConfig) -> None:
@@ -345,20 +356,13 @@ def _objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 
 # ----------------------------------------------------------------------------- app
-def _preflight(cfg: DictConfig, run_dir: Path) -> None:
-    """Checks of the world outside the config (data files readable, hub datasets reachable,
-    output dir writable), in the process that starts the run: after check(), before any rank
-    is launched or model loaded, so such an error is one line at once, not minutes later from
-    every rank. Nothing is checked here yet: the preflight checks plug in here."""
-
-
 def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
-    """check() -> _preflight() -> start the ranks, or run the stage here; returns the objective.
-    Bad input raises UserError, failed ranks RanksFailed."""
+    """check() -> start the ranks, or run the stage here; returns the objective. (The preflight
+    of what the config points at ran before Hydra for a single run, and in _sweep_job for each
+    job of a multirun.) Bad input raises UserError, failed ranks RanksFailed."""
     check(cfg)
     hw = cfg.hardware
     if hw.launcher == "submitit":  # each submitit task is one rank: no re-execution
-        _preflight(cfg, run_dir)
         world = dist.adopt_submitit_env(hw.master_port)
         if world != hw.nproc_per_node * hw.nnodes:
             raise UserError(f"the submitit job has {world} tasks but hardware.nproc_per_node x "
@@ -369,10 +373,8 @@ def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
     elif hw.dry_run:
         print(shlex.join(launch_command(cfg, _rank_argv(extra), str(run_dir))))
         return None
-    else:
-        _preflight(cfg, run_dir)
-        if hw.nproc_per_node > 1 or hw.nnodes > 1:
-            return _relaunch(cfg, str(run_dir), extra)
+    elif hw.nproc_per_node > 1 or hw.nnodes > 1:
+        return _relaunch(cfg, str(run_dir), extra)
     runner = importlib.import_module(RUNNERS[cfg.stage.name])
     result = runner.run(cfg, run_dir)
     return _objective(cfg, result.metrics if result is not None else {})
@@ -396,6 +398,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
 
     key = _objective_key(cfg)
     try:
+        preflight.preflight(cfg, run_dir)  # this job's inputs, before its W&B run exists
         extra = sweep.apply_to_config(cfg, ctx)
         value = _execute(cfg, run_dir, extra)
     except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
@@ -482,7 +485,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not dist.inside_launch():  # a launched rank runs what its launcher already checked
         try:
-            argv = _settle(_resume_argv(sys.argv[1:]))
+            argv = _settle(quote_text_values(_resume_argv(sys.argv[1:])))
         except UserError as exc:
             _fail(str(exc))
         sys.argv = [sys.argv[0], *argv]

@@ -9,6 +9,7 @@ edit; these dataclasses say what may appear there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ OVERLONG = ("truncate", "drop")
 # stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
 # rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
+STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "eval": ("ppo",),
+                "chat": ()}
+# a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 # ----------------------------------------------------------------------------- model
@@ -424,6 +430,9 @@ def _positive(cfg: DictConfig, key: str, minimum: float = 1) -> None:
 
 
 def _check_train_loop(cfg: DictConfig, node: str) -> None:
+    init = cfg[node].init_from
+    if init is not None and not str(init).strip():
+        raise ConfigError(f"{node}.init_from is empty; give a path, run dir or artifact, or null")
     for key in ("micro_batch_size_per_device", "gradient_accumulation_steps", "epochs",
                 "max_prompt_len", "max_len", "log_every"):
         _positive(cfg, f"{node}.{key}")
@@ -433,6 +442,19 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
                           f"than {node}.max_len ({cfg[node].max_len})")
     if cfg[node].lr <= 0:
         raise ConfigError(f"{node}.lr={cfg[node].lr} must be > 0")
+    if cfg[node].max_steps == 0 or cfg[node].max_steps < -1:
+        raise ConfigError(f"{node}.max_steps={cfg[node].max_steps} must be >= 1, or -1 (train "
+                          f"{node}.epochs epochs over the data)")
+    _check_optimizer(cfg, node)
+    for key in ("eval_every", "warmup_steps"):
+        if cfg[node][key] < 0:
+            raise ConfigError(f"{node}.{key}={cfg[node][key]} must be >= 0")
+    betas = list(cfg[node].adam_betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{node}.adam_betas={betas} must be two numbers in [0, 1), e.g. "
+                          "[0.9, 0.95]")
+    if cfg[node].adam_eps <= 0:
+        raise ConfigError(f"{node}.adam_eps={cfg[node].adam_eps} must be > 0")
     # resume / checkpoint retention
     if cfg[node].save_every < 0 or cfg[node].keep_last < 0:
         raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
@@ -444,6 +466,136 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
     if best is not None and cfg[node].save_every <= 0:
         raise ConfigError(f"{node}.keep_best_metric needs {node}.save_every > 0 (checkpoints "
                           "to choose from)")
+
+
+def _check_optimizer(cfg: DictConfig, node: str) -> None:
+    """Optimizer keys shared by sft, reward, ppo.actor and ppo.critic (lr is checked apart)."""
+    opt = OmegaConf.select(cfg, node)
+    if opt.weight_decay < 0:
+        raise ConfigError(f"{node}.weight_decay={opt.weight_decay} must be >= 0")
+    if opt.warmup_steps < 0:
+        raise ConfigError(f"{node}.warmup_steps={opt.warmup_steps} must be >= 0")
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{node}.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1] (the "
+                          "final LR as a share of the peak)")
+    if opt.max_grad_norm < 0:
+        raise ConfigError(f"{node}.max_grad_norm={opt.max_grad_norm} must be >= 0 (0 = no "
+                          "clipping)")
+
+
+def _check_lora(cfg: DictConfig, node: str) -> None:
+    lora = OmegaConf.select(cfg, node)
+    if lora.save not in ("merged", "adapter"):
+        raise ConfigError(f"{node}.save={lora.save!r} is not allowed; choose one of: merged, "
+                          "adapter")
+    if not lora.enabled:
+        return
+    _positive(cfg, f"{node}.r")
+    if lora.alpha <= 0:
+        raise ConfigError(f"{node}.alpha={lora.alpha} must be > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"{node}.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.target_modules or not all(str(m).strip() for m in lora.target_modules):
+        raise ConfigError(f"{node}.target_modules={list(lora.target_modules)} must name modules "
+                          "(e.g. [q_proj, v_proj]) or be [all-linear]")
+
+
+def _check_text(cfg: DictConfig, key: str, allow_empty: bool = False) -> None:
+    """A free-text key: non-blank (unless allowed), no control characters but tab/newline."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if not allow_empty and not str(value).strip():
+        raise ConfigError(f"{key} is empty; give some text or leave it null")
+    bad = next((c for c in str(value) if is_control(c)), None)
+    if bad is not None:
+        raise ConfigError(f"{key} holds the control character {bad!r}; use plain text")
+
+
+def is_control(char: str) -> bool:
+    """A control character other than tab, newline and carriage return."""
+    import unicodedata
+
+    return char not in "\t\n\r" and unicodedata.category(char) == "Cc"
+
+
+def _check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    if not m.path and m.tiny is None:
+        raise ConfigError("model.path is missing: give a hub id or a local directory "
+                          "(or use model=tiny)")
+    for key in ("path", "reward_path", "tokenizer_path"):
+        if m[key] is not None and not str(m[key]).strip():
+            raise ConfigError(f"model.{key} is empty; give a hub id or a local directory, or "
+                              "null")
+    if m.tiny is not None:
+        t = m.tiny
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _positive(cfg, f"model.tiny.{key}")
+        if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+            raise ConfigError(f"model.tiny: hidden_size ({t.hidden_size}) must be divisible by "
+                              f"num_attention_heads ({t.num_attention_heads}), and that by "
+                              f"num_key_value_heads ({t.num_key_value_heads})")
+    if not str(m.attn_implementation).strip():
+        raise ConfigError("model.attn_implementation is empty; e.g. sdpa or eager")
+    template = str(m.prompt_template)
+    try:
+        filled = template.format(prompt="<<PROMPT>>")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"model.prompt_template={template!r} is not a template with only "
+                          f"{{prompt}} ({type(exc).__name__}: {exc}); write literal braces as "
+                          "{{ and }}") from None
+    if "<<PROMPT>>" not in filled:
+        raise ConfigError(f"model.prompt_template={template!r} has no {{prompt}}: the prompt "
+                          "would be dropped; e.g. 'Question: {prompt} Answer:'")
+    _check_lora(cfg, "model.lora")
+
+
+def _check_run_names(cfg: DictConfig) -> None:
+    """experiment_name names folders and W&B groups/artifacts; tags are W&B tags; the seed
+    seeds torch."""
+    name = str(cfg.experiment_name)
+    if not name or not set(name) <= NAME_CHARS or name.startswith((".", "-")) or len(name) > 96:
+        raise ConfigError(f"experiment_name={name!r}: use 1-96 letters, digits, _ . and - (not "
+                          "starting with . or -); it names the run folders and W&B artifacts")
+    for tag in cfg.tags:
+        if not str(tag).strip() or len(str(tag)) > 64:
+            raise ConfigError(f"tags has {str(tag)!r}; each tag must be 1-64 characters (W&B)")
+    if not -2**63 < cfg.seed < 2**63:
+        raise ConfigError(f"seed={cfg.seed} must fit in 64 bits (torch's RNG takes no larger)")
+    if not str(cfg.logger.project).strip():
+        raise ConfigError("logger.project is empty; name the W&B project (default rlhf_exp)")
+    if cfg.logger.table_every < 0:
+        raise ConfigError(f"logger.table_every={cfg.logger.table_every} must be >= 0 (0 = off)")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """`objective` must be a metric the stage reports (docs: the README's metrics table)."""
+    if cfg.objective is None:
+        return
+    stage = cfg.stage.name
+    prefixes = {"pipeline": ("sft/", "reward/", "ppo/", "pipeline/", "perf/"),
+                "eval": ("eval/",), "chat": ()}.get(stage, (f"{stage}/", "perf/"))
+    if not str(cfg.objective).startswith(prefixes):
+        allowed = ", ".join(f"{p}..." for p in prefixes) or "none (chat returns no metric)"
+        raise ConfigError(f"objective={cfg.objective!r} is not a metric of stage={stage}; "
+                          f"allowed: {allowed} (the README lists the metrics)")
+
+
+def _check_stage_shares(cfg: DictConfig) -> None:
+    """Every stage that runs needs a positive share of data_mix.split."""
+    split = list(cfg.data_mix.split)
+    index = {"sft": 0, "reward": 1, "ppo": 2}
+    stages = (list(cfg.stage.stages) if cfg.stage.name == "pipeline" else [cfg.stage.name])
+    needs = [(s, share) for s in stages for share in STAGE_SHARES[s]]
+    if ("ppo" in stages) and cfg.ppo.ptx_coef > 0:
+        needs.append(("ppo (ppo.ptx_coef > 0 trains on the sft share too)", "sft"))
+    for who, share in needs:
+        if split[index[share]] <= 0:
+            raise ConfigError(f"data_mix.split={split} gives the {share} share 0, but stage "
+                              f"{who} reads it; give it a positive share (sft, reward, ppo), "
+                              "e.g. data_mix.split=[2,4,4]")
 
 
 def _check_generation(cfg: DictConfig, node: str) -> None:
@@ -460,10 +612,16 @@ def _check_eval_chat(cfg: DictConfig) -> None:
                           "hardware=1gpu)")
     if cfg.stage.name == "eval":
         ev = cfg.eval
-        for name in ev.policies:
+        for name, ref in ev.policies.items():
             if not str(name).replace("_", "").replace("-", "").isalnum():
                 raise ConfigError(f"eval.policies has the name {name!r}; use letters, digits, "
                                   "_ and - (it names the metrics eval/<name>/...)")
+            if ref is not None and not str(ref).strip():
+                raise ConfigError(f"eval.policies.{name} is empty; give a path, run dir or "
+                                  "artifact, or null")
+        for key in ("from_run", "reward_model", "reference"):
+            if ev[key] is not None and not str(ev[key]).strip():
+                raise ConfigError(f"eval.{key} is empty; give a path or leave it null")
         _allowed(cfg, "eval.kl_estimator", KL_ESTIMATORS)
         for key in ("batch_size", "max_prompt_len"):
             _positive(cfg, f"eval.{key}")
@@ -473,11 +631,19 @@ def _check_eval_chat(cfg: DictConfig) -> None:
         _check_generation(cfg, "eval.generation")
     if cfg.stage.name == "chat":
         _check_generation(cfg, "chat.generation")
+        _check_text(cfg, "chat.prompt")
+        _check_text(cfg, "chat.system", allow_empty=True)
+        if cfg.chat.policy is not None and not str(cfg.chat.policy).strip():
+            raise ConfigError("chat.policy is empty; give a path, run dir or artifact, or null "
+                              "(the base model)")
 
 
 def _check_ppo(cfg: DictConfig) -> None:
     """PPO keys: allowed values, ranges, and a batch geometry that splits evenly over ranks."""
     pc = cfg.ppo
+    for key in ("actor_init", "critic_init", "reward_model"):
+        if pc[key] is not None and not str(pc[key]).strip():
+            raise ConfigError(f"ppo.{key} is empty; give a path, run dir or artifact, or null")
     _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
     for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
                 "num_minibatches", "max_prompt_len", "log_every",
@@ -514,13 +680,12 @@ def _check_ppo(cfg: DictConfig) -> None:
         if node.lr <= 0:
             raise ConfigError(f"ppo.{model}.lr={node.lr} must be > 0")
         _allowed(cfg, f"ppo.{model}.lr_scheduler", SCHEDULERS)
+        _check_optimizer(cfg, f"ppo.{model}")
         if node.zero_stage is not None and node.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"ppo.{model}.zero_stage={node.zero_stage} must be 0, 1, 2, 3 or "
                               "null (= zero_stage.stage)")
     check_rewards(cfg, "ppo")
-    if pc.critic_lora.save not in ("merged", "adapter"):
-        raise ConfigError(f"ppo.critic_lora.save={pc.critic_lora.save!r} is not allowed; "
-                          "choose one of: merged, adapter")
+    _check_lora(cfg, "ppo.critic_lora")
 
 
 def check_rewards(cfg: DictConfig, node: str) -> None:
@@ -576,6 +741,20 @@ def _check_source(src: DictConfig, key: str) -> None:
                           f"{', '.join(GOLD_REWARDS)} (or null)")
     if src.max_examples is not None and src.max_examples < 1:
         raise ConfigError(f"{key}.max_examples={src.max_examples} must be >= 1 (or null = all)")
+    for field_name, column in src.columns.items():
+        if not str(column).strip():
+            raise ConfigError(f"{key}.columns.{field_name} is empty; give the column's name")
+    if src.kind == "hub" and not str(src.hub_split).strip():
+        raise ConfigError(f"{key}.hub_split is empty; name the dataset split, e.g. train")
+    if src.kind == "synthetic":
+        task = src.synthetic
+        if task.num_examples < 1:
+            raise ConfigError(f"{key}.synthetic.num_examples={task.num_examples} must be >= 1")
+        if not 1 <= task.min_digits <= task.max_digits:
+            raise ConfigError(f"{key}.synthetic: min_digits={task.min_digits} and max_digits="
+                              f"{task.max_digits} need 1 <= min_digits <= max_digits")
+        if not 0.0 <= task.demo_noise <= 1.0:
+            raise ConfigError(f"{key}.synthetic.demo_noise={task.demo_noise} must be in [0, 1]")
     if src.kind == "local":
         try:
             path = resolve_path(str(src.path))
@@ -609,12 +788,32 @@ def check_rendezvous(cfg: DictConfig) -> None:
             raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
 
 
+def _check_finite(node: Any, key: str = "") -> None:
+    """No nan or inf anywhere: every comparison with them is False, so range checks pass them."""
+    if OmegaConf.is_dict(node):
+        for k in node:
+            if k != "hydra" and not OmegaConf.is_missing(node, k):
+                _check_finite(node[k], f"{key}.{k}" if key else str(k))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node} must be a finite number")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
+    _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
     for name in cfg.stage.stages:
         if name not in ("sft", "reward", "ppo"):
             raise ConfigError(f"stage.stages has {name!r}; each must be one of: sft, reward, ppo")
+    stages = list(cfg.stage.stages)
+    if cfg.stage.name == "pipeline" and (not stages or stages != sorted(
+            set(stages), key=["sft", "reward", "ppo"].index)):
+        raise ConfigError(f"stage.stages={stages} must list some of sft, reward, ppo, each once, "
+                          "in that order (each stage starts from the one before)")
+    _check_run_names(cfg)
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)
     _check_hardware(cfg)
@@ -626,12 +825,7 @@ def validate(cfg: DictConfig) -> None:
     _allowed(cfg, "zero_stage.offload_param", OFFLOAD)
     if cfg.zero_stage.offload_param != "none" and cfg.zero_stage.stage != 3:
         raise ConfigError("zero_stage.offload_param needs zero_stage.stage=3")
-    if cfg.model.path is None and cfg.model.tiny is None:
-        raise ConfigError("model.path is missing: give a hub id or a local directory "
-                          "(or use model=tiny)")
-    if cfg.model.lora.save not in ("merged", "adapter"):
-        raise ConfigError(f"model.lora.save={cfg.model.lora.save!r} is not allowed; "
-                          "choose one of: merged, adapter")
+    _check_model(cfg)
     _allowed(cfg, "logger.name", ("wandb", "none"))
     _allowed(cfg, "logger.mode", ("offline", "online", "disabled"))
     _check_train_loop(cfg, "sft")
@@ -647,6 +841,9 @@ def validate(cfg: DictConfig) -> None:
                           "(sft, reward, ppo), e.g. [2, 4, 4]")
     if not 0.0 <= cfg.data_mix.eval_fraction < 1.0:
         raise ConfigError(f"data_mix.eval_fraction={cfg.data_mix.eval_fraction} must be in [0, 1)")
+    _check_stage_shares(cfg)
+    if cfg.data_mix.cache_dir is not None and not str(cfg.data_mix.cache_dir).strip():
+        raise ConfigError("data_mix.cache_dir is empty; give a folder, or null (the default)")
     for i, src in enumerate(cfg.data_mix.sources):
         key = f"data_mix.sources[{i}]"
         if src.kind not in SOURCE_KINDS:
@@ -659,6 +856,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}.path is missing: a {src.kind} source needs a path")
         if src.weight <= 0:
             raise ConfigError(f"{key}.weight={src.weight} must be > 0")
+        if not str(src.name).strip():
+            raise ConfigError(f"{key}.name is empty; each source needs a name")
         _check_source(src, key)
     names = [src.name for src in cfg.data_mix.sources]
     if len(set(names)) != len(names):
@@ -669,3 +868,4 @@ def validate(cfg: DictConfig) -> None:
                           "be >= 0")
     # ppo
     _check_ppo(cfg)
+    _check_objective(cfg)

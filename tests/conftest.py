@@ -142,10 +142,12 @@ def rlhf_exp(capfd, monkeypatch):
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            # a run leaves its Hydra config (launch dir, run dir) set for the process, as the
-            # one app of a real process does; later tests in this process must not see it
+        finally:  # a Hydra app leaves its config behind: later in-process code would see it
+            from hydra.core.global_hydra import GlobalHydra
+            from hydra.core.hydra_config import HydraConfig
+
             HydraConfig.instance().cfg = None
+            GlobalHydra.instance().clear()
         out = capfd.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
     return run

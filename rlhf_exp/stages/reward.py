@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from rlhf_exp import dist, engine, models, resume, runtime, tasks, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
+from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
 from rlhf_exp.errors import DataError
@@ -117,12 +118,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     # this stage's disjoint share of the data_mix; bad data stops the run here, before anything
     # is written to the run dir or W&B
     data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    unpaired = sum(row["chosen"] is None or row["rejected"] is None for row in data.train)
-    if unpaired == len(data.train):
-        names = ", ".join(f"{s.name} ({s.format})" for s in cfg.data_mix.sources)
-        raise DataError(f"data_mix {cfg.data_mix.name!r}: no preference pairs for the reward "
-                        f"stage in sources {names}; it needs chosen/rejected (formats "
-                        "preference, hh, or chat with chosen/rejected)")
+    unpaired = require_pairs(data, cfg.data_mix)
     runtime.save_run_config(cfg, run_dir)
     # resume: the newest training checkpoint (every reward.save_every steps) of `resume=<run dir>`
     # or of this run dir; None = from scratch. A resumed run continues its W&B run (same id).
