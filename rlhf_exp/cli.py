@@ -29,9 +29,10 @@ from rlhf_exp.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "pipeline", "eval", "chat")}
+           ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")}
+# pipeline: the last stage's objective (_objective_key)
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
-                     "ppo": "ppo/eval_gold_reward", "pipeline": "ppo/eval_gold_reward",
+                     "ppo": "ppo/eval_gold_reward", "grpo": "grpo/eval_gold_reward",
                      "eval": None, "chat": None}
 
 register_configs()
@@ -206,7 +207,10 @@ def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | N
 
 
 def _objective_key(cfg: DictConfig) -> str | None:
-    return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    if cfg.objective or cfg.stage.name != "pipeline":
+        return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    stages = list(cfg.stage.stages)
+    return DEFAULT_OBJECTIVE.get(stages[-1]) if stages else None
 
 
 def _objective(cfg: DictConfig, metrics: dict) -> float | None:
