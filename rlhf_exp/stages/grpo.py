@@ -457,6 +457,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     # --- the loop
     bar = runtime.progress(gc.steps, "grpo")
     bar.update(state.step)
+    loop_start = time.perf_counter()
     while state.step < gc.steps:
         step = state.step + 1
         t0 = time.perf_counter()
@@ -484,6 +485,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         if gc.save_every > 0 and step % gc.save_every == 0 and step < gc.steps:
             save_training_checkpoint(m, cfg, state, run_dir, tracker)
     bar.close()
+    loop_s = time.perf_counter() - loop_start
     if eval_rows:
         state.last_eval = evaluate(m, cfg, eval_rows)
         tracker.log(state.last_eval, gc.steps)
@@ -493,6 +495,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "grpo", run_dir, tracker, meta,
                                       state.last_eval)
     metrics = rl_steps.final_metrics("grpo", state, FINAL_KEYS, gc.steps)
+    metrics["perf/loop_s"] = loop_s  # this process's steps (a resumed run: the rest only)
     tracker.summary(metrics)
     result = runtime.StageResult("grpo", str(run_dir), str(ckpt), tracker.run_id,
                                  str(run_dir / "wandb") if tracker.enabled else None, metrics)
