@@ -284,7 +284,7 @@ def test_pipeline_sft_then_grpo_compares_the_first_and_last_policy(tmp_path, rlh
     assert run.job_type == "grpo" and run.config["grpo"]["actor_init"] == str(run_dir / "sft")
     assert not (run_dir / "reward").exists()
     # stage=chat answers with the GRPO policy (a policy checkpoint like any other)
-    chat = rlhf_exp("stage=chat", f"chat.policy={run_dir / 'grpo'}", "chat.prompt=sort:321=")
+    chat = rlhf_exp("stage=chat", f"chat.policy={run_dir / 'grpo'}", "chat.prompt='sort:321='")
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
 
