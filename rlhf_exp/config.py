@@ -341,8 +341,9 @@ class GRPOConfig:
     num_minibatches: int = 1  # optimizer steps per pass
     epsilon: float = 0.2  # ratio clip: 1 - epsilon
     epsilon_high: float | None = None  # ratio clip: 1 + epsilon_high; null = epsilon
-    beta: float = 0.0  # KL(policy || reference) coefficient; 0 = no reference model at all
-    kl_estimator: str = "k3"  # k1 | k2 | k3
+    beta: float = 0.2  # KL(policy || reference) coefficient; 0 = no reference model at all
+    # k1 | k2 | k3; null = k3 as a loss term, k1 in the reward (docs/grpo.md says why)
+    kl_estimator: str | None = None
     kl_in_reward: bool = False  # false: beta * KL is a loss term; true: folded into the reward
     baseline: str = "group_mean"  # group_mean (GRPO) | leave_one_out (RLOO)
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
@@ -565,7 +566,8 @@ def _check_grpo(cfg: DictConfig) -> None:
     _allowed(cfg, "grpo.baseline", grpo_math.BASELINES)
     _allowed(cfg, "grpo.scale_rewards", grpo_math.SCALE_REWARDS)
     _allowed(cfg, "grpo.loss_agg", grpo_math.LOSS_AGG)
-    _allowed(cfg, "grpo.kl_estimator", KL_ESTIMATORS)
+    if gc.kl_estimator is not None:
+        _allowed(cfg, "grpo.kl_estimator", KL_ESTIMATORS)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if gc.prompts_per_step % world:
         raise ConfigError(f"grpo.prompts_per_step={gc.prompts_per_step} must be divisible by the "

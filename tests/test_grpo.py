@@ -145,7 +145,7 @@ def test_reward_model_alone_is_the_reward(sft_run, reward_dir, tmp_path):
     ("grpo.num_minibatches=3", "grpo.num_minibatches"),
     ("grpo.micro_batch_size_per_device=5", "grpo.micro_batch_size_per_device"),
     ("grpo.epsilon_high=0", "grpo.epsilon_high"),
-    ("grpo.kl_in_reward=true", "grpo.kl_in_reward"),
+    ("grpo.kl_in_reward=true grpo.beta=0", "grpo.kl_in_reward"),
     ("grpo.generation.do_sample=false", "grpo.generation.do_sample"),
     ("grpo.reward_functions=[]", "grpo.reward_functions"),
     ("grpo.actor.lr_scheduler=cyclic", "grpo.actor.lr_scheduler"),
@@ -153,7 +153,7 @@ def test_reward_model_alone_is_the_reward(sft_run, reward_dir, tmp_path):
 def test_bad_grpo_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose("stage=grpo", "grpo.prompts_per_step=4", "grpo.num_generations=4",
-                "grpo.micro_batch_size_per_device=4", override)
+                "grpo.micro_batch_size_per_device=4", *override.split())
 
 
 def test_bad_grpo_config_exits_2_with_one_line(rlhf_exp):
@@ -171,8 +171,10 @@ def test_grpo_keys_are_checked_only_when_grpo_runs():
 
 def test_presets_rloo_and_dr_grpo():
     rloo = compose("stage=grpo", "grpo=rloo", "grpo.steps=7").grpo
-    assert (rloo.baseline, rloo.scale_rewards, rloo.loss_agg, rloo.steps) == \
-        ("leave_one_out", "none", "token_mean", 7)
+    assert (rloo.baseline, rloo.scale_rewards, rloo.kl_in_reward, rloo.steps) == \
+        ("leave_one_out", "none", True, 7)
+    assert grpo.kl_estimator(compose("stage=grpo", "grpo=rloo")) == "k1"
+    assert grpo.kl_estimator(compose("stage=grpo")) == "k3"
     dr = compose("stage=grpo", "grpo=dr_grpo").grpo
     assert (dr.baseline, dr.scale_rewards, dr.loss_agg) == ("group_mean", "none", "dr_grpo")
 
@@ -257,7 +259,7 @@ def test_eval_from_run_finds_a_grpo_policy_and_follows_its_eval(tmp_path):
                                found.rl_stage)
     assert cfg.seed == 7
     assert cfg.eval.generation.max_new_tokens == 9 and cfg.eval.num_prompts == 40
-    assert cfg.eval.kl_estimator == "k3" and cfg.eval.batch_size == 5  # set by hand: kept
+    assert cfg.eval.kl_estimator == "k1" and cfg.eval.batch_size == 5  # set by hand: kept
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -291,7 +293,8 @@ def test_pipeline_sft_then_grpo_compares_the_first_and_last_policy(tmp_path, rlh
 RESUME_ARGS = ["stage=grpo", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
                "grpo.steps=4", "grpo.prompts_per_step=2", "grpo.num_generations=4",
                "grpo.micro_batch_size_per_device=2", "grpo.num_iterations=2",
-               "grpo.num_minibatches=2", "grpo.beta=0.1", "grpo.eval_every=2",
+               "grpo.num_minibatches=2", "grpo.beta=0.1", "grpo.kl_in_reward=true",
+               "grpo.eval_every=2",
                "grpo.eval_num_prompts=8", "grpo.eval_batch_size=8", "grpo.save_every=2",
                "grpo.keep_last=1", "logger.log_checkpoints=false", "logger.table_every=0"]
 

@@ -119,15 +119,17 @@ def match_run(cfg: DictConfig, run_cfg: DictConfig, rl_stage: str | None = None)
 
 
 def follow_grpo(node: DictConfig) -> None:
-    """Point eval's defaults that still read ${ppo.<key>} at the GRPO node's equivalents."""
+    """Point eval's defaults that still read ${ppo.<key>} at the GRPO node's equivalents
+    (generation, prompts, batch size), but for the KL estimator: eval measures KL to SFT on
+    samples, where k1 is unbiased, as PPO and the pipeline summary do."""
     for key in list(node.keys()):
         if isinstance(node[key], DictConfig):
             follow_grpo(node[key])
         elif OmegaConf.is_interpolation(node, key):
             text = node._get_node(key)._value()
             if isinstance(text, str) and text.startswith("${ppo."):
-                text = text.replace("${ppo.kl.estimator}", "${grpo.kl_estimator}")
-                node[key] = text.replace("${ppo.", "${grpo.")
+                if not text.startswith("${ppo.kl."):  # KL as measured: ppo's (k1)
+                    node[key] = text.replace("${ppo.", "${grpo.")
 
 
 def _resolve(ref: str, key: str, tracker: Tracker | None) -> tuple[str, str | None]:

@@ -248,6 +248,15 @@ def generate_groups(m: Models, cfg: DictConfig, rows: list[dict],
                           device=dist.device_for(cfg.hardware.device))
 
 
+def kl_estimator(cfg: DictConfig) -> str:
+    """`grpo.kl_estimator`, or by default k3 as a loss term and k1 in the reward: as a reward,
+    only k1's score-function gradient is the KL's gradient (k3 there pushes the policy away
+    from the reference wherever it is below it); as a loss term k1's gradient is zero in
+    expectation, k3's is the KL's."""
+    gc = cfg.grpo
+    return gc.kl_estimator or ("k1" if gc.kl_in_reward else "k3")
+
+
 def needs_old_logprobs(cfg: DictConfig) -> bool:
     """One pass in one optimizer step is on-policy (the ratio is exactly 1, its gradient that
     of log pi), so the old log-probs are the update's own, detached: one forward saved. More
@@ -270,7 +279,7 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
                 if m.reference is not None else None)
     scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
                                          gc.reward_model_weight, micro=geo.micro, stage="grpo")
-    seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, gc.kl_estimator)
+    seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
               if ref_logp is not None else None)  # [n] KL(policy || reference) per response
     rewards_ = scores - gc.beta * seq_kl if gc.kl_in_reward else scores
 
@@ -350,7 +359,7 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
                     logp, b.old_logprobs if b.old_logprobs is not None else logp.detach(),
                     b.advantages, b.mask * b.keep[:, None], epsilon=gc.epsilon,
                     epsilon_high=gc.epsilon_high, loss_agg=gc.loss_agg, max_new_tokens=max_new,
-                    ref_logprobs=b.ref_logprobs, beta=gc.beta, kl_estimator=gc.kl_estimator,
+                    ref_logprobs=b.ref_logprobs, beta=gc.beta, kl_estimator=kl_estimator(cfg),
                     entropy=entropy, entropy_coef=gc.entropy_coef, total_tokens=tokens,
                     total_sequences=sequences)
                 scale = world * geo.grad_accum  # undo DeepSpeed's averaging (docstring)

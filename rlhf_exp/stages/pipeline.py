@@ -60,11 +60,11 @@ def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageRes
 
 def eval_node(cfg: DictConfig, stage: str) -> tuple[DictConfig, str]:
     """The config node whose held-out eval settings (generation, eval_num_prompts,
-    eval_batch_size, max_prompt_len) the comparison uses, and its KL estimator."""
+    eval_batch_size, max_prompt_len) the comparison uses, and the KL estimator (PPO's own, k1
+    for the others: unbiased on samples)."""
     if stage == "ppo":
         return cfg.ppo, cfg.ppo.kl.estimator
-    node = cfg[stage]
-    return node, node.get("kl_estimator", "k1")
+    return cfg[stage], "k1"
 
 
 @torch.no_grad()
