@@ -350,6 +350,9 @@ class GRPOConfig:
     loss_agg: str = "token_mean"  # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
     entropy_coef: float = 0.0  # entropy bonus
     filter_zero_std: bool = False  # leave groups whose rewards are all equal out of the update
+    # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
+    # groups and no gradient checkpointing, else off)
+    shared_prompt: bool = True
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     actor: PPOModelOptim = field(default_factory=lambda: PPOModelOptim(lr=3e-4))

@@ -96,6 +96,9 @@ class Geometry:
     micro: int  # completions per forward/backward
     grad_accum: int  # micro-batches per optimizer step
     optimizer_steps: int  # over the whole run (the LR schedule's length)
+    group: int  # num_generations
+    shuffle_groups: bool  # minibatches are made of whole groups (minibatch % group == 0)
+    prompt_group: int  # rows per prompt in a forward: group (shared_prompt) or 1
 
 
 @dataclass
@@ -190,8 +193,11 @@ def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
     n_local = prompts_local * gc.num_generations
     minibatch = n_local // gc.num_minibatches
     micro = min(gc.micro_batch_size_per_device, minibatch)
+    G = gc.num_generations
+    shared = gc.shared_prompt and micro % G == 0 and not cfg.model.gradient_checkpointing
     return Geometry(prompts_local, n_local, minibatch, micro, minibatch // micro,
-                    gc.steps * gc.num_iterations * gc.num_minibatches)
+                    gc.steps * gc.num_iterations * gc.num_minibatches, G, minibatch % G == 0,
+                    G if shared else 1)
 
 
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
@@ -272,11 +278,11 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
     samples-table rows). Advantages are computed on every rank's rewards (all-gathered) so that
     `scale_rewards=batch` is over the global batch; groups never span ranks."""
     gc, t0 = cfg.grpo, time.perf_counter()
+    traj = rollout.trim_responses(traj)  # every forward below skips all-padding columns
     temp, mask = rl_steps.sampling_temperature(gc.generation), traj.response_mask
-    old_logp = (rollout.logprobs(m.actor, traj, temperature=temp, micro_batch=geo.micro)
-                if needs_old_logprobs(cfg) else None)
-    ref_logp = (rollout.logprobs(m.reference, traj, temperature=temp, micro_batch=geo.micro)
-                if m.reference is not None else None)
+    kw = dict(temperature=temp, micro_batch=geo.micro, group_size=geo.prompt_group)
+    old_logp = rollout.logprobs(m.actor, traj, **kw) if needs_old_logprobs(cfg) else None
+    ref_logp = rollout.logprobs(m.reference, traj, **kw) if m.reference is not None else None
     scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
                                          gc.reward_model_weight, micro=geo.micro, stage="grpo")
     seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
@@ -340,7 +346,11 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
     max_new = gc.generation.max_new_tokens
     acc: dict[str, list[float]] = defaultdict(list)
     for _ in range(gc.num_iterations):
-        perm = torch.randperm(geo.n_local, generator=state.shuffle_gen).to(device)
+        if geo.shuffle_groups:  # whole groups stay together (and may share their prompt)
+            groups = torch.randperm(geo.n_local // geo.group, generator=state.shuffle_gen)
+            perm = (groups[:, None] * geo.group + torch.arange(geo.group)).flatten().to(device)
+        else:
+            perm = torch.randperm(geo.n_local, generator=state.shuffle_gen).to(device)
         for mb in range(gc.num_minibatches):
             rows = perm[mb * geo.minibatch:(mb + 1) * geo.minibatch]
             tokens, sequences = minibatch_totals(exp, rows, device)
@@ -350,8 +360,13 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
             acc["grpo/skipped_minibatches"].append(0.0)
             for k in range(0, geo.minibatch, geo.micro):
                 b = exp.select(rows[k:k + geo.micro])
-                logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
-                                                 b.position_ids, R, temp)
+                if geo.prompt_group > 1:
+                    logits = rollout.group_response_logits(
+                        m.actor, b.sequences, b.attention_mask, b.position_ids, R,
+                        geo.prompt_group, temp)
+                else:
+                    logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
+                                                     b.position_ids, R, temp)
                 logp = ppo_math.logprobs_from_logits(logits, b.responses)
                 entropy = ppo_math.entropy_from_logits(
                     logits if gc.entropy_coef > 0 else logits.detach())
