@@ -354,7 +354,10 @@ class GRPOConfig:
     # groups and no gradient checkpointing, else off)
     shared_prompt: bool = True
     max_prompt_len: int = 32
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
+    # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way
+    generation: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(use_static_cache=False))
     actor: PPOModelOptim = field(default_factory=lambda: PPOModelOptim(lr=3e-4))
     offload_reference: bool = False
     offload_reward_model: bool = False

@@ -73,15 +73,17 @@ class PromptSchedule:
 @torch.no_grad()
 def sample(policy, tokenizer, rows: list[dict], prompt_tokens: list[list[int]],
            gen: GenerationConfig, *, generator: torch.Generator, synced_gpus: bool,
-           device: torch.device) -> Trajectory:
+           device: torch.device, group_size: int = 1) -> Trajectory:
     """Sample one response per prompt (rows[i] is prompted with prompt_tokens[i]).
-    `synced_gpus`: ZeRO-3 over several ranks, where every decode step is a collective."""
+    `synced_gpus`: ZeRO-3 over several ranks, where every decode step is a collective.
+    `group_size` = G > 1: rows come in runs of G with the same prompt (generation.generate's
+    prompt_repeats)."""
     t0 = time.perf_counter()
     input_ids = pad_left(prompt_tokens, tokenizer.pad_token_id)
     prompt_mask = pad_left([[1] * len(x) for x in prompt_tokens], 0)
     out = generate(policy, input_ids, prompt_mask, gen, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, generator=generator,
-                   synced_gpus=synced_gpus)
+                   synced_gpus=synced_gpus, prompt_repeats=group_size)
     gen_s = time.perf_counter() - t0
     attn = out.attention_mask.to(device)
     mask = out.response_mask.to(device).float()

@@ -251,7 +251,8 @@ def generate_groups(m: Models, cfg: DictConfig, rows: list[dict],
                           [p for p in prompt_tokens for _ in range(G)],
                           evaluation.generation_config(cfg.grpo.generation),
                           generator=state.sample_gen, synced_gpus=synced,
-                          device=dist.device_for(cfg.hardware.device))
+                          device=dist.device_for(cfg.hardware.device),
+                          group_size=G if cfg.grpo.shared_prompt else 1)
 
 
 def kl_estimator(cfg: DictConfig) -> str:
