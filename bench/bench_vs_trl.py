@@ -124,7 +124,7 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
                   f"grpo.actor.lr={args.lr}", f"grpo.beta={args.beta}",
                   "grpo.loss_agg=token_mean", "grpo.scale_rewards=group", "grpo.epsilon=0.2",
                   "grpo.eval_every=0", "grpo.eval_num_prompts=1",  # evaluated here instead
-                  "logger.log_checkpoints=false")
+                  "logger.log_checkpoints=false", *args.ours_set)
     tokenizer = models.load_tokenizer(args.sft, cfg.model)
     start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
     init_gold = heldout_gold(start, tokenizer, cfg, args)
@@ -208,6 +208,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for our run (repeatable), e.g. "
+                        "grpo.actor.zero_stage=0")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     from rlhf_exp.tracking import resolve_init
