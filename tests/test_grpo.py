@@ -16,9 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint, models, resume, runtime
+from rlhf_exp import checkpoint, engine, models, ppo_math, resume, rollout, runtime
 from rlhf_exp.config import ConfigError
 from rlhf_exp.errors import UserError
+from rlhf_exp.generation import GenerationConfig
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.stages import grpo, pipeline
 from rlhf_exp.tasks import sort_digits
@@ -133,6 +134,58 @@ def test_reward_model_alone_is_the_reward(sft_run, reward_dir, tmp_path):
     assert run.summary["grpo/reward_model_placement"] == "device"
     assert run.summary["grpo/reference_placement"] == "none"
     assert "grpo/eval_reward_score" in result.metrics
+
+
+# ----------------------------------------------------------------------------- shared prompts
+def _groups():
+    """A tiny Llama (seeded random weights) and 3 prompts x 4 sampled completions."""
+    cfg = compose("stage=grpo")
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    model = engine.disable_dropout(models.load_causal_lm(path, tok, cfg.model))
+    rows = [{"prompt": f"sort:{d}="} for d in ("52813", "31", "9876543")]
+    ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    gen = GenerationConfig(max_new_tokens=8, compile="none", use_static_cache=False)
+
+    def sample(group_size: int) -> rollout.Trajectory:
+        return rollout.sample(model, tok, [r for r in rows for _ in range(4)],
+                              [p for p in ids for _ in range(4)], gen,
+                              generator=torch.Generator().manual_seed(0), synced_gpus=False,
+                              device=torch.device("cpu"), group_size=group_size)
+    return model, sample
+
+
+def test_shared_prompt_forward_is_exact_with_gradients():
+    model, sample = _groups()
+    traj = sample(4)
+    assert traj.texts == sample(1).texts  # prefilling each prompt once samples the same
+    R, mask = traj.response_mask.shape[1], traj.response_mask.bool()
+    grads, logits = [], []
+    for shared in (False, True):
+        model.zero_grad()
+        args = (model, traj.sequences, traj.attention_mask, traj.position_ids, R)
+        out = (rollout.group_response_logits(*args, 4, temperature=0.7) if shared
+               else rollout.response_logits(*args, temperature=0.7))
+        ppo_math.masked_sum(ppo_math.logprobs_from_logits(out, traj.responses), mask).backward()
+        logits.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(logits[0][mask], logits[1][mask], atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+def test_trimming_drops_only_all_padding_columns():
+    # two rows, prompt 2 tokens, 6 response columns; the responses end at 3 and 5 tokens
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).float()
+    seq = torch.arange(16).view(2, 8)
+    attn = torch.cat([torch.ones(2, 2), mask], 1).long()
+    traj = rollout.Trajectory([{}, {}], seq, attn, attn.cumsum(-1) - 1, mask, ["a", "b"], 0.0)
+    trimmed = rollout.trim_responses(traj)
+    assert trimmed.response_mask.shape[1] == 5
+    assert torch.equal(trimmed.sequences, seq[:, :7])
+    assert torch.equal(trimmed.responses, traj.responses[:, :5])
+    assert torch.equal(trimmed.attention_mask, attn[:, :7])
+    full = rollout.Trajectory([{}], seq[:1], attn[:1], attn[:1], torch.ones(1, 6), ["a"], 0.0)
+    assert rollout.trim_responses(full) is full  # nothing to trim
 
 
 # ----------------------------------------------------------------------------- config, no run
