@@ -380,8 +380,8 @@ class EvalConfig:
     # model are found from their result.json and checkpoints; `policies` entries add/override
     from_run: str | None = None
     include_base: bool = False  # also evaluate the untrained base model (policy `base`)
-    # with from_run: take seed, model, data_mix, reward and ppo from the run's config, so the
-    # held-out prompts are the run's own and the defaults follow its PPO eval
+    # with from_run: take seed, model, data_mix, reward, ppo and grpo from the run's config, so
+    # the held-out prompts are the run's own and the defaults follow its PPO (or GRPO) eval
     match_run: bool = True
     reward_model: str | None = None  # path or artifact; null = the from_run reward model
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`

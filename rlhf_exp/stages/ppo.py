@@ -29,7 +29,7 @@ One step (`ppo.steps` of them), each a function below:
                        approx KL exceeds `target_approx_kl`
   finish_step          metrics averaged over ranks; the KL controller updated with that global
                        KL (the same coefficient on every rank); the fp32 EMA of the actor
-  log_metrics, evaluate, save_training_checkpoint
+  evaluate, log (rl_steps.log_step), save_training_checkpoint
 Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
 `stage=eval` and the other RL stages share, so the numbers agree). Step 0 is the starting policy.
