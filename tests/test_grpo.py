@@ -338,9 +338,12 @@ def test_pipeline_sft_then_grpo_compares_the_first_and_last_policy(tmp_path, rlh
     (run,) = read_runs(run_dir / "grpo" / "wandb")
     assert run.job_type == "grpo" and run.config["grpo"]["actor_init"] == str(run_dir / "sft")
     assert not (run_dir / "reward").exists()
-    # stage=chat answers with the GRPO policy (a policy checkpoint like any other)
-    chat = rlhf_exp("stage=chat", f"chat.policy={run_dir / 'grpo'}", "chat.prompt='sort:321='")
-    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+    # stage=chat answers with the GRPO policy (a policy checkpoint like any other); greedy, so
+    # the answer does not depend on the RNG state earlier tests left
+    chat = rlhf_exp("stage=chat", f"chat.policy={run_dir / 'grpo'}", "chat.prompt='sort:321='",
+                    "chat.generation.do_sample=false")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip().isdigit(), (chat.stdout, chat.stderr[-2000:])
 
 
 RESUME_ARGS = ["stage=grpo", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
