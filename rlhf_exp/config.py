@@ -21,14 +21,19 @@ from rlhf_exp.errors import UserError
 STAGES = ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")
 # `stage=pipeline`: the stages it may chain, and where each one starts from when its key is left
 # unset: key -> the output of the latest earlier stage of that name, or of the latest earlier
-# stage that trains a policy ("policy": one of POLICY_STAGES). A new stage is one entry here.
+# stage that trains a policy ("policy": sft or a stage with a "policy" key). A new stage is one
+# entry here (e.g. "dpo": {"dpo.actor_init": "policy"}); the stage named by a "policy" key is a
+# policy-training stage whose start and result the pipeline's summary compares.
 PIPELINE_HANDOFF: dict[str, dict[str, str]] = {
     "sft": {},
     "reward": {"reward.init_from": "sft"},
     "ppo": {"ppo.actor_init": "policy", "ppo.critic_init": "reward"},
     "grpo": {"grpo.actor_init": "policy", "grpo.reward_model": "reward"},
 }
-POLICY_STAGES = ("sft", "ppo", "grpo")  # stages whose output is a policy (a causal LM)
+# stage -> the key naming the policy it starts from (ppo.actor_init, grpo.actor_init, ...)
+POLICY_START_KEY = {stage: key for stage, keys in PIPELINE_HANDOFF.items()
+                    for key, source in keys.items() if source == "policy"}
+POLICY_STAGES = ("sft", *POLICY_START_KEY)  # stages whose output is a policy (a causal LM)
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 LAUNCHERS = ("torchrun", "deepspeed", "submitit")

@@ -32,15 +32,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import checkpoint, dist, evaluation, models, runtime
-from rlhf_exp.config import PIPELINE_HANDOFF, POLICY_STAGES
+from rlhf_exp.config import PIPELINE_HANDOFF, POLICY_STAGES, POLICY_START_KEY
 from rlhf_exp.tracking import resolve_init
 
 KEY_METRICS = {"sft": ("sft/eval_loss",),
                "reward": ("reward/eval_accuracy",),
                "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
                "grpo": ("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl")}
-# the key naming where an RL stage's policy started from (the first policy of the comparison)
-START_KEY = {"ppo": "ppo.actor_init", "grpo": "grpo.actor_init"}
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:
@@ -60,11 +58,14 @@ def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageRes
 
 def eval_node(cfg: DictConfig, stage: str) -> tuple[DictConfig, str]:
     """The config node whose held-out eval settings (generation, eval_num_prompts,
-    eval_batch_size, max_prompt_len) the comparison uses, and the KL estimator (PPO's own, k1
-    for the others: unbiased on samples)."""
+    eval_batch_size, max_prompt_len) the comparison uses (a stage without them: PPO's), and the
+    KL estimator (PPO's own, k1 for the others: unbiased on samples)."""
     if stage == "ppo":
         return cfg.ppo, cfg.ppo.kl.estimator
-    return cfg[stage], "k1"
+    node = cfg[stage]
+    has_eval = all(k in node for k in ("generation", "eval_num_prompts", "eval_batch_size",
+                                       "max_prompt_len"))
+    return (node if has_eval else cfg.ppo), "k1"
 
 
 @torch.no_grad()
@@ -123,9 +124,9 @@ def reward_model_of(stage_cfg: DictConfig, stage: str) -> str | None:
     """The reward model an RL stage used (None: reward functions only), as a local path."""
     if stage == "ppo":
         ref = stage_cfg.ppo.reward_model or stage_cfg.ppo.critic_init
-    else:
+    else:  # a stage without a reward model (e.g. one trained on preference pairs): none
         node = stage_cfg[stage]
-        ref = node.reward_model if node.reward_model_weight > 0 else None
+        ref = node.get("reward_model") if node.get("reward_model_weight", 1.0) > 0 else None
     return str(resolve_init(ref)[0]) if ref else None
 
 
@@ -159,11 +160,11 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
         results[name] = runner.run(stage_config(cfg, name, results), run_dir / name)
 
     comparison: dict[str, dict[str, float]] = {}
-    rl_stages = [name for name in results if name in START_KEY]
+    rl_stages = [name for name in results if name in POLICY_START_KEY]
     if rl_stages:
         first, last = rl_stages[0], rl_stages[-1]
         first_cfg = stage_config(cfg, first, results)
-        start = OmegaConf.select(first_cfg, START_KEY[first])
+        start = OmegaConf.select(first_cfg, POLICY_START_KEY[first])
         sft_path = (str(resolve_init(start)[0]) if start
                     else models.resolve_base_path(cfg.model))
         policies = {"sft": sft_path, last: results[last].checkpoint}
