@@ -341,7 +341,7 @@ def test_pipeline_sft_then_grpo_compares_the_first_and_last_policy(tmp_path, rlh
     # stage=chat answers with the GRPO policy (a policy checkpoint like any other); greedy, so
     # the answer does not depend on the RNG state earlier tests left
     chat = rlhf_exp("stage=chat", f"chat.policy={run_dir / 'grpo'}", "chat.prompt='sort:321='",
-                    "chat.generation.do_sample=false")
+                    "chat.generation.do_sample=false", f"hydra.run.dir={tmp_path / 'chat'}")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip().isdigit(), (chat.stdout, chat.stderr[-2000:])
 
