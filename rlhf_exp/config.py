@@ -47,6 +47,9 @@ OVERLONG = ("truncate", "drop")
 # stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
 # rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GRPO_BASELINES = ("group_mean", "leave_one_out")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
 # the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
 STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "grpo": ("ppo",),
                 "eval": ("ppo",),
@@ -756,8 +759,6 @@ def _check_ppo(cfg: DictConfig) -> None:
 def _check_grpo(cfg: DictConfig) -> None:
     """GRPO keys (only when a grpo stage runs): allowed values, ranges, whole groups on every
     rank, and a batch geometry that splits evenly."""
-    from rlhf_exp import grpo_math
-
     if cfg.stage.name != "grpo" and not (cfg.stage.name == "pipeline"
                                          and "grpo" in cfg.stage.stages):
         return
@@ -767,9 +768,9 @@ def _check_grpo(cfg: DictConfig) -> None:
                 "eval_batch_size"):
         _positive(cfg, f"grpo.{key}")
     _positive(cfg, "grpo.num_generations", 2)
-    _allowed(cfg, "grpo.baseline", grpo_math.BASELINES)
-    _allowed(cfg, "grpo.scale_rewards", grpo_math.SCALE_REWARDS)
-    _allowed(cfg, "grpo.loss_agg", grpo_math.LOSS_AGG)
+    _allowed(cfg, "grpo.baseline", GRPO_BASELINES)
+    _allowed(cfg, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+    _allowed(cfg, "grpo.loss_agg", GRPO_LOSS_AGG)
     if gc.kl_estimator is not None:
         _allowed(cfg, "grpo.kl_estimator", KL_ESTIMATORS)
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes

@@ -40,11 +40,12 @@ from __future__ import annotations
 
 import torch
 
+# the allowed values are declared once, in the torch-free config (checked before torch loads)
+from rlhf_exp.config import GRPO_BASELINES as BASELINES
+from rlhf_exp.config import GRPO_LOSS_AGG as LOSS_AGG
+from rlhf_exp.config import GRPO_SCALE_REWARDS as SCALE_REWARDS
 from rlhf_exp.ppo_math import kl_per_token, masked_mean
 
-BASELINES = ("group_mean", "leave_one_out")
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
 STD_EPS = 1e-4  # added to the std before dividing (TRL's value)
 
 
