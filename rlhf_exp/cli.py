@@ -33,19 +33,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import composition, dist, preflight
+from rlhf_exp import arms, composition, dist, preflight
 from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
 from rlhf_exp.quoting import quote_text_values
 
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")}
+           ("sft", "reward", "ppo", "grpo", "pipeline", "algorithms", "eval", "chat")}
 CONFIG_DIGEST_ENV = "RLHF_EXP_CONFIG_DIGEST"
 # pipeline: the last stage's objective (_objective_key)
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
                      "ppo": "ppo/eval_gold_reward", "grpo": "grpo/eval_gold_reward",
-                     "eval": None, "chat": None}
+                     "algorithms": None, "eval": None, "chat": None}
 
 register_configs()
 
@@ -172,10 +172,19 @@ def _validate(inv: composition.Invocation) -> DictConfig:
             from rlhf_exp import resume  # writes anything into that run dir
 
             resume.check_compatible(cfg, Path(cfg.resume))
+        if cfg.stage.name == "algorithms":  # each arm is checked as the pipeline run it is
+            arm_cfgs = arms.compose_arms(
+                cfg, combo, lambda overrides: _compose(inv, overrides, multirun=inv.multirun))
+            for arm_cfg in arm_cfgs.values():
+                check(arm_cfg)
         composed.append(cfg)
     if not inv.cfg:  # what the run points at (run dir, GPUs, models, data), before Hydra writes
         preflight.before_hydra(composed[0], inv.to_argv(),
                                lambda overrides: _compose(inv, overrides))
+        if composed[0].stage.name == "algorithms" and not inv.multirun:
+            run_dir = Path(str(composed[0].hydra.run.dir))
+            for name, arm_cfg in arm_cfgs.items():
+                preflight.preflight(arm_cfg, run_dir / name)
     return composed[0]
 
 

@@ -4,6 +4,12 @@ of chosen metrics, and a PNG of their curves.
     rlhf-exp-compare outputs/default/multirun_2026-11-23_10-45-00          # every job of a sweep
     rlhf-exp-compare outputs/a/2026-..._sft outputs/b/2026-..._sft --metrics sft/loss,sft/lr
     rlhf-exp-compare my-entity/rlhf_exp/abc123 my-entity/rlhf_exp/def456    # online W&B runs
+    rlhf-exp-compare outputs/algorithms/<run>/{ppo,grpo_gold,dpo} \
+        --metrics '{stage}/eval_gold_reward' --x time    # runs of different stages, wall time
+
+`{stage}` in a metric name stands for each run's stage (its W&B job_type), so runs of different
+stages compare on their own metric of one kind. `--x time` plots against the seconds since each
+run started (W&B's `_runtime`) instead of the stage's step.
 
 A PATH is a run dir, a sweep dir, a `wandb` dir or a `.wandb` file (read offline through
 `wandb leet inspect`, rlhf_exp/wandb_reader.py), or a W&B run path `entity/project/run_id`
@@ -28,8 +34,10 @@ DEFAULT_METRICS = {
     "sft": ["sft/loss", "sft/eval_loss"],
     "reward": ["reward/loss", "reward/eval_accuracy"],
     "ppo": ["ppo/gold_reward", "ppo/reward_score", "ppo/kl"],
+    "grpo": ["grpo/gold_reward", "grpo/eval_gold_reward", "grpo/kl"],
     "eval": [],
 }
+X_AXES = ("step", "time")
 # config keys that always differ between runs and say nothing about the experiment
 IGNORED_KEYS = ("run_dir", "tags", "logger.group", "resume", "group_choices.")
 RUN_PATH = re.compile(r"^(?:https?://[^/]+/)?([^/\s]+)/([^/\s]+)/(?:runs/)?([^/\s]+)$")
@@ -47,16 +55,22 @@ class Run:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
-    def series(self, metric: str) -> list[tuple[float, float]]:
-        """(step, value) of one metric on the stage's step axis; a step logged twice (a run
-        resumed from an earlier checkpoint) keeps its last value."""
-        xkey = f"{self.job_type}/step"
+    def metric(self, name: str) -> str:
+        """A metric name with `{stage}` standing for this run's stage."""
+        return name.replace("{stage}", self.job_type)
+
+    def series(self, metric: str, x: str = "step") -> list[tuple[float, float]]:
+        """(x, value) of one metric, x the stage's step or (x="time") the seconds since the run
+        started; a step logged twice (a run resumed from an earlier checkpoint) keeps its last
+        value."""
+        metric = self.metric(metric)
+        xkey = "_runtime" if x == "time" else f"{self.job_type}/step"
         points: dict[float, float] = {}
         for i, row in enumerate(self.history):
             value = row.get(metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                x = row.get(xkey, row.get("_step", i))
-                points[float(x)] = float(value)
+                where = row.get(xkey, row.get("_step", i))
+                points[float(where)] = float(value)
         return sorted(points.items())
 
 
@@ -167,7 +181,7 @@ def default_metrics(runs: list[Run]) -> list[str]:
 def final_and_best(run: Run, metric: str) -> tuple[float | None, float | None]:
     points = run.series(metric)
     if not points:
-        value = run.summary.get(metric)
+        value = run.summary.get(run.metric(metric))
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return (float(value), float(value)) if ok else (None, None)
     values = [v for _, v in points if not math.isnan(v)] or [math.nan]
@@ -200,8 +214,10 @@ def table(runs: list[Run], keys: list[str], metrics: list[str]) -> str:
                      for row in [header, *rows])
 
 
-def plot(runs: list[Run], keys: list[str], metrics: list[str], out: Path) -> Path:
-    """One panel per metric, one line per run, labelled with the run and its differing keys."""
+def plot(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
+         x: str = "step") -> Path:
+    """One panel per metric, one line per run, labelled with the run and its differing keys;
+    x is the stage's step or (x="time") the seconds since each run started."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,7 +227,7 @@ def plot(runs: list[Run], keys: list[str], metrics: list[str], out: Path) -> Pat
     fig, axes = plt.subplots(n, 1, figsize=(8, 3.2 * n), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         for run in runs:
-            points = run.series(metric)
+            points = run.series(metric, x)
             if not points:
                 continue
             flat = flatten(run.config)
@@ -219,8 +235,12 @@ def plot(runs: list[Run], keys: list[str], metrics: list[str], out: Path) -> Pat
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="." if len(xs) < 30 else None,
                     label=f"{run.label} {extra}".strip())
-        ax.set_title(metric)
-        ax.set_xlabel(f"{runs[0].job_type or 'step'}/step" if runs else "step")
+        ax.set_title(metric.replace("{stage}", "<stage>") + (
+            " (each run's own stage)" if "{stage}" in metric else ""))
+        if x == "time":
+            ax.set_xlabel("wall time since the run started (s)")
+        else:
+            ax.set_xlabel(f"{runs[0].job_type or 'step'}/step" if runs else "step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -244,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default="compare.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("--keys", help="comma-separated config keys to show (default: the "
                         "keys that differ)")
+    parser.add_argument("--x", choices=X_AXES, default="step", help="the plot's x axis: the "
+                        "stage's step or the wall time since each run started (default: step)")
     args = parser.parse_args(argv)
     try:
         runs = sorted(load_runs(args.paths), key=_sort_key)
@@ -258,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-exp-compare: warning: no run logged {', '.join(missing)}", file=sys.stderr)
     print(f"{len(runs)} runs; differing config keys: {', '.join(keys) or '(none)'}")
     print(table(runs, keys, metrics))
-    out = plot(runs, keys, metrics, Path(args.plot))
+    out = plot(runs, keys, metrics, Path(args.plot), x=args.x)
     print(f"plot: {out}")
     return 0
 

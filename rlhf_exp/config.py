@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from rlhf_exp.errors import ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")
+STAGES = ("sft", "reward", "ppo", "grpo", "pipeline", "algorithms", "eval", "chat")
 # `stage=pipeline`: the stages it may chain, and where each one starts from when its key is left
 # unset: key -> the output of the latest earlier stage of that name, or of the latest earlier
 # stage that trains a policy ("policy": sft or a stage with a "policy" key). A new stage is one
@@ -103,10 +103,28 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    name: str = MISSING  # which runner: sft, reward, ppo, grpo, pipeline, eval, chat
+    name: str = MISSING  # which runner: sft, reward, ppo, grpo, pipeline, algorithms, eval, chat
     # pipeline only: the stages run in order, each starting from the previous one's output
     # (PIPELINE_HANDOFF above)
     stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
+    # algorithms only: arm name -> {stages: [...], overrides: [...]}: a pipeline whose last
+    # stage is the arm's own, the stages before it (sft, reward) shared by every arm and trained
+    # once, and command-line overrides of that stage's keys (conf/stage/algorithms.yaml).
+    # Untyped so that `+stage.arms.x={stages:[sft,grpo]}` adds one; _check_algorithms checks it
+    arms: dict[str, Any] = field(default_factory=dict)
+
+
+SHARED_STAGES = ("sft", "reward")  # stages an arm of stage=algorithms may share with the others
+
+
+def run_stages(cfg: DictConfig) -> list[str]:
+    """The training stages a run goes through: a pipeline's chain, the union of the arms'
+    chains of stage=algorithms (shared stages once), else the stage itself."""
+    if cfg.stage.name == "pipeline":
+        return list(cfg.stage.stages)
+    if cfg.stage.name == "algorithms":
+        return list(dict.fromkeys(s for arm in cfg.stage.arms.values() for s in arm.stages))
+    return [cfg.stage.name]
 
 
 # ----------------------------------------------------------------------------- zero
@@ -644,6 +662,7 @@ def _check_objective(cfg: DictConfig) -> None:
         return
     stage = cfg.stage.name
     prefixes = {"pipeline": (*(f"{s}/" for s in PIPELINE_HANDOFF), "pipeline/", "perf/"),
+                "algorithms": ("algorithms/",),
                 "eval": ("eval/",), "chat": ()}.get(stage, (f"{stage}/", "perf/"))
     if not str(cfg.objective).startswith(prefixes):
         allowed = ", ".join(f"{p}..." for p in prefixes) or "none (chat returns no metric)"
@@ -655,7 +674,7 @@ def _check_stage_shares(cfg: DictConfig) -> None:
     """Every stage that runs needs a positive share of data_mix.split."""
     split = list(cfg.data_mix.split)
     index = {"sft": 0, "reward": 1, "ppo": 2}
-    stages = (list(cfg.stage.stages) if cfg.stage.name == "pipeline" else [cfg.stage.name])
+    stages = run_stages(cfg)
     needs = [(s, share) for s in stages for share in STAGE_SHARES[s]]
     if ("ppo" in stages) and cfg.ppo.ptx_coef > 0:
         needs.append(("ppo (ppo.ptx_coef > 0 trains on the sft share too)", "sft"))
@@ -759,8 +778,7 @@ def _check_ppo(cfg: DictConfig) -> None:
 def _check_grpo(cfg: DictConfig) -> None:
     """GRPO keys (only when a grpo stage runs): allowed values, ranges, whole groups on every
     rank, and a batch geometry that splits evenly."""
-    if cfg.stage.name != "grpo" and not (cfg.stage.name == "pipeline"
-                                         and "grpo" in cfg.stage.stages):
+    if "grpo" not in run_stages(cfg):
         return
     gc = cfg.grpo
     for key in ("steps", "prompts_per_step", "micro_batch_size_per_device", "num_iterations",
@@ -934,28 +952,68 @@ def _check_finite(node: Any, key: str = "") -> None:
         raise ConfigError(f"{key}={node} must be a finite number")
 
 
+def _check_chain(stages: list[str], key: str) -> None:
+    """A pipeline's chain: each stage starts from what the stages before it produced
+    (PIPELINE_HANDOFF): SFT comes first, a reward model before the stages that use it, no stage
+    twice."""
+    for name in stages:
+        if name not in PIPELINE_HANDOFF:
+            raise ConfigError(f"{key} has {name!r}; each must be one of: "
+                              f"{', '.join(PIPELINE_HANDOFF)}")
+    wrong = (not stages or len(set(stages)) != len(stages)
+             or ("sft" in stages and stages[0] != "sft")
+             or any("reward" in keys.values() and "reward" in stages
+                    and stages.index("reward") > i
+                    for i, keys in enumerate(PIPELINE_HANDOFF[s] for s in stages)))
+    if wrong:
+        raise ConfigError(f"{key}={stages} must list stages of "
+                          f"{', '.join(PIPELINE_HANDOFF)} once each, sft first and reward "
+                          "before the stages that use its model (e.g. [sft, reward, ppo], "
+                          "[sft, grpo], [sft, dpo])")
+
+
+def _check_algorithms(cfg: DictConfig) -> None:
+    """stage=algorithms: at least one arm; each a chain of shared stages (sft, reward) ending
+    in a stage that trains a policy from them, named like a folder."""
+    if cfg.stage.name != "algorithms":
+        return
+    if not cfg.stage.arms:
+        raise ConfigError("stage=algorithms has no arms: give stage.arms.<name>.stages, e.g. "
+                          "'+stage.arms.grpo.stages=[sft,grpo]' (conf/stage/algorithms.yaml)")
+    if cfg.resume:
+        raise ConfigError("resume= continues one stage or pipeline run; stage=algorithms is not "
+                          "resumable: resume the arm's own run dir (<run dir>/<arm>) instead")
+    for name, arm in cfg.stage.arms.items():
+        key = f"stage.arms.{name}"
+        if not set(str(name)) <= NAME_CHARS or name in SHARED_STAGES:
+            raise ConfigError(f"{key}: an arm's name is its folder and W&B run name: letters, "
+                              f"digits, _ . - only, and not {' or '.join(SHARED_STAGES)}")
+        if not isinstance(arm, DictConfig) or set(arm) - {"stages", "overrides"} or \
+                not isinstance(arm.get("stages"), ListConfig) or \
+                not isinstance(arm.get("overrides", []), (list, ListConfig)):
+            shown = OmegaConf.to_container(arm) if OmegaConf.is_config(arm) else arm
+            raise ConfigError(f"{key}={shown}: an arm is {{stages: [sft, ..., <stage>], "
+                              "overrides: [<key>=<value>, ...]} (overrides optional)")
+        stages = [str(s) for s in arm.stages]
+        _check_chain(stages, f"{key}.stages")
+        if stages[-1] not in POLICY_START_KEY or not set(stages[:-1]) <= set(SHARED_STAGES):
+            raise ConfigError(f"{key}.stages={stages}: an arm is shared stages "
+                              f"({', '.join(SHARED_STAGES)}) then one stage that trains a policy "
+                              f"from them ({', '.join(POLICY_START_KEY)}), e.g. [sft, reward, ppo]")
+        for override in arm.get("overrides", []):
+            if str(override).split("=", 1)[0].lstrip("+~") in ("stage", "experiment") or \
+                    str(override).startswith("stage."):
+                raise ConfigError(f"{key}.overrides has {override!r}: an arm's stages are "
+                                  f"{key}.stages; its overrides set that stage's keys")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
     _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
-    for name in cfg.stage.stages:
-        if name not in PIPELINE_HANDOFF:
-            raise ConfigError(f"stage.stages has {name!r}; each must be one of: "
-                              f"{', '.join(PIPELINE_HANDOFF)}")
-    stages = list(cfg.stage.stages)
     if cfg.stage.name == "pipeline":
-        # each stage starts from what the stages before it produced (PIPELINE_HANDOFF): SFT
-        # comes first, a reward model before the stages that use it, no stage twice
-        wrong = (not stages or len(set(stages)) != len(stages)
-                 or ("sft" in stages and stages[0] != "sft")
-                 or any("reward" in keys.values() and "reward" in stages
-                        and stages.index("reward") > i
-                        for i, keys in enumerate(PIPELINE_HANDOFF[s] for s in stages)))
-        if wrong:
-            raise ConfigError(f"stage.stages={stages} must list stages of "
-                              f"{', '.join(PIPELINE_HANDOFF)} once each, sft first and reward "
-                              "before the stages that use its model (e.g. [sft, reward, ppo], "
-                              "[sft, grpo], [sft, dpo])")
+        _check_chain(list(cfg.stage.stages), "stage.stages")
+    _check_algorithms(cfg)
     _check_run_names(cfg)
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)

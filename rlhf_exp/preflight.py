@@ -146,7 +146,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(f"hydra.run.dir={run_dir} holds a {owner} run; a {stage} run there would "
                         "overwrite its files: give a new hydra.run.dir (or leave it unset)")
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    dirs = [(s, run_dir / s) for s in _stages(cfg)] if stage == "pipeline" else [(stage, run_dir)]
+    dirs = ([(s, run_dir / s) for s in _stages(cfg)] if stage in ("pipeline", "algorithms")
+            else [(stage, run_dir)])
     for name, where in dirs:
         if name not in ("sft", "reward"):  # the stages that save training checkpoints
             continue
@@ -221,7 +222,9 @@ def check_attention(cfg: DictConfig) -> None:
 
 # ----------------------------------------------------------------------------- 3. base models
 def _stages(cfg: DictConfig) -> list[str]:
-    return list(cfg.stage.stages) if cfg.stage.name == "pipeline" else [cfg.stage.name]
+    from rlhf_exp.config import run_stages
+
+    return run_stages(cfg)
 
 
 def base_models(cfg: DictConfig) -> list[tuple[str, str]]:

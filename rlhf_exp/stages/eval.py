@@ -53,11 +53,12 @@ class FoundRun:
 
 def discover_run(run_dir: str) -> FoundRun:
     """The policies and reward model of a finished run: the stage runs in `run_dir` itself and in
-    its direct subdirectories (a pipeline's sft/, reward/, ppo/, grpo/), found by their
-    result.json. A policy-training stage's final checkpoint is a policy named after the stage
-    (any stage but reward and pipeline: sft, ppo, grpo, dpo, ...). A PPO run also yields
-    `ppo_ema` (checkpoints/ema); an RL run whose SFT and reward runs are elsewhere yields the
-    actor_init / reward model its config names."""
+    its direct subdirectories (a pipeline's sft/, reward/, ppo/, grpo/; the arms of
+    stage=algorithms), found by their result.json. A policy-training stage's final checkpoint is
+    a policy named after the stage (any stage but reward and pipeline: sft, ppo, grpo, dpo, ...),
+    or after its folder when that is not the stage's name (an arm: grpo_rm, rloo). A PPO run
+    also yields `<name>_ema` (checkpoints/ema); an RL run whose SFT and reward runs are
+    elsewhere yields the actor_init / reward model its config names."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.from_run={run_dir}: no such directory")
@@ -69,14 +70,17 @@ def discover_run(run_dir: str) -> FoundRun:
         stage = json.loads(result.read_text()).get("stage")
         stage_dir = result.parent
         final = checkpoint.final_checkpoint(stage_dir)  # resolved here: the dir may have moved
+        # a stage run in a folder of another name (an arm of stage=algorithms: grpo_rm/, rloo/)
+        # is named after its folder: two GRPO arms are two policies
+        name = stage if stage_dir == root or stage_dir.name == stage else stage_dir.name
         if stage == "reward" and final:
             found.reward_model = str(final)
-        elif stage not in (None, "reward", "pipeline", "eval", "chat") and final:
-            found.policies[stage] = str(final)
+        elif stage not in (None, "reward", "pipeline", "algorithms", "eval", "chat") and final:
+            found.policies[name] = str(final)
         if stage == "ppo":
             ema = stage_dir / "checkpoints" / "ema"
             if (ema / "config.json").exists():
-                found.policies["ppo_ema"] = str(ema.resolve())
+                found.policies[f"{name}_ema"] = str(ema.resolve())
         if stage in RL_STAGES and (found.rl_stage != "ppo"):
             found.rl_stage = stage
             if (stage_dir / "config_resolved.yaml").exists():

@@ -1,0 +1,174 @@
+"""The algorithm shoot-out (`stage=algorithms`; the preset `rlhf-exp experiment=algorithms`):
+one SFT policy (and one reward model), then from them each arm of `stage.arms`, e.g. PPO,
+GRPO against the reward model, GRPO on the gold reward, RLOO and DPO, on the same data and
+budget, all in one W&B group. docs/algorithms.md has the measured table.
+
+Run: rlhf-exp experiment=algorithms
+     rlhf-exp experiment=algorithms '~stage.arms.ppo' grpo.steps=50    (drop an arm, fewer steps)
+
+An arm is a pipeline (conf/stage/algorithms.yaml): its config is what `rlhf-exp stage=pipeline
+stage.stages=<its stages> <this run's overrides> <its overrides>` composes (rlhf_exp/arms.py),
+checked by the dispatcher before anything runs. The steps, in order:
+
+    arm_configs      each arm's config, composed from this run's command line
+    train_shared     the stages the arms share (sft, reward), once: <run_dir>/sft, /reward
+    train_arm        each arm from the shared outputs (config.PIPELINE_HANDOFF): <run_dir>/<arm>,
+                     its own W&B run (job_type = its stage, name <experiment>-<stage>-<arm>)
+    compare_heldout  the SFT policy and every arm's policy on the same held-out prompts with the
+                     same settings (PPO's held-out eval: ppo.generation, ppo.eval_num_prompts):
+                     gold reward, reward-model score, response length, KL to SFT
+    compare_runs     the compare tool's table of the arms' own held-out gold reward
+                     (`{stage}/eval_gold_reward`, logged every eval_every steps) and a PNG of it
+                     against each arm's wall time: <run_dir>/algorithms.png
+
+<run_dir>/summary.md holds the three tables; result.json the metrics `algorithms/<arm>_<metric>`
+(gold_reward, gold_gain over SFT, reward_score, response_length, kl_to_sft, wall_s).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from rlhf_exp import arms, checkpoint, composition, dist, models, runtime
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.stages import pipeline
+from rlhf_exp.tracking import resolve_init
+
+HELDOUT_COLUMNS = ("gold_reward", "gold_gain", "reward_score", "response_length", "kl_to_sft",
+                   "wall_s")
+
+
+def arm_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each arm's config, composed from the running app's command line as the dispatcher
+    composed and checked it (every rank composes the same)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("stage=algorithms composes its arms from the command line: run it "
+                          "with rlhf-exp")
+    hc = HydraConfig.get()
+    task = list(hc.overrides.task)
+    inv = composition.parse([*composition.rank_args(hc), *task])
+    out = arms.compose_arms(cfg, task, lambda overrides: composition.compose(inv, overrides))
+    for arm_cfg in out.values():
+        with open_dict(arm_cfg):
+            del arm_cfg["hydra"]  # as the app's own config: the hydra node is not the job's
+    return out
+
+
+def shared_stages(arm_cfgs: dict[str, DictConfig]) -> list[str]:
+    """The stages before each arm's own, in order, each once."""
+    return list(dict.fromkeys(s for c in arm_cfgs.values() for s in c.stage.stages[:-1]))
+
+
+def train_shared(cfg: DictConfig, stages: list[str], run_dir: Path
+                 ) -> dict[str, runtime.StageResult]:
+    """The shared stages, once, each from the previous one's output as in a pipeline."""
+    results: dict[str, runtime.StageResult] = {}
+    for name in stages:
+        runtime.say(f"algorithms: shared stage {name} -> {run_dir / name}")
+        runner = importlib.import_module(f"rlhf_exp.stages.{name}")
+        results[name] = runner.run(pipeline.stage_config(cfg, name, results), run_dir / name)
+    return results
+
+
+def train_arm(name: str, arm_cfg: DictConfig, shared: dict[str, runtime.StageResult],
+              run_dir: Path) -> tuple[runtime.StageResult, float]:
+    """One arm's own stage from the shared outputs it names; returns its result and wall
+    seconds."""
+    *before, stage = list(arm_cfg.stage.stages)
+    runtime.say(f"algorithms: arm {name} ({' -> '.join([*before, stage])}) -> {run_dir / name}")
+    runner = importlib.import_module(f"rlhf_exp.stages.{stage}")
+    sub = pipeline.stage_config(arm_cfg, stage, {s: shared[s] for s in before})
+    start = time.perf_counter()
+    result = runner.run(sub, run_dir / name)
+    return result, time.perf_counter() - start
+
+
+def compare_heldout(cfg: DictConfig, shared: dict[str, runtime.StageResult],
+                    results: dict[str, runtime.StageResult]) -> dict[str, dict[str, float]]:
+    """The SFT policy and every arm's final policy, with the same held-out prompts, generation
+    settings and seed (pipeline.compare_policies with PPO's held-out eval settings)."""
+    start = (str(resolve_init(shared["sft"].run_dir)[0]) if "sft" in shared
+             else models.resolve_base_path(cfg.model))
+    policies = {"sft": start}
+    for name, res in results.items():
+        policies[name] = res.checkpoint
+        ema = Path(res.run_dir) / "checkpoints" / "ema"
+        if (ema / "config.json").exists():
+            policies[f"{name}_ema"] = str(ema)
+    reward_model = (str(resolve_init(shared["reward"].run_dir)[0]) if "reward" in shared
+                    else None)
+    return pipeline.compare_policies(cfg, policies, start, reward_model, stage="ppo")
+
+
+def compare_runs(run_dir: Path, names: list[str]) -> tuple[str, Path | None]:
+    """The compare tool on the arms' W&B runs: a table of each arm's own held-out gold reward
+    (final and best) and a PNG of it against wall time (rank 0 only)."""
+    from rlhf_exp import compare
+
+    if not dist.is_main():
+        return "", None
+    runs = compare.load_runs([str(run_dir / name) for name in names])
+    runs.sort(key=lambda run: names.index(Path(run.label).name)
+              if Path(run.label).name in names else len(names))
+    metrics = ["{stage}/eval_gold_reward"]
+    text = compare.table(runs, ["stage.name"], metrics)
+    png = compare.plot(runs, [], metrics, run_dir / "algorithms.png", x="time")
+    return text, png
+
+
+def summary_text(shared: dict[str, runtime.StageResult], results: dict[str, runtime.StageResult],
+                 heldout: dict[str, dict[str, float]], runs_table: str) -> str:
+    """Markdown: the stages and their W&B runs, the held-out comparison, the compare table."""
+    lines = ["| run | stage | run dir | W&B run |", "|---|---|---|---|"]
+    for name, res in {**shared, **results}.items():
+        lines.append(f"| {name} | {res.stage} | {res.run_dir} | {res.wandb_run_id or '-'} |")
+    lines += ["", "Every policy on the same held-out prompts, generation settings and seed "
+              "(PPO's held-out eval); wall_s: the arm's own stage, from the shared SFT policy:",
+              "", "| policy | " + " | ".join(HELDOUT_COLUMNS) + " |",
+              "|---|" + "---|" * len(HELDOUT_COLUMNS)]
+    for name, m in heldout.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{m[c]:.4g}" if c in m else "-" for c in HELDOUT_COLUMNS) + " |")
+    if runs_table:
+        lines += ["", "The arms' own held-out eval over training (rlhf-exp-compare):", "",
+                  "```", runs_table, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    run_dir = Path(run_dir)
+    runtime.save_run_config(cfg, run_dir)
+    arm_cfgs = arm_configs(cfg)
+    shared = train_shared(cfg, shared_stages(arm_cfgs), run_dir)
+
+    results: dict[str, runtime.StageResult] = {}
+    wall: dict[str, float] = {}
+    for name, arm_cfg in arm_cfgs.items():
+        results[name], wall[name] = train_arm(name, arm_cfg, shared, run_dir)
+
+    heldout = compare_heldout(cfg, shared, results)
+    base = heldout["sft"].get("gold_reward")
+    for name, m in heldout.items():
+        if name in wall:
+            m["wall_s"] = wall[name]
+        if base is not None and "gold_reward" in m and name != "sft":
+            m["gold_gain"] = m["gold_reward"] - base
+    runs_table, png = compare_runs(run_dir, list(results))
+
+    text = summary_text(shared, results, heldout, runs_table)
+    if dist.is_main():
+        (run_dir / "summary.md").write_text(text)
+    runtime.say("\nalgorithms summary\n" + text + (f"plot: {png}" if png else ""))
+    metrics = {f"algorithms/{name}_{key}": value for name, m in heldout.items()
+               for key, value in m.items()}
+    final = checkpoint.final_checkpoint(Path(shared["sft"].run_dir)) if "sft" in shared else None
+    result = runtime.StageResult("algorithms", str(run_dir), str(final) if final else None,
+                                 None, None, metrics)
+    result.write()
+    return result

@@ -1,0 +1,109 @@
+"""stage=algorithms (the shoot-out preset experiment=algorithms): arms composed and checked as
+the pipelines they are, the shared stages trained once, every arm in the experiment's W&B group,
+one held-out comparison that agrees with each arm's own eval, the compare table and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_exp import composition, config
+from rlhf_exp.arms import compose_arms
+from rlhf_exp.errors import ConfigError
+from rlhf_exp.stages.eval import discover_run
+from rlhf_exp.wandb_reader import read_runs
+
+# the preset on a tiny budget: each arm a step or two, 16 held-out prompts for every eval
+TINY = ["experiment=algorithms", "data_mix.sources.0.synthetic.num_examples=3000",
+        "sft.max_steps=20", "sft.eval_every=0", "reward.max_steps=20", "reward.eval_every=0",
+        "ppo.steps=2", "ppo.rollout_batch_size=16", "ppo.micro_batch_size_per_device=8",
+        "ppo.eval_every=1", "ppo.eval_num_prompts=16", "ppo.eval_batch_size=16",
+        "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+        "grpo.eval_every=1", "grpo.eval_num_prompts=16", "grpo.eval_batch_size=16",
+        "logger.table_every=0"]
+
+
+def _arms(*overrides: str):
+    inv = composition.parse(["experiment=algorithms", *overrides])
+    cfg = composition.compose(inv)
+    config.validate(cfg)
+    return compose_arms(cfg, inv.overrides, lambda o: composition.compose(inv, o))
+
+
+def test_each_arm_composes_as_its_pipeline_with_the_run_overrides():
+    arms = _arms("grpo.steps=7", "+stage.arms.clip_hi={stages:[sft,grpo],"
+                 "overrides:['grpo.epsilon_high=0.28']}")
+    assert {n: list(a.stage.stages) for n, a in arms.items()} == {
+        "ppo": ["sft", "reward", "ppo"], "grpo_rm": ["sft", "reward", "grpo"],
+        "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "clip_hi": ["sft", "grpo"]}
+    assert all(a.stage.name == "pipeline" and a.grpo.steps == 7 for a in arms.values())
+    assert arms["rloo"].grpo.baseline == "leave_one_out"  # the grpo=rloo option, composed
+    assert arms["grpo_gold"].grpo.baseline == "group_mean"
+    assert arms["clip_hi"].grpo.epsilon_high == 0.28 and arms["rloo"].grpo.epsilon_high is None
+    assert arms["ppo"].experiment_name == "algorithms"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+stage.arms.x={stages:[sft,grpo],overrides:['sft.lr=1']}", "change sft.lr"),
+    ("+stage.arms.x={stages:[sft,ppo,grpo]}", "an arm is shared stages"),
+    ("+stage.arms.x={stages:[grpo,sft]}", "sft first"),
+    ("+stage.arms.x={stage:[sft,grpo]}", "an arm is {stages:"),
+    ("+stage.arms.x={stages:[sft,grpo],overrides:['stage=ppo']}", "its overrides set"),
+    ("+stage.arms.sft={stages:[sft,grpo]}", "not sft or reward"),
+])
+def test_a_bad_arm_is_one_config_error(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{")):
+        _arms(override)
+
+
+def test_a_bad_arm_stops_the_cli_before_anything_is_written(rlhf_exp, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp("experiment=algorithms", "+stage.arms.x={stages:[sft,grpo],"
+                    "overrides:['grpo.prompts_per_step=0']}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert "grpo.prompts_per_step" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp, tmp_path):
+    run_dir = tmp_path / "alg"
+    proc = rlhf_exp(*TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = ["ppo", "grpo_rm", "grpo_gold", "rloo"]
+    # shared stages once: one SFT and one reward W&B run; every run in the group `algorithms`
+    runs = {}
+    for name in ["sft", "reward", *arms]:
+        (run,) = read_runs(run_dir / name / "wandb")
+        assert run.group == "algorithms"
+        runs[name] = run
+    assert {n: r.job_type for n, r in runs.items()} == {
+        "sft": "sft", "reward": "reward", "ppo": "ppo", "grpo_rm": "grpo", "grpo_gold": "grpo",
+        "rloo": "grpo"}
+    assert not any((run_dir / arm / "sft").exists() for arm in arms)
+    # each arm started from the shared outputs its chain names
+    sft, reward = str(run_dir / "sft"), str(run_dir / "reward")
+    assert runs["ppo"].config["ppo"]["actor_init"] == sft
+    assert runs["ppo"].config["ppo"]["critic_init"] == reward
+    assert runs["grpo_rm"].config["grpo"]["reward_model"] == reward
+    assert runs["grpo_gold"].config["grpo"]["reward_model"] is None
+    assert runs["rloo"].config["grpo"]["baseline"] == "leave_one_out"
+    assert runs["grpo_gold"].config["grpo"]["actor_init"] == sft
+    # one held-out comparison with the same prompts and settings: it reproduces each arm's own
+    # final held-out eval and the SFT policy's (every arm's step-0 eval)
+    m = json.loads((run_dir / "result.json").read_text())["metrics"]
+    for arm in arms:
+        own = runs[arm].metric(f"{runs[arm].job_type}/eval_gold_reward")
+        assert m[f"algorithms/{arm}_gold_reward"] == pytest.approx(own[-1], abs=1e-6)
+        assert m["algorithms/sft_gold_reward"] == pytest.approx(own[0], abs=1e-6)
+        assert m[f"algorithms/{arm}_gold_gain"] == pytest.approx(
+            m[f"algorithms/{arm}_gold_reward"] - m["algorithms/sft_gold_reward"])
+        assert m[f"algorithms/{arm}_wall_s"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    assert all(f"| {arm} |" in summary for arm in arms) and "eval_gold_reward" in summary
+    assert (run_dir / "algorithms.png").stat().st_size > 0
+    # stage=eval finds every arm's policy by its folder
+    found = discover_run(str(run_dir))
+    assert set(found.policies) == {"sft", *arms}
+    assert found.reward_model and found.reward_model.startswith(reward)
