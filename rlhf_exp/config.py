@@ -49,8 +49,13 @@ class LoraConfig:
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the locally built Llama model used by `model=tiny` (no download needed)."""
+    """A model built locally on first use (no download): `model=tiny` and `model=tiny-<family>`
+    (rlhf_exp/tiny_models.py)."""
 
+    family: str = "llama"  # llama | qwen2 | opt | gpt2
+    # char: one token per character (llama only, model=tiny); bpe: the family's subword tokenizer
+    tokenizer: str = "char"
+    vocab_size: int = 1024  # bpe: target vocabulary size
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -485,6 +490,21 @@ def _check_ppo(cfg: DictConfig) -> None:
                           "choose one of: merged, adapter")
 
 
+def _check_tiny(cfg: DictConfig) -> None:
+    from rlhf_exp.tiny_models import FAMILIES, TOKENIZERS
+
+    _allowed(cfg, "model.tiny.family", FAMILIES)
+    _allowed(cfg, "model.tiny.tokenizer", TOKENIZERS)
+    if cfg.model.tiny.tokenizer == "char" and cfg.model.tiny.family != "llama":
+        raise ConfigError(f"model.tiny.tokenizer=char is only built for model.tiny.family=llama "
+                          f"(model=tiny); use tokenizer=bpe with family="
+                          f"{cfg.model.tiny.family}")
+    if cfg.model.tiny.tokenizer == "bpe" and not 300 <= cfg.model.tiny.vocab_size <= 8192:
+        raise ConfigError(f"model.tiny.vocab_size={cfg.model.tiny.vocab_size} must be in "
+                          "[300, 8192] (the llama tokenizer alone holds 259 byte and special "
+                          "tokens)")
+
+
 def _check_hardware(cfg: DictConfig) -> None:
     """Launch geometry: a multi-node run needs a rendezvous every node can reach."""
     hw = cfg.hardware
@@ -521,6 +541,13 @@ def _check_source(src: DictConfig, key: str) -> None:
                           f"{', '.join(GOLD_REWARDS)} (or null)")
     if src.max_examples is not None and src.max_examples < 1:
         raise ConfigError(f"{key}.max_examples={src.max_examples} must be >= 1 (or null = all)")
+    if src.kind == "hub" and src.path:
+        from rlhf_exp.data.sources import local_hub_dir
+
+        try:
+            local_hub_dir(str(src.path))  # a local copy that is not there fails here
+        except UserError as exc:
+            raise ConfigError(f"{key}.path={src.path!r}: {exc}") from None
     if src.kind == "local":
         try:
             path = resolve_path(str(src.path))
@@ -574,6 +601,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.path is None and cfg.model.tiny is None:
         raise ConfigError("model.path is missing: give a hub id or a local directory "
                           "(or use model=tiny)")
+    if cfg.model.path is None:
+        _check_tiny(cfg)
     if cfg.model.lora.save not in ("merged", "adapter"):
         raise ConfigError(f"model.lora.save={cfg.model.lora.save!r} is not allowed; "
                           "choose one of: merged, adapter")

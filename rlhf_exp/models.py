@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.tasks import sort_digits
+from rlhf_exp import tiny_models
 
-PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+PAD = tiny_models.PAD
 
 
 def cache_root() -> Path:
@@ -31,57 +31,63 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-# ----------------------------------------------------------------------------- tiny model
-def _tiny_vocab() -> list[str]:
-    # specials, then the task's characters, then the rest of printable ASCII and newline, so the
-    # tiny model can also read HH-style text and chat input
-    chars = list(dict.fromkeys(sort_digits.ALPHABET + "".join(map(chr, range(32, 127))) + "\n"))
-    return [PAD, BOS, EOS, UNK, *chars]
-
-
+# ----------------------------------------------------------------------------- tiny models
 def build_tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_tiny_vocab())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        model_max_length=4096, padding_side="right",
-    )
+    """`model=tiny`'s character-level tokenizer (tiny_models.build_char_tokenizer)."""
+    return tiny_models.build_char_tokenizer()
 
 
-def tiny_model_dir(shape: DictConfig | dict) -> Path:
-    """Cache dir of the tiny model with this shape; built deterministically on first use."""
-    shape = OmegaConf.to_container(shape) if isinstance(shape, DictConfig) else dict(shape)
-    key = hashlib.sha1(json.dumps({"v": 1, "vocab": _tiny_vocab(), **shape},
-                                  sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_root() / "models" / f"tiny-llama-{key}"
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def tiny_model_dir(spec: DictConfig | dict) -> Path:
+    """Cache dir of the tiny model `spec` (model.tiny: family, tokenizer, vocab_size and shape);
+    built deterministically on first use, keyed by a hash of the shape and the tokenizer recipe.
+    """
+    spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
+    family, kind = spec.get("family", "llama"), spec.get("tokenizer", "char")
+    if family not in tiny_models.FAMILIES or kind not in tiny_models.TOKENIZERS:
+        raise ValueError(f"model.tiny: family={family!r} tokenizer={kind!r}; families "
+                         f"{tiny_models.FAMILIES}, tokenizers {tiny_models.TOKENIZERS}")
+    if kind == "char" and family != "llama":
+        raise ValueError("model.tiny.tokenizer=char is only built for family=llama (model=tiny)")
+    shape = {k: spec[k] for k in SHAPE_KEYS}
+    vocab_size = int(spec.get("vocab_size", 1024))
+    ident = {"v": 2, "shape": shape,
+             "tokenizer": tiny_models.recipe(family, kind, vocab_size)}
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / "models" / f"tiny-{family}-{kind}-{key}"
     if (out / "config.json").exists():
         return out
-    from transformers import LlamaConfig, LlamaForCausalLM
+    if kind == "char":
+        from transformers import LlamaConfig
 
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True, rope_theta=10000.0, **shape,
-    )
+        tokenizer = tiny_models.build_char_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True, rope_theta=10000.0, **shape,
+        )
+    else:
+        tokenizer = tiny_models.build_tokenizer(family, vocab_size,
+                                                shape["max_position_embeddings"])
+        config = tiny_models.build_config(family, shape, tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = tiny_models.build_model(family, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     # build in a temp dir and rename: concurrent first uses (2 ranks, parallel tests) stay safe
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
     # not model.save_pretrained: under torch.distributed it writes only on global rank 0, and a
     # rank that wins the rename below with an empty dir would leave a cache without weights.
-    # The tied lm_head is left out, as save_pretrained does (it is re-tied on load).
+    # A tied lm_head is left out, as save_pretrained does (it is re-tied on load).
     from safetensors.torch import save_file
 
     config.save_pretrained(tmp)
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = config.tie_word_embeddings
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
