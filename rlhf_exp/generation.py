@@ -335,6 +335,10 @@ def _cache_arg(model: torch.nn.Module) -> str:
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether the HF model's forward takes `name` (a peft wrapper passes its keyword arguments
+    through to the model it wraps, so that model's forward is the one asked)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return name in inspect.signature(model.forward).parameters
 
 

@@ -125,8 +125,17 @@ def load_tokenizer(path: str, model_cfg: DictConfig | None = None):
 
 
 def _fit_embeddings(model, tokenizer) -> None:
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    """Grow the embeddings to the tokenizer (the pad token load_tokenizer added). The new rows
+    are the mean of the old ones, not a random draw (HF's mean_resizing samples around it): the
+    same base then always becomes the same model, which an adapter checkpoint, rebuilt from its
+    base on every load, relies on."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if old < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None:  # (tied: the same weight twice)
+                    emb.weight[old:] = emb.weight[:old].mean(0)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
 
@@ -153,12 +162,18 @@ def _load(auto_cls, path: str, tokenizer, model_cfg: DictConfig, precision: str,
             trust_remote_code=model_cfg.trust_remote_code, **kwargs)
         _fit_embeddings(model, tokenizer)
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     if base.startswith(("/", ".")) and not Path(base).exists():
         raise FileNotFoundError(f"{path} is a LoRA adapter whose base model {base} is gone")
     model = _load(auto_cls, base, tokenizer, model_cfg, precision, **kwargs)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    config = PeftConfig.from_pretrained(path)
+    if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
+        # an SFT adapter under a reward model: its weights merge into the same backbone, but
+        # peft's causal-LM wrapper expects a generating model; the generic wrapper merges too
+        config.task_type = None
+    model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+    model.requires_grad_(True)  # peft froze the base; merged, it is a plain model like any other
     # a LoRA trained on top of these weights must record this dir (not the bare base) as its base
     model.name_or_path = str(path)
     return model
