@@ -32,10 +32,8 @@ from tests.conftest import compose
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-gpt2"]
 SAMPLES = "pkg://rlhf_exp/data/examples/hub_samples"
-# data_mix preset -> the shipped sample in its hub schema
-HUB_PRESETS = {"hh_rlhf": "hh_rlhf", "rm_static": "rm_static",
-               "ultrafeedback_binarized": "ultrafeedback_binarized",
-               "trl_conversational": "trl_conversational"}
+# data_mix presets whose hub schema has a shipped sample (under the preset's name)
+HUB_PRESETS = ["hh_rlhf", "rm_static", "ultrafeedback_binarized", "trl_conversational"]
 
 
 class Family:
@@ -61,9 +59,9 @@ def family(request) -> Family:
     return Family(request.param)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_rows(preset: str, stage: str = "reward") -> list[dict]:
-    cfg = compose(f"data_mix={preset}", f"data_mix.sources.0.path={SAMPLES}/{HUB_PRESETS[preset]}")
+    cfg = compose(f"data_mix={preset}", f"data_mix.sources.0.path={SAMPLES}/{preset}")
     return build_stage_data(cfg.data_mix, stage, cfg.seed).train
 
 
@@ -192,6 +190,13 @@ def test_greedy_generation_equals_hf_generate_left_padded(family):
                             eos_token_id=eos, pad_token_id=pad).responses
         assert torch.equal(ours[:, :hf.shape[1]], hf), static
         assert (ours[:, hf.shape[1]:] == pad).all()
+    # under a fresh LoRA wrapper (B = 0: the same function), as PPO's actor with model.lora
+    lora = models.apply_lora(model, compose("model.lora.enabled=true").model.lora)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ours = generate(lora, ids, mask, GenerationConfig(max_new_tokens=R, do_sample=False),
+                        eos_token_id=eos, pad_token_id=pad).responses
+    assert torch.equal(ours[:, :hf.shape[1]], hf)
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -1,7 +1,11 @@
 """Rows -> token features, and padding-aware collation.
 
-SFT features mask the prompt out of the loss (label -100) and end with EOS, which is distinct
-from the pad token. Batches for training are right-padded; prompts for generation left-padded.
+One rendering of a row: `prompt_ids` (render_messages, then the tokenizer's BOS where it adds
+one, then cut to max_prompt_len) is the prompt of the row in SFT and reward features, PPO
+rollouts, evaluation and reward scoring, and chat renders its conversation with the same
+`messages_ids` (docs/models.md). SFT features mask the prompt out of the loss (label -100) and
+end with EOS, which is distinct from the pad token. Batches for training are right-padded;
+prompts for generation left-padded.
 Tokenized features are cached on disk (`cache_dir`), keyed by the rows, the tokenizer and the
 settings, so a rerun or another stage of the same data skips tokenization.
 """
@@ -18,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 
 # a conversation needs role markers: a bare "{prompt}" template gets DeepSpeed-Chat's HH ones
 HH_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: "

@@ -7,10 +7,11 @@ Run: rlhf-exp stage=chat chat.policy=<run dir, checkpoint or artifact>     (inte
 Reads `cfg.chat` (conf/chat/default.yaml); no policy = the base model. The conversation is
 rendered as training renders a row's turns (data.tokenize.render_messages): the tokenizer's chat
 template when it has one, otherwise `model.prompt_template` around each user turn with the
-replies in between, so one turn is exactly the prompt SFT, reward and PPO saw for that text. The history is trimmed, oldest turns first,
-to the model's context (max positions minus chat.generation.max_new_tokens). Typing `/reset`
-clears the history, `/quit` (or Ctrl-D) exits, Ctrl-C stops a reply. Scripted use prints only the
-answer on stdout; notes go to stderr. No W&B run, no DeepSpeed: one process, inference only.
+replies in between, so one turn is exactly the prompt SFT, reward and PPO saw for that text.
+The history is trimmed, oldest turns first, to the model's context (max positions minus
+chat.generation.max_new_tokens). Typing `/reset` clears the history, `/quit` (or Ctrl-D) exits,
+Ctrl-C stops a reply. Scripted use prints only the answer on stdout; notes go to stderr. No W&B
+run, no DeepSpeed: one process, inference only.
 """
 
 from __future__ import annotations

@@ -17,9 +17,10 @@ offline (docs/data.md):
                                train_sft, test_sft, train_gen, test_gen; prompt, prompt_id,
                                chosen, rejected (message lists), messages, score_chosen,
                                score_rejected
-    trl_conversational/        TRL's conversational preference format (trl-lib/hh-rlhf-helpful-base):
-                               {train,test}.jsonl; prompt (message list), chosen, rejected
-                               (message lists of the assistant's answer)
+    trl_conversational/        TRL's conversational preference format
+                               (trl-lib/hh-rlhf-helpful-base): {train,test}.jsonl;
+                               prompt (message list), chosen, rejected (message lists
+                               of the assistant's answer)
 
 The rows are made-up dialogues (facts, unit conversions, spelling, advice, refusals,
 multi-turn follow-ups); chosen is the better answer. Deterministic: the same files every run.
