@@ -75,7 +75,11 @@ def corpus() -> list[str]:
         return []
 
     texts += MARKERS
-    for path in sorted(SAMPLES.rglob("*.jsonl")):
+    files = sorted(SAMPLES.rglob("*.jsonl"))
+    if not files:  # an install without the package data would silently train another tokenizer
+        raise FileNotFoundError(f"{SAMPLES}: the hub-schema samples are missing from this "
+                                "install of rlhf_exp (package data)")
+    for path in files:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts += strings(json.loads(line))
