@@ -19,6 +19,7 @@ every machine; digits are always split one per token, so the sort task stays lea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -55,7 +56,8 @@ ADDS_BOS = {"llama": True, "qwen2": False, "opt": True, "gpt2": False}
 
 
 # ----------------------------------------------------------------------------- corpus
-def corpus() -> list[str]:
+@functools.cache
+def corpus() -> tuple[str, ...]:
     """The tokenizer training text, in a fixed order: the sort task's prompts and answers, then
     every string in the shipped hub-schema samples (the .jsonl files, which hold every sample
     dialogue)."""
@@ -83,17 +85,20 @@ def corpus() -> list[str]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 texts += strings(json.loads(line))
-    return texts
+    return tuple(texts)
 
 
 def recipe(family: str, kind: str, vocab_size: int) -> dict:
     """Everything that determines the tokenizer (hashed into the model's cache key)."""
     if kind == "char":
         return {"kind": "char", "vocab": char_vocab()}
+    import tokenizers
+
     text = hashlib.sha256("\x00".join(corpus()).encode()).hexdigest()
     return {"kind": kind, "family": family, "vocab_size": vocab_size, "corpus": text,
             "version": RECIPE_VERSION, "specials": SPECIALS[family], "bos": ADDS_BOS[family],
-            "chat_template": CHATML if family == "qwen2" else None}
+            "chat_template": CHATML if family == "qwen2" else None,
+            "tokenizers": tokenizers.__version__}  # (its BPE trainer decides the merges)
 
 
 # ----------------------------------------------------------------------------- tokenizers
