@@ -547,7 +547,7 @@ def _check_source(src: DictConfig, key: str) -> None:
         try:
             local_hub_dir(str(src.path))  # a local copy that is not there fails here
         except UserError as exc:
-            raise ConfigError(f"{key}.path={src.path!r}: {exc}") from None
+            raise ConfigError(f"{key}.path={exc}") from None
     if src.kind == "local":
         try:
             path = resolve_path(str(src.path))

@@ -182,8 +182,9 @@ def local_hub_dir(path: str) -> Path | None:
     if folder.is_dir():
         return folder
     if explicit:
-        raise DataError(f"{path}: no such folder ({folder}); a hub source's path is a dataset "
-                        "id or a local copy (a save_to_disk folder, or a folder of "
+        where = "" if str(folder) == path else f" ({folder})"
+        raise DataError(f"{path!r}: no such folder{where}; a hub source's path is a dataset id "
+                        "or a local copy (a save_to_disk folder, or a folder of "
                         ".parquet/.jsonl/.json files named by split)")
     return None
 
