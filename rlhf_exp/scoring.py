@@ -30,9 +30,12 @@ def _unwrap(model):
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) position of each token among its row's real tokens (0 for the first real token,
-    whatever the padding; padding positions are clamped to 0 and never attended to)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    """(B, T) positions counted from each row's first real token: a left-padded row's tokens
+    get the positions they have unpadded (its left padding 0), a right-padded row is numbered
+    0, 1, 2, ... throughout, exactly as HF numbers it by default."""
+    left_pad = (attention_mask.long().cumsum(-1) == 0).sum(-1, keepdim=True)  # [B, 1]
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions - left_pad).clamp_min(0)
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
