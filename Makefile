@@ -4,11 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU-only machine gets the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_CPU ?= torch==2.13.0
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# No TORCH_EXTENSIONS_DIR: nothing is JIT-compiled (rlhf_exp/dist.py keeps DeepSpeed from building
+# its CPU shm comm op, which we never use), so make, direct `rlhf-exp` use and the tests agree.
 export WANDB_MODE ?= offline
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup wheel demo test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,13 +20,16 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+wheel: setup  ## dist/rlhf_exp-*.whl: the package with its configs and example data, for `pip install`
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
 demo: setup  ## the main job on the offline default: SFT -> reward -> PPO on the tiny model
 	$(BIN)/rlhf-exp experiment=demo
 
 test: setup  ## the whole suite (CI runs this); slow end-to-end tests included
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-test-fast: setup
+test-fast: setup  ## the unit tier: no training run, no subprocess (tests/conftest.py)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup
@@ -35,4 +39,4 @@ bench: setup
 	$(BIN)/python bench/bench_generation.py --model tiny
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache build dist

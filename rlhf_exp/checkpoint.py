@@ -137,15 +137,33 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+TRASH_PREFIX = ".trash-"  # a checkpoint being deleted (never matches STEP_DIR)
+
+
 def prune(run_dir: Path, keep_last: int, protect: set[Path] = frozenset()) -> None:
     """Delete all but the newest `keep_last` step checkpoints (never a protected one, nor the
-    ones `checkpoints/final` and `checkpoints/best` point at)."""
-    if not dist.is_main() or keep_last <= 0:
+    ones `checkpoints/final` and `checkpoints/best` point at). Rank 0 only.
+
+    Each is first renamed away (`checkpoints/.trash-step_N`, atomic) and only then deleted, so a
+    run killed half-way through never leaves a `step_N` dir that looks like a checkpoint but
+    lacks its weights; what a kill leaves under the trash name is removed by the next prune
+    (every checkpoint save prunes)."""
+    if not dist.is_main():
         return
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for trash in root.glob(f"{TRASH_PREFIX}*"):  # left by a run killed while deleting
+        shutil.rmtree(trash, ignore_errors=True)
+    if keep_last <= 0:
+        return
     keep = {p.resolve() for p in protect}
     keep |= {(root / name).resolve() for name in ("final", "best") if (root / name).exists()}
     ckpts = list_checkpoints(run_dir)
     for _, path in ckpts[:-keep_last]:
         if path.resolve() not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            trash = root / f"{TRASH_PREFIX}{path.name}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)

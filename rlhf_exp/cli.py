@@ -2,9 +2,19 @@
 
     rlhf-exp stage=ppo model=opt-1.3b zero_stage=zero3 hardware=1gpu ppo.kl.coef=0.05
 
+Before Hydra runs the app, `main()` settles the command line: `--help` is printed from the groups
+the run would see, a command line Hydra would answer with a traceback gets one line, and what it
+composes is checked (every group option, `experiment` and `hparams_search` included, and
+`check()`), then what it points at is checked (rlhf_exp/preflight.py: run dir, GPUs, models,
+starting points, data), so bad input exits 2 with one line before any work. Then, in `app()`:
+check() -> start the ranks or run the stage here.
+
 When `hardware` asks for more than one process and we are not yet inside a launch, the
 dispatcher re-executes itself under torchrun or `deepspeed --no_local_rank` with the same
-overrides and the run dir fixed once, so every rank writes to the same place.
+composition (the user's --config-dir / hydra.searchpath / --config-name and overrides) and the
+run dir fixed once, so every rank composes the same config and writes to the same place.
+
+Nothing here imports torch or DeepSpeed at module level: `--help` and `--cfg job` stay fast.
 """
 
 from __future__ import annotations
@@ -23,15 +33,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import dist
+from rlhf_exp import composition, dist, preflight
+from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
+from rlhf_exp.quoting import quote_text_values
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "pipeline", "eval", "chat")}
+           ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")}
+CONFIG_DIGEST_ENV = "RLHF_EXP_CONFIG_DIGEST"
+# pipeline: the last stage's objective (_objective_key)
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
-                     "ppo": "ppo/eval_gold_reward", "pipeline": "ppo/eval_gold_reward",
+                     "ppo": "ppo/eval_gold_reward", "grpo": "grpo/eval_gold_reward",
                      "eval": None, "chat": None}
 
 register_configs()
@@ -59,8 +72,7 @@ def _one_line(exc: BaseException) -> str:
                    if ln.startswith("\t") and "provider=" not in ln]
         if "/" in group:
             name, choice = group.rsplit("/", 1)
-            return (f"{name}={choice} is not an option of group '{name}'; available: "
-                    f"{', '.join(options) or '(none)'}")
+            return composition.not_an_option(name, choice, options)
         return text.splitlines()[0]
     if isinstance(exc, OverrideParseException):
         return str(exc).splitlines()[0] + " (overrides look like key=value)"
@@ -73,30 +85,137 @@ def _one_line(exc: BaseException) -> str:
     return f"{full_key}: {first}" if full_key else first
 
 
-def _prevalidate(argv: list[str]) -> None:
-    """Compose the overrides once with Hydra's compose API and validate, so a bad override
-    exits 2 with one line before Hydra starts (Hydra itself exits 1 with a multi-line report)."""
-    if any(a in ("-h", "--help", "--hydra-help", "--info", "-i", "--shell-completion", "-sc")
-           or a.startswith(("--cfg", "-c", "--package", "-p", "--config-", "-cp", "-cn"))
-           for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith("-")
-                 and not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    multirun = "-m" in argv or "--multirun" in argv
-    combos = [overrides]
-    if multirun:
-        combos = _sweep_samples(overrides)
-    from hydra import compose, initialize_config_dir
+# ----------------------------------------------------------------------------- command line
+SHELLS = ("bash", "zsh", "fish")
 
+
+def _settle(argv: list[str]) -> list[str]:
+    """The command line Hydra will run, checked first: `--help` answered here; a command line
+    Hydra would answer with a traceback gets one line; `hparams_search` runs as a multirun; and
+    what it composes is validated (every sample of a sweep, and `--cfg` too), so a mistake
+    exits 2 with one line before any work. Raises UserError."""
+    inv = composition.parse(argv)
+    if inv.help:
+        from rlhf_exp import usage
+
+        print(usage.text(inv))
+        raise SystemExit(0)
+    if inv.hydra_help or inv.info is not None:
+        return inv.to_argv()  # Hydra's own pages
+    if inv.shell_completion:
+        _check_shell_completion(inv)
+        return inv.to_argv()
+    if inv.cfg and inv.multirun:
+        # what the user means: the config of the sweep's first job (Hydra refuses -m with --cfg)
+        print("rlhf-exp: note: --cfg shows the config of the sweep's first job (-m dropped; "
+              "swept keys at their first value)", file=sys.stderr)
+        inv = composition.first_job(inv)
+    if inv.resolve and not inv.cfg:
+        raise UserError("--resolve only goes with --cfg job|hydra|all")
+    if inv.run and (inv.multirun or inv.cfg):
+        raise UserError("--run cannot be combined with -m/--multirun or --cfg")
+    search = _hparams_search(inv.overrides)
+    implied = bool(search) and not inv.multirun and not inv.cfg
+    inv.multirun = inv.multirun or implied
+    cfg = _validate(inv)
+    if inv.cfg:
+        _show_config(inv, cfg)
+        raise SystemExit(0)
+    if implied:
+        print(f"rlhf-exp: note: hparams_search={search} is a search: running it as a multirun "
+              "(-m)", file=sys.stderr)
+    return inv.to_argv()
+
+
+def _check_shell_completion(inv: composition.Invocation) -> None:
+    actions = [o.split("=", 1) for o in inv.overrides]
+    wanted = [(k, v) for k, v in (a for a in actions if len(a) == 2)
+              if k in ("install", "uninstall", "query")]
+    if len(wanted) != 1 or wanted[0][1] not in SHELLS:
+        raise UserError("--shell-completion needs one of install=SHELL, uninstall=SHELL, "
+                        f"query=SHELL with SHELL one of {', '.join(SHELLS)}; e.g. "
+                        'eval "$(rlhf-exp -sc install=bash)"')
+
+
+def _hparams_search(overrides: list[str]) -> str | None:
+    """The Optuna preset a command line selects (hparams_search=<option>), if any."""
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        if key == "hparams_search" and value not in ("", "null"):
+            return value
+    return None
+
+
+def _validate(inv: composition.Invocation) -> DictConfig:
+    """Compose as the run will (a multirun: each value of each swept choice once), check();
+    returns the first composed config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(inv.overrides)
+    except Exception as exc:  # a malformed override
+        raise UserError(_one_line(exc)) from None
+    if not inv.multirun:
+        sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+        if sweeps and not inv.cfg:
+            raise UserError(f"{sweeps[0]} is a sweep: add -m to run one job per value (a list "
+                            "is key=[a,b]; a string with a comma is quoted: key='a,b')")
+        if sweeps:
+            raise UserError(f"{sweeps[0]} is a sweep; --cfg shows one config: give one value")
+    combos = _sweep_samples(inv.overrides) if inv.multirun else [inv.overrides]
+    composed = []
     for combo in combos:
-        try:
-            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                cfg = compose("config", overrides=combo)
-            check(cfg)
-        except UserError as exc:
-            _fail(str(exc))
-        except Exception as exc:  # composition errors
-            _fail(_one_line(exc))
+        cfg = _compose(inv, combo, multirun=inv.multirun)
+        check(cfg)
+        check_rendezvous(cfg)  # a multi-node launch's settings, before Hydra makes a run dir
+        if cfg.resume:  # the same stage and config as the run it continues, before Hydra
+            from rlhf_exp import resume  # writes anything into that run dir
+
+            resume.check_compatible(cfg, Path(cfg.resume))
+        composed.append(cfg)
+    if not inv.cfg:  # what the run points at (run dir, GPUs, models, data), before Hydra writes
+        preflight.before_hydra(composed[0], inv.to_argv(),
+                               lambda overrides: _compose(inv, overrides))
+    return composed[0]
+
+
+def _compose(inv: composition.Invocation, overrides: list[str],
+             multirun: bool = False) -> DictConfig:
+    """composition.compose, a Hydra/OmegaConf composition error worded as one line."""
+    try:
+        return composition.compose(inv, overrides, multirun=multirun)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(_one_line(exc)) from None
+
+
+def _show_config(inv: composition.Invocation, cfg: DictConfig) -> None:
+    """`--cfg job|hydra|all [--package P] [--resolve]`: the config just composed and checked,
+    printed as Hydra prints it (hydra._internal.hydra.Hydra.show_cfg), without composing twice."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import Container, OmegaConf, open_dict
+
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.set_readonly(cfg.hydra, None)
+    if inv.cfg == "job":
+        with open_dict(cfg):
+            del cfg["hydra"]
+    elif inv.cfg == "hydra":
+        cfg = Hydra.get_sanitized_hydra_cfg(cfg)
+    package = None if inv.package == "_global_" else inv.package
+    shown = cfg if package is None else OmegaConf.select(cfg, package)
+    if shown is None:
+        raise UserError(f"--package {package}: no such node in the config")
+    if not isinstance(shown, Container):
+        print(shown)
+        return
+    if package is not None:
+        print(f"# @package {package}")
+    if inv.resolve:
+        OmegaConf.resolve(shown)
+    sys.stdout.write(OmegaConf.to_yaml(shown))
 
 
 def _sweep_samples(overrides: list[str]) -> list[list[str]]:
@@ -182,17 +301,23 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
-def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | None:
+def _rank_argv(extra: list[str]) -> list[str]:
+    """The command line of each launched rank: this run's composition flags (--config-dir,
+    --config-path, --config-name, hydra.searchpath) and overrides, plus `extra`."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = [*HydraConfig.get().overrides.task, *extra]
-    cmd = launch_command(cfg, overrides, run_dir)
-    if cfg.hardware.dry_run:
-        print(shlex.join(cmd))
-        return None
+    hc = HydraConfig.get()
+    return [*composition.rank_args(hc), *hc.overrides.task, *extra]
+
+
+def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | None:
+    """Start the ranks of this node and wait for them; returns the objective they reported."""
+    cmd = launch_command(cfg, _rank_argv(list(extra)), run_dir)
     print(f"rlhf-exp: launching {cfg.hardware.nproc_per_node * cfg.hardware.nnodes} ranks: "
           f"{shlex.join(cmd)}", flush=True)
-    env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir}
+    # each rank checks it composed this very config (CONFIG_DIGEST_ENV, _same_config_as_launcher)
+    env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir,
+           CONFIG_DIGEST_ENV: composition.digest(cfg)}
     rc = subprocess.run(cmd, env=env, preexec_fn=_stop_with_parent).returncode
     if rc != 0:
         raise RanksFailed(rc)
@@ -201,8 +326,21 @@ def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | N
     return _objective(cfg, metrics)
 
 
+def _same_config_as_launcher(cfg: DictConfig) -> None:
+    """In a launched rank: the config composed here must be the launcher's (a rank that lost the
+    user's config folder would otherwise train the defaults without a word)."""
+    expected = os.environ.get(CONFIG_DIGEST_ENV)
+    if expected and composition.digest(cfg) != expected:
+        raise RuntimeError(f"rank {dist.rank()} composed a different config than the process "
+                           f"that launched it (digest {composition.digest(cfg)} != {expected}); "
+                           f"its command line: {shlex.join(sys.argv)}")
+
+
 def _objective_key(cfg: DictConfig) -> str | None:
-    return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    if cfg.objective or cfg.stage.name != "pipeline":
+        return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    stages = list(cfg.stage.stages)
+    return DEFAULT_OBJECTIVE.get(stages[-1]) if stages else None
 
 
 def _objective(cfg: DictConfig, metrics: dict) -> float | None:
@@ -223,8 +361,9 @@ def _objective(cfg: DictConfig, metrics: dict) -> float | None:
 
 # ----------------------------------------------------------------------------- app
 def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
-    """Validate, then run the stage here or start its ranks; returns the objective.
-    Bad input raises UserError, failed ranks RanksFailed."""
+    """check() -> start the ranks, or run the stage here; returns the objective. (The preflight
+    of what the config points at ran before Hydra for a single run, and in _sweep_job for each
+    job of a multirun.) Bad input raises UserError, failed ranks RanksFailed."""
     check(cfg)
     hw = cfg.hardware
     if hw.launcher == "submitit":  # each submitit task is one rank: no re-execution
@@ -233,7 +372,12 @@ def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
             raise UserError(f"the submitit job has {world} tasks but hardware.nproc_per_node x "
                             f"hardware.nnodes = {hw.nproc_per_node * hw.nnodes}: set "
                             "hydra.launcher.tasks_per_node / hydra.launcher.nodes to match")
-    elif (hw.nproc_per_node > 1 or hw.nnodes > 1 or hw.dry_run) and not dist.inside_launch():
+    elif dist.inside_launch():  # one of the ranks _relaunch started: its launcher checked all
+        _same_config_as_launcher(cfg)
+    elif hw.dry_run:
+        print(shlex.join(launch_command(cfg, _rank_argv(extra), str(run_dir))))
+        return None
+    elif hw.nproc_per_node > 1 or hw.nnodes > 1:
         return _relaunch(cfg, str(run_dir), extra)
     runner = importlib.import_module(RUNNERS[cfg.stage.name])
     result = runner.run(cfg, run_dir)
@@ -258,6 +402,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
 
     key = _objective_key(cfg)
     try:
+        preflight.preflight(cfg, run_dir)  # this job's inputs, before its W&B run exists
         extra = sweep.apply_to_config(cfg, ctx)
         value = _execute(cfg, run_dir, extra)
     except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
@@ -283,6 +428,7 @@ def app(cfg: DictConfig) -> float | None:
 
     from rlhf_exp import sweep
 
+    composition.fill_option_names(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ctx = sweep.job_context()
     if ctx is not None:
@@ -341,9 +487,12 @@ def _resume_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     """Console entry point (`rlhf-exp`, `python -m rlhf_exp`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not dist.inside_launch():
-        sys.argv = [sys.argv[0], *_resume_argv(sys.argv[1:])]
-        _prevalidate(sys.argv[1:])
+    if not dist.inside_launch():  # a launched rank runs what its launcher already checked
+        try:
+            argv = _settle(quote_text_values(_resume_argv(sys.argv[1:])))
+        except UserError as exc:
+            _fail(str(exc))
+        sys.argv = [sys.argv[0], *argv]
     app()
 
 

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_exp.errors import CompareError
 from rlhf_exp.sweep import lower_is_better
 
 # metrics shown when --metrics is not given, by the runs' job type (= stage)
@@ -59,31 +60,19 @@ class Run:
         return sorted(points.items())
 
 
-class CompareError(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------- reading
 def _local_runs(path: Path) -> list[Run]:
-    from rlhf_exp.wandb_reader import read_run, run_files
+    """The runs logged under a local path; a resumed run's parts (several offline logs with one
+    id) are merged into one run (wandb_reader.merge_parts: a later part wins from its first
+    step on)."""
+    from rlhf_exp.wandb_reader import read_merged, run_files
 
-    files = run_files(path)
-    if not files:
+    if not run_files(path):
         raise CompareError(f"{path}: no W&B run logs (run-*.wandb) under it")
-    merged: dict[str, Run] = {}
-    # offline-run-<timestamp>-<id>: sorting by the dir name puts a run's resumed parts in order
-    for file in sorted(files, key=lambda f: f.parent.name):
-        local = read_run(file)
-        # a log cut by SIGKILL may lack even its run record: the id is in the file name too
-        run_id = local.run_id or file.stem.removeprefix("run-")
-        run = merged.setdefault(run_id, Run(run_id=run_id))
-        run.job_type = local.job_type or run.job_type
-        run.group = local.group or run.group
-        run.config.update(local.config)
-        run.history.extend(local.history)
-        run.summary.update(local.summary)
-        run.label = str(local.config.get("run_dir") or run.label or file.parent.parent.parent)
-    return list(merged.values())
+    return [Run(run_id=local.run_id, job_type=local.job_type, group=local.group,
+                config=local.config, history=local.history, summary=local.summary,
+                label=str(local.config.get("run_dir") or local.file.parent.parent.parent))
+            for local in read_merged(path)]
 
 
 def _api_run(path: str) -> Run:

@@ -9,6 +9,7 @@ edit; these dataclasses say what may appear there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,24 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo", "pipeline", "eval", "chat")
+STAGES = ("sft", "reward", "ppo", "grpo", "pipeline", "eval", "chat")
+# `stage=pipeline`: the stages it may chain, and where each one starts from when its key is left
+# unset: key -> the output of the latest earlier stage of that name, or of the latest earlier
+# stage that trains a policy ("policy": sft or a stage with a "policy" key). A new stage is one
+# entry here (e.g. "dpo": {"dpo.actor_init": "policy"}); the stage named by a "policy" key is a
+# policy-training stage whose start and result the pipeline's summary compares.
+PIPELINE_HANDOFF: dict[str, dict[str, str]] = {
+    "sft": {},
+    "reward": {"reward.init_from": "sft"},
+    "ppo": {"ppo.actor_init": "policy", "ppo.critic_init": "reward"},
+    "grpo": {"grpo.actor_init": "policy", "grpo.reward_model": "reward"},
+}
+# stage -> the key naming the policy it starts from (ppo.actor_init, grpo.actor_init, ...)
+POLICY_START_KEY = {stage: key for stage, keys in PIPELINE_HANDOFF.items()
+                    for key, source in keys.items() if source == "policy"}
+POLICY_STAGES = ("sft", *POLICY_START_KEY)  # stages whose output is a policy (a causal LM)
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 LAUNCHERS = ("torchrun", "deepspeed", "submitit")
@@ -27,11 +43,19 @@ SCHEDULERS = ("cosine", "linear", "constant")
 FORMATS = ("prompt_response", "preference", "hh", "chat")
 SOURCE_KINDS = ("synthetic", "local", "hub")
 OVERLONG = ("truncate", "drop")
+# the KL estimators of rlhf_exp/ppo_math.kl_per_token (which imports this tuple: this module must
+# stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
+# rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-class ConfigError(UserError, ValueError):
-    """A composed config that cannot run; the message names the key and what is allowed."""
+GRPO_BASELINES = ("group_mean", "leave_one_out")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
+# the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
+STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "grpo": ("ppo",),
+                "eval": ("ppo",),
+                "chat": ()}
+# a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
 # ----------------------------------------------------------------------------- model
@@ -84,8 +108,9 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    name: str = MISSING  # which runner: sft, reward, ppo, pipeline, eval, chat
+    name: str = MISSING  # which runner: sft, reward, ppo, grpo, pipeline, eval, chat
     # pipeline only: the stages run in order, each starting from the previous one's output
+    # (PIPELINE_HANDOFF above)
     stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
 
 
@@ -191,16 +216,18 @@ class LoggerConfig:
 # ----------------------------------------------------------------------------- training
 @dataclass
 class TrainLoopConfig:
-    """Keys shared by the SFT and reward stages. Batch sizes: `micro_batch_size_per_device` is
-    per device per forward; one optimizer step sees the *global* batch
-    micro_batch_size_per_device * gradient_accumulation_steps * world_size."""
+    """Keys shared by the SFT and reward stages (rlhf_exp/train_loop.py). Batch sizes:
+    `micro_batch_size_per_device` is per device per forward; one optimizer step sees the
+    *global* batch micro_batch_size_per_device * gradient_accumulation_steps * world_size.
+    Defaults are conf/sft/default.yaml's; RewardConfig sets the ones its YAML changes
+    (tests/test_config_defaults.py keeps them equal)."""
 
     init_from: str | None = None  # local path or W&B artifact name; null = model base
-    epochs: int = 1
+    epochs: int = 4
     max_steps: int = -1  # optimizer steps; -1 = epochs over the data
-    micro_batch_size_per_device: int = 16
+    micro_batch_size_per_device: int = 32
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
@@ -208,8 +235,8 @@ class TrainLoopConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    max_prompt_len: int = 64
-    max_len: int = 128  # prompt + response tokens
+    max_prompt_len: int = 32
+    max_len: int = 48  # prompt + response tokens
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     save_every: int = 0  # checkpoint every N steps; 0 = only the final one
@@ -227,18 +254,51 @@ class SFTConfig(TrainLoopConfig):
 
 @dataclass
 class RewardConfig(TrainLoopConfig):
-    lr: float = 5e-4
+    epochs: int = 6
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    log_every: int = 20
+    eval_every: int = 200
+
+
+COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 16
+    """Sampling settings: the schema of `ppo.generation`, `eval.generation` and `chat.generation`,
+    and the object `rlhf_exp.generation.generate` takes (imported there as GenerationConfig).
+    Declared once; chat's node overrides the defaults its YAML changes (ChatConfig below)."""
+
+    max_new_tokens: int = 12  # max response tokens; stops at EOS
     do_sample: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    use_static_cache: bool = True
-    compile: str = "auto"  # auto (on for cuda) | none
+    use_static_cache: bool = True  # fixed-shape KV cache
+    # "auto": cuda_graphs on CUDA, none on CPU; "none": eager loop; "cuda_graphs": capture the
+    # decode step with torch.cuda.CUDAGraph; "compile": torch.compile(mode="reduce-overhead")
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_generation(vars(self), "generation")
+
+
+def check_generation(gen: Any, node: str) -> None:
+    """Raise ConfigError naming `<node>.<key>` for a setting generate() cannot use. `gen` is a
+    GenerationSettings' fields or a composed config node (the same check for both)."""
+    if not gen["max_new_tokens"] >= 1:
+        raise ConfigError(f"{node}.max_new_tokens={gen['max_new_tokens']!r} must be >= 1")
+    if gen["do_sample"] and not gen["temperature"] > 0:
+        raise ConfigError(f"{node}.temperature={gen['temperature']} must be > 0 when sampling "
+                          f"(set {node}.do_sample=false for greedy)")
+    if not 0 < gen["top_p"] <= 1:
+        raise ConfigError(f"{node}.top_p={gen['top_p']} must be in (0, 1]")
+    if gen["top_k"] < 0:
+        raise ConfigError(f"{node}.top_k={gen['top_k']} must be >= 0 (0 = off)")
+    if gen["compile"] not in COMPILE_MODES:
+        raise ConfigError(f"{node}.compile={gen['compile']!r} is not allowed; choose one of: "
+                          f"{', '.join(COMPILE_MODES)}")
 
 
 @dataclass
@@ -268,17 +328,27 @@ class EMAConfig:
 
 
 @dataclass
+class RewardFunctionConfig:
+    """One reward function of an RL stage (rlhf_exp/rewards.py)."""
+
+    fn: str = MISSING  # "package.module:function", e.g. rlhf_exp.tasks:gold_reward_fn
+    weight: float = 1.0
+
+
+@dataclass
 class PPOConfig:
     actor_init: str | None = None  # SFT output (path or artifact); null = model base
     critic_init: str | None = None  # reward-model output (path or artifact)
     # frozen reward model (path or artifact); null = the same checkpoint as critic_init
     reward_model: str | None = None
+    reward_model_weight: float = 1.0  # 0 = no reward model (reward_functions only)
+    reward_functions: list[RewardFunctionConfig] = field(default_factory=list)
     steps: int = 100  # rollouts (PPO iterations)
     rollout_batch_size: int = 64  # prompts per rollout, global
-    micro_batch_size_per_device: int = 16  # per forward/backward during the update
+    micro_batch_size_per_device: int = 32  # per forward/backward during the update
     ppo_epochs: int = 1
     num_minibatches: int = 1
-    max_prompt_len: int = 64
+    max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
     gamma: float = 1.0
@@ -307,27 +377,76 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """`stage=grpo`: critic-free policy gradient with group baselines (GRPO, RLOO, Dr. GRPO,
+    DAPO-style options). conf/grpo/default.yaml documents every key; docs/grpo.md the math."""
+
+    actor_init: str | None = None  # SFT output (path, run dir or artifact); null = model base
+    reward_model: str | None = None  # frozen reward model (path or artifact); null = none
+    reward_model_weight: float = 1.0
+    # null = the task's gold reward (rlhf_exp.tasks:gold_reward_fn) when there is no
+    # reward_model, none when there is one; [] = none
+    reward_functions: list[RewardFunctionConfig] | None = None
+    steps: int = 100  # rollouts (optimisation rounds)
+    prompts_per_step: int = 8  # prompts per rollout, GLOBAL (split over ranks)
+    num_generations: int = 8  # completions per prompt (the group), sampled on one rank
+    micro_batch_size_per_device: int = 64  # completions per forward/backward
+    num_iterations: int = 1  # passes over each rollout (TRL's num_iterations, GRPO's mu)
+    num_minibatches: int = 1  # optimizer steps per pass
+    epsilon: float = 0.2  # ratio clip: 1 - epsilon
+    epsilon_high: float | None = None  # ratio clip: 1 + epsilon_high; null = epsilon
+    beta: float = 0.2  # KL(policy || reference) coefficient; 0 = no reference model at all
+    # k1 | k2 | k3; null = k3 as a loss term, k1 in the reward (docs/grpo.md says why)
+    kl_estimator: str | None = None
+    kl_in_reward: bool = False  # false: beta * KL is a loss term; true: folded into the reward
+    baseline: str = "group_mean"  # group_mean (GRPO) | leave_one_out (RLOO)
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    loss_agg: str = "token_mean"  # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
+    entropy_coef: float = 0.0  # entropy bonus
+    filter_zero_std: bool = False  # leave groups whose rewards are all equal out of the update
+    # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
+    # groups and no gradient checkpointing, else off)
+    shared_prompt: bool = True
+    max_prompt_len: int = 32
+    # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
+    # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way
+    generation: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(use_static_cache=False))
+    actor: PPOModelOptim = field(default_factory=lambda: PPOModelOptim(lr=3e-4))
+    offload_reference: bool = False
+    offload_reward_model: bool = False
+    log_every: int = 1
+    eval_every: int = 20
+    eval_num_prompts: int = 256
+    eval_batch_size: int = 64
+    save_every: int = 0
+    keep_last: int = 2
+
+
+@dataclass
 class EvalConfig:
     """`stage=eval`: compare policies on the PPO share's held-out prompts (docs/eval_chat.md)."""
 
     # name -> path, run dir or artifact; null entries are skipped. The YAML lists sft, ppo and
     # ppo_ema (set them as eval.policies.sft=...); other names need +eval.policies.<name>=...
-    policies: dict[str, str | None] = field(default_factory=dict)
+    policies: dict[str, str | None] = field(
+        default_factory=lambda: {"sft": None, "ppo": None, "ppo_ema": None})
     # a pipeline run dir (or one stage's run dir): its sft / ppo / ppo_ema policies and reward
     # model are found from their result.json and checkpoints; `policies` entries add/override
     from_run: str | None = None
     include_base: bool = False  # also evaluate the untrained base model (policy `base`)
-    # with from_run: take seed, model, data_mix, reward and ppo from the run's config, so the
-    # held-out prompts are the run's own and the defaults follow its PPO eval
+    # with from_run: take seed, model, data_mix, reward, ppo and grpo from the run's config, so
+    # the held-out prompts are the run's own and the defaults follow its PPO (or GRPO) eval
     match_run: bool = True
     reward_model: str | None = None  # path or artifact; null = the from_run reward model
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
     reference: str | None = None
     kl_estimator: str = "k1"  # k1 | k2 | k3 (rlhf_exp/ppo_math.py)
-    num_prompts: int | None = None  # first N held-out prompts; null = the whole slice
+    # the defaults below follow PPO's held-out eval (conf/eval/default.yaml interpolates them)
+    num_prompts: int | None = 256  # first N held-out prompts; null = the whole slice
     num_pairs: int | None = None  # first N held-out preference pairs; null = all
-    batch_size: int = 32
-    max_prompt_len: int = 64
+    batch_size: int = 64
+    max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -337,7 +456,7 @@ class ChatConfig:
     prompt: str | None = None  # one scripted turn instead of the interactive loop
     system: str | None = None
     generation: GenerationSettings = field(
-        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7,
+        default_factory=lambda: GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.9,
                                                    use_static_cache=False, compile="none")
     )
 
@@ -360,6 +479,7 @@ class RootConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 
@@ -383,6 +503,9 @@ def _positive(cfg: DictConfig, key: str, minimum: float = 1) -> None:
 
 
 def _check_train_loop(cfg: DictConfig, node: str) -> None:
+    init = cfg[node].init_from
+    if init is not None and not str(init).strip():
+        raise ConfigError(f"{node}.init_from is empty; give a path, run dir or artifact, or null")
     for key in ("micro_batch_size_per_device", "gradient_accumulation_steps", "epochs",
                 "max_prompt_len", "max_len", "log_every"):
         _positive(cfg, f"{node}.{key}")
@@ -392,6 +515,19 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
                           f"than {node}.max_len ({cfg[node].max_len})")
     if cfg[node].lr <= 0:
         raise ConfigError(f"{node}.lr={cfg[node].lr} must be > 0")
+    if cfg[node].max_steps == 0 or cfg[node].max_steps < -1:
+        raise ConfigError(f"{node}.max_steps={cfg[node].max_steps} must be >= 1, or -1 (train "
+                          f"{node}.epochs epochs over the data)")
+    _check_optimizer(cfg, node)
+    for key in ("eval_every", "warmup_steps"):
+        if cfg[node][key] < 0:
+            raise ConfigError(f"{node}.{key}={cfg[node][key]} must be >= 0")
+    betas = list(cfg[node].adam_betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{node}.adam_betas={betas} must be two numbers in [0, 1), e.g. "
+                          "[0.9, 0.95]")
+    if cfg[node].adam_eps <= 0:
+        raise ConfigError(f"{node}.adam_eps={cfg[node].adam_eps} must be > 0")
     # resume / checkpoint retention
     if cfg[node].save_every < 0 or cfg[node].keep_last < 0:
         raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
@@ -405,17 +541,140 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
                           "to choose from)")
 
 
+def _check_optimizer(cfg: DictConfig, node: str) -> None:
+    """Optimizer keys shared by sft, reward, ppo.actor and ppo.critic (lr is checked apart)."""
+    opt = OmegaConf.select(cfg, node)
+    if opt.weight_decay < 0:
+        raise ConfigError(f"{node}.weight_decay={opt.weight_decay} must be >= 0")
+    if opt.warmup_steps < 0:
+        raise ConfigError(f"{node}.warmup_steps={opt.warmup_steps} must be >= 0")
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{node}.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1] (the "
+                          "final LR as a share of the peak)")
+    if opt.max_grad_norm < 0:
+        raise ConfigError(f"{node}.max_grad_norm={opt.max_grad_norm} must be >= 0 (0 = no "
+                          "clipping)")
+
+
+def _check_lora(cfg: DictConfig, node: str) -> None:
+    lora = OmegaConf.select(cfg, node)
+    if lora.save not in ("merged", "adapter"):
+        raise ConfigError(f"{node}.save={lora.save!r} is not allowed; choose one of: merged, "
+                          "adapter")
+    if not lora.enabled:
+        return
+    _positive(cfg, f"{node}.r")
+    if lora.alpha <= 0:
+        raise ConfigError(f"{node}.alpha={lora.alpha} must be > 0")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"{node}.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.target_modules or not all(str(m).strip() for m in lora.target_modules):
+        raise ConfigError(f"{node}.target_modules={list(lora.target_modules)} must name modules "
+                          "(e.g. [q_proj, v_proj]) or be [all-linear]")
+
+
+def _check_text(cfg: DictConfig, key: str, allow_empty: bool = False) -> None:
+    """A free-text key: non-blank (unless allowed), no control characters but tab/newline."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if not allow_empty and not str(value).strip():
+        raise ConfigError(f"{key} is empty; give some text or leave it null")
+    bad = next((c for c in str(value) if is_control(c)), None)
+    if bad is not None:
+        raise ConfigError(f"{key} holds the control character {bad!r}; use plain text")
+
+
+def is_control(char: str) -> bool:
+    """A control character other than tab, newline and carriage return."""
+    import unicodedata
+
+    return char not in "\t\n\r" and unicodedata.category(char) == "Cc"
+
+
+def _check_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    if not m.path and m.tiny is None:
+        raise ConfigError("model.path is missing: give a hub id or a local directory "
+                          "(or use model=tiny)")
+    for key in ("path", "reward_path", "tokenizer_path"):
+        if m[key] is not None and not str(m[key]).strip():
+            raise ConfigError(f"model.{key} is empty; give a hub id or a local directory, or "
+                              "null")
+    if m.tiny is not None:
+        t = m.tiny
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _positive(cfg, f"model.tiny.{key}")
+        if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+            raise ConfigError(f"model.tiny: hidden_size ({t.hidden_size}) must be divisible by "
+                              f"num_attention_heads ({t.num_attention_heads}), and that by "
+                              f"num_key_value_heads ({t.num_key_value_heads})")
+    if not str(m.attn_implementation).strip():
+        raise ConfigError("model.attn_implementation is empty; e.g. sdpa or eager")
+    template = str(m.prompt_template)
+    try:
+        filled = template.format(prompt="<<PROMPT>>")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"model.prompt_template={template!r} is not a template with only "
+                          f"{{prompt}} ({type(exc).__name__}: {exc}); write literal braces as "
+                          "{{ and }}") from None
+    if "<<PROMPT>>" not in filled:
+        raise ConfigError(f"model.prompt_template={template!r} has no {{prompt}}: the prompt "
+                          "would be dropped; e.g. 'Question: {prompt} Answer:'")
+    if m.tiny is not None and not m.path:
+        _check_tiny(cfg)
+    _check_lora(cfg, "model.lora")
+
+
+def _check_run_names(cfg: DictConfig) -> None:
+    """experiment_name names folders and W&B groups/artifacts; tags are W&B tags; the seed
+    seeds torch."""
+    name = str(cfg.experiment_name)
+    if not name or not set(name) <= NAME_CHARS or name.startswith((".", "-")) or len(name) > 96:
+        raise ConfigError(f"experiment_name={name!r}: use 1-96 letters, digits, _ . and - (not "
+                          "starting with . or -); it names the run folders and W&B artifacts")
+    for tag in cfg.tags:
+        if not str(tag).strip() or len(str(tag)) > 64:
+            raise ConfigError(f"tags has {str(tag)!r}; each tag must be 1-64 characters (W&B)")
+    if not -2**63 < cfg.seed < 2**63:
+        raise ConfigError(f"seed={cfg.seed} must fit in 64 bits (torch's RNG takes no larger)")
+    if not str(cfg.logger.project).strip():
+        raise ConfigError("logger.project is empty; name the W&B project (default rlhf_exp)")
+    if cfg.logger.table_every < 0:
+        raise ConfigError(f"logger.table_every={cfg.logger.table_every} must be >= 0 (0 = off)")
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    """`objective` must be a metric the stage reports (docs: the README's metrics table)."""
+    if cfg.objective is None:
+        return
+    stage = cfg.stage.name
+    prefixes = {"pipeline": (*(f"{s}/" for s in PIPELINE_HANDOFF), "pipeline/", "perf/"),
+                "eval": ("eval/",), "chat": ()}.get(stage, (f"{stage}/", "perf/"))
+    if not str(cfg.objective).startswith(prefixes):
+        allowed = ", ".join(f"{p}..." for p in prefixes) or "none (chat returns no metric)"
+        raise ConfigError(f"objective={cfg.objective!r} is not a metric of stage={stage}; "
+                          f"allowed: {allowed} (the README lists the metrics)")
+
+
+def _check_stage_shares(cfg: DictConfig) -> None:
+    """Every stage that runs needs a positive share of data_mix.split."""
+    split = list(cfg.data_mix.split)
+    index = {"sft": 0, "reward": 1, "ppo": 2}
+    stages = (list(cfg.stage.stages) if cfg.stage.name == "pipeline" else [cfg.stage.name])
+    needs = [(s, share) for s in stages for share in STAGE_SHARES[s]]
+    if ("ppo" in stages) and cfg.ppo.ptx_coef > 0:
+        needs.append(("ppo (ppo.ptx_coef > 0 trains on the sft share too)", "sft"))
+    for who, share in needs:
+        if split[index[share]] <= 0:
+            raise ConfigError(f"data_mix.split={split} gives the {share} share 0, but stage "
+                              f"{who} reads it; give it a positive share (sft, reward, ppo), "
+                              "e.g. data_mix.split=[2,4,4]")
+
+
 def _check_generation(cfg: DictConfig, node: str) -> None:
-    _positive(cfg, f"{node}.max_new_tokens")
-    gen = OmegaConf.select(cfg, node)
-    if gen.do_sample and not gen.temperature > 0:
-        raise ConfigError(f"{node}.temperature={gen.temperature} must be > 0 when sampling "
-                          f"(set {node}.do_sample=false for greedy)")
-    if not 0 < gen.top_p <= 1:
-        raise ConfigError(f"{node}.top_p={gen.top_p} must be in (0, 1]")
-    if gen.top_k < 0:
-        raise ConfigError(f"{node}.top_k={gen.top_k} must be >= 0 (0 = off)")
-    _allowed(cfg, f"{node}.compile", ("auto", "none", "cuda_graphs", "compile"))
+    check_generation(OmegaConf.select(cfg, node), node)
 
 
 def _check_eval_chat(cfg: DictConfig) -> None:
@@ -428,10 +687,16 @@ def _check_eval_chat(cfg: DictConfig) -> None:
                           "hardware=1gpu)")
     if cfg.stage.name == "eval":
         ev = cfg.eval
-        for name in ev.policies:
+        for name, ref in ev.policies.items():
             if not str(name).replace("_", "").replace("-", "").isalnum():
                 raise ConfigError(f"eval.policies has the name {name!r}; use letters, digits, "
                                   "_ and - (it names the metrics eval/<name>/...)")
+            if ref is not None and not str(ref).strip():
+                raise ConfigError(f"eval.policies.{name} is empty; give a path, run dir or "
+                                  "artifact, or null")
+        for key in ("from_run", "reward_model", "reference"):
+            if ev[key] is not None and not str(ev[key]).strip():
+                raise ConfigError(f"eval.{key} is empty; give a path or leave it null")
         _allowed(cfg, "eval.kl_estimator", KL_ESTIMATORS)
         for key in ("batch_size", "max_prompt_len"):
             _positive(cfg, f"eval.{key}")
@@ -441,11 +706,19 @@ def _check_eval_chat(cfg: DictConfig) -> None:
         _check_generation(cfg, "eval.generation")
     if cfg.stage.name == "chat":
         _check_generation(cfg, "chat.generation")
+        _check_text(cfg, "chat.prompt")
+        _check_text(cfg, "chat.system", allow_empty=True)
+        if cfg.chat.policy is not None and not str(cfg.chat.policy).strip():
+            raise ConfigError("chat.policy is empty; give a path, run dir or artifact, or null "
+                              "(the base model)")
 
 
 def _check_ppo(cfg: DictConfig) -> None:
     """PPO keys: allowed values, ranges, and a batch geometry that splits evenly over ranks."""
     pc = cfg.ppo
+    for key in ("actor_init", "critic_init", "reward_model"):
+        if pc[key] is not None and not str(pc[key]).strip():
+            raise ConfigError(f"ppo.{key} is empty; give a path, run dir or artifact, or null")
     _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
     for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
                 "num_minibatches", "max_prompt_len", "log_every",
@@ -482,12 +755,94 @@ def _check_ppo(cfg: DictConfig) -> None:
         if node.lr <= 0:
             raise ConfigError(f"ppo.{model}.lr={node.lr} must be > 0")
         _allowed(cfg, f"ppo.{model}.lr_scheduler", SCHEDULERS)
+        _check_optimizer(cfg, f"ppo.{model}")
         if node.zero_stage is not None and node.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"ppo.{model}.zero_stage={node.zero_stage} must be 0, 1, 2, 3 or "
                               "null (= zero_stage.stage)")
-    if pc.critic_lora.save not in ("merged", "adapter"):
-        raise ConfigError(f"ppo.critic_lora.save={pc.critic_lora.save!r} is not allowed; "
-                          "choose one of: merged, adapter")
+    check_rewards(cfg, "ppo")
+    _check_lora(cfg, "ppo.critic_lora")
+
+
+def _check_grpo(cfg: DictConfig) -> None:
+    """GRPO keys (only when a grpo stage runs): allowed values, ranges, whole groups on every
+    rank, and a batch geometry that splits evenly."""
+    if cfg.stage.name != "grpo" and not (cfg.stage.name == "pipeline"
+                                         and "grpo" in cfg.stage.stages):
+        return
+    gc = cfg.grpo
+    for key in ("steps", "prompts_per_step", "micro_batch_size_per_device", "num_iterations",
+                "num_minibatches", "max_prompt_len", "log_every", "eval_num_prompts",
+                "eval_batch_size"):
+        _positive(cfg, f"grpo.{key}")
+    _positive(cfg, "grpo.num_generations", 2)
+    _allowed(cfg, "grpo.baseline", GRPO_BASELINES)
+    _allowed(cfg, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+    _allowed(cfg, "grpo.loss_agg", GRPO_LOSS_AGG)
+    if gc.kl_estimator is not None:
+        _allowed(cfg, "grpo.kl_estimator", KL_ESTIMATORS)
+    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    if gc.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step={gc.prompts_per_step} must be divisible by the "
+                          f"ranks ({world}): each rank samples whole groups")
+    local = gc.prompts_per_step // world * gc.num_generations  # completions per rank
+    if local % gc.num_minibatches:
+        raise ConfigError(f"grpo: a rank's {local} completions per step (prompts_per_step / "
+                          f"ranks x num_generations) do not split into grpo.num_minibatches="
+                          f"{gc.num_minibatches}")
+    minibatch = local // gc.num_minibatches
+    if minibatch % min(gc.micro_batch_size_per_device, minibatch):
+        raise ConfigError(f"grpo: a minibatch holds {minibatch} completions per rank; "
+                          f"grpo.micro_batch_size_per_device={gc.micro_batch_size_per_device} "
+                          "must divide it")
+    _check_generation(cfg, "grpo.generation")
+    if not gc.generation.do_sample:
+        raise ConfigError("grpo.generation.do_sample=false makes a prompt's num_generations "
+                          "completions identical (no group signal); GRPO samples")
+    if gc.epsilon <= 0 or (gc.epsilon_high is not None and gc.epsilon_high <= 0):
+        raise ConfigError(f"grpo.epsilon={gc.epsilon} and grpo.epsilon_high={gc.epsilon_high} "
+                          "must be > 0 (epsilon_high null = epsilon)")
+    for key in ("beta", "entropy_coef", "eval_every", "save_every", "keep_last"):
+        if gc[key] < 0:
+            raise ConfigError(f"grpo.{key}={gc[key]} must be >= 0")
+    if gc.kl_in_reward and gc.beta == 0:
+        raise ConfigError("grpo.kl_in_reward=true folds beta * KL into the reward, but "
+                          "grpo.beta=0; set grpo.beta > 0 or grpo.kl_in_reward=false")
+    if gc.actor.lr <= 0:
+        raise ConfigError(f"grpo.actor.lr={gc.actor.lr} must be > 0")
+    _allowed(cfg, "grpo.actor.lr_scheduler", SCHEDULERS)
+    if gc.actor.zero_stage is not None and gc.actor.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"grpo.actor.zero_stage={gc.actor.zero_stage} must be 0, 1, 2, 3 or "
+                          "null (= zero_stage.stage)")
+    if gc.reward_model_weight < 0:
+        raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
+    functions = gc.reward_functions if gc.reward_functions is not None else []
+    for i, item in enumerate(functions):
+        module, sep, name = str(item.fn).partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"grpo.reward_functions[{i}].fn={item.fn!r}: name a function as "
+                              "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
+    pipeline_rm = cfg.stage.name == "pipeline" and "reward" in cfg.stage.stages
+    has_rm = (gc.reward_model is not None or pipeline_rm) and gc.reward_model_weight > 0
+    if gc.reward_functions is not None and not gc.reward_functions and not has_rm:
+        raise ConfigError("grpo: no reward: grpo.reward_functions is empty and there is no "
+                          "reward model (grpo.reward_model null or grpo.reward_model_weight 0)")
+
+
+def check_rewards(cfg: DictConfig, node: str) -> None:
+    """`<node>.reward_model_weight` / `reward_functions`: at least one reward, well-formed names
+    (importing and calling them happens before training: rlhf_exp/rewards.py)."""
+    sc = cfg[node]
+    if sc.reward_model_weight < 0:
+        raise ConfigError(f"{node}.reward_model_weight={sc.reward_model_weight} must be >= 0 "
+                          "(0 = no reward model)")
+    for i, item in enumerate(sc.reward_functions):
+        module, sep, name = str(item.fn).partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"{node}.reward_functions[{i}].fn={item.fn!r}: name a function as "
+                              "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
+    if sc.reward_model_weight == 0 and not sc.reward_functions:
+        raise ConfigError(f"{node}: no reward: {node}.reward_model_weight is 0 and "
+                          f"{node}.reward_functions is empty")
 
 
 def _check_tiny(cfg: DictConfig) -> None:
@@ -541,6 +896,11 @@ def _check_source(src: DictConfig, key: str) -> None:
                           f"{', '.join(GOLD_REWARDS)} (or null)")
     if src.max_examples is not None and src.max_examples < 1:
         raise ConfigError(f"{key}.max_examples={src.max_examples} must be >= 1 (or null = all)")
+    for field_name, column in src.columns.items():
+        if not str(column).strip():
+            raise ConfigError(f"{key}.columns.{field_name} is empty; give the column's name")
+    if src.kind == "hub" and not str(src.hub_split).strip():
+        raise ConfigError(f"{key}.hub_split is empty; name the dataset split, e.g. train")
     if src.kind == "hub" and src.path:
         from rlhf_exp.data.sources import local_hub_dir
 
@@ -548,6 +908,15 @@ def _check_source(src: DictConfig, key: str) -> None:
             local_hub_dir(str(src.path))  # a local copy that is not there fails here
         except UserError as exc:
             raise ConfigError(f"{key}.path={exc}") from None
+    if src.kind == "synthetic":
+        task = src.synthetic
+        if task.num_examples < 1:
+            raise ConfigError(f"{key}.synthetic.num_examples={task.num_examples} must be >= 1")
+        if not 1 <= task.min_digits <= task.max_digits:
+            raise ConfigError(f"{key}.synthetic: min_digits={task.min_digits} and max_digits="
+                              f"{task.max_digits} need 1 <= min_digits <= max_digits")
+        if not 0.0 <= task.demo_noise <= 1.0:
+            raise ConfigError(f"{key}.synthetic.demo_noise={task.demo_noise} must be in [0, 1]")
     if src.kind == "local":
         try:
             path = resolve_path(str(src.path))
@@ -581,12 +950,42 @@ def check_rendezvous(cfg: DictConfig) -> None:
             raise ConfigError(f"hardware.hostfile={hw.hostfile!r}: no such file")
 
 
+def _check_finite(node: Any, key: str = "") -> None:
+    """No nan or inf anywhere: every comparison with them is False, so range checks pass them."""
+    if OmegaConf.is_dict(node):
+        for k in node:
+            if k != "hydra" and not OmegaConf.is_missing(node, k):
+                _check_finite(node[k], f"{key}.{k}" if key else str(k))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{key}={node} must be a finite number")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks on the composed config; raises ConfigError with one readable line."""
+    _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
     for name in cfg.stage.stages:
-        if name not in ("sft", "reward", "ppo"):
-            raise ConfigError(f"stage.stages has {name!r}; each must be one of: sft, reward, ppo")
+        if name not in PIPELINE_HANDOFF:
+            raise ConfigError(f"stage.stages has {name!r}; each must be one of: "
+                              f"{', '.join(PIPELINE_HANDOFF)}")
+    stages = list(cfg.stage.stages)
+    if cfg.stage.name == "pipeline":
+        # each stage starts from what the stages before it produced (PIPELINE_HANDOFF): SFT
+        # comes first, a reward model before the stages that use it, no stage twice
+        wrong = (not stages or len(set(stages)) != len(stages)
+                 or ("sft" in stages and stages[0] != "sft")
+                 or any("reward" in keys.values() and "reward" in stages
+                        and stages.index("reward") > i
+                        for i, keys in enumerate(PIPELINE_HANDOFF[s] for s in stages)))
+        if wrong:
+            raise ConfigError(f"stage.stages={stages} must list stages of "
+                              f"{', '.join(PIPELINE_HANDOFF)} once each, sft first and reward "
+                              "before the stages that use its model (e.g. [sft, reward, ppo], "
+                              "[sft, grpo], [sft, dpo])")
+    _check_run_names(cfg)
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)
     _check_hardware(cfg)
@@ -598,14 +997,7 @@ def validate(cfg: DictConfig) -> None:
     _allowed(cfg, "zero_stage.offload_param", OFFLOAD)
     if cfg.zero_stage.offload_param != "none" and cfg.zero_stage.stage != 3:
         raise ConfigError("zero_stage.offload_param needs zero_stage.stage=3")
-    if cfg.model.path is None and cfg.model.tiny is None:
-        raise ConfigError("model.path is missing: give a hub id or a local directory "
-                          "(or use model=tiny)")
-    if cfg.model.path is None:
-        _check_tiny(cfg)
-    if cfg.model.lora.save not in ("merged", "adapter"):
-        raise ConfigError(f"model.lora.save={cfg.model.lora.save!r} is not allowed; "
-                          "choose one of: merged, adapter")
+    _check_model(cfg)
     _allowed(cfg, "logger.name", ("wandb", "none"))
     _allowed(cfg, "logger.mode", ("offline", "online", "disabled"))
     _check_train_loop(cfg, "sft")
@@ -621,6 +1013,9 @@ def validate(cfg: DictConfig) -> None:
                           "(sft, reward, ppo), e.g. [2, 4, 4]")
     if not 0.0 <= cfg.data_mix.eval_fraction < 1.0:
         raise ConfigError(f"data_mix.eval_fraction={cfg.data_mix.eval_fraction} must be in [0, 1)")
+    _check_stage_shares(cfg)
+    if cfg.data_mix.cache_dir is not None and not str(cfg.data_mix.cache_dir).strip():
+        raise ConfigError("data_mix.cache_dir is empty; give a folder, or null (the default)")
     for i, src in enumerate(cfg.data_mix.sources):
         key = f"data_mix.sources[{i}]"
         if src.kind not in SOURCE_KINDS:
@@ -633,6 +1028,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}.path is missing: a {src.kind} source needs a path")
         if src.weight <= 0:
             raise ConfigError(f"{key}.weight={src.weight} must be > 0")
+        if not str(src.name).strip():
+            raise ConfigError(f"{key}.name is empty; each source needs a name")
         _check_source(src, key)
     names = [src.name for src in cfg.data_mix.sources]
     if len(set(names)) != len(names):
@@ -641,5 +1038,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data_mix.max_eval_examples < 0:
         raise ConfigError(f"data_mix.max_eval_examples={cfg.data_mix.max_eval_examples} must "
                           "be >= 0")
-    # ppo
+    # ppo, grpo
     _check_ppo(cfg)
+    _check_objective(cfg)
+    _check_grpo(cfg)

@@ -1,13 +1,18 @@
-"""Process-group helpers. Every stage works the same in one process and under torchrun."""
+"""Process-group helpers. Every stage works the same in one process and under torchrun.
+
+torch is imported inside the functions that need it: the dispatcher imports this module to
+know whether it is a launched rank, and `rlhf-exp --help` / `--cfg job` must not pay for torch.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as torch_dist
+if TYPE_CHECKING:
+    import torch
 
 
 def free_port() -> int:
@@ -43,6 +48,8 @@ def adopt_submitit_env(master_port: int = 0) -> int:
                       NODE_RANK=str(env.node), MASTER_ADDR=env.hostnames[0],
                       MASTER_PORT=str(port))
     if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
         # as torchrun does: ranks sharing a node must not each start one thread per core.
         # Slurm binds each task to its cpus_per_task; the local executor shares all cores.
         per_task = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -57,6 +64,9 @@ def init(device: str) -> None:
 
     A plain single process gets RANK/WORLD_SIZE/MASTER_* set here, else DeepSpeed tries MPI
     discovery (and fails on mpi4py)."""
+    import torch
+    import torch.distributed as torch_dist
+
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
     # DeepSpeed's ZeRO collectives call torch APIs that torch 2.13 deprecates; the warning would
@@ -72,11 +82,33 @@ def init(device: str) -> None:
 
     if device == "cuda":
         torch.cuda.set_device(local_rank())
+    else:
+        _skip_shm_comm_build(deepspeed)
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo",
                                verbose=False)
 
 
+def _skip_shm_comm_build(deepspeed) -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles its `deepspeed_shm_comm` op with gcc (about
+    1.5 minutes on first use, gcc lines on the console, a `lock` file left behind by a killed
+    build that hangs every later run). The op only serves `inference_all_reduce` (tensor-parallel
+    inference), which we never call; every collective we use goes through torch.distributed
+    (gloo). Marking the op incompatible makes DeepSpeed skip the build, as it does on platforms
+    without it (deepspeed/comm/torch.py: build_shm_op reads `deepspeed.ops.__compatible_ops__`,
+    DeepSpeed's cached probe of which ops can build, "meant to be edited").
+
+    The probe itself compiles test programs with gcc; build_shm_op is its only reader in
+    DeepSpeed 0.19 (pinned), so when it has not run yet we answer for the one op it asks about."""
+    ops = deepspeed.ops
+    if "__compatible_ops__" in vars(ops):  # probed already: keep its other answers
+        ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
 def rank() -> int:
+    import torch.distributed as torch_dist
+
     return torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
@@ -85,6 +117,8 @@ def local_rank() -> int:
 
 
 def world_size() -> int:
+    import torch.distributed as torch_dist
+
     if torch_dist.is_initialized():
         return torch_dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", 1))
@@ -95,11 +129,15 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    import torch.distributed as torch_dist
+
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()
 
 
 def device_for(device: str) -> torch.device:
+    import torch
+
     return torch.device(f"cuda:{local_rank()}") if device == "cuda" else torch.device("cpu")
 
 
@@ -107,6 +145,9 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     """Mean of each value over ranks (metrics computed on each rank's shard)."""
     if world_size() == 1:
         return list(values)
+    import torch
+    import torch.distributed as torch_dist
+
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return (t / world_size()).tolist()
@@ -116,6 +157,20 @@ def broadcast_object(obj):
     """Rank 0's object on every rank."""
     if world_size() == 1:
         return obj
+    import torch.distributed as torch_dist
+
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """The concatenation of every rank's (equal-shaped) tensor, in rank order."""
+    if world_size() == 1:
+        return x
+    import torch
+    import torch.distributed as torch_dist
+
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    torch_dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

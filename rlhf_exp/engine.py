@@ -115,3 +115,38 @@ def build_eval_engine(model, cfg: DictConfig, *, zero_stage: int | None = None):
     # reachable so callers and tests can see where the partitions live (`.offload_device`)
     engine.module.zero_param_manager = engine.optimizer
     return engine.module
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off for good, also in train mode: nn.Dropout modules (LoRA's included) get p=0,
+    and float `*dropout*` attributes (attention dropout read at forward time, e.g. Llama's
+    `attention_dropout`, OPT's `dropout`) are set to 0. The RL stages compute log-probs and
+    values during the rollout and again in the update: both must be the same function (a
+    DeepSpeed-Chat defect). Gradient checkpointing needs train mode, so eval() would not do."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def build_frozen(model, cfg: DictConfig, *, zero_stage: int, offload: bool):
+    """An inference-only model (a reference policy, a reward model), dropout off. offload =
+    ZeRO-3 with the parameters offloaded to CPU memory (DeepSpeed-Chat's
+    --offload_reference_model); placement() says where it ended up."""
+    import copy
+
+    disable_dropout(model)
+    if not offload:
+        return build_eval_engine(model, cfg, zero_stage=zero_stage)
+    off = copy.deepcopy(cfg)
+    off.zero_stage.offload_param = "cpu"
+    off.zero_stage.stage3_param_persistence_threshold = 0  # keep no weight resident
+    return build_eval_engine(model, off, zero_stage=3)
+
+
+def placement(offload: bool, zero_stage: int) -> str:
+    """Where build_frozen puts a model: zero3-offload-cpu, zero3 (partitioned) or device."""
+    return "zero3-offload-cpu" if offload else ("zero3" if zero_stage == 3 else "device")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import ppo_math, scoring, tasks
+from rlhf_exp import dist, ppo_math, scoring, tasks
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import pad_left, pad_right, prompt_ids
 from rlhf_exp.generation import GenerationConfig, Rollout, generate
@@ -24,6 +24,14 @@ def heldout_rows(cfg: DictConfig, limit: int | None = None) -> list[dict]:
     """The PPO share's held-out rows (never trained on by any stage), first `limit` of them."""
     rows = build_stage_data(cfg.data_mix, "ppo", cfg.seed).eval
     return rows[:limit] if limit else rows
+
+
+def heldout_shard(cfg: DictConfig, limit: int, rank: int, world: int) -> list[dict]:
+    """This rank's share of the first `limit` held-out rows, cut to a multiple of the world size
+    so every rank runs the same number of generation batches (collectives under ZeRO-3),
+    sharded [rank::world]."""
+    rows = heldout_rows(cfg, limit=limit)
+    return rows[:len(rows) // world * world][rank::world]
 
 
 def generation_config(node: DictConfig) -> GenerationConfig:
@@ -124,3 +132,30 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mas
     response tokens (EOS included), as PPO's per-sequence KL."""
     per_token = ppo_math.kl_per_token(logprobs, ref_logprobs, estimator)
     return ppo_math.masked_sum(per_token, response_mask.to(per_token.dtype), dim=-1)
+
+
+def heldout_eval(policy, tokenizer, rows: list[dict], gen: GenerationConfig, *, prefix: str,
+                 template: str, max_prompt_len: int, batch_size: int, seed: int,
+                 device: torch.device, synced_gpus: bool = False,
+                 reward_model=None) -> dict[str, float]:
+    """The RL stages' held-out evaluation of a policy on this rank's rows (`heldout_shard`),
+    averaged over ranks: `<prefix>/eval_gold_reward` (where the rows have a gold reward),
+    `<prefix>/eval_reward_score` (with a reward model), `<prefix>/eval_response_length`.
+    Sampled with `gen` from a generator seeded with `seed`: the same policy gives the same
+    numbers in PPO, GRPO, DPO and `stage=eval`."""
+    samples = sample_responses(policy, tokenizer, rows, gen, template=template,
+                               max_prompt_len=max_prompt_len, batch_size=batch_size, seed=seed,
+                               device=device, synced_gpus=synced_gpus)
+    golds = [g for g in gold_scores(rows, samples.texts) if g is not None]
+    rm = [] if reward_model is None else reward_scores(
+        reward_model, tokenizer, rows, samples.texts, samples.finished, template=template,
+        max_prompt_len=max_prompt_len, batch_size=batch_size, device=device)
+    sums = dist.all_reduce_mean([sum(golds), len(golds), float(sum(rm)), len(rows),
+                                 float(sum(samples.lengths))], device)
+    n = max(sums[3], 1e-9)
+    metrics = {f"{prefix}/eval_response_length": sums[4] / n}
+    if reward_model is not None:
+        metrics[f"{prefix}/eval_reward_score"] = sums[2] / n
+    if sums[1] > 0:
+        metrics[f"{prefix}/eval_gold_reward"] = sums[0] / sums[1]
+    return metrics

@@ -31,41 +31,17 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+# The settings' one declaration is the config schema (`ppo.generation`, `eval.generation`, ...):
+# defaults, validation (a bad value raises ConfigError, a ValueError) and the allowed modes.
+from rlhf_exp.config import COMPILE_MODES, GenerationSettings  # noqa: F401
+
+GenerationConfig = GenerationSettings  # the name generate()'s callers use
+
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 _DONE_CHECK_EVERY = 16  # graphed path: steps between "all rows finished?" host syncs
 _CACHE_LEN_MULTIPLE = 64  # graphed path: round P+R up so nearby prompt lengths share one graph
 _MAX_GRAPHS_PER_MODEL = 2  # e.g. one rollout shape and one eval shape
-
-
-@dataclass
-class GenerationConfig:
-    """Mirrors the config keys `ppo.generation.*`."""
-
-    max_new_tokens: int = 32
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    use_static_cache: bool = True  # fixed-shape KV cache
-    # "auto": cuda_graphs on CUDA, none on CPU; "none": eager loop; "cuda_graphs": capture the
-    # decode step with torch.cuda.CUDAGraph; "compile": torch.compile(mode="reduce-overhead")
-    compile: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"generation.temperature must be > 0 when sampling, got "
-                             f"{self.temperature} (set do_sample: false for greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"generation.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"generation.compile must be one of {COMPILE_MODES}, "
-                             f"got {self.compile!r}")
 
 
 @dataclass
@@ -84,7 +60,8 @@ class Rollout:
 # ----------------------------------------------------------------------------- public entry
 def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
              gen: GenerationConfig, *, eos_token_id: int, pad_token_id: int,
-             generator: torch.Generator | None = None, synced_gpus: bool = False) -> Rollout:
+             generator: torch.Generator | None = None, synced_gpus: bool = False,
+             prompt_repeats: int = 1) -> Rollout:
     """Sample `gen.max_new_tokens` tokens after left-padded prompts.
 
     The response always has R = max_new_tokens columns (pad after a row's EOS, or after the loop
@@ -93,6 +70,9 @@ def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask
     `generator` makes sampling reproducible; a CPU generator with a CUDA model seeds a CUDA one.
     `synced_gpus`: never stop before R steps. Needed when the weights are ZeRO-3 partitioned
     over several ranks: every forward is a collective, so all ranks must run the same number.
+    `prompt_repeats` = G > 1: rows come in runs of G identical prompts (GRPO's groups); the eager
+    dynamic-cache path prefills each prompt once and repeats its KV cache (the other paths
+    prefill every row). The samples are the same either way (up to float rounding).
     """
     model = _unwrap(model)
     device = next(model.parameters()).device
@@ -118,7 +98,7 @@ def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask
         if synced_gpus:
             check_every = gen.max_new_tokens + 1  # the "all done?" early exit never fires
         response = _decode_loop(decoder, input_ids, prompt_mask, gen, eos_token_id,
-                                pad_token_id, rng, check_every)
+                                pad_token_id, rng, check_every, prompt_repeats)
 
     response_mask = _response_mask(response, eos_token_id)
     return Rollout(
@@ -140,13 +120,17 @@ def release_generation_buffers(model: torch.nn.Module | None = None) -> None:
 # ----------------------------------------------------------------------------- decode loop
 def _decode_loop(decoder: _DynamicDecoder | _StaticDecoder, input_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, gen: GenerationConfig, eos: int, pad: int,
-                 rng: torch.Generator | None, check_every: int) -> torch.Tensor:
+                 rng: torch.Generator | None, check_every: int,
+                 prompt_repeats: int = 1) -> torch.Tensor:
     """Returns the [B, R] response tokens, pad after each row's first EOS."""
     B, R = input_ids.shape[0], gen.max_new_tokens
     # positions count real tokens only, so left padding does not shift them (HF does the same)
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
-    logits = decoder.prefill(input_ids, prompt_mask, prompt_pos)  # [B, V]
+    if prompt_repeats > 1 and isinstance(decoder, _DynamicDecoder):
+        logits = decoder.prefill_repeated(input_ids, prompt_mask, prompt_pos, prompt_repeats)
+    else:
+        logits = decoder.prefill(input_ids, prompt_mask, prompt_pos)  # [B, V]
 
     response = input_ids.new_full((B, R), pad)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -212,6 +196,16 @@ class _DynamicDecoder:
         self.seen = P
         return _forward(self.model, input_ids, self.mask[:, :P], prompt_pos,
                         {self.cache_arg: self.cache}, last_only=True)
+
+    def prefill_repeated(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         prompt_pos: torch.Tensor, repeats: int) -> torch.Tensor:
+        """prefill of rows that come in runs of `repeats` equal prompts: each prompt once, then
+        its KV cache and logits repeated."""
+        first = slice(None, None, repeats)
+        logits = self.prefill(input_ids[first], prompt_mask[first], prompt_pos[first])
+        self.cache.batch_repeat_interleave(repeats)
+        self.mask = self.mask.repeat_interleave(repeats, dim=0)
+        return logits.repeat_interleave(repeats, dim=0)
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.seen += 1

@@ -76,6 +76,67 @@ def find(cfg: DictConfig, run_dir: Path, stage: str) -> Path | None:
     return ckpt
 
 
+# keys a resumed run may change: how long it runs, how often it logs, evaluates and saves,
+# what it keeps, and where it reports; everything else must equal the run's own config
+_MAY_CHANGE_IN_STAGE = ("max_steps", "epochs", "steps", "save_every", "keep_last",
+                        "keep_best_metric", "keep_best_mode", "log_every", "eval_every")
+_MAY_CHANGE_TOP = ("resume", "objective", "tags", "logger", "hardware.dry_run",
+                   "hardware.master_addr", "hardware.master_port", "eval", "chat")
+_SHARED_NODES = ("seed", "experiment_name", "model", "zero_stage", "hardware", "data_mix")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
+    """`resume=<run dir>` must continue the same run: the same stage, and the same config but for
+    the keys that may change (max_steps, intervals, retention, logger, tags). Checked before
+    Hydra writes anything into the run dir; one line otherwise."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    saved_file = next((f for f in (run_dir / "config_resolved.yaml",
+                                   run_dir / ".hydra" / "config.yaml") if f.is_file()), None)
+    if saved_file is None:
+        return  # killed before its config was written: nothing to compare with
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
+    except Exception as exc:
+        raise UserError(f"resume={run_dir}: cannot read {saved_file} ({exc})") from None
+    saved_stage = (saved.get("stage") or {}).get("name")
+    stage = cfg.stage.name
+    if saved_stage != stage:
+        raise UserError(f"resume={run_dir}: that run is a stage={saved_stage} run, not "
+                        f"stage={stage}; resume it with stage={saved_stage}, or drop resume= to "
+                        "start a new run")
+    stages = list(cfg.stage.stages) if stage == "pipeline" else [stage]
+    relevant = (*_SHARED_NODES, "stage", *stages)
+    now = _flatten({key: OmegaConf.to_container(cfg[key], resolve=True)
+                    if OmegaConf.is_config(cfg[key]) else cfg[key]
+                    for key in cfg if key != "hydra"})  # (the CLI composes with hydra's node)
+    before = _flatten(saved)
+    diffs = []
+    for key in sorted(set(now) | set(before)):
+        top, _, rest = key.partition(".")
+        if top not in relevant or key.startswith(_MAY_CHANGE_TOP) or (
+                top in stages and rest in _MAY_CHANGE_IN_STAGE):
+            continue
+        if now.get(key) != before.get(key):
+            diffs.append(f"{key}={before.get(key)!r} (now {now.get(key)!r})")
+    if diffs:
+        shown = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"resume={run_dir}: the run was made with another config: {shown}; a "
+                        "resumed run may change only its length (max_steps, steps, epochs), "
+                        "intervals, checkpoint retention, logger and tags; drop resume= to start "
+                        "a new run")
+
+
 def completed(run_dir: Path, stage: str) -> runtime.StageResult | None:
     """The result of a run dir whose stage already finished (final checkpoint + result.json):
     running it again returns this instead of training again."""
@@ -114,10 +175,14 @@ def restore_rng(ckpt: Path) -> None:
 def save(engine, tokenizer, run_dir: Path, step: int, state: dict[str, Any], *, stage: str,
          local: dict[str, Any] | None = None, lora_save: str = "merged", keep_last: int = 2,
          best_metric: str | None = None, best_mode: str = "min",
-         metric_value: float | None = None) -> Path:
+         metric_value: float | None = None, engines: dict[str, Any] | None = None,
+         files: dict[str, Any] | None = None) -> Path:
     """Write the training checkpoint of `step` atomically (every rank must call it), then keep
     the newest `keep_last` plus the best by `best_metric` (linked as checkpoints/best).
-    `state` is rank 0's (JSON), `local` each rank's own (e.g. its partial loss window)."""
+    `state` is rank 0's (JSON), `local` each rank's own (e.g. its partial loss window).
+    `engine` is the model the checkpoint's HF files hold; `engines` are more DeepSpeed engines
+    saved beside it under deepspeed/<name>/ (PPO's critic); `files` rank 0's tensors saved as
+    <name>.pt (PPO's fp32 EMA weights)."""
     final = checkpoint.step_dir(run_dir, step)
     tmp = final.parent / f".tmp-{final.name}-train"  # one name every rank agrees on
     if dist.is_main() and tmp.exists():
@@ -126,6 +191,11 @@ def save(engine, tokenizer, run_dir: Path, step: int, state: dict[str, Any], *, 
     checkpoint.save_hf(engine, tokenizer, tmp, zero_stage=engine.zero_optimization_stage(),
                        lora_save=lora_save, metadata={"stage": stage, "step": step})
     engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False)
+    for name, other in (engines or {}).items():
+        other.save_checkpoint(str(tmp / DS_DIR / name), tag=DS_TAG, save_latest=False)
+    if dist.is_main():
+        for name, obj in (files or {}).items():
+            torch.save(obj, tmp / f"{name}.pt")
     torch.save({"rng": rng_state(), "local": local or {}}, tmp / _rank_file(tmp).name)
     dist.barrier()
     if dist.is_main():
@@ -155,13 +225,19 @@ def _mark_best(run_dir: Path, mode: str) -> None:
         checkpoint.mark(pick(scored, key=lambda s: s[0])[1], "best")
 
 
-def load(engine, ckpt: Path) -> dict[str, Any]:
-    """Weights, optimizer and LR schedule into `engine` (every rank); returns the trainer
-    state with this rank's `local` values merged in. RNG states are restored separately
-    (`restore_rng`)."""
-    path, _ = engine.load_checkpoint(str(Path(ckpt) / DS_DIR), tag=DS_TAG,
+def load(engine, ckpt: Path, name: str | None = None) -> dict[str, Any]:
+    """Weights, optimizer and LR schedule into `engine` (every rank; `name`: one of the extra
+    `engines` of `save`); returns the trainer state with this rank's `local` values merged in.
+    RNG states are restored separately (`restore_rng`)."""
+    where = Path(ckpt) / DS_DIR / (name or "")
+    path, _ = engine.load_checkpoint(str(where), tag=DS_TAG,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise UserError(f"{ckpt}: DeepSpeed found no state under {ckpt / DS_DIR}")
+        raise UserError(f"{ckpt}: DeepSpeed found no state under {where}")
     local = torch.load(_rank_file(ckpt), weights_only=False)["local"]
     return {**read_state(ckpt), **local}
+
+
+def load_file(ckpt: Path, name: str) -> Any:
+    """A `files` entry of `save` (on any rank)."""
+    return torch.load(Path(ckpt) / f"{name}.pt", weights_only=False)

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import dist
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import InitError
 from rlhf_exp.models import cache_root
 
 GROUPS = ("model", "stage", "zero_stage", "hardware", "data_mix", "logger")
+# wandb 0.31 buffers its run file (.wandb, a log of 32 KiB blocks) in the W&B service process and
+# writes a partial block every `x_transaction_log_flush_interval` seconds (default 15): a run
+# SIGKILLed sooner loses those rows. It has no flush call, so Tracker.flush() waits for one of
+# these periodic writes, made frequent here (appending a few KiB; it never fsyncs).
+FLUSH_INTERVAL_S = 0.25
 
 
 def group_choices(cfg: DictConfig) -> dict[str, str]:
@@ -57,7 +63,8 @@ class Tracker:
             job_type=job_type, tags=run_tags(cfg), config=config, dir=str(self.run_dir),
             name=f"{cfg.experiment_name}-{job_type}-{self.run_dir.name}", mode=mode,
             id=run_id, resume="allow" if run_id else None,
-            settings=wandb.Settings(console="off", quiet=True),
+            settings=wandb.Settings(console="off", quiet=True,
+                                    x_transaction_log_flush_interval=FLUSH_INTERVAL_S),
         )
         step = f"{job_type}/step"
         self.run.define_metric(step)
@@ -76,6 +83,30 @@ class Tracker:
         self.latest.update(metrics)
         if self.run:
             self.run.log({f"{self.job_type}/step": step, **metrics})
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Make every row logged so far durable in the run's .wandb file, so that it survives a
+        kill of this process (SIGKILL, preemption). Call it before writing a resumable
+        checkpoint: once the checkpoint exists, the W&B history up to its step is on disk.
+
+        Reading the summary is a round trip through the W&B service: when it returns, the
+        service has taken every earlier row; the next periodic write (FLUSH_INTERVAL_S) puts them
+        in the file. We wait until the file has not grown for two intervals (at least two after
+        the round trip)."""
+        if not self.run or self.run.settings.mode == "disabled":
+            return
+        self.run.summary.keys()  # returns after the service has handled every earlier call
+        path = Path(self.run.settings.sync_file)
+        start = last_change = time.monotonic()
+        size = path.stat().st_size if path.exists() else -1
+        while time.monotonic() - start < timeout:
+            time.sleep(FLUSH_INTERVAL_S / 2)
+            now_size = path.stat().st_size if path.exists() else -1
+            now = time.monotonic()
+            if now_size != size:
+                size, last_change = now_size, now
+            elif now - last_change >= 2 * FLUSH_INTERVAL_S and now - start >= 2 * FLUSH_INTERVAL_S:
+                return
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         if self.run:
@@ -108,6 +139,21 @@ class Tracker:
         art = self.run.use_artifact(name, type="model")
         return Path(art.download())
 
+    def record_inputs(self, inputs: dict[str, str | None], prefix: str) -> None:
+        """The checkpoints and artifacts a run started from: in the config (`inputs`), in the
+        summary (`<prefix>/<key>`), and online as W&B lineage (use_artifact) where they came
+        from an artifact."""
+        self.summary({f"{prefix}/{k}": v or "" for k, v in inputs.items()})
+        if not self.run:
+            return
+        self.run.config.update({"inputs": inputs}, allow_val_change=True)
+        for key, value in inputs.items():
+            if key.endswith("_artifact") and value:
+                try:
+                    self.use_artifact(value)
+                except Exception:  # lineage is best effort: the local weights are what we load
+                    pass
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run:
             self.run.finish(exit_code=exit_code)
@@ -135,10 +181,6 @@ def _remember_artifact(name: str, path: Path) -> None:
     tmp = index.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=1))
     os.replace(tmp, index)
-
-
-class InitError(UserError, FileNotFoundError):
-    """A stage's starting point (`*.init_from`, `ppo.actor_init`, ...) that cannot be found."""
 
 
 def resolve_init(ref: str, tracker: Tracker | None = None) -> tuple[Path, str | None]:

@@ -2,6 +2,12 @@
 
 wandb 0.31 writes no config.yaml / wandb-summary.json for offline runs and dropped the Python
 datastore reader; the CLI is the supported way to read a `.wandb` transaction log.
+
+A resumed run (docs/resume.md) is one W&B run written as several parts: one
+`offline-run-<time>-<id>/run-<id>.wandb` per process, same id. `read_merged` joins them the way
+the run happened: parts in start order, and a later part replaces the earlier parts' history
+from its first step on (`<job_type>/step`). The killed part may hold rows past the checkpoint
+the resumed part restarted from; those steps were computed again, so each step appears once.
 """
 
 from __future__ import annotations
@@ -80,3 +86,46 @@ def read_run(file: Path) -> LocalRun:
 
 def read_runs(path: Path) -> list[LocalRun]:
     return [read_run(f) for f in run_files(path)]
+
+
+def _step_of(row: dict, key: str) -> float | None:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def merge_parts(parts: list[LocalRun]) -> LocalRun:
+    """One run from the parts of a resumed run (same id), given in start order: config and
+    summary updated part by part, artifacts appended, the exit code of the last part, and the
+    history of each part cut where the next part's history begins (its first
+    `<job_type>/step`); rows without that step key are kept."""
+    merged = LocalRun(file=parts[-1].file)
+    for part in parts:
+        merged.run_id = part.run_id or merged.run_id
+        merged.project = part.project or merged.project
+        merged.group = part.group or merged.group
+        merged.job_type = part.job_type or merged.job_type
+        merged.tags = part.tags or merged.tags
+        merged.config.update(part.config)
+        merged.summary.update(part.summary)
+        merged.artifacts.extend(part.artifacts)
+        merged.exit_code = part.exit_code if part.exit_code is not None else merged.exit_code
+        key = f"{merged.job_type}/step"
+        steps = [s for row in part.history if (s := _step_of(row, key)) is not None]
+        if steps:  # this part replaces every earlier row from its first step on
+            first = min(steps)
+            merged.history = [row for row in merged.history
+                              if (s := _step_of(row, key)) is None or s < first]
+        merged.history.extend(part.history)
+    return merged
+
+
+def read_merged(path: Path) -> list[LocalRun]:
+    """Every run under `path` with its resumed parts merged (merge_parts), in start order."""
+    by_id: dict[str, list[LocalRun]] = {}
+    # offline-run-<YYYYmmdd_HHMMSS>-<id>: the dir name sorts a run's parts by start time
+    for file in sorted(run_files(path), key=lambda f: f.parent.name):
+        part = read_run(file)
+        # a log cut by SIGKILL may lack even its run record: the id is in the file name too
+        part.run_id = part.run_id or file.stem.removeprefix("run-")
+        by_id.setdefault(part.run_id, []).append(part)
+    return [merge_parts(parts) for parts in by_id.values()]

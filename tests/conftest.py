@@ -1,23 +1,32 @@
 """Shared test fixtures. Tests run the real parts: DeepSpeed on CPU, W&B offline, Hydra compose.
 
-Environment: W&B offline, the tiny model built into a per-session cache, DeepSpeed's JIT ops
-cached under .cache/torch_extensions (built once, ~25 s).
+Environment: W&B offline, the tiny model built into a per-session cache. DeepSpeed compiles
+nothing (rlhf_exp/dist.py skips its CPU shm comm op), so no extensions cache is set up.
+
+Two tiers. `make test-fast` (`-m "not slow"`) is the unit tier: no training run and no
+subprocess (no CLI launch, no torchrun, no W&B service, no `wandb leet` read). A test that
+trains or launches is marked slow: by hand (`@pytest.mark.slow`), or here because it uses a
+fixture of TRAINING_FIXTURES (directly or through another fixture) or calls `cli()`. A guard
+fails an unmarked test that starts a subprocess or builds a training engine anyway, so the unit
+tier stays one. `make test` runs both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["pytester"]  # tests/test_unit_tier.py runs the guard below on sample tests
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Small, fast settings for end-to-end runs on 2 CPU cores.
@@ -74,7 +83,9 @@ def sft_run(tmp_path_factory):
     from rlhf_exp.stages import sft
 
     run_dir = tmp_path_factory.mktemp("sft_run")
-    cfg = compose("stage=sft", *FAST, "sft.max_steps=40")
+    # an experiment name of its own: the offline artifact index is shared by the whole session,
+    # and other tests' runs register "default-sft-model" too
+    cfg = compose("stage=sft", *FAST, "sft.max_steps=40", "experiment_name=fixture")
     engine, tokenizer, result = sft.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
             "result": result}
@@ -105,7 +116,7 @@ def reward_run(sft_run, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("reward_run")
     cfg = compose("stage=reward", *FAST, "reward.max_steps=150", "reward.log_every=10",
-                  "reward.warmup_steps=10",
+                  "reward.warmup_steps=10", "experiment_name=fixture",
                   f"reward.init_from={sft_run['cfg'].experiment_name}-sft-model")
     engine, tokenizer, result = reward.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
@@ -122,6 +133,8 @@ def rlhf_exp(capfd, monkeypatch):
     from rlhf_exp import dist
 
     def run(*args: str) -> SimpleNamespace:
+        from hydra.core.hydra_config import HydraConfig
+
         monkeypatch.setattr(sys, "argv", ["rlhf-exp", *args])
         # an earlier in-process run left RANK/LOCAL_RANK/... set (its process group lives on and
         # DeepSpeed needs them): this process is still no launched rank of a multi-rank run
@@ -131,6 +144,80 @@ def rlhf_exp(capfd, monkeypatch):
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        finally:  # a Hydra app leaves its config behind: later in-process code would see it
+            from hydra.core.global_hydra import GlobalHydra
+            from hydra.core.hydra_config import HydraConfig
+
+            HydraConfig.instance().cfg = None
+            GlobalHydra.instance().clear()
         out = capfd.readouterr()
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
     return run
+
+
+# ----------------------------------------------------------------------------- the unit tier
+# fixtures that train a model or launch processes: a test using one (even through another
+# fixture) is slow. Add a new such fixture here; the guard below names the ones forgotten.
+TRAINING_FIXTURES = {
+    "sft_run", "reward_run", "sft_sweep",  # this file
+    "offload_gc", "lora_merged", "lora_adapter",  # test_memory.py
+    "demo",  # test_pipeline.py
+    "one_rank", "two_ranks_zero3", "two_tasks_submitit",  # test_scale.py
+}
+
+
+def _calls_cli(item) -> bool:
+    """The test function itself calls `cli(...)` (the names its code refers to)."""
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    return code is not None and "cli" in code.co_names
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _calls_cli(item) or TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+class UnitTierViolation(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def _unit_tier_guard(item):
+    """Around an unmarked test (its fixtures' set-up included): starting a subprocess or
+    building a training engine fails the test, with what to do (even where the caller catches
+    the error, e.g. DeepSpeed probing for its compiler)."""
+    if item.get_closest_marker("slow") is not None:
+        yield
+        return
+    seen: list[str] = []
+
+    def refuse(what: str):
+        def fail(*args, **kwargs):
+            seen.append(f"{item.nodeid} {what} but is not marked slow: mark it "
+                        "@pytest.mark.slow, or list its fixture in tests/conftest.py "
+                        "TRAINING_FIXTURES")
+            raise UnitTierViolation(seen[-1])
+        return fail
+
+    from rlhf_exp import engine
+
+    try:
+        with mock.patch.object(subprocess.Popen, "__init__", refuse("starts a subprocess")), \
+                mock.patch.object(engine, "build_train_engine", refuse("trains a model")):
+            yield
+    finally:
+        if seen:
+            raise UnitTierViolation(seen[0])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _unit_tier_guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _unit_tier_guard(item):
+        return (yield)

@@ -108,6 +108,18 @@ def test_scripted_prompt_from_stdin_prints_only_the_answer(chat, sft_run, tmp_pa
     assert proc.stdout == expected + "\n"
 
 
+@pytest.mark.slow
+def test_readme_prompt_as_typed_gives_the_same_answer(chat, sft_run, tmp_path, rlhf_exp):
+    """`chat.prompt="sort:52813="` as a shell passes it (quotes removed) through the CLI."""
+    chat.history.clear()
+    expected = chat.reply(FIRST, out=io.StringIO())
+    chat.history.clear()
+    proc = rlhf_exp("stage=chat", f"chat.policy={sft_run['run_dir']}", *GREEDY,
+                    f"chat.prompt={FIRST}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == expected + "\n"
+
+
 def test_missing_policy_is_a_user_error(tmp_path):
     """(The CLI turns a UserError into one line and exit 2; tests/test_eval.py runs that path.)"""
     with pytest.raises(UserError, match=r"^chat\.policy=.*nope"):

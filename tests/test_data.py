@@ -221,6 +221,7 @@ def test_overlong_pairs_are_dropped_or_truncated():
 
 
 # ----------------------------------------------------------------------------- bad data
+@pytest.mark.slow  # launches the CLI
 def test_bad_data_exits_2_with_one_line_naming_the_problem(tmp_path):
     missing = write_jsonl(tmp_path / "missing.jsonl",
                           [{"prompt": "p", "chosen": "c", "rejected": "r"},

@@ -196,22 +196,24 @@ PPO_TINY = ["stage=ppo", *FAST, "ppo.steps=1", "ppo.rollout_batch_size=8",
             "ppo.eval_batch_size=8", "logger=none", "zero_stage=zero2"]
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-3 engines
 def test_ppo_offloads_reference_and_reward_model(tmp_path, monkeypatch):
     """ppo.offload_reference / ppo.offload_reward_model: the frozen models PPO actually uses sit
     on a ZeRO-3 engine whose parameter partitions are offloaded to CPU, while the run's own
-    ZeRO stage is 2. (The real `frozen` runs; it is only observed.)"""
+    ZeRO stage is 2. (The real `engine.build_frozen` runs; it is only observed.)"""
+    from rlhf_exp import engine
     from rlhf_exp.stages import ppo
 
     placed = []
 
-    def observed(model, cfg, zero_stage, offload):
+    def observed(model, cfg, *, zero_stage, offload):
         kind = type(model).__name__
-        out = real_frozen(model, cfg, zero_stage, offload)
+        out = real_frozen(model, cfg, zero_stage=zero_stage, offload=offload)
         placed.append((kind, out))
         return out
 
-    real_frozen = ppo.frozen
-    monkeypatch.setattr(ppo, "frozen", observed)
+    real_frozen = engine.build_frozen
+    monkeypatch.setattr(engine, "build_frozen", observed)
     cfg = compose(*PPO_TINY, "ppo.offload_reference=true", "ppo.offload_reward_model=true")
     actor, _, result = ppo.train(cfg, tmp_path / "ppo")
     assert result.metrics["ppo/steps"] == 1

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint, models, scoring
+from rlhf_exp import checkpoint, engine, models, rollout, scoring
 from rlhf_exp.config import ConfigError
 from rlhf_exp.stages import ppo
 from rlhf_exp.tasks import sort_digits
@@ -149,8 +149,8 @@ def test_offloaded_frozen_model_is_zero3_partitioned_and_scores_the_same(sft_run
     cfg = compose(*PPO_FAST)
     tok = models.load_tokenizer(str(reward_dir))
     plain = models.load_reward_model(str(reward_dir), tok, cfg.model).eval()
-    offloaded = ppo.frozen(models.load_reward_model(str(reward_dir), tok, cfg.model), cfg,
-                           zero_stage=2, offload=True)
+    offloaded = engine.build_frozen(models.load_reward_model(str(reward_dir), tok, cfg.model),
+                                    cfg, zero_stage=2, offload=True)
     params = list(offloaded.parameters())
     # ZeRO-3 with nothing kept resident: every weight lives only as its partition (ds_tensor)
     # on the CPU, and is gathered for a forward and released after it
@@ -174,7 +174,7 @@ def test_dropout_is_off_even_in_train_mode(sft_run):
     model = models.apply_lora(model, cfg.model.lora).train()
     ids = tok(["sort:52813=12358"], return_tensors="pt")
     assert not torch.equal(model(**ids).logits, model(**ids).logits)  # dropout is on
-    ppo.disable_dropout(model).train()
+    engine.disable_dropout(model).train()
     assert torch.equal(model(**ids).logits, model(**ids).logits)
 
 
@@ -183,15 +183,15 @@ def test_response_logits_are_the_sampling_distributions_at_the_response_position
     divided by the sampling temperature, so old/new log-probs are those of the sampler."""
     final = str(checkpoint.final_checkpoint(sft_run["run_dir"]))
     tok = models.load_tokenizer(final)
-    model = ppo.disable_dropout(models.load_causal_lm(final, tok, sft_run["cfg"].model))
+    model = engine.disable_dropout(models.load_causal_lm(final, tok, sft_run["cfg"].model))
     seq = tok(["sort:52813=12358"], return_tensors="pt")["input_ids"]
     attn = torch.ones_like(seq)
     pos = torch.arange(seq.shape[1])[None]
     R = 5  # the last 5 tokens are the response
     with torch.no_grad():
         full = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits
-        plain = ppo.response_logits(model, seq, attn, pos, R)
-        tempered = ppo.response_logits(model, seq, attn, pos, R, temperature=0.7)
+        plain = rollout.response_logits(model, seq, attn, pos, R)
+        tempered = rollout.response_logits(model, seq, attn, pos, R, temperature=0.7)
     P = seq.shape[1] - R
     assert torch.allclose(plain, full[:, P - 1:P + R - 1], atol=1e-5)
     assert torch.allclose(tempered, full[:, P - 1:P + R - 1] / 0.7, atol=1e-5)
@@ -200,8 +200,6 @@ def test_response_logits_are_the_sampling_distributions_at_the_response_position
 def test_value_model_returns_token_values_through_the_engine(sft_run, reward_dir):
     """The critic's engine forward returns per-token values (the score head at every position)
     and trains through engine.backward."""
-    from rlhf_exp import engine
-
     cfg = compose(*PPO_FAST)
     tok = models.load_tokenizer(str(reward_dir))
     reference = models.load_reward_model(str(reward_dir), tok, cfg.model).eval()
@@ -247,3 +245,18 @@ def test_bad_ppo_config_exits_2_with_one_line():
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("rlhf-exp: error: ppo.rollout_batch_size=48")
     assert "num_minibatches" in line
+
+
+def test_reward_from_a_function_alone_loads_no_reward_model(sft_run, reward_dir, tmp_path):
+    """ppo.reward_model_weight=0 with the gold-reward function: the score of every rollout is the
+    function's value (here the gold reward itself), and no reward model is loaded."""
+    out = _ppo(sft_run, reward_dir, tmp_path, "ppo.reward_model_weight=0", "ppo.steps=2",
+               "ppo.reward_functions=[{fn: 'rlhf_exp.tasks:gold_reward_fn', weight: 1.0}]")
+    run = out["run"]
+    assert run.summary["ppo/reward_model_placement"] == "none"
+    assert run.summary["ppo/reward_model"] == ""
+    fn = run.metric("ppo/reward_fn/gold_reward_fn")
+    assert len(fn) == 2
+    assert fn == pytest.approx(run.metric("ppo/gold_reward"))
+    assert fn == pytest.approx(run.metric("ppo/reward_score"))
+    assert not run.metric("ppo/eval_reward_score") and run.metric("ppo/eval_gold_reward")

@@ -1,5 +1,7 @@
 """Resume: an SFT run killed with SIGKILL after a checkpoint, restarted with `resume=<run dir>`,
-ends exactly like an uninterrupted run with the same seed, and continues the same W&B run."""
+ends exactly like an uninterrupted run with the same seed, and continues the same W&B run, whose
+merged history holds every step exactly once (the killed part keeps every row up to its
+checkpoint: rlhf_exp/tracking.Tracker.flush)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_exp.wandb_reader import read_merged, read_run, run_files
 from tests.conftest import CHILD_DROP_ENV, ROOT, compose
 
 # keep_best_mode=max makes the "best" checkpoint the oldest one (eval loss falls), so the test
@@ -52,9 +55,32 @@ def _wandb_ids(run_dir: Path) -> list[str]:
     return sorted(p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*"))
 
 
+def _steps(run, metric: str, stage: str) -> list[int]:
+    """The steps at which `metric` was logged, in history order (a repeat would show twice)."""
+    return [int(row[f"{stage}/step"]) for row in run.history if metric in row]
+
+
+def _check_history(killed: Path, reference: Path, stage: str, checkpoint_step: int,
+                   evals: list[int]) -> None:
+    """The killed part alone holds every row up to the checkpoint; the merged history of the
+    killed and resumed parts holds each step once, with the uninterrupted run's values."""
+    first_part, second_part = (read_run(f) for f in sorted(
+        run_files(killed / "wandb"), key=lambda f: f.parent.name))
+    loss = f"{stage}/loss"
+    assert _steps(first_part, loss, stage)[:checkpoint_step] == list(
+        range(1, checkpoint_step + 1)), "rows up to the checkpoint lost with the killed process"
+    assert min(_steps(second_part, f"{stage}/step", stage)) == checkpoint_step + 1
+    (run,) = read_merged(killed / "wandb")
+    (ref,) = read_merged(reference / "wandb")
+    assert _steps(run, loss, stage) == _steps(ref, loss, stage) == list(range(1, 7))
+    assert _steps(run, f"{stage}/eval_loss", stage) == evals
+    for metric in (loss, f"{stage}/lr", f"{stage}/eval_loss"):
+        got, want = run.metric(metric), ref.metric(metric)
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-5, metric
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
-    from rlhf_exp.compare import load_runs
     from rlhf_exp.stages import sft
 
     killed = tmp_path / "killed"
@@ -82,17 +108,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
         assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
     assert resumed["metrics"]["sft/steps"] == 6
 
-    # step by step: the merged W&B history of the killed + resumed run equals the reference's.
-    # (SIGKILL loses what the killed process had not yet handed to W&B: steps before the
-    # checkpoint may be missing; every step after it was logged again by the resumed run.)
-    (run,) = load_runs([str(killed)])
-    (ref_run,) = load_runs([str(tmp_path / "reference")])
-    want = dict(ref_run.series("sft/loss"))
-    got = dict(run.series("sft/loss"))
-    assert set(range(3, 7)) <= set(got) and set(want) == set(range(1, 7))
-    assert max(abs(got[s] - want[s]) for s in got) < 1e-5
-    lr, ref_lr = dict(run.series("sft/lr")), dict(ref_run.series("sft/lr"))
-    assert all(lr[s] == pytest.approx(ref_lr[s], abs=1e-12) for s in lr)
+    # step by step: the killed + resumed W&B run holds each step once, as the reference does
+    _check_history(killed, tmp_path / "reference", "sft", 2, evals=[2, 4, 6])
+    (ref_run,) = read_merged(tmp_path / "reference" / "wandb")
 
     # retention: keep_last=1 (the final one) + the best by sft/eval_loss
     ckpts = killed / "checkpoints"
@@ -100,8 +118,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
     assert (ckpts / "final").resolve().name == "step_000006"
     best = (ckpts / "best").resolve()
     assert best.exists() and (best / "trainer_state.json").exists()
-    evals = dict(ref_run.series("sft/eval_loss"))
-    assert best.name == f"step_{int(max((2.0, 4.0), key=evals.get)):06d}" == "step_000002"
+    evals = dict(zip(_steps(ref_run, "sft/eval_loss", "sft"), ref_run.metric("sft/eval_loss")))
+    assert best.name == f"step_{max((2, 4), key=evals.get):06d}" == "step_000002"
     kept = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_"))
     assert kept == ["step_000002", "step_000006"]  # the last one (= final) and the best
 
@@ -113,7 +131,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
 
 @pytest.mark.slow
 def test_reward_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
-    from rlhf_exp.compare import load_runs
     from rlhf_exp.stages import reward
 
     killed = tmp_path / "killed"
@@ -131,11 +148,10 @@ def test_reward_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rl
                 "reward/eval_margin"):
         assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
     assert resumed["metrics"]["reward/steps"] == 6
-    (run,) = load_runs([str(killed)])
-    (ref_run,) = load_runs([str(tmp_path / "reference")])
-    want, got = dict(ref_run.series("reward/loss")), dict(run.series("reward/loss"))
-    assert set(range(3, 7)) <= set(got)
-    assert max(abs(got[s] - want[s]) for s in got) < 1e-5
+    _check_history(killed, tmp_path / "reference", "reward", 2, evals=[2, 4, 6])
+    # the step-0 data statistic was logged once, by the killed part (not again on resume)
+    (run,) = read_merged(killed / "wandb")
+    assert _steps(run, "reward/dropped_overlong", "reward") == [0]
     # the last step's checkpoint is the final one; keep_last=1 pruned the step-2/4 ones
     assert (killed / "checkpoints" / "final").resolve().name == "step_000006"
     assert sorted(p.name for p in (killed / "checkpoints").glob("step_*")) == ["step_000006"]
@@ -178,3 +194,57 @@ def test_keep_best_metric_is_validated():
         compose("sft.keep_best_metric=eval_loss", "sft.save_every=5")
     with pytest.raises(ConfigError, match="keep_best_mode"):
         compose("sft.keep_best_mode=lowest")
+
+
+def _finished_sft_run_dir(root: Path, *overrides: str) -> Path:
+    """The files a finished `stage=sft` run leaves in its run dir (no training needed)."""
+    from omegaconf import OmegaConf
+
+    run_dir = root / "sft_run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {o}\n" for o in ("stage=sft", *overrides)))
+    cfg = compose("stage=sft", *overrides)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config_tree.txt").write_text("tree\n")
+    (run_dir / "cli.log").write_text("log\n")
+    (run_dir / "result.json").write_text('{"stage": "sft", "metrics": {}}')
+    (run_dir / "checkpoints" / "step_000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_000010" / "config.json").write_text("{}")
+    (run_dir / "checkpoints" / "final").symlink_to("step_000010")
+    return run_dir
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(run_dir)): (p.read_bytes() if p.is_file() else b"",
+                                          p.lstat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*"))}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["stage=ppo"], "that run is a stage=sft run, not stage=ppo"),
+    (["stage=reward"], "that run is a stage=sft run, not stage=reward"),
+    (["sft.lr=0.1"], "sft.lr=0.003 (now 0.1)"),
+    (["seed=99"], "seed=1234 (now 99)"),
+    (["model.lora.enabled=true"], "model.lora.enabled=False (now True)"),
+])
+def test_resume_of_another_stage_or_config_stops_before_touching_the_run(tmp_path, rlhf_exp,
+                                                                          args, says):
+    run_dir = _finished_sft_run_dir(tmp_path)
+    before = _snapshot(run_dir)
+    proc = rlhf_exp(*args, f"resume={run_dir}")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"rlhf-exp: error: resume={run_dir}: ") and says in line, line
+    assert _snapshot(run_dir) == before  # not one byte or timestamp changed
+    assert not (run_dir / "wandb").exists()
+
+
+def test_resume_may_change_length_intervals_logger_and_tags(tmp_path):
+    from rlhf_exp import resume
+
+    run_dir = _finished_sft_run_dir(tmp_path, "sft.max_steps=10")
+    cfg = compose("stage=sft", "sft.max_steps=20", "sft.save_every=5", "sft.eval_every=3",
+                  "sft.keep_last=4", "logger=none", "tags=[more]", f"resume={run_dir}",
+                  "ppo.kl.coef=0.5")  # another stage's keys do not matter to an SFT run
+    resume.check_compatible(cfg, run_dir)

@@ -185,12 +185,13 @@ def test_multirun_failing_job_is_reported_and_others_run(tmp_path, rlhf_exp):
     assert failed["status"] == "failed" and "/nonexistent/checkpoint" in failed["error"]
     assert ok["status"] == "completed" and ok["objective"] > 0  # ran after the failure
     assert (sweep_dir / "1" / "checkpoints" / "final").exists()
-    # the failed job's W&B run was closed as failed, so job 1 logged into a run of its own
+    # the bad starting point stopped job 0 in its preflight, before a W&B run existed; job 1
+    # logged into a run of its own
     from rlhf_exp.wandb_reader import read_runs
 
-    (run0,), (run1,) = read_runs(sweep_dir / "0"), read_runs(sweep_dir / "1")
-    assert run0.run_id == failed["wandb_run_id"] and run0.exit_code == 1 and not run0.history
-    assert run1.run_id == ok["wandb_run_id"] != run0.run_id and run1.metric("sft/loss")
+    assert read_runs(sweep_dir / "0") == [] and failed["wandb_run_id"] is None
+    (run1,) = read_runs(sweep_dir / "1")
+    assert run1.run_id == ok["wandb_run_id"] and run1.metric("sft/loss")
     assert re.search(r"^0\s+failed\s+-\s+/nonexistent/checkpoint", proc.stdout, re.M)
     assert re.search(r"^1\s+completed\s+[\d.]+\s+null", proc.stdout, re.M)
     assert "1 of 2 jobs failed" in proc.stderr

@@ -13,6 +13,9 @@ The search space uses Hydra's override grammar, on the command line or in
 Other overrides are passed to every trial unchanged. A trial's value is what the app returns
 (the `objective` metric); a job that fails or returns nothing is told to Optuna as FAILED, and
 the search goes on. The best trial is printed and saved in `<sweep dir>/optimization_results.yaml`.
+A bad search space (low > high, log with low <= 0, an unknown key, a value the config rejects)
+or n_trials < 1 stops `rlhf-exp` before the first trial: rlhf_exp/preflight.py checks it with
+this module's `search_space`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,23 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.errors import UserError
+
 log = logging.getLogger(__name__)
 DIRECTIONS = ("minimize", "maximize")
+
+
+class SearchSpaceError(UserError, ValueError):
+    """A search space or sweeper setting Optuna cannot use; one line, naming the key."""
+
+
+def check_settings(direction: str, n_trials: int, n_jobs: int) -> None:
+    if direction not in DIRECTIONS:
+        raise SearchSpaceError(f"hydra.sweeper.direction={direction!r}: choose one of "
+                               f"{', '.join(DIRECTIONS)}")
+    for key, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
+        if not isinstance(value, int) or value < 1:
+            raise SearchSpaceError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1")
 
 
 def to_distribution(override: Override):
@@ -49,26 +67,68 @@ def to_distribution(override: Override):
     )
 
     value = override.value()
-    key = override.get_key_element()
+    line = override.input_line or f"{override.get_key_element()}=..."
     if isinstance(value, ChoiceSweep):
         choices = [x for x in override.sweep_iterator(transformer=Transformer.encode)]
+        if not choices:
+            raise SearchSpaceError(f"{line}: no choices")
         return CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):
         if value.shuffle:
-            raise ValueError(f"{key}: shuffle(range(..)) is meaningless for Optuna")
+            raise SearchSpaceError(f"{line}: shuffle(range(..)) is meaningless for Optuna")
+        if value.step == 0:
+            raise SearchSpaceError(f"{line}: the step of a range must not be 0")
+        values = [x for x in override.sweep_iterator()]
+        if not values:
+            raise SearchSpaceError(f"{line}: the range is empty (range(start, stop, step) stops "
+                                   "before stop; start < stop for a positive step)")
         if all(isinstance(x, int) for x in (value.start, value.stop, value.step)):
-            last = value.stop - 1 if value.step > 0 else value.stop + 1
-            last = value.start + ((last - value.start) // value.step) * value.step
-            return IntDistribution(min(value.start, last), max(value.start, last),
-                                   step=abs(value.step))
-        return CategoricalDistribution([x for x in override.sweep_iterator()])
+            return IntDistribution(min(values), max(values), step=abs(value.step))
+        return CategoricalDistribution(values)
     if isinstance(value, IntervalSweep):
-        log_scale = "log" in value.tags
+        log_scale, low, high = "log" in value.tags, value.start, value.end
+        if low > high:
+            raise SearchSpaceError(f"{line}: low {low} > high {high}; write interval(low, high)")
         if "int" in value.tags:
-            return IntDistribution(int(value.start), int(value.end), log=log_scale)
-        return FloatDistribution(value.start, value.end, log=log_scale)
-    raise ValueError(f"{key}: {override.input_line} is not a search space "
-                     "(use a,b / choice / range / interval)")
+            low, high = math.ceil(low), math.floor(high)
+            if low > high:
+                raise SearchSpaceError(f"{line}: holds no integer")
+            if log_scale and low < 1:
+                raise SearchSpaceError(f"{line}: a log-scale integer interval needs low >= 1")
+            return IntDistribution(low, high, log=log_scale)
+        if log_scale and low <= 0:
+            raise SearchSpaceError(f"{line}: a log-scale interval needs low > 0")
+        return FloatDistribution(low, high, log=log_scale)
+    raise SearchSpaceError(f"{line} is not a search space (use a,b / choice / range / interval)")
+
+
+def search_space(params: dict, arguments: list[str], parser: OverridesParser | None = None
+                 ) -> tuple[dict, list[str]]:
+    """(search space {key: distribution}, fixed overrides) from hydra.sweeper.params and the
+    command line (the command line wins on a key given in both)."""
+    parser = parser or OverridesParser.create()
+    lines = [f"{k}={v}" for k, v in params.items()] + list(arguments)
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    for ov in parser.parse_overrides(lines):
+        key = ov.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if ov.is_sweep_override():
+            space[key] = to_distribution(ov)
+        else:
+            fixed[key] = f"{key}={ov.get_value_element_as_str()}"
+    if not space:
+        raise SearchSpaceError("the Optuna sweeper has no search space: give hydra.sweeper.params "
+                               "or sweep overrides such as sft.lr=interval(1e-4,1e-2)")
+    return space, list(fixed.values())
+
+
+def probe_values(dist) -> list:
+    """Values that stand for a distribution when checking the configs it makes: every choice,
+    or both ends of a range."""
+    choices = getattr(dist, "choices", None)
+    return list(choices) if choices is not None else [dist.low, dist.high]
 
 
 class OptunaSweeper(Sweeper):
@@ -77,11 +137,7 @@ class OptunaSweeper(Sweeper):
     def __init__(self, direction: str = "minimize", study_name: str | None = None,
                  storage: str | None = None, n_trials: int = 20, n_jobs: int = 1,
                  sampler: Any = None, params: Any = None) -> None:
-        if direction not in DIRECTIONS:
-            raise ValueError(f"hydra.sweeper.direction={direction!r}: choose one of "
-                             f"{', '.join(DIRECTIONS)}")
-        if n_trials < 1 or n_jobs < 1:
-            raise ValueError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be >= 1")
+        check_settings(direction, n_trials, n_jobs)  # rlhf-exp checks these before Hydra too
         self.direction = direction
         self.study_name = study_name
         self.storage = storage
@@ -100,33 +156,14 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def _space(self, arguments: list[str]) -> tuple[dict, list[str]]:
-        """(search space, fixed overrides) from hydra.sweeper.params and the command line
-        (the command line wins on a key given in both)."""
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
-        space: dict[str, Any] = {}
-        fixed: dict[str, str] = {}
-        for ov in parser.parse_overrides(lines):
-            key = ov.get_key_element()
-            space.pop(key, None)
-            fixed.pop(key, None)
-            if ov.is_sweep_override():
-                space[key] = to_distribution(ov)
-            else:
-                fixed[key] = f"{key}={ov.get_value_element_as_str()}"
-        if not space:
-            raise ValueError("the Optuna sweeper has no search space: give hydra.sweeper.params "
-                             "or sweep overrides such as sft.lr=interval(1e-4,1e-2)")
-        return space, list(fixed.values())
-
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
         from hydra.utils import instantiate
         from optuna.trial import TrialState
 
         assert self.config is not None and self.launcher is not None
-        space, fixed = self._space(arguments)
+        space, fixed = search_space(self.params, arguments, OverridesParser.create(
+            config_loader=self.hydra_context.config_loader))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

@@ -24,26 +24,24 @@ data raises DataError naming the file, line and column; nothing is trained befor
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import DataError
 from rlhf_exp.tasks import sort_digits
 
 FIELDS = ("prompt", "response", "chosen", "rejected", "messages")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 PKG_PREFIX = "pkg://"
-
-
-class DataError(UserError, ValueError):
-    """Bad data: the message names the file (and line or column) and what was expected."""
 
 
 # ----------------------------------------------------------------------------- paths
@@ -92,30 +90,71 @@ def local_files(path: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- raw records
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: harmless, dropped
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    """UTF-8 text of one line (or a whole file) read as bytes; bad bytes name file and line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if lineno == 1 and raw.startswith(UTF16_BOMS):
+            raise DataError(f"{path}: the file is UTF-16 text; save it as UTF-8") from None
+        line_start = raw.rfind(b"\n", 0, exc.start) + 1
+        line = lineno + raw.count(b"\n", 0, exc.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start - line_start + 1}); save the file as UTF-8") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
-                                f"{exc.colno}); expected one JSON object per line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got "
-                                f"{type(obj).__name__}")
-            records.append((f"{path}:{lineno}", obj))
+    try:
+        fh = path.open("rb")  # bytes: a bad byte is reported with its line, not as a traceback
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw[len(BOM):] if lineno == 1 and raw.startswith(BOM) else raw,
+                           path, lineno)
+            if line.strip():
+                records.append((f"{path}:{lineno}", _json_object(line, path, lineno)))
     return records
 
 
-def _read_json(path: Path) -> list[tuple[str, dict]]:
+def _json_object(line: str, path: Path, lineno: int) -> dict:
+    """One JSONL line as a dict."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "[]")
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                        f"{exc.colno}); expected one JSON object per line") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object per line, got "
+                        f"{type(obj).__name__}")
+    return obj
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    raw = _read_bytes(path)
+    offset = len(BOM) if raw.startswith(BOM) else 0
+    text = _decode(raw[offset:], path, 1)
+    try:
+        data = json.loads(text or "[]")
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column "
                         f"{exc.colno}); expected a list of objects") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]}
     if not isinstance(data, list):
@@ -133,8 +172,9 @@ def _read_parquet(path: Path) -> list[tuple[str, dict]]:
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    except Exception as exc:  # pyarrow's errors are many and sometimes several lines long
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
     return [(f"{path}[row {i}]", row) for i, row in enumerate(rows)]
 
 
@@ -410,12 +450,11 @@ def to_row(rec: dict, src: SimpleNamespace, where: str) -> dict:
 def load_source(src: DictConfig, seed: int) -> list[dict]:
     """All rows of one source in the internal schema, in the source's own order."""
     if src.kind == "synthetic":
-        task = src.synthetic
-        rows = sort_digits.generate(task.num_examples, seed, task.min_digits, task.max_digits,
-                                    task.demo_noise)
-        for i, row in enumerate(rows):
-            row["id"], row["source"], row["task"] = f"{src.name}:{i}", src.name, "sort_digits"
-        return rows
+        task, name = src.synthetic, str(src.name)  # (OmegaConf access is slow in a loop)
+        rows = _synthetic_rows(task.num_examples, seed, task.min_digits, task.max_digits,
+                               task.demo_noise)
+        return [{**row, "id": f"{name}:{i}", "source": name, "task": "sort_digits"}
+                for i, row in enumerate(rows)]
     # a plain copy: OmegaConf attribute access costs ~1 ms, and to_row reads it per field per row
     src = SimpleNamespace(**OmegaConf.to_container(src, resolve=True))
     if src.kind == "local":
@@ -428,9 +467,38 @@ def load_source(src: DictConfig, seed: int) -> list[dict]:
         records = records[: src.max_examples]
     if not records:
         raise DataError(f"source {src.name!r} ({src.path}): no examples")
-    rows = []
+    rows, skipped = [], []
     for i, (where, rec) in enumerate(records):
         row = to_row(rec, src, where)
+        empty = _empty_reply(row)
+        if empty is not None:
+            if src.kind != "hub":  # your own file: say which row to fix
+                column = src.columns.get(empty, empty)
+                raise DataError(f"{where}: empty {empty} (column {column!r}); every "
+                                f"{src.format} row needs non-empty text there: fill it in or "
+                                "remove the row")
+            skipped.append(where)  # a hub dataset cannot be fixed here: leave the row out
+            continue
         row["id"], row["source"], row["task"] = f"{src.name}:{i}", src.name, src.task
         rows.append(row)
+    if skipped and os.environ.get("RANK", "0") == "0":
+        print(f"data: source {src.name!r}: left out {len(skipped)} rows with an empty reply "
+              f"(first: {skipped[0]})", file=sys.stderr, flush=True)
+    if not rows:
+        raise DataError(f"source {src.name!r} ({src.path}): no usable examples")
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_rows(num_examples: int, seed: int, min_digits: int, max_digits: int,
+                    demo_noise: float) -> tuple[dict, ...]:
+    """The generated task rows, made once per process: every stage of a run (and the preflight
+    before it) reads the same source with the same seed. Callers copy each row."""
+    return tuple(sort_digits.generate(num_examples, seed, min_digits, max_digits, demo_noise))
+
+
+def _empty_reply(row: dict) -> str | None:
+    """The first of chosen / rejected / response that the row has but is blank, else None.
+    (chosen == rejected is allowed: public preference sets hold some such pairs.)"""
+    return next((f for f in ("chosen", "rejected", "response")
+                 if row[f] is not None and not row[f].strip()), None)

@@ -4,6 +4,9 @@ Run: rlhf-exp stage=chat chat.policy=<run dir, checkpoint or artifact>     (inte
      rlhf-exp stage=chat chat.policy=<...> chat.prompt="sort:52813="     (one answer, exit 0)
      echo "sort:52813=" | rlhf-exp stage=chat chat.policy=<...>          (stdin not a terminal)
 
+chat.prompt takes the text as typed (rlhf_exp/quoting.py). Piped stdin must be UTF-8 text
+without control characters; anything else stops with one line before the model loads.
+
 Reads `cfg.chat` (conf/chat/default.yaml); no policy = the base model. The conversation is
 rendered as training renders a row's turns (data.tokenize.render_messages): the tokenizer's chat
 template when it has one, otherwise `model.prompt_template` around each user turn with the
@@ -25,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from transformers.generation.streamers import BaseStreamer
 
-from rlhf_exp import dist, models, runtime
+from rlhf_exp import dist, models, preflight, runtime
 from rlhf_exp.data.tokenize import cut_prompt, messages_ids
 from rlhf_exp.errors import UserError
 from rlhf_exp.tracking import resolve_init
@@ -43,8 +46,9 @@ class StreamPrinter(BaseStreamer):
     each time and only the new suffix printed: a token may complete a multi-byte character, so
     text ending in the replacement character waits for the next token."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        # sys.stdout looked up now, not at import: a caller may have replaced it since
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.prompt_seen = False
@@ -134,8 +138,9 @@ class Chat:
         return ids
 
     # ------------------------------------------------------------------------- reply
-    def reply(self, user: str, out=sys.stdout) -> str:
-        """Stream the answer to `user` to `out`; the turn joins the history."""
+    def reply(self, user: str, out=None) -> str:
+        """Stream the answer to `user` to `out` (default: sys.stdout); the turn joins the
+        history."""
         ids = torch.tensor([self.prompt_ids(user)], device=self.device)
         g = self.gen
         sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p,
@@ -165,6 +170,9 @@ class Chat:
             except (EOFError, KeyboardInterrupt):
                 print()
                 return
+            except UnicodeDecodeError:  # a terminal sending bytes that are not UTF-8
+                print("(that was not UTF-8 text; type it again)", flush=True)
+                continue
             text = user.strip()
             if not text:
                 continue
@@ -187,10 +195,8 @@ class Chat:
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     scripted = cfg.chat.prompt
     if scripted is None and not sys.stdin.isatty():
-        scripted = sys.stdin.read().strip()
-        if not scripted:
-            raise UserError("chat: stdin is empty and not a terminal; pipe a prompt in or set "
-                            "chat.prompt=...")
+        # read and checked (UTF-8, no control characters) by preflight, before the model loads
+        scripted = preflight.piped_prompt()
     chat = Chat(cfg)
     if scripted is not None:
         chat.reply(str(scripted))

@@ -9,12 +9,11 @@ Each pair is scored in one forward (chosen rows then rejected rows, right-padded
 sequence is the head's output at its last non-pad token, the EOS closing the response - the same
 place HF's own pooling reads it (rlhf_exp/scoring.py). Loss: -log sigmoid(s_chosen - s_rejected).
 Batch sizes count pairs: `reward.micro_batch_size_per_device` pairs per device per forward.
+The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/train_loop.py.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -23,11 +22,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import checkpoint, dist, engine, models, resume, runtime, scoring, tasks
-from rlhf_exp.data import DataError, build_stage_data
+from rlhf_exp import dist, engine, models, resume, runtime, scoring, tasks, train_loop
+from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
+from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
+from rlhf_exp.errors import DataError
 from rlhf_exp.tracking import Tracker, resolve_init
 
 
@@ -68,6 +69,48 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
 
 
+def pair_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch of pairs: the Bradley-Terry loss, and the pairwise stats the training log
+    shows (reward/accuracy, reward/chosen_score, reward/rejected_score, reward/margin)."""
+    c, r = pair_scores(eng, batch)
+    loss = bradley_terry_loss(c, r)
+    c, r = c.detach().float(), r.detach().float()
+    return loss, {"accuracy": float((c > r).float().mean()), "chosen_score": float(c.mean()),
+                  "rejected_score": float(r.mean()), "margin": float((c - r).mean())}
+
+
+def evaluate(eng, loader: DataLoader, eval_set: list[dict],
+             device: torch.device) -> dict[str, float]:
+    """Pairwise metrics on the held-out slice, and (where the rows have a gold reward) the rank
+    correlation of every held-out response's score with its gold reward. Every rank scores the
+    whole (small) slice: equal forward counts under ZeRO-3 and identical metrics everywhere,
+    without gathering."""
+    eng.module.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for batch in loader:
+            c, r = pair_scores(eng, {k: v.to(device) for k, v in batch.items()})
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+    eng.module.train()
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    out = {"reward/eval_loss": float(bradley_terry_loss(c, r)),
+           "reward/eval_accuracy": float((c > r).float().mean()),
+           "reward/eval_chosen_score": float(c.mean()),
+           "reward/eval_rejected_score": float(r.mean()),
+           "reward/eval_margin": float((c - r).mean())}
+    scores, golds = [], []
+    for feat, sc, sr in zip(eval_set, c.tolist(), r.tolist()):
+        for response, score in ((feat["chosen"], sc), (feat["rejected"], sr)):
+            gold = tasks.gold_reward(feat["task"], feat["prompt"], response)
+            if gold is not None:
+                scores.append(score)
+                golds.append(gold)
+    if scores:
+        out["reward/eval_gold_spearman"] = spearman(scores, golds)
+    return out
+
+
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
     """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
     rc = cfg.reward
@@ -78,12 +121,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     # this stage's disjoint share of the data_mix; bad data stops the run here, before anything
     # is written to the run dir or W&B
     data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    unpaired = sum(row["chosen"] is None or row["rejected"] is None for row in data.train)
-    if unpaired == len(data.train):
-        names = ", ".join(f"{s.name} ({s.format})" for s in cfg.data_mix.sources)
-        raise DataError(f"data_mix {cfg.data_mix.name!r}: no preference pairs for the reward "
-                        f"stage in sources {names}; it needs chosen/rejected (formats "
-                        "preference, hh, or chat with chosen/rejected)")
+    unpaired = require_pairs(data, cfg.data_mix)
     runtime.save_run_config(cfg, run_dir)
     # resume: the newest training checkpoint (every reward.save_every steps) of `resume=<run dir>`
     # or of this run dir; None = from scratch. A resumed run continues its W&B run (same id).
@@ -104,7 +142,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
     trainable, total = models.count_parameters(model)
 
-    # --- data: the preference pairs, tokenized (cached on disk)
+    # --- features: the preference pairs, tokenized (cached on disk)
     template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
     train_set, dropped = tokenize_pairs(data.train, tokenizer, template, rc.max_prompt_len,
                                         rc.max_len, cfg.data_mix.overlong, cache)
@@ -120,17 +158,14 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                  grad_accum=rc.gradient_accumulation_steps, world_size=world,
                                  rank=dist.rank(), seed=cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
-    # every rank scores the whole (small) held-out slice: equal forward counts under ZeRO-3 and
-    # identical metrics everywhere, without gathering
     eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
                              collate_fn=collate)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * steps_per_epoch
+    total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * sampler.steps_per_epoch
     global_batch = sampler.global_batch_size
-    if steps_per_epoch == 0 or total_steps <= 0:
+    if sampler.steps_per_epoch == 0 or total_steps <= 0:
         raise DataError(f"reward: {len(train_set)} training pairs make no full optimizer step at "
-                        f"global batch {global_batch}; lower reward.micro_batch_size_per_device "
-                        "or add data")
+                        f"global batch {global_batch} (reward.micro_batch_size_per_device x "
+                        "reward.gradient_accumulation_steps x ranks): lower them or add data")
 
     # --- DeepSpeed engine
     eng = engine.build_train_engine(
@@ -150,136 +185,27 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                      "reward/eval_examples": len(eval_set),
                      "reward/dropped_overlong": dropped + eval_dropped,
                      "reward/trainable_params": trainable})
-    tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
+    if resume_from is None:  # a data statistic of step 0: a resumed run has logged it already
+        tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
 
-    def evaluate() -> dict[str, float]:
-        """Pairwise metrics on the held-out slice, and (where the rows have a gold reward) the
-        rank correlation of every held-out response's score with its gold reward."""
-        eng.module.eval()
-        chosen, rejected = [], []
-        with torch.no_grad():
-            for batch in eval_loader:
-                c, r = pair_scores(eng, {k: v.to(device) for k, v in batch.items()})
-                chosen.append(c.float().cpu())
-                rejected.append(r.float().cpu())
-        eng.module.train()
-        c, r = torch.cat(chosen), torch.cat(rejected)
-        out = {"reward/eval_loss": float(bradley_terry_loss(c, r)),
-               "reward/eval_accuracy": float((c > r).float().mean()),
-               "reward/eval_chosen_score": float(c.mean()),
-               "reward/eval_rejected_score": float(r.mean()),
-               "reward/eval_margin": float((c - r).mean())}
-        scores, golds = [], []
-        for feat, sc, sr in zip(eval_set, c.tolist(), r.tolist()):
-            for response, score in ((feat["chosen"], sc), (feat["rejected"], sr)):
-                gold = tasks.gold_reward(feat["task"], feat["prompt"], response)
-                if gold is not None:
-                    scores.append(score)
-                    golds.append(gold)
-        if scores:
-            out["reward/eval_gold_spearman"] = spearman(scores, golds)
-        return out
-
-    # --- training loop
-    eng.module.train()
-    bar = runtime.progress(total_steps, "reward")
-    step, micro, window, window_n = 0, 0, torch.zeros(5), 0
-    t_window = time.perf_counter()
-    first_loss = last_loss = float("nan")
-    eval_metrics: dict[str, float] = {}
-    if resume_from:  # weights, optimizer, LR schedule, then the loop exactly where it stopped
-        saved = resume.load(eng, resume_from)
-        step, micro = saved["step"], saved["micro"]
-        first_loss, last_loss = saved["losses"]
-        eval_metrics = saved["eval_metrics"]
-        window, window_n = torch.tensor(saved["window"]), saved["window_n"]
-        sampler.start_at(step)  # data position: the next global batch is step `step`'s
-        bar.update(step)
-        runtime.say(f"reward: resumed from {resume_from} at step {step}/{total_steps}")
-    while step < total_steps:
-        batches = iter(loader)  # the rest of the sampler's current epoch; it then moves on
-        if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
-            resume.restore_rng(resume_from)
-            resume_from = None
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            c, r = pair_scores(eng, batch)
-            loss = bradley_terry_loss(c, r)
-            eng.backward(loss)
-            eng.step()
-            with torch.no_grad():
-                c, r = c.detach().float(), r.detach().float()
-                window += torch.stack([loss.detach().float().cpu(), (c > r).float().mean().cpu(),
-                                       c.mean().cpu(), r.mean().cpu(), (c - r).mean().cpu()])
-            window_n += 1
-            micro += 1
-            if micro % rc.gradient_accumulation_steps:  # mid-accumulation: no optimizer step yet
-                continue
-            step += 1
-            bar.update(1)
-            if step % rc.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_window
-                means = dist.all_reduce_mean((window / window_n).tolist(), device)
-                names = ("loss", "accuracy", "chosen_score", "rejected_score", "margin")
-                metrics = {f"reward/{k}": v for k, v in zip(names, means)}
-                metrics["reward/lr"] = eng.get_lr()[0]
-                metrics["reward/epoch"] = step / steps_per_epoch
-                metrics["perf/samples_per_s"] = (window_n * rc.micro_batch_size_per_device
-                                                 * world / elapsed)
-                grad_norm = eng.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["reward/grad_norm"] = float(grad_norm)
-                tracker.log(metrics, step)
-                first_loss = means[0] if math.isnan(first_loss) else first_loss
-                last_loss = means[0]
-                bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}")
-                window, window_n = torch.zeros(5), 0
-                t_window = time.perf_counter()
-            if eval_set and rc.eval_every > 0 and step % rc.eval_every == 0 \
-                    and step < total_steps:
-                eval_metrics = evaluate()
-                tracker.log(eval_metrics, step)
-            if rc.save_every > 0 and step % rc.save_every == 0 and step < total_steps:
-                resume.save(eng, tokenizer, run_dir, step, stage="reward",
-                            state={"micro": micro, "losses": [first_loss, last_loss],
-                                   "eval_metrics": eval_metrics, "wandb_run_id": tracker.run_id},
-                            local={"window": window.tolist(), "window_n": window_n},
-                            lora_save=cfg.model.lora.save, keep_last=rc.keep_last,
-                            best_metric=rc.keep_best_metric, best_mode=rc.keep_best_mode,
-                            metric_value=tracker.latest.get(rc.keep_best_metric))
-            if step >= total_steps:
-                break
-    bar.close()
-    if eval_set:
-        eval_metrics = evaluate()
-        tracker.log(eval_metrics, step)
+    # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+    loop = train_loop.Loop(stage="reward", node=rc, total_steps=total_steps,
+                           steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir,
+                           tokenizer=tokenizer, device=device, lora_save=cfg.model.lora.save)
+    eval_fn = (partial(evaluate, loader=eval_loader, eval_set=eval_set, device=device)
+               if eval_set else None)
+    state = train_loop.train(eng, loader, sampler, loop, pair_step, eval_fn, tracker, resume_from)
 
     # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,
     # logged as a `model` artifact
-    artifact = f"{cfg.experiment_name}-reward-model"
-    ckpt = checkpoint.save_hf(
-        eng, tokenizer, checkpoint.step_dir(run_dir, step),
-        zero_stage=eng.zero_optimization_stage(), lora_save=cfg.model.lora.save,
-        metadata={"stage": "reward", "step": step, "init_from": rc.init_from,
-                  "init_artifact": init_artifact,
-                  "artifact": f"{cfg.logger.project}/{artifact}:latest"})
-    checkpoint.mark_final(ckpt)
-    checkpoint.prune(run_dir, rc.keep_last)
-    if cfg.logger.log_checkpoints:
-        tracker.log_model(ckpt, artifact, aliases=["final", f"step-{step}"],
-                          metadata={"stage": "reward", "step": step, **eval_metrics})
-    metrics = {"reward/loss": last_loss, "reward/first_loss": first_loss, "reward/steps": step,
-               "reward/dropped_overlong": dropped + eval_dropped, **eval_metrics}
-    tracker.summary(metrics)
-    result = runtime.StageResult("reward", str(run_dir), str(ckpt), tracker.run_id,
-                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
-    result.write()
-    acc = eval_metrics.get("reward/eval_accuracy", float("nan"))
-    runtime.say(f"reward: done. loss {first_loss:.4f} -> {last_loss:.4f}, eval accuracy {acc:.3f}")
-    runtime.say(f"reward: checkpoint {ckpt}")
-    if tracker.enabled:
-        runtime.say(tracker.where())
-    tracker.finish()
+    result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=rc.init_from,
+                                   init_artifact=init_artifact,
+                                   extra_metrics={"reward/dropped_overlong": dropped
+                                                  + eval_dropped})
+    acc = state.eval_metrics.get("reward/eval_accuracy", float("nan"))
+    runtime.say(f"reward: done. loss {state.first_loss:.4f} -> {state.last_loss:.4f}, eval "
+                f"accuracy {acc:.3f}")
+    train_loop.finish(tracker, result)
     return eng, tokenizer, result
 
 

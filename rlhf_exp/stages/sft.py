@@ -6,12 +6,11 @@ Reads `cfg.sft` (conf/sft/default.yaml). The loss covers response tokens only (p
 labelled -100), every response ends with EOS, and EOS is distinct from the pad token.
 Batch sizes: `sft.micro_batch_size_per_device` per device per forward; one optimizer step sees
 micro * gradient_accumulation_steps * world_size sequences (logged as sft/global_batch_size).
+The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/train_loop.py.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -19,13 +18,46 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import checkpoint, dist, engine, models, resume, runtime
+from rlhf_exp import dist, engine, models, resume, runtime, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
-from rlhf_exp.errors import UserError
+from rlhf_exp.errors import DataError
 from rlhf_exp.tracking import Tracker, resolve_init
+
+
+def lm_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the mean next-token loss over its response tokens (HF's loss)."""
+    return eng(**batch).loss, {}
+
+
+def evaluate(eng, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Mean per-token loss on the held-out slice over all ranks. Each rank scores its
+    `eval_features_for_rank` share: the same number of forwards everywhere (ZeRO-3), padding
+    rows carry no labels and so no tokens."""
+    eng.module.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = eng(**batch).loss  # a forward on every rank, even for a batch of padding
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                loss_sum += float(loss) * n
+                tokens += n
+    eng.module.train()
+    loss_sum, tokens = dist.all_reduce_mean([loss_sum, tokens], device)
+    return {"sft/eval_loss": loss_sum / max(tokens, 1e-9)}
+
+
+def eval_features_for_rank(eval_set: list[dict], rank: int, world: int) -> list[dict]:
+    """This rank's equal-length share of the held-out features; padding rows copy a real one
+    with every label masked (-100), so they count no tokens."""
+    indices, real = train_loop.rank_share(len(eval_set), rank, world)
+    pad = [{**eval_set[i], "labels": [-100] * len(eval_set[i]["labels"])}
+           for i in indices[real:]]
+    return [eval_set[i] for i in indices[:real]] + pad
 
 
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
@@ -56,7 +88,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     model = models.apply_lora(model, cfg.model.lora)
     trainable, total = models.count_parameters(model)
 
-    # --- data: this stage's disjoint share of the data_mix, tokenized (cached)
+    # --- features: this stage's disjoint share of the data_mix, tokenized (cached)
     template = cfg.model.prompt_template
     cache = data_cache_dir(cfg.data_mix)
     train_set, dropped = tokenize_sft(data.train, tokenizer, template, sc.max_prompt_len,
@@ -64,21 +96,21 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     eval_set, _ = tokenize_sft(data.eval, tokenizer, template, sc.max_prompt_len, sc.max_len,
                                cfg.data_mix.overlong, cache_dir=cache)
     if not train_set:
-        raise ValueError("sft: no training examples left after tokenization (check data_mix and "
-                         "sft.max_len)")
+        raise DataError(f"sft: all {dropped} training examples are longer than sft.max_len="
+                        f"{sc.max_len} / max_prompt_len={sc.max_prompt_len} and "
+                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
     collate = partial(collate_sft, pad_id=tokenizer.pad_token_id)
     # world-size-invariant order: the same global batches for any ranks x accumulation split
     sampler = GlobalBatchSampler(len(train_set), micro_batch_size=sc.micro_batch_size_per_device,
                                  grad_accum=sc.gradient_accumulation_steps, world_size=world,
                                  rank=dist.rank(), seed=cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
-    eval_loader = DataLoader(eval_set[dist.rank()::world],
+    eval_loader = DataLoader(eval_features_for_rank(eval_set, dist.rank(), world),
                              batch_size=sc.micro_batch_size_per_device, collate_fn=collate)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = sc.max_steps if sc.max_steps > 0 else sc.epochs * steps_per_epoch
-    global_batch = sc.micro_batch_size_per_device * sc.gradient_accumulation_steps * world
-    if steps_per_epoch == 0 or total_steps <= 0:
-        raise UserError(f"sft: {len(train_set)} training examples make no full optimizer step at "
+    total_steps = sc.max_steps if sc.max_steps > 0 else sc.epochs * sampler.steps_per_epoch
+    global_batch = sampler.global_batch_size
+    if sampler.steps_per_epoch == 0 or total_steps <= 0:
+        raise DataError(f"sft: {len(train_set)} training examples make no full optimizer step at "
                         f"global batch {global_batch} (sft.micro_batch_size_per_device x "
                         "sft.gradient_accumulation_steps x ranks): lower them or add data")
 
@@ -95,115 +127,23 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                 f" x {world} ranks), {trainable:,}/{total:,} trainable params, zero stage "
                 f"{cfg.zero_stage.stage}")
     tracker.summary({"sft/global_batch_size": global_batch, "sft/train_examples": len(train_set),
-                     "sft/dropped_overlong": dropped, "sft/trainable_params": trainable})
+                     "sft/eval_examples": len(eval_set), "sft/dropped_overlong": dropped,
+                     "sft/trainable_params": trainable})
 
-    def evaluate() -> float:
-        """Mean per-token loss on the held-out slice, over all ranks."""
-        eng.module.eval()
-        loss_sum, tokens = 0.0, 0
-        with torch.no_grad():
-            for batch in eval_loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                n = int((batch["labels"][:, 1:] != -100).sum())
-                loss_sum += float(eng(**batch).loss) * n
-                tokens += n
-        eng.module.train()
-        loss_sum, tokens = dist.all_reduce_mean([loss_sum, tokens], device)
-        return loss_sum / max(tokens, 1e-9)
-
-    # --- training loop
-    eng.module.train()
-    bar = runtime.progress(total_steps, "sft")
-    step, micro, window_loss, window_n, window_tokens = 0, 0, 0.0, 0, 0
-    t_window = time.perf_counter()
-    first_loss = last_loss = eval_loss = float("nan")
-    if resume_from:  # weights, optimizer, LR schedule, then the loop exactly where it stopped
-        saved = resume.load(eng, resume_from)
-        step, micro = saved["step"], saved["micro"]
-        first_loss, last_loss, eval_loss = saved["losses"]
-        window_loss, window_n, window_tokens = saved["window"]
-        sampler.start_at(step)  # data position: the next global batch is step `step`'s
-        bar.update(step)
-        runtime.say(f"sft: resumed from {resume_from} at step {step}/{total_steps}")
-    while step < total_steps:
-        batches = iter(loader)  # the rest of the sampler's current epoch; it then moves on
-        if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
-            resume.restore_rng(resume_from)
-            resume_from = None
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = eng(**batch).loss
-            eng.backward(loss)
-            eng.step()
-            window_loss += loss.item()
-            window_n += 1
-            window_tokens += int(batch["attention_mask"].sum())
-            micro += 1
-            if micro % sc.gradient_accumulation_steps:  # mid-accumulation: no optimizer step yet
-                continue
-            step += 1
-            bar.update(1)
-            if step % sc.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t_window
-                mean_loss, tokens = dist.all_reduce_mean([window_loss / window_n,
-                                                          window_tokens], device)
-                tok_s = tokens * world / elapsed
-                metrics = {"sft/loss": mean_loss, "sft/lr": eng.get_lr()[0],
-                           "sft/epoch": step / steps_per_epoch,
-                           "perf/tokens_per_s": tok_s,
-                           "perf/samples_per_s": window_n * sc.micro_batch_size_per_device
-                           * world / elapsed}
-                grad_norm = eng.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["sft/grad_norm"] = float(grad_norm)
-                tracker.log(metrics, step)
-                first_loss = mean_loss if math.isnan(first_loss) else first_loss
-                last_loss = mean_loss
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-                window_loss, window_n, window_tokens = 0.0, 0, 0
-                t_window = time.perf_counter()
-            if eval_set and sc.eval_every > 0 and step % sc.eval_every == 0:
-                eval_loss = evaluate()
-                tracker.log({"sft/eval_loss": eval_loss}, step)
-            if sc.save_every > 0 and step % sc.save_every == 0 and step < total_steps:
-                resume.save(eng, tokenizer, run_dir, step, stage="sft",
-                            state={"micro": micro, "losses": [first_loss, last_loss, eval_loss],
-                                   "wandb_run_id": tracker.run_id},
-                            local={"window": [window_loss, window_n, window_tokens]},
-                            lora_save=cfg.model.lora.save, keep_last=sc.keep_last,
-                            best_metric=sc.keep_best_metric, best_mode=sc.keep_best_mode,
-                            metric_value=tracker.latest.get(sc.keep_best_metric))
-            if step >= total_steps:
-                break
-    bar.close()
-    if eval_set:
-        eval_loss = evaluate()
-        tracker.log({"sft/eval_loss": eval_loss}, step)
+    # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+    loop = train_loop.Loop(stage="sft", node=sc, total_steps=total_steps,
+                           steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir,
+                           tokenizer=tokenizer, device=device, lora_save=cfg.model.lora.save)
+    eval_fn = partial(evaluate, loader=eval_loader, device=device) if eval_set else None
+    state = train_loop.train(eng, loader, sampler, loop, lm_step, eval_fn, tracker, resume_from)
 
     # --- final checkpoint (HF format), marked final, logged as a `model` artifact
-    artifact = f"{cfg.experiment_name}-sft-model"
-    ckpt = checkpoint.save_hf(
-        eng, tokenizer, checkpoint.step_dir(run_dir, step),
-        zero_stage=eng.zero_optimization_stage(), lora_save=cfg.model.lora.save,
-        metadata={"stage": "sft", "step": step, "init_from": sc.init_from,
-                  "init_artifact": init_artifact,
-                  "artifact": f"{cfg.logger.project}/{artifact}:latest"})
-    checkpoint.mark_final(ckpt)
-    checkpoint.prune(run_dir, sc.keep_last)
-    if cfg.logger.log_checkpoints:
-        tracker.log_model(ckpt, artifact, aliases=["final", f"step-{step}"],
-                          metadata={"stage": "sft", "step": step, "eval_loss": eval_loss})
-    metrics = {"sft/loss": last_loss, "sft/first_loss": first_loss, "sft/eval_loss": eval_loss,
-               "sft/steps": step}
-    tracker.summary(metrics)
-    result = runtime.StageResult("sft", str(run_dir), str(ckpt), tracker.run_id,
-                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
-    result.write()
-    runtime.say(f"sft: done. loss {first_loss:.4f} -> {last_loss:.4f}, eval loss {eval_loss:.4f}")
-    runtime.say(f"sft: checkpoint {ckpt}")
-    if tracker.enabled:
-        runtime.say(tracker.where())
-    tracker.finish()
+    result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=sc.init_from,
+                                   init_artifact=init_artifact)
+    eval_loss = state.eval_metrics.get("sft/eval_loss", float("nan"))
+    runtime.say(f"sft: done. loss {state.first_loss:.4f} -> {state.last_loss:.4f}, eval loss "
+                f"{eval_loss:.4f}")
+    train_loop.finish(tracker, result)
     return eng, tokenizer, result
 
 

@@ -1,0 +1,254 @@
+"""Ours against TRL on the same tiny model, prompts, group size, lengths and step count.
+
+    rlhf-exp experiment=demo 'stage.stages=[sft]' hydra.run.dir=outputs/demo_sft   # once
+    pip install -e '.[bench]'                                         # TRL 1.16 (not a runtime dep)
+    python bench/bench_vs_trl.py --algo grpo --sft outputs/demo_sft/sft --steps 30
+    python bench/bench_vs_trl.py --algo grpo --sft <dir> --device cuda
+
+Each framework x algorithm runs in its own child process (so peak memory is its own), one after
+the other, from the same SFT checkpoint; the parent prints one table. Per run:
+  - throughput of the training loop: completions per second (GRPO; pairs per second for DPO),
+    steps x completions per step / wall seconds of the steps (model loading and evaluation
+    excluded; the whole child's wall time is printed too)
+  - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
+  - held-out gold reward after the steps: the same function for both frameworks
+    (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
+    generator seeded with --seed, batch 64), and the starting policy's on the same prompts.
+
+GRPO settings shared by both (TRL's names): num_generations, per-step prompts
+(generation_batch_size = prompts x num_generations), max_completion_length, learning_rate
+(constant schedule), beta (0: no reference model), epsilon 0.2, scale_rewards=group,
+loss_type=dapo (= our loss_agg=token_mean), one optimizer step per rollout, AdamW, grad clip 1.
+The reward is the task's gold reward as a function for both (rlhf_exp.tasks:gold_reward_fn).
+Known differences: AdamW betas (ours 0.9/0.95, TRL 0.9/0.999), and each framework's own prompt
+order.
+
+Add an algorithm: a `run_<framework>_<algo>` function per framework returning a Result, and an
+entry in RUNNERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+# the demo's data mix (conf/experiment/demo.yaml): the prompts its SFT policy never trained on
+DATA = ["data_mix.sources.0.synthetic.num_examples=40000"]
+
+
+@dataclass
+class Result:
+    framework: str
+    algo: str
+    items: int  # completions (GRPO) or pairs (DPO) trained on
+    loop_s: float  # wall seconds of the training steps
+    total_s: float  # wall seconds of the whole child (load, train, evaluate)
+    peak_mem_mib: float
+    init_gold: float | None  # held-out gold reward of the starting policy
+    gold: float | None  # after the steps
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.loop_s
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def compose(args: argparse.Namespace, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf_exp.cli import CONF_DIR, check
+
+    base = [f"seed={args.seed}", f"hardware={'cpu' if args.device == 'cpu' else '1gpu'}",
+            "logger=none", "experiment_name=bench_vs_trl", *DATA]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*base, *overrides])
+    check(cfg)
+    return cfg
+
+
+def heldout_gold(policy, tokenizer, cfg, args: argparse.Namespace) -> float:
+    """The held-out gold reward of `policy`, computed identically for every framework."""
+    import torch
+
+    from rlhf_exp import evaluation
+
+    rows = evaluation.heldout_rows(cfg, args.eval_prompts)
+    gen = evaluation.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True,
+                                      temperature=1.0, compile="none")
+    policy.eval()
+    with torch.no_grad():
+        metrics = evaluation.heldout_eval(
+            policy, tokenizer, rows, gen, prefix="bench", template=cfg.model.prompt_template,
+            max_prompt_len=32, batch_size=64, seed=args.seed,
+            device=torch.device(args.device), reward_model=None)
+    return metrics["bench/eval_gold_reward"]
+
+
+def peak_memory_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- GRPO
+def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
+    from rlhf_exp import models
+    from rlhf_exp.stages import grpo
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=grpo", f"grpo.actor_init={args.sft}", f"grpo.steps={args.steps}",
+                  f"grpo.prompts_per_step={args.prompts}",
+                  f"grpo.num_generations={args.generations}",
+                  f"grpo.micro_batch_size_per_device={args.prompts * args.generations}",
+                  f"grpo.generation.max_new_tokens={args.new_tokens}",
+                  f"grpo.actor.lr={args.lr}", f"grpo.beta={args.beta}",
+                  "grpo.loss_agg=token_mean", "grpo.scale_rewards=group", "grpo.epsilon=0.2",
+                  "grpo.eval_every=0", "grpo.eval_num_prompts=1",  # evaluated here instead
+                  "logger.log_checkpoints=false", *args.ours_set)
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+    init_gold = heldout_gold(start, tokenizer, cfg, args)
+    del start
+    actor, _, result = grpo.train(cfg, work / "ours")
+    gold = heldout_gold(actor.module, tokenizer, cfg, args)
+    return Result("ours", "grpo", args.steps * args.prompts * args.generations,
+                  result.metrics["perf/loop_s"], time.perf_counter() - t0,
+                  peak_memory_mib(args.device), init_gold, gold)
+
+
+def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_exp import models, tasks
+    from rlhf_exp.data import build_stage_data
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=grpo")
+    rows = build_stage_data(cfg.data_mix, "ppo", args.seed).train
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "task": r["task"]} for r in rows])
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+
+    def gold_reward(prompts, completions, task, **_):
+        return tasks.gold_reward_fn(prompts, completions, task=task)
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        per_device_train_batch_size=args.prompts * args.generations,
+        gradient_accumulation_steps=1, num_generations=args.generations,
+        max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, beta=args.beta,
+        epsilon=0.2, scale_rewards="group", loss_type="dapo", num_iterations=1,
+        logging_steps=10, save_strategy="no", report_to="none", seed=args.seed,
+        use_cpu=args.device == "cpu", bf16=False, disable_dropout=True)
+    trainer = GRPOTrainer(model=args.sft, reward_funcs=gold_reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer)
+    init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    trainer.model.train()
+    t1 = time.perf_counter()
+    trainer.train()
+    loop_s = time.perf_counter() - t1
+    gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    return Result("trl", "grpo", args.steps * args.prompts * args.generations, loop_s,
+                  time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
+
+
+RUNNERS = {("ours", "grpo"): run_ours_grpo, ("trl", "grpo"): run_trl_grpo}
+
+
+# ----------------------------------------------------------------------------- driver
+def child(args: argparse.Namespace) -> None:
+    """One framework x algorithm in this process; its Result as JSON on the last stdout line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(tempfile.mkdtemp(prefix=f"bench_{args.child}_"))
+    try:
+        framework, algo = args.child.split(":")
+        result = RUNNERS[(framework, algo)](args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="grpo")
+    p.add_argument("--frameworks", default="ours,trl", help="comma-separated, run in order")
+    p.add_argument("--sft", required=True, help="the starting policy (SFT checkpoint or run dir)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt")
+    p.add_argument("--new-tokens", type=int, default=12, help="max completion tokens")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for our run (repeatable), e.g. "
+                        "grpo.actor.zero_stage=0")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    from rlhf_exp.tracking import resolve_init
+
+    args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
+    if args.child:
+        return child(args)
+
+    results = []
+    for framework in args.frameworks.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{framework}:{args.algo}"]
+        print(f"# running {framework} {args.algo} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{framework} {args.algo} failed (exit {proc.returncode})")
+        results.append(Result(**json.loads(lines[-1][len("RESULT "):])))
+
+    import torch
+
+    unit = "completions/s" if args.algo == "grpo" else "pairs/s"
+    device = (torch.cuda.get_device_name() if args.device == "cuda" else
+              f"{platform.machine()}, {args.threads or torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"\n# {args.algo}: {args.steps} steps x {args.prompts} prompts x {args.generations} "
+          f"completions, {args.new_tokens} new tokens, lr {args.lr}, beta {args.beta}; "
+          f"{device}; held-out gold on {args.eval_prompts} prompts (T=1, seed {args.seed})")
+    print(f"{'framework':<10} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
+          f"{'gold start':>10} {'gold end':>9}")
+    for r in results:
+        print(f"{r.framework:<10} {r.per_s:>14.1f} {r.loop_s:>8.1f} {r.total_s:>8.1f} "
+              f"{r.peak_mem_mib:>9.0f} {r.init_gold or float('nan'):>10.3f} "
+              f"{r.gold or float('nan'):>9.3f}")
+    if len(results) == 2:
+        a, b = results
+        print(f"{a.framework} / {b.framework} throughput: {a.per_s / b.per_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
