@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -217,7 +218,12 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type=task_type,
     )
-    return get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias (its
+        # FutureWarning is about peft's code, not ours; the flag's value is still right)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return get_peft_model(model, peft_cfg)
 
 
 def count_parameters(model) -> tuple[int, int]:

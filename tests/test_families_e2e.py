@@ -1,13 +1,15 @@
 """Every stage on every tiny model family, each family on one of the hub-schema samples loaded
 through its data_mix preset (the source's path pointed at the shipped local copy):
 
-    tiny-opt   + rm_static                 SFT under ZeRO-3, reward with LoRA, PPO
-    tiny-qwen2 + ultrafeedback_binarized   SFT with LoRA (adapter), reward from it, PPO with LoRA
+    tiny-opt   + rm_static                 SFT under ZeRO-3, reward with LoRA, PPO, GRPO with LoRA
+    tiny-qwen2 + ultrafeedback_binarized   SFT with LoRA (adapter), reward from it, PPO with LoRA,
+                                           GRPO
     tiny-gpt2  + hh_rlhf                   SFT, reward with LoRA (adapter), PPO with LoRA (actor
-                                           saved as an adapter, critic)
-    tiny-llama + trl_conversational        SFT with LoRA, reward, PPO
+                                           saved as an adapter, critic), GRPO
+    tiny-llama + trl_conversational        SFT with LoRA, reward, PPO, GRPO with LoRA (adapter)
 
-then eval (SFT vs PPO policy, reward model) and a scripted chat. Checkpoints of every stage
+then eval (SFT vs PPO vs GRPO policy, reward model) and a scripted chat. GRPO is rewarded by the
+reward stage's model (hub rows have no task for a gold reward). Checkpoints of every stage
 reload with the HF Auto classes and give the engine's outputs. And the bundled sort task stays
 learnable on every family (SFT loss falls).
 
@@ -27,21 +29,24 @@ from rlhf_exp import checkpoint, scoring
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import collate_pairs, prompt_ids, tokenize_pairs
 from rlhf_exp.stages import eval as eval_stage
-from rlhf_exp.stages import ppo, reward, sft
+from rlhf_exp.stages import grpo, ppo, reward, sft
 from rlhf_exp.stages.chat import Chat
 from tests.conftest import compose
 
 SAMPLES = "pkg://rlhf_exp/data/examples/hub_samples"
 CHAINS = {  # family -> (data_mix preset, {stage: extra overrides})
     "tiny-opt": ("rm_static", {"sft": ["zero_stage=zero3"],
-                               "reward": ["model.lora.enabled=true"]}),
+                               "reward": ["model.lora.enabled=true"],
+                               "grpo": ["model.lora.enabled=true"]}),
     "tiny-qwen2": ("ultrafeedback_binarized",
                    {"sft": ["model.lora.enabled=true", "model.lora.save=adapter"],
                     "ppo": ["model.lora.enabled=true"]}),
     "tiny-gpt2": ("hh_rlhf", {"reward": ["model.lora.enabled=true", "model.lora.save=adapter"],
                               "ppo": ["model.lora.enabled=true", "model.lora.save=adapter",
                                       "ppo.critic_lora.enabled=true"]}),
-    "tiny-llama": ("trl_conversational", {"sft": ["model.lora.enabled=true"]}),
+    "tiny-llama": ("trl_conversational", {"sft": ["model.lora.enabled=true"],
+                                          "grpo": ["model.lora.enabled=true",
+                                                   "model.lora.save=adapter"]}),
 }
 COMMON = ["logger=none", "data_mix.eval_fraction=0.2", "sft.max_prompt_len=64", "sft.max_len=96",
           "reward.max_prompt_len=64", "reward.max_len=96", "ppo.max_prompt_len=64"]
@@ -54,6 +59,10 @@ STAGE = {
             "ppo.micro_batch_size_per_device=2", "ppo.generation.max_new_tokens=8",
             "ppo.eval_every=0", "ppo.eval_num_prompts=4", "ppo.eval_batch_size=4",
             "ppo.ema.enabled=true"],
+    "grpo": ["stage=grpo", "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+             "grpo.micro_batch_size_per_device=4", "grpo.max_prompt_len=64",
+             "grpo.generation.max_new_tokens=8", "grpo.eval_every=0", "grpo.eval_num_prompts=4",
+             "grpo.eval_batch_size=4"],
 }
 
 
@@ -134,15 +143,26 @@ def test_every_stage_on_family(family, tmp_path):
     _reload(tmp_path / "ppo" / "checkpoints" / "ema")
     del eng
 
-    # --- eval: SFT vs PPO (and the EMA) on the held-out prompts, reward model on held-out pairs
+    # --- GRPO: actor from SFT, rewarded by the reward model; each group's prompt computed once
+    cfg = _cfg(family, "grpo", f"grpo.actor_init={tmp_path / 'sft'}",
+               f"grpo.reward_model={tmp_path / 'reward'}")
+    eng, tok, result = grpo.train(cfg, tmp_path / "grpo")
+    for key in ("grpo/reward", "grpo/kl", "grpo/response_length",
+                "grpo/eval_reward_score"):
+        assert math.isfinite(result.metrics[key]), key
+    _assert_reloads_as_engine(checkpoint.final_checkpoint(tmp_path / "grpo"), eng.module, ids)
+    del eng
+
+    # --- eval: SFT vs PPO (and the EMA) vs GRPO on held-out prompts, reward model on held-out pairs
     cfg = _cfg(family, "eval", "stage=eval", f"eval.policies.sft={tmp_path / 'sft'}",
                f"eval.policies.ppo={tmp_path / 'ppo'}",
                f"eval.policies.ppo_ema={tmp_path / 'ppo' / 'checkpoints' / 'ema'}",
+               f"+eval.policies.grpo={tmp_path / 'grpo'}",
                f"eval.reward_model={tmp_path / 'reward'}", "eval.num_prompts=4",
                "eval.batch_size=4", "eval.max_prompt_len=64",
                "eval.generation.max_new_tokens=8")
     result = eval_stage.run(cfg, tmp_path / "eval")
-    for name in ("sft", "ppo", "ppo_ema"):
+    for name in ("sft", "ppo", "ppo_ema", "grpo"):
         assert math.isfinite(result.metrics[f"eval/{name}/reward_score"]), name
     assert math.isfinite(result.metrics["eval/ppo/kl_to_sft"])
     assert 0.0 <= result.metrics["eval/rm_accuracy"] <= 1.0

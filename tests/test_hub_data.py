@@ -124,3 +124,28 @@ def test_a_missing_local_copy_is_a_config_error(tmp_path, rlhf_exp):
     assert out.returncode == 2
     assert "no such folder" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("preset,override,needle", [
+    # UltraFeedback's splits are train_prefs, test_prefs, ...: no plain train
+    ("ultrafeedback_binarized", "data_mix.sources.0.hub_split=train", "not hub_split='train'"),
+    ("rm_static", "+data_mix.sources.0.columns.chosen=better", "missing column 'better'"),
+])
+def test_hub_data_problems_stop_before_any_model_loads(preset, override, needle, tmp_path,
+                                                       rlhf_exp, monkeypatch):
+    """A local copy without the split, or a row without the column, is one line and exit 2 from
+    the preflight: no model loads, no run dir is written."""
+    from rlhf_exp import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the data was checked")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_model)
+    monkeypatch.setattr(models, "resolve_base_path", no_model)
+    out = rlhf_exp("stage=sft", f"data_mix={preset}", f"data_mix.sources.0.path={SAMPLES}/{preset}",
+                   override,
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
