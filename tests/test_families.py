@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_exp import checkpoint, evaluation, models, scoring
+from rlhf_exp import checkpoint, evaluation, models, rollout, scoring
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import (
     collate_pairs,
@@ -263,6 +263,30 @@ def test_one_rendering_of_a_row_everywhere(family, format_rows):
             assert text.count("Human:") == users, name
         else:  # bare template: HH markers for a conversation, none for one turn
             assert text.count("Human:") == (users if len(turns) > 1 else 0), name
+
+
+def test_rollout_reward_scores_equal_the_reward_stage(family, format_rows):
+    """PPO's and GRPO's reward (rollout.reward_model_scores) of a rollout laid out as generation
+    lays it out (left-padded prompt, then the reply and EOS, right-padded) = the reward stage's
+    score of that chosen pair, for every data format at once in one batch."""
+    tok, template = family.tokenizer, family.template
+    rm = family.reward_model()
+    rows = list(format_rows.values())
+    pairs, _ = tokenize_pairs(rows, tok, template, 96, 160)
+    prompts = [prompt_ids(tok, row, template, 96) for row in rows]
+    replies = [p["chosen_ids"][len(q):] for p, q in zip(pairs, prompts)]
+    assert all(p["chosen_ids"][:len(q)] == q for p, q in zip(pairs, prompts))
+    left, right = pad_left(prompts, tok.pad_token_id), pad_right(replies, tok.pad_token_id)
+    mask = torch.cat([pad_left([[1] * len(q) for q in prompts], 0),
+                      pad_right([[1] * len(r) for r in replies], 0)], dim=1)
+    traj = rollout.Trajectory(rows=rows, sequences=torch.cat([left, right], dim=1),
+                              attention_mask=mask, position_ids=scoring.position_ids(mask),
+                              response_mask=pad_right([[1] * len(r) for r in replies], 0).float(),
+                              texts=[""] * len(rows), gen_s=0.0)
+    with torch.no_grad():
+        ours = rollout.reward_model_scores(rm, traj, micro_batch=3)
+        chosen, _ = pair_scores(rm, collate_pairs(pairs, tok.pad_token_id))
+    torch.testing.assert_close(ours, chosen, rtol=1e-5, atol=1e-5)
 
 
 def test_hh_rows_render_as_their_dialogue_with_an_hh_template():
