@@ -128,11 +128,13 @@ def compose(inv: Invocation, overrides: list[str] | None = None, *,
     command line's). Every group choice must name an existing option, optional groups
     (`experiment`, `hparams_search`) included: Hydra itself drops a misspelt optional one."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.utils import setup_globals
     from hydra.types import RunMode
 
     from rlhf_exp.config import register_configs
 
     register_configs()
+    setup_globals()  # Hydra's resolvers (${now:...} in hydra.run.dir), as Hydra registers them
     loader = ConfigLoaderImpl(config_search_path=search_path(inv))
     overrides = inv.overrides if overrides is None else overrides
     with warnings.catch_warnings():

@@ -165,6 +165,18 @@ def test_the_hydra_job_is_named_rlhf_exp():
     assert cfg.hydra.launcher.get("name", "rlhf-exp") == "rlhf-exp"
 
 
+def test_the_default_run_dir_resolves_in_a_fresh_process():
+    """`${now:...}` in hydra.run.dir is Hydra's resolver, registered when Hydra starts: the
+    dispatcher's preflight reads the run dir before that (a fresh `rlhf-exp stage=sft` crashed
+    with UnsupportedInterpolationType)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.clear_resolver("now")  # as in a fresh process: no Hydra app ran yet
+    cfg = composition.compose(composition.parse(["stage=sft"]))
+    assert re.fullmatch(r"outputs/default/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_sft",
+                        str(cfg.hydra.run.dir)), cfg.hydra.run.dir
+
+
 # ----------------------------------------------------------------------------- user folder
 @pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
 def test_user_options_compose_and_are_validated(how, user_conf, rlhf_exp):
