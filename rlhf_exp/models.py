@@ -7,6 +7,7 @@ used pad == eos, so its models never learned to stop).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -173,7 +174,8 @@ def _load(auto_cls, path: str, tokenizer, model_cfg: DictConfig, precision: str,
         # an SFT adapter under a reward model: its weights merge into the same backbone, but
         # peft's causal-LM wrapper expects a generating model; the generic wrapper merges too
         config.task_type = None
-    model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
     model.requires_grad_(True)  # peft froze the base; merged, it is a plain model like any other
     # a LoRA trained on top of these weights must record this dir (not the bare base) as its base
     model.name_or_path = str(path)
@@ -210,7 +212,7 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
     """Wrap with a peft LoRA adapter when enabled; returns the model unchanged otherwise."""
     if not lora_cfg.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = list(lora_cfg.target_modules)
     peft_cfg = LoraConfig(
@@ -218,12 +220,26 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type=task_type,
     )
+    return peft_wrap(model, peft_cfg)
+
+
+def peft_wrap(model, peft_cfg):
+    """peft's get_peft_model, quietly (_quiet_peft)."""
+    from peft import get_peft_model
+
+    with _quiet_peft():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Without the FutureWarning peft 0.21 raises when it wraps a model, by reading
+    transformers' deprecated `is_gradient_checkpointing` alias (peft's code, not ours; the
+    flag's value is still right)."""
     with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias (its
-        # FutureWarning is about peft's code, not ours; the flag's value is still right)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
-        return get_peft_model(model, peft_cfg)
+        yield
 
 
 def count_parameters(model) -> tuple[int, int]:

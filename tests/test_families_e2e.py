@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -78,10 +79,13 @@ def _reload(ckpt, reward_model: bool = False):
     if (ckpt / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        if reward_model:
-            model = AutoPeftModelForSequenceClassification.from_pretrained(ckpt, num_labels=1)
-        else:
-            model = AutoPeftModelForCausalLM.from_pretrained(ckpt)
+        with warnings.catch_warnings():  # peft's own is_gradient_checkpointing FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            if reward_model:
+                model = AutoPeftModelForSequenceClassification.from_pretrained(ckpt,
+                                                                               num_labels=1)
+            else:
+                model = AutoPeftModelForCausalLM.from_pretrained(ckpt)
         return model.merge_and_unload().eval()
     cls = AutoModelForSequenceClassification if reward_model else AutoModelForCausalLM
     return cls.from_pretrained(ckpt).eval()
@@ -101,6 +105,7 @@ def _assert_reloads_as_engine(ckpt, engine_module, ids: torch.Tensor) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::FutureWarning")  # no API that transformers is removing
 @pytest.mark.parametrize("family", list(CHAINS))
 def test_every_stage_on_family(family, tmp_path):
     # --- SFT on the preset's sample: the loss falls, the checkpoint reloads with the Auto class
