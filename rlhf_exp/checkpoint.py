@@ -42,13 +42,14 @@ def _merged_copy(module, state: dict, *, shares_storage: bool):
     import copy
 
     import torch
-    from peft import get_peft_model
+
+    from rlhf_exp.models import peft_wrap
 
     base = module.get_base_model()
     with torch.device("meta"):
         fresh = type(base)(copy.deepcopy(base.config))
     peft_cfg = copy.deepcopy(module.peft_config[module.active_adapter])
-    fresh = get_peft_model(fresh, peft_cfg)
+    fresh = peft_wrap(fresh, peft_cfg)
     if shares_storage:  # merging writes into the base weights: never into the live model's
         state = {k: v.detach().clone() for k, v in state.items()}
     fresh.load_state_dict(state, strict=True, assign=True)

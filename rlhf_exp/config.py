@@ -73,8 +73,13 @@ class LoraConfig:
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the locally built Llama model used by `model=tiny` (no download needed)."""
+    """A model built locally on first use (no download): `model=tiny` and `model=tiny-<family>`
+    (rlhf_exp/tiny_models.py)."""
 
+    family: str = "llama"  # llama | qwen2 | opt | gpt2
+    # char: one token per character (llama only, model=tiny); bpe: the family's subword tokenizer
+    tokenizer: str = "char"
+    vocab_size: int = 1024  # bpe: target vocabulary size
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -635,6 +640,8 @@ def _check_model(cfg: DictConfig) -> None:
     if "<<PROMPT>>" not in filled:
         raise ConfigError(f"model.prompt_template={template!r} has no {{prompt}}: the prompt "
                           "would be dropped; e.g. 'Question: {prompt} Answer:'")
+    if m.tiny is not None and not m.path:
+        _check_tiny(cfg)
     _check_lora(cfg, "model.lora")
 
 
@@ -856,6 +863,21 @@ def check_rewards(cfg: DictConfig, node: str) -> None:
                           f"{node}.reward_functions is empty")
 
 
+def _check_tiny(cfg: DictConfig) -> None:
+    from rlhf_exp.tiny_models import FAMILIES, TOKENIZERS
+
+    _allowed(cfg, "model.tiny.family", FAMILIES)
+    _allowed(cfg, "model.tiny.tokenizer", TOKENIZERS)
+    if cfg.model.tiny.tokenizer == "char" and cfg.model.tiny.family != "llama":
+        raise ConfigError(f"model.tiny.tokenizer=char is only built for model.tiny.family=llama "
+                          f"(model=tiny); use tokenizer=bpe with family="
+                          f"{cfg.model.tiny.family}")
+    if cfg.model.tiny.tokenizer == "bpe" and not 300 <= cfg.model.tiny.vocab_size <= 8192:
+        raise ConfigError(f"model.tiny.vocab_size={cfg.model.tiny.vocab_size} must be in "
+                          "[300, 8192] (the llama tokenizer alone holds 259 byte and special "
+                          "tokens)")
+
+
 def _check_hardware(cfg: DictConfig) -> None:
     """Launch geometry: a multi-node run needs a rendezvous every node can reach."""
     hw = cfg.hardware
@@ -897,6 +919,13 @@ def _check_source(src: DictConfig, key: str) -> None:
             raise ConfigError(f"{key}.columns.{field_name} is empty; give the column's name")
     if src.kind == "hub" and not str(src.hub_split).strip():
         raise ConfigError(f"{key}.hub_split is empty; name the dataset split, e.g. train")
+    if src.kind == "hub" and src.path:
+        from rlhf_exp.data.sources import local_hub_dir
+
+        try:
+            local_hub_dir(str(src.path))  # a local copy that is not there fails here
+        except UserError as exc:
+            raise ConfigError(f"{key}.path={exc}") from None
     if src.kind == "synthetic":
         task = src.synthetic
         if task.num_examples < 1:

@@ -183,6 +183,7 @@ class _DynamicDecoder:
     def __init__(self, model: torch.nn.Module, max_len: int) -> None:
         self.model = model
         self.cache = DynamicCache(config=model.config)
+        self.cache_arg = _cache_arg(model)
         self.mask: torch.Tensor | None = None  # [B, P+R], sliced to the seen length each step
         self.max_len = max_len
         self.seen = 0
@@ -193,8 +194,8 @@ class _DynamicDecoder:
         # generated tokens are always attended to (rows after EOS are discarded anyway)
         self.mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, self.max_len - P)], dim=1)
         self.seen = P
-        return _forward(self.model, input_ids, self.mask[:, :P], prompt_pos, self.cache,
-                        last_only=True)
+        return _forward(self.model, input_ids, self.mask[:, :P], prompt_pos,
+                        {self.cache_arg: self.cache}, last_only=True)
 
     def prefill_repeated(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
                          prompt_pos: torch.Tensor, repeats: int) -> torch.Tensor:
@@ -208,7 +209,8 @@ class _DynamicDecoder:
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.seen += 1
-        return _forward(self.model, ids, self.mask[:, :self.seen], pos, self.cache)
+        return _forward(self.model, ids, self.mask[:, :self.seen], pos,
+                        {self.cache_arg: self.cache})
 
 
 class _StaticDecoder:
@@ -226,6 +228,7 @@ class _StaticDecoder:
         self.cache_len = cache_len
         self.param_ptrs = _param_ptrs(model)
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.cache_arg = _cache_arg(model)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch, cache_len, dtype=torch.long, device=device)
@@ -236,7 +239,7 @@ class _StaticDecoder:
             self._capture(model)
 
     def _decode_forward(self, model: torch.nn.Module) -> torch.Tensor:
-        return _forward(model, self.ids, self.mask, self.pos, self.cache)
+        return _forward(model, self.ids, self.mask, self.pos, {self.cache_arg: self.cache})
 
     def _capture(self, model: torch.nn.Module) -> None:
         # the first forward allocates the cache tensors (lazily, from the real K/V shapes), so it
@@ -272,8 +275,8 @@ class _StaticDecoder:
         self.cache.reset()  # zero K/V and the device-side write offset
         self.mask[:, :P].copy_(prompt_mask)
         self.mask[:, P:].fill_(1)  # future slots: the causal mask hides those not yet written
-        return _forward(self.model_ref(), input_ids, self.mask, prompt_pos, self.cache,
-                        last_only=True)
+        return _forward(self.model_ref(), input_ids, self.mask, prompt_pos,
+                        {self.cache_arg: self.cache}, last_only=True)
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -309,17 +312,27 @@ def _static_decoder(model: torch.nn.Module, batch: int, min_len: int, mode: str)
 
 # ----------------------------------------------------------------------------- helpers
 def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-             cache, last_only: bool = False) -> torch.Tensor:
-    """One forward with a KV cache -> logits of the last position, [B, V]."""
-    kwargs = {}
+             cache: dict, last_only: bool = False) -> torch.Tensor:
+    """One forward with a KV cache ({_cache_arg(model): cache}) -> logits of the last position,
+    [B, V]."""
+    kwargs = dict(cache)
     if last_only and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # skip the [B, P, V] prompt logits
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=True, **kwargs)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
     return out.logits[:, -1]
 
 
+def _cache_arg(model: torch.nn.Module) -> str:
+    """The model's KV-cache argument: transformers 5 renamed `past_key_values` to `cache` (the
+    old name warns, and goes in 5.40); earlier 5.x releases and remote code know the old one."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
 def _accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether the HF model's forward takes `name` (a peft wrapper passes its keyword arguments
+    through to the model it wraps, so that model's forward is the one asked)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return name in inspect.signature(model.forward).parameters
 
 

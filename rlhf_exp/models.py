@@ -7,19 +7,21 @@ used pad == eos, so its models never learned to stop).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.tasks import sort_digits
+from rlhf_exp import tiny_models
 
-PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+PAD = tiny_models.PAD
 
 
 def cache_root() -> Path:
@@ -31,57 +33,63 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-# ----------------------------------------------------------------------------- tiny model
-def _tiny_vocab() -> list[str]:
-    # specials, then the task's characters, then the rest of printable ASCII and newline, so the
-    # tiny model can also read HH-style text and chat input
-    chars = list(dict.fromkeys(sort_digits.ALPHABET + "".join(map(chr, range(32, 127))) + "\n"))
-    return [PAD, BOS, EOS, UNK, *chars]
-
-
+# ----------------------------------------------------------------------------- tiny models
 def build_tiny_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_tiny_vocab())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char, one token
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        model_max_length=4096, padding_side="right",
-    )
+    """`model=tiny`'s character-level tokenizer (tiny_models.build_char_tokenizer)."""
+    return tiny_models.build_char_tokenizer()
 
 
-def tiny_model_dir(shape: DictConfig | dict) -> Path:
-    """Cache dir of the tiny model with this shape; built deterministically on first use."""
-    shape = OmegaConf.to_container(shape) if isinstance(shape, DictConfig) else dict(shape)
-    key = hashlib.sha1(json.dumps({"v": 1, "vocab": _tiny_vocab(), **shape},
-                                  sort_keys=True).encode()).hexdigest()[:12]
-    out = cache_root() / "models" / f"tiny-llama-{key}"
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings")
+
+
+def tiny_model_dir(spec: DictConfig | dict) -> Path:
+    """Cache dir of the tiny model `spec` (model.tiny: family, tokenizer, vocab_size and shape);
+    built deterministically on first use, keyed by a hash of the shape and the tokenizer recipe.
+    """
+    spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
+    family, kind = spec.get("family", "llama"), spec.get("tokenizer", "char")
+    if family not in tiny_models.FAMILIES or kind not in tiny_models.TOKENIZERS:
+        raise ValueError(f"model.tiny: family={family!r} tokenizer={kind!r}; families "
+                         f"{tiny_models.FAMILIES}, tokenizers {tiny_models.TOKENIZERS}")
+    if kind == "char" and family != "llama":
+        raise ValueError("model.tiny.tokenizer=char is only built for family=llama (model=tiny)")
+    shape = {k: spec[k] for k in SHAPE_KEYS}
+    vocab_size = int(spec.get("vocab_size", 1024))
+    ident = {"v": 2, "shape": shape,
+             "tokenizer": tiny_models.recipe(family, kind, vocab_size)}
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    out = cache_root() / "models" / f"tiny-{family}-{kind}-{key}"
     if (out / "config.json").exists():
         return out
-    from transformers import LlamaConfig, LlamaForCausalLM
+    if kind == "char":
+        from transformers import LlamaConfig
 
-    tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True, rope_theta=10000.0, **shape,
-    )
+        tokenizer = tiny_models.build_char_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True, rope_theta=10000.0, **shape,
+        )
+    else:
+        tokenizer = tiny_models.build_tokenizer(family, vocab_size,
+                                                shape["max_position_embeddings"])
+        config = tiny_models.build_config(family, shape, tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
+        model = tiny_models.build_model(family, config)
     out.parent.mkdir(parents=True, exist_ok=True)
     # build in a temp dir and rename: concurrent first uses (2 ranks, parallel tests) stay safe
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out.parent))
     # not model.save_pretrained: under torch.distributed it writes only on global rank 0, and a
     # rank that wins the rename below with an empty dir would leave a cache without weights.
-    # The tied lm_head is left out, as save_pretrained does (it is re-tied on load).
+    # A tied lm_head is left out, as save_pretrained does (it is re-tied on load).
     from safetensors.torch import save_file
 
     config.save_pretrained(tmp)
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    tied = config.tie_word_embeddings
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     try:
@@ -119,8 +127,17 @@ def load_tokenizer(path: str, model_cfg: DictConfig | None = None):
 
 
 def _fit_embeddings(model, tokenizer) -> None:
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    """Grow the embeddings to the tokenizer (the pad token load_tokenizer added). The new rows
+    are the mean of the old ones, not a random draw (HF's mean_resizing samples around it): the
+    same base then always becomes the same model, which an adapter checkpoint, rebuilt from its
+    base on every load, relies on."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if old < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None:  # (tied: the same weight twice)
+                    emb.weight[old:] = emb.weight[:old].mean(0)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
 
@@ -147,12 +164,19 @@ def _load(auto_cls, path: str, tokenizer, model_cfg: DictConfig, precision: str,
             trust_remote_code=model_cfg.trust_remote_code, **kwargs)
         _fit_embeddings(model, tokenizer)
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     if base.startswith(("/", ".")) and not Path(base).exists():
         raise FileNotFoundError(f"{path} is a LoRA adapter whose base model {base} is gone")
     model = _load(auto_cls, base, tokenizer, model_cfg, precision, **kwargs)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    config = PeftConfig.from_pretrained(path)
+    if config.task_type == "CAUSAL_LM" and not hasattr(model, "prepare_inputs_for_generation"):
+        # an SFT adapter under a reward model: its weights merge into the same backbone, but
+        # peft's causal-LM wrapper expects a generating model; the generic wrapper merges too
+        config.task_type = None
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
+    model.requires_grad_(True)  # peft froze the base; merged, it is a plain model like any other
     # a LoRA trained on top of these weights must record this dir (not the bare base) as its base
     model.name_or_path = str(path)
     return model
@@ -188,7 +212,7 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
     """Wrap with a peft LoRA adapter when enabled; returns the model unchanged otherwise."""
     if not lora_cfg.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = list(lora_cfg.target_modules)
     peft_cfg = LoraConfig(
@@ -196,7 +220,26 @@ def apply_lora(model, lora_cfg: DictConfig, task_type: str = "CAUSAL_LM"):
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type=task_type,
     )
-    return get_peft_model(model, peft_cfg)
+    return peft_wrap(model, peft_cfg)
+
+
+def peft_wrap(model, peft_cfg):
+    """peft's get_peft_model, quietly (_quiet_peft)."""
+    from peft import get_peft_model
+
+    with _quiet_peft():
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Without the FutureWarning peft 0.21 raises when it wraps a model, by reading
+    transformers' deprecated `is_gradient_checkpointing` alias (peft's code, not ours; the
+    flag's value is still right)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
 
 
 def count_parameters(model) -> tuple[int, int]:

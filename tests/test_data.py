@@ -75,7 +75,8 @@ def test_hh_transcripts_split_into_dialogue_and_replies(tmp_path):
     rows = load_source(source(kind="local", path=str(write_jsonl(tmp_path / "hh.jsonl", HH)),
                               format="hh"), seed=0)
     assert rows[0]["prompt"] == "\n\nHuman: What is 2+2?\n\nAssistant:"
-    assert (rows[0]["chosen"], rows[0]["rejected"]) == (" 4.", " 5.")
+    # replies lose the space after "Assistant:" (the rendered prompt ends with the turn cue)
+    assert (rows[0]["chosen"], rows[0]["rejected"]) == ("4.", "5.")
     assert rows[1]["messages"] == [{"role": "user", "content": "Hi"},
                                    {"role": "assistant", "content": "Hello!"},
                                    {"role": "user", "content": "A color?"}]
@@ -83,8 +84,7 @@ def test_hh_transcripts_split_into_dialogue_and_replies(tmp_path):
     static = [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hey.", "rejected": " Go."}]
     (row,) = load_source(source(kind="local", format="hh",
                                 path=str(write_jsonl(tmp_path / "s.jsonl", static))), seed=0)
-    assert (row["prompt"], row["chosen"], row["rejected"]) == (static[0]["prompt"], " Hey.",
-                                                              " Go.")
+    assert (row["prompt"], row["chosen"], row["rejected"]) == (static[0]["prompt"], "Hey.", "Go.")
 
 
 def test_chat_pairs_and_conversations(tmp_path):
@@ -112,7 +112,8 @@ def test_chat_template_renders_the_turns(tmp_path):
     row = {"prompt": "ignored", "messages": [{"role": "user", "content": "Hi"},
                                              {"role": "assistant", "content": "Yo"},
                                              {"role": "user", "content": "Bye"}]}
-    assert render_row(tok, row, "Q: {prompt} A:") == "Q: ignored A:"  # no chat template
+    # no chat template: the template wraps each user turn, replies in between
+    assert render_row(tok, row, "Q: {prompt} A:") == "Q: Hi A:YoQ: Bye A:"
     tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
                          "{% if add_generation_prompt %}<assistant>{% endif %}")
     assert render_row(tok, row) == "<user>Hi<assistant>Yo<user>Bye<assistant>"

@@ -21,7 +21,14 @@ from tests.test_cli import make_user_conf
 
 SHIPPED = ("rlhf_exp/conf/config.yaml", "rlhf_exp/conf/experiment/demo.yaml",
            "rlhf_exp/conf/hydra/sweeper/optuna.yaml", "rlhf_exp/data/examples/sort_pairs.jsonl",
-           "hydra_plugins/rlhf_exp_optuna_sweeper/optuna_sweeper.py")
+           "hydra_plugins/rlhf_exp_optuna_sweeper/optuna_sweeper.py",
+           # the tiny families and the hub-schema samples (also the tiny tokenizers' corpus)
+           "rlhf_exp/conf/model/tiny-gpt2.yaml", "rlhf_exp/conf/data_mix/trl_conversational.yaml",
+           "rlhf_exp/data/examples/hub_samples/hh_rlhf/helpful-base/train.jsonl",
+           "rlhf_exp/data/examples/hub_samples/rm_static/data/train-00000-of-00001.parquet",
+           "rlhf_exp/data/examples/hub_samples/ultrafeedback_binarized/dataset_dict.json",
+           "rlhf_exp/data/examples/hub_samples/ultrafeedback_binarized/train_prefs/"
+           "data-00000-of-00001.arrow")
 
 
 def clean_copy(dest: Path) -> Path:
@@ -122,6 +129,20 @@ def test_wheel_in_a_fresh_venv_runs_a_user_preset_on_one_and_two_ranks(tmp_path)
         assert (run_dir / "rlhf-exp.log").exists()
     assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
     assert not called.exists(), called.read_text()
+
+    # a tiny family built from the installed package's corpus (a fresh model cache), trained
+    # on a hub-schema sample read from the package, as a user with a local mirror would
+    family = subprocess.run(
+        [str(exe), "stage=sft", "model=tiny-gpt2", "data_mix=hh_rlhf", "logger=none",
+         "data_mix.sources.0.path=pkg://rlhf_exp/data/examples/hub_samples/hh_rlhf",
+         "sft.max_steps=2", "sft.micro_batch_size_per_device=4", "sft.eval_every=0",
+         "hydra.run.dir=outputs/family"], cwd=work, capture_output=True, text=True, timeout=300,
+        env={**env, "RLHF_EXP_CACHE": str(tmp_path / "fresh_cache")})
+    assert family.returncode == 0, (family.stdout + family.stderr)[-4000:]
+    model = json.loads((work / "outputs" / "family" / "checkpoints" / "final" /
+                        "config.json").read_text())
+    assert model["model_type"] == "gpt2"
+    assert list((tmp_path / "fresh_cache").rglob("tokenizer.json"))
 
     # what each rank composed: the launch line hands every rank the user's folder; the ranks
     # ran with the launcher's config digest (a rank composing anything else stops the run)

@@ -10,7 +10,11 @@ task, a `local` .jsonl/.json/.parquet file or a folder of them, or a `hub` datas
                      rejected hold whole transcripts (Anthropic/hh-rlhf), or a `prompt` column
                      holds the dialogue and chosen/rejected only the last reply (Dahoas/rm-static)
     chat             message lists [{role, content}, ...]: columns chosen + rejected (a pair; the
-                     last message is the assistant reply), or messages (one conversation)
+                     last message is the assistant reply), with the prompt's turns in front of it
+                     or as a message list in column prompt (TRL's conversational format), or
+                     messages (one conversation)
+
+A hub source's `path` is a dataset id, or a local copy of one (see _read_hub_local).
 
 `columns` maps an internal field to the source's column name (e.g. {prompt: question}).
 Every row becomes {id, prompt, response, chosen, rejected, source, task} (+ `messages`, the
@@ -185,8 +189,108 @@ def _read_local(src: SimpleNamespace) -> list[tuple[str, dict]]:
     return records
 
 
+def _read_jsonl_gz(path: Path) -> list[tuple[str, dict]]:
+    """A gzipped JSONL file (the hub's Anthropic/hh-rlhf ships its splits so)."""
+    import gzip
+
+    records = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column "
+                                f"{exc.colno}); expected one JSON object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got "
+                                f"{type(obj).__name__}")
+            records.append((f"{path}:{lineno}", obj))
+    return records
+
+
+HUB_FILE_SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+
+
+def local_hub_dir(path: str) -> Path | None:
+    """The local folder a hub source's `path` names, or None when it is a hub dataset id.
+    pkg://, absolute, ~ and ./ paths are local (and must exist); any other path is local when
+    such a folder exists (as `datasets.load_dataset` decides), else a hub id."""
+    explicit = path.startswith((PKG_PREFIX, "/", "~", "./", "../"))
+    folder = resolve_path(path)
+    if folder.is_dir():
+        return folder
+    if explicit:
+        where = "" if str(folder) == path else f" ({folder})"
+        raise DataError(f"{path!r}: no such folder{where}; a hub source's path is a dataset id "
+                        "or a local copy (a save_to_disk folder, or a folder of "
+                        ".parquet/.jsonl/.json files named by split)")
+    return None
+
+
+def _split_name(file: Path) -> str:
+    """The split a data file holds, by the hub's naming: train.jsonl, train-00000-of-00001.parquet,
+    data/train_prefs-00000-of-00001.parquet -> train, train, train_prefs."""
+    name = file.name
+    for suffix in HUB_FILE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.split("-")[0]
+
+
+def _read_hub_local(src: SimpleNamespace, folder: Path) -> list[tuple[str, dict]]:
+    """A local copy of a hub dataset, split `hub_split` (subset `hub_subset` = a subfolder):
+    a folder written by `DatasetDict.save_to_disk` (or one `Dataset.save_to_disk`), or a folder
+    of data files named by split, as in the hub's repositories (train.jsonl,
+    data/train_prefs-00000-of-00001.parquet, helpful-base/train.jsonl.gz, ...)."""
+    import datasets
+
+    split = src.hub_split
+    if src.hub_subset:
+        sub = folder / src.hub_subset
+        if not sub.is_dir():
+            found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            raise DataError(f"source {src.name!r}: {folder} has no subset folder "
+                            f"{src.hub_subset!r} (hub_subset); subfolders: "
+                            f"{', '.join(found) or 'none'}")
+        folder = sub
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"source {src.name!r}: {folder} has the splits "
+                                f"{', '.join(ds)}, not hub_split={split!r}; set hub_split")
+            ds = ds[split]
+        if src.max_examples:
+            ds = ds.select(range(min(len(ds), src.max_examples)))
+        return [(f"{folder}[{split}][{i}]", row) for i, row in enumerate(ds)]
+    files = sorted(f for f in folder.rglob("*") if f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                   and f.name.endswith(HUB_FILE_SUFFIXES))
+    chosen = [f for f in files if _split_name(f) == split]
+    if not chosen:
+        splits = sorted({_split_name(f) for f in files})
+        raise DataError(f"source {src.name!r}: no {split!r} split in {folder} (hub_split; "
+                        f"data files there hold: {', '.join(splits) or 'nothing'}); expected "
+                        f"{split}.jsonl, {split}-00000-of-00001.parquet, ... or a save_to_disk "
+                        "folder")
+    reader = {".jsonl.gz": _read_jsonl_gz, ".jsonl": _read_jsonl, ".json": _read_json,
+              ".parquet": _read_parquet}
+    records = []
+    for f in chosen:
+        suffix = next(x for x in HUB_FILE_SUFFIXES if f.name.endswith(x))
+        records += reader[suffix](f)
+    return records
+
+
 def _read_hub(src: SimpleNamespace) -> list[tuple[str, dict]]:
     import datasets
+
+    folder = local_hub_dir(src.path)
+    if folder is not None:
+        return _read_hub_local(src, folder)
 
     where = f"hub dataset {src.path!r} (split {src.hub_split!r}"
     where += f", subset {src.hub_subset!r})" if src.hub_subset else ")"
@@ -198,8 +302,8 @@ def _read_hub(src: SimpleNamespace) -> list[tuple[str, dict]]:
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DataError(f"source {src.name!r}: cannot load {where}: {reason} - offline? load it "
-                        "once with network access (it is cached), or download it and use "
-                        "kind=local") from None
+                        "once with network access (it is cached), or point the source's path at "
+                        "a local copy (docs/data.md)") from None
     finally:
         hub_log.setLevel(level)
     if src.max_examples:
@@ -307,6 +411,8 @@ def to_row(rec: dict, src: SimpleNamespace, where: str) -> dict:
         elif not dialogue.rstrip().endswith(ASSISTANT.strip()):
             raise DataError(f"{where}: column {col.get('prompt', 'prompt')!r} is not an HH "
                             f"dialogue ending with {ASSISTANT.strip()!r}")
+        # replies without the space after "Assistant:" (the rendered prompt ends the turn cue)
+        chosen, rejected = chosen.strip(), rejected.strip()
         row.update(prompt=dialogue, chosen=chosen, rejected=rejected, response=chosen,
                    messages=hh_messages(dialogue))
     elif fmt == "chat":
@@ -315,11 +421,15 @@ def to_row(rec: dict, src: SimpleNamespace, where: str) -> dict:
             chosen = _check_messages(_get(rec, "chosen", src, where, kind=None), where, pair_col)
             rejected = _check_messages(_get(rec, "rejected", src, where, kind=None), where,
                                        col.get("rejected", "rejected"))
+            prompt_col = col.get("prompt", "prompt")
+            explicit = isinstance(rec.get(prompt_col), list)  # TRL: prompt = the message list
             for side, msgs in (("chosen", chosen), ("rejected", rejected)):
-                if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                if msgs[-1]["role"] != "assistant" or (len(msgs) < 2 and not explicit):
                     raise DataError(f"{where}: column {col.get(side, side)!r} must end with an "
-                                    "assistant reply after at least one user turn")
-            context = chosen[:-1]
+                                    "assistant reply" + ("" if explicit else
+                                                         " after at least one user turn"))
+            context = (_check_messages(rec[prompt_col], where, prompt_col) if explicit
+                       else chosen[:-1])
             row.update(chosen=chosen[-1]["content"], rejected=rejected[-1]["content"],
                        response=chosen[-1]["content"])
         else:

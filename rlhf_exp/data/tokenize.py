@@ -1,7 +1,11 @@
 """Rows -> token features, and padding-aware collation.
 
-SFT features mask the prompt out of the loss (label -100) and end with EOS, which is distinct
-from the pad token. Batches for training are right-padded; prompts for generation left-padded.
+One rendering of a row: `prompt_ids` (render_messages, then the tokenizer's BOS where it adds
+one, then cut to max_prompt_len) is the prompt of the row in SFT and reward features, PPO
+rollouts, evaluation and reward scoring, and chat renders its conversation with the same
+`messages_ids` (docs/models.md). SFT features mask the prompt out of the loss (label -100) and
+end with EOS, which is distinct from the pad token. Batches for training are right-padded;
+prompts for generation left-padded.
 Tokenized features are cached on disk (`cache_dir`), keyed by the rows, the tokenizer and the
 settings, so a rerun or another stage of the same data skips tokenization.
 """
@@ -13,36 +17,101 @@ import json
 import os
 import pickle
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+# a conversation needs role markers: a bare "{prompt}" template gets DeepSpeed-Chat's HH ones
+HH_TEMPLATE = "\n\nHuman: {prompt}\n\nAssistant: "
+# bump when the rendering below changes: it is part of the tokenized-data cache key
+RENDER_VERSION = 2
 
-def render_prompt(tokenizer, prompt: str, template: str = "{prompt}") -> str:
-    """The chat template when the tokenizer has one, else the plain template."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return template.format(prompt=prompt)
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_messages(tokenizer, messages: list[dict], template: str = "{prompt}") -> str:
+    """A conversation ending with a user turn as prompt text, ready for the reply.
+
+    With a tokenizer chat template: the template renders the turns (and the generation cue).
+    Without one, `template` (the model preset's `prompt_template`) wraps every user turn and the
+    assistant turns follow as they are: "\n\nHuman: {prompt}\n\nAssistant: " turns [u1, a1, u2]
+    into an HH transcript, the role markers written once. A bare "{prompt}" template has no
+    role markers, so it is used for a single user turn only; a longer conversation gets the HH
+    markers. System messages go first, on their own line."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=True)
+    turns = [m for m in messages if m["role"] in ("user", "assistant")]
+    bare = template.replace("{prompt}", "").strip() == ""
+    if bare and not (len(turns) == 1 and turns[0]["role"] == "user"):
+        template = HH_TEMPLATE
+    text = "".join(template.format(prompt=m["content"]) if m["role"] == "user" else m["content"]
+                   for m in turns)
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    if system:
+        text = system + ("" if text.startswith("\n") else "\n") + text
+    return text
+
+
+def row_messages(row: dict) -> list[dict]:
+    """A row's prompt as a conversation: hh/chat rows carry their turns as `messages`; a plain
+    `prompt` is one user turn."""
+    return list(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
 
 
 def render_row(tokenizer, row: dict, template: str = "{prompt}") -> str:
-    """A row's prompt as model input: hh/chat rows carry their turns as `messages`, which a
-    chat template renders turn by turn; otherwise as render_prompt (plain `prompt` text)."""
-    messages = row.get("messages")
-    if messages and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=True)
-    return render_prompt(tokenizer, row["prompt"], template)
+    """A row's prompt as model input text (render_messages of its turns)."""
+    return render_messages(tokenizer, row_messages(row), template)
+
+
+def render_prompt(tokenizer, prompt: str, template: str = "{prompt}") -> str:
+    """One user message as model input text."""
+    return render_messages(tokenizer, [{"role": "user", "content": prompt}], template)
+
+
+_ADDS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of the text it encodes (OPT, Llama-2), as
+    the model saw every document in pretraining."""
+    if tokenizer not in _ADDS_BOS:
+        bos = tokenizer.bos_token_id
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        _ADDS_BOS[tokenizer] = (bos is not None and bool(with_special) and with_special[0] == bos
+                                and with_special != _ids(tokenizer, "a"))
+    return _ADDS_BOS[tokenizer]
+
+
+def messages_ids(tokenizer, messages: list[dict], template: str = "{prompt}") -> list[int]:
+    """Token ids of render_messages: the text's tokens, after the tokenizer's BOS where it adds
+    one. Chat-template text is taken as it is (a template that wants a BOS writes it)."""
+    ids = _ids(tokenizer, render_messages(tokenizer, messages, template))
+    if not has_chat_template(tokenizer) and adds_bos(tokenizer):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def cut_prompt(tokenizer, ids: list[int], max_prompt_len: int) -> list[int]:
+    """The last `max_prompt_len` tokens of a prompt, keeping a leading BOS in front."""
+    if len(ids) <= max_prompt_len:
+        return ids
+    if ids and ids[0] == tokenizer.bos_token_id and max_prompt_len > 1:
+        return [ids[0], *ids[len(ids) - max_prompt_len + 1:]]
+    return ids[-max_prompt_len:]
 
 
 def prompt_ids(tokenizer, row: dict, template: str, max_prompt_len: int) -> list[int]:
-    """The token ids a policy is prompted with for `row`: render_row, cut to its last
-    `max_prompt_len` tokens. PPO rollouts, evaluation and scoring all call this, so a row
-    becomes the same tokens everywhere (the stages' training features use render_row too)."""
-    return _ids(tokenizer, render_row(tokenizer, row, template))[-max_prompt_len:]
+    """The token ids a policy is prompted with for `row`: its turns rendered (messages_ids), cut
+    to the last `max_prompt_len` tokens. SFT and reward features, PPO rollouts, evaluation,
+    reward scoring and (for one turn) chat all encode a prompt this way, so a row becomes the
+    same tokens everywhere."""
+    return cut_prompt(tokenizer, messages_ids(tokenizer, row_messages(row), template),
+                      max_prompt_len)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -95,16 +164,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_pair(tokenizer, prompt_text: str, response: str, max_prompt_len: int, max_len: int,
+def encode_pair(tokenizer, prompt: list[int], response: str, max_prompt_len: int, max_len: int,
                 overlong: str) -> tuple[list[int], int] | None:
     """(prompt + response + EOS ids, prompt length), or None when dropped as over-long.
-    Truncation keeps the end of the prompt and the start of the response (EOS always kept)."""
-    p = _ids(tokenizer, prompt_text)
+    `prompt` is the full prompt's ids (messages_ids). Truncation keeps the end of the prompt
+    (cut_prompt: a leading BOS stays) and the start of the response (EOS always kept)."""
+    p = prompt
     r = _ids(tokenizer, response) + [tokenizer.eos_token_id]
     if len(p) > max_prompt_len or len(p) + len(r) > max_len:
         if overlong == "drop":
             return None
-        p = p[-max_prompt_len:]
+        p = cut_prompt(tokenizer, p, max_prompt_len)
         room = max_len - len(p)
         if len(r) > room:
             r = r[: room - 1] + [tokenizer.eos_token_id]
@@ -122,8 +192,8 @@ def tokenize_sft(rows: list[dict], tokenizer, template: str, max_prompt_len: int
             response = row.get("response") or row.get("chosen")
             if response is None:
                 continue
-            enc = encode_pair(tokenizer, render_row(tokenizer, row, template), response,
-                              max_prompt_len, max_len, overlong)
+            prompt = messages_ids(tokenizer, row_messages(row), template)
+            enc = encode_pair(tokenizer, prompt, response, max_prompt_len, max_len, overlong)
             if enc is None:
                 dropped += 1
                 continue
@@ -131,7 +201,7 @@ def tokenize_sft(rows: list[dict], tokenizer, template: str, max_prompt_len: int
             feats.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
         return feats, dropped
     settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
-                "overlong": overlong}
+                "overlong": overlong, "render": RENDER_VERSION}
     return cached("sft", rows, tokenizer, settings, cache_dir, build)
 
 
@@ -164,11 +234,11 @@ def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: i
         for row in rows:
             if row.get("chosen") is None or row.get("rejected") is None:
                 continue
-            prompt_text = render_row(tokenizer, row, template)
-            chosen = encode_pair(tokenizer, prompt_text, row["chosen"], max_prompt_len, max_len,
+            prompt = messages_ids(tokenizer, row_messages(row), template)
+            chosen = encode_pair(tokenizer, prompt, row["chosen"], max_prompt_len, max_len,
                                  overlong)
-            rejected = encode_pair(tokenizer, prompt_text, row["rejected"], max_prompt_len,
-                                   max_len, overlong)
+            rejected = encode_pair(tokenizer, prompt, row["rejected"], max_prompt_len, max_len,
+                                   overlong)
             if chosen is None or rejected is None:
                 dropped += 1
                 continue
@@ -177,7 +247,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: i
                           "rejected": row["rejected"], "task": row.get("task")})
         return feats, dropped
     settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
-                "overlong": overlong}
+                "overlong": overlong, "render": RENDER_VERSION}
     return cached("pairs", rows, tokenizer, settings, cache_dir, build)
 
 

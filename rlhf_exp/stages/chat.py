@@ -7,13 +7,14 @@ Run: rlhf-exp stage=chat chat.policy=<run dir, checkpoint or artifact>     (inte
 chat.prompt takes the text as typed (rlhf_exp/quoting.py). Piped stdin must be UTF-8 text
 without control characters; anything else stops with one line before the model loads.
 
-Reads `cfg.chat` (conf/chat/default.yaml); no policy = the base model. Prompts use the
-tokenizer's chat template when it has one; otherwise each turn is `model.prompt_template` with
-the user's text, then the reply and EOS, exactly as SFT saw its examples, so one turn of a
-policy trained here looks like its training data. The history is trimmed, oldest turns first,
-to the model's context (max positions minus chat.generation.max_new_tokens). Typing `/reset`
-clears the history, `/quit` (or Ctrl-D) exits, Ctrl-C stops a reply. Scripted use prints only the
-answer on stdout; notes go to stderr. No W&B run, no DeepSpeed: one process, inference only.
+Reads `cfg.chat` (conf/chat/default.yaml); no policy = the base model. The conversation is
+rendered as training renders a row's turns (data.tokenize.render_messages): the tokenizer's chat
+template when it has one, otherwise `model.prompt_template` around each user turn with the
+replies in between, so one turn is exactly the prompt SFT, reward and PPO saw for that text.
+The history is trimmed, oldest turns first, to the model's context (max positions minus
+chat.generation.max_new_tokens). Typing `/reset` clears the history, `/quit` (or Ctrl-D) exits,
+Ctrl-C stops a reply. Scripted use prints only the answer on stdout; notes go to stderr. No W&B
+run, no DeepSpeed: one process, inference only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_exp import dist, models, preflight, runtime
+from rlhf_exp.data.tokenize import cut_prompt, messages_ids
 from rlhf_exp.errors import UserError
 from rlhf_exp.tracking import resolve_init
 
@@ -84,7 +86,6 @@ class Chat:
         self.model = models.load_causal_lm(path, self.tokenizer, cfg.model,
                                            cfg.hardware.precision).to(self.device).eval()
         self.template = cfg.model.prompt_template
-        self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         context = getattr(self.model.config, "max_position_embeddings", None) or \
             self.tokenizer.model_max_length
         self.budget = context - self.gen.max_new_tokens  # prompt tokens that still fit
@@ -111,29 +112,19 @@ class Chat:
         return wandb.Api().artifact(ref, type="model").download()
 
     # ------------------------------------------------------------------------- prompt
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _render(self, turns: list[tuple[str, str]], user: str) -> list[int]:
-        """Token ids of the conversation `turns` followed by the new user message."""
-        system = self.cfg.system
-        if self.use_chat_template:
-            messages = [{"role": "system", "content": system}] if system else []
-            for u, a in turns:
-                messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
-            messages.append({"role": "user", "content": user})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-            return self._ids(text)
-        ids = self._ids(system + "\n") if system else []
-        for u, a in turns:  # each finished turn as one SFT example: prompt, reply, EOS
-            ids += self._ids(self.template.format(prompt=u)) + self._ids(a)
-            ids.append(self.tokenizer.eos_token_id)
-        return ids + self._ids(self.template.format(prompt=user))
+        """Token ids of the conversation `turns` followed by the new user message, rendered as
+        training renders a row's turns (data.tokenize.messages_ids): one turn is exactly the
+        prompt SFT, reward and PPO saw for that text."""
+        messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        for u, a in turns:
+            messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": user})
+        return messages_ids(self.tokenizer, messages, self.template)
 
     def prompt_ids(self, user: str) -> list[int]:
         """The prompt for `user`, dropping the oldest turns until it fits the context; a single
-        message longer than the context keeps its end."""
+        message longer than the context keeps its end (and a leading BOS)."""
         turns = list(self.history)
         ids = self._render(turns, user)
         while len(ids) > self.budget and turns:
@@ -143,7 +134,7 @@ class Chat:
             _note(f"(context: dropped the {len(self.history) - len(turns)} oldest turn(s))")
         if len(ids) > self.budget:
             _note(f"(context: the message is cut to its last {self.budget} tokens)")
-            ids = ids[-self.budget:]
+            ids = cut_prompt(self.tokenizer, ids, self.budget)
         return ids
 
     # ------------------------------------------------------------------------- reply

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, engine, models, resume, runtime, tasks, train_loop
+from rlhf_exp import dist, engine, models, resume, runtime, scoring, tasks, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
@@ -35,9 +35,12 @@ from rlhf_exp.tracking import Tracker, resolve_init
 def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores, rejected scores), each (B,), from one collate_pairs batch of 2B rows.
     Called through the DeepSpeed engine's forward (its hooks drive ZeRO's backward), which runs
-    HF's pooling: the rightmost non-pad token, i.e. the EOS at `scoring.last_index`."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits.squeeze(-1).float()
+    HF's pooling: the rightmost non-pad token, i.e. the EOS at `scoring.last_index`. Positions
+    count real tokens only, so a left-padded batch scores the same (absolute-position models)."""
+    mask = batch["attention_mask"]
+    scores = model(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=scoring.position_ids(mask), use_cache=False
+                   ).logits.squeeze(-1).float()
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
