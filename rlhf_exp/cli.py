@@ -40,10 +40,11 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.quoting import quote_text_values
 
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "pipeline", "eval", "chat")}
+           ("sft", "reward", "ppo", "dpo", "pipeline", "eval", "chat")}
 CONFIG_DIGEST_ENV = "RLHF_EXP_CONFIG_DIGEST"
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
-                     "ppo": "ppo/eval_gold_reward", "pipeline": "ppo/eval_gold_reward",
+                     "ppo": "ppo/eval_gold_reward", "dpo": "dpo/eval_gold_reward",
+                     "pipeline": "ppo/eval_gold_reward",
                      "eval": None, "chat": None}
 
 register_configs()

@@ -28,6 +28,7 @@ DEFAULT_METRICS = {
     "sft": ["sft/loss", "sft/eval_loss"],
     "reward": ["reward/loss", "reward/eval_accuracy"],
     "ppo": ["ppo/gold_reward", "ppo/reward_score", "ppo/kl"],
+    "dpo": ["dpo/loss", "dpo/eval_rewards/accuracies", "dpo/eval_gold_reward"],
     "eval": [],
 }
 # config keys that always differ between runs and say nothing about the experiment

@@ -19,7 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhf_exp.errors import ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo", "pipeline", "eval", "chat")
+STAGES = ("sft", "reward", "ppo", "dpo", "pipeline", "eval", "chat")
+PIPELINE_ORDER = ("sft", "reward", "ppo", "dpo")  # the stages `stage.stages` chains, in order
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 LAUNCHERS = ("torchrun", "deepspeed", "submitit")
@@ -32,9 +33,13 @@ OVERLONG = ("truncate", "drop")
 # stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
 # rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# the DPO losses of rlhf_exp/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 # the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
-STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "eval": ("ppo",),
-                "chat": ()}
+# (dpo: the reward share's pairs; its held-out gold reward reads the ppo share's held-out
+# prompts when that share is there, as PPO's does)
+STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "dpo": ("reward",),
+                "eval": ("ppo",), "chat": ()}
 # a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -84,7 +89,7 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    name: str = MISSING  # which runner: sft, reward, ppo, pipeline, eval, chat
+    name: str = MISSING  # which runner: sft, reward, ppo, dpo, pipeline, eval, chat
     # pipeline only: the stages run in order, each starting from the previous one's output
     stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
 
@@ -225,6 +230,27 @@ class TrainLoopConfig:
 @dataclass
 class SFTConfig(TrainLoopConfig):
     pass
+
+
+@dataclass
+class DPOConfig(TrainLoopConfig):
+    """`stage=dpo` (rlhf_exp/stages/dpo.py, docs/dpo.md): the train-loop keys, counted in
+    preference pairs, plus the DPO loss. Its held-out gold reward uses PPO's eval settings
+    (ppo.generation, ppo.eval_num_prompts, ppo.eval_batch_size, ppo.max_prompt_len), so the
+    numbers compare with PPO's for the same policy."""
+
+    # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
+    reference: str | None = None
+    beta: float = 0.1  # strength of the pull to the reference (IPO: its tau)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
+    # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen response (RPO); 0 = off
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
 
 
 @dataclass
@@ -407,6 +433,7 @@ class RootConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 
@@ -575,7 +602,7 @@ def _check_objective(cfg: DictConfig) -> None:
     if cfg.objective is None:
         return
     stage = cfg.stage.name
-    prefixes = {"pipeline": ("sft/", "reward/", "ppo/", "pipeline/", "perf/"),
+    prefixes = {"pipeline": ("sft/", "reward/", "ppo/", "dpo/", "pipeline/", "perf/"),
                 "eval": ("eval/",), "chat": ()}.get(stage, (f"{stage}/", "perf/"))
     if not str(cfg.objective).startswith(prefixes):
         allowed = ", ".join(f"{p}..." for p in prefixes) or "none (chat returns no metric)"
@@ -636,6 +663,27 @@ def _check_eval_chat(cfg: DictConfig) -> None:
         if cfg.chat.policy is not None and not str(cfg.chat.policy).strip():
             raise ConfigError("chat.policy is empty; give a path, run dir or artifact, or null "
                               "(the base model)")
+
+
+def _check_dpo(cfg: DictConfig) -> None:
+    """DPO keys: the train-loop keys, the loss, and the reference."""
+    _check_train_loop(cfg, "dpo")
+    dc = cfg.dpo
+    if dc.reference is not None and not str(dc.reference).strip():
+        raise ConfigError("dpo.reference is empty; give a path, run dir or artifact, or null "
+                          "(the starting policy)")
+    _allowed(cfg, "dpo.loss_type", DPO_LOSS_TYPES)
+    if dc.beta <= 0:
+        raise ConfigError(f"dpo.beta={dc.beta} must be > 0")
+    if not 0.0 <= dc.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} must be in [0, 0.5) (the "
+                          "share of preference labels taken as flipped)")
+    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} only applies to "
+                          f"dpo.loss_type=sigmoid (cDPO) or robust (rDPO), not "
+                          f"{dc.loss_type}; set it to 0")
+    if dc.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha={dc.rpo_alpha} must be >= 0 (0 = no NLL term)")
 
 
 def _check_ppo(cfg: DictConfig) -> None:
@@ -806,13 +854,15 @@ def validate(cfg: DictConfig) -> None:
     _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
     for name in cfg.stage.stages:
-        if name not in ("sft", "reward", "ppo"):
-            raise ConfigError(f"stage.stages has {name!r}; each must be one of: sft, reward, ppo")
+        if name not in PIPELINE_ORDER:
+            raise ConfigError(f"stage.stages has {name!r}; each must be one of: "
+                              f"{', '.join(PIPELINE_ORDER)}")
     stages = list(cfg.stage.stages)
     if cfg.stage.name == "pipeline" and (not stages or stages != sorted(
-            set(stages), key=["sft", "reward", "ppo"].index)):
-        raise ConfigError(f"stage.stages={stages} must list some of sft, reward, ppo, each once, "
-                          "in that order (each stage starts from the one before)")
+            set(stages), key=PIPELINE_ORDER.index)):
+        raise ConfigError(f"stage.stages={stages} must list some of "
+                          f"{', '.join(PIPELINE_ORDER)}, each once, in that order (each stage "
+                          "starts from the one before)")
     _check_run_names(cfg)
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)
@@ -830,6 +880,7 @@ def validate(cfg: DictConfig) -> None:
     _allowed(cfg, "logger.mode", ("offline", "online", "disabled"))
     _check_train_loop(cfg, "sft")
     _check_train_loop(cfg, "reward")
+    _check_dpo(cfg)
     _check_eval_chat(cfg)
     # data
     _allowed(cfg, "data_mix.overlong", OVERLONG)

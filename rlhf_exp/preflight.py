@@ -12,10 +12,12 @@ calls `preflight` again when it starts. The checks, cheap ones first:
                          model.attn_implementation is one transformers knows
     3. base models       model.path / reward_path / tokenizer_path, those this stage loads: a
                          model dir, or a hub id in the local HF cache (else one short request)
-    4. starting points   sft/reward.init_from, ppo.actor_init/critic_init/reward_model,
+    4. starting points   sft/reward/dpo.init_from, dpo.reference,
+                         ppo.actor_init/critic_init/reward_model,
                          eval.from_run/policies/reward_model/reference, chat.policy
     5. data              every source loads and gives each stage that runs its rows: pairs for
-                         the reward stage, one global batch (sft, reward), one rollout (ppo)
+                         the reward and dpo stages, one global batch (sft, reward, dpo), one
+                         rollout (ppo)
     6. chat stdin        piped text is UTF-8 without control characters (read here, once)
     7. search space      multirun with the Optuna sweeper: n_trials, each distribution, and
                          both ends / every choice of each key compose and validate
@@ -147,7 +149,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     dirs = [(s, run_dir / s) for s in _stages(cfg)] if stage == "pipeline" else [(stage, run_dir)]
     for name, where in dirs:
-        if name not in ("sft", "reward"):  # the stages that save training checkpoints
+        if name not in ("sft", "reward", "dpo"):  # the stages that save training checkpoints
             continue
         sources = [where] + ([Path(cfg.resume).expanduser()] if cfg.resume else [])
         ckpt = next((c for c in map(resume.latest, sources) if c is not None), None)
@@ -230,6 +232,7 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
     stages, m = _stages(cfg), cfg.model
     policy = ("sft" in stages and not cfg.sft.init_from) or \
         ("ppo" in stages and not cfg.ppo.actor_init and "sft" not in stages) or \
+        ("dpo" in stages and not cfg.dpo.init_from and "sft" not in stages) or \
         (cfg.stage.name == "eval" and cfg.eval.include_base) or \
         (cfg.stage.name == "chat" and not cfg.chat.policy)
     reward = ("reward" in stages and not cfg.reward.init_from and "sft" not in stages) or \
@@ -338,7 +341,8 @@ def starting_points(cfg: DictConfig) -> list[tuple[str, str]]:
     pipeline fills the later stages' from the earlier ones' outputs itself)."""
     stages, refs = _stages(cfg), []
     for stage, keys in (("sft", ("sft.init_from",)), ("reward", ("reward.init_from",)),
-                        ("ppo", ("ppo.actor_init", "ppo.critic_init", "ppo.reward_model"))):
+                        ("ppo", ("ppo.actor_init", "ppo.critic_init", "ppo.reward_model")),
+                        ("dpo", ("dpo.init_from", "dpo.reference"))):
         if stage in stages:
             refs += [(k, str(OmegaConf.select(cfg, k))) for k in keys if OmegaConf.select(cfg, k)]
     if cfg.stage.name == "chat" and cfg.chat.policy:
@@ -402,6 +406,7 @@ def check_starting_point(key: str, ref: str, cfg: DictConfig) -> None:
 def check_data(cfg: DictConfig) -> None:
     """Every source loads (bad rows are DataErrors naming file and line) and each stage that
     runs gets enough rows: reward pairs, one global batch, one PPO rollout."""
+    from rlhf_exp.config import STAGE_SHARES
     from rlhf_exp.data import build_stage_data
     from rlhf_exp.data.mix import require_pairs
 
@@ -417,14 +422,15 @@ def check_data(cfg: DictConfig) -> None:
         return
     world = hw.nproc_per_node * hw.nnodes
     for name in _stages(cfg):
-        data = build_stage_data(cfg.data_mix, name, cfg.seed)
-        if name in ("sft", "reward"):
+        # the share of data_mix.split the stage reads (dpo: the reward share's pairs)
+        data = build_stage_data(cfg.data_mix, STAGE_SHARES[name][0], cfg.seed)
+        if name in ("sft", "reward", "dpo"):
             node = cfg[name]
-            rows = len(data.train) - (require_pairs(data, cfg.data_mix) if name == "reward"
-                                      else 0)
+            pairs = name in ("reward", "dpo")
+            rows = len(data.train) - (require_pairs(data, cfg.data_mix, name) if pairs else 0)
             batch = node.micro_batch_size_per_device * node.gradient_accumulation_steps * world
             if rows < batch:
-                unit = "pairs" if name == "reward" else "examples"
+                unit = "pairs" if pairs else "examples"
                 raise UserError(f"{name}: the data gives {rows} training {unit}, fewer than one "
                                 f"global batch of {batch} ({name}.micro_batch_size_per_device x "
                                 f"{name}.gradient_accumulation_steps x {world} ranks); lower "

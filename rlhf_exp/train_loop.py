@@ -1,4 +1,4 @@
-"""The optimizer-step loop of the supervised stages (SFT, reward; DPO next), as plain functions.
+"""The optimizer-step loop of the supervised stages (SFT, reward, DPO), as plain functions.
 
 A stage runner (rlhf_exp/stages/sft.py is the model) reads top to bottom:
 
@@ -63,7 +63,7 @@ EvalFn = Callable[[Any], dict[str, float]]
 class Loop:
     """What the loop needs besides the engine and the data."""
 
-    stage: str  # metric prefix and checkpoint stage name: "sft", "reward"
+    stage: str  # metric prefix and checkpoint stage name: "sft", "reward", "dpo"
     node: DictConfig  # the stage's config node (a config.TrainLoopConfig: cadence, retention)
     total_steps: int  # optimizer steps to run
     steps_per_epoch: int
@@ -71,6 +71,9 @@ class Loop:
     tokenizer: Any  # saved with every checkpoint
     device: torch.device
     lora_save: str = "merged"  # model.lora.save
+    # values of the stage's own saved with every resumable checkpoint (JSON; a resumed run reads
+    # them back as resume.read_state(ckpt)["extra"]), e.g. DPO's step-0 held-out gold reward
+    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,7 +237,7 @@ def save_resumable(eng, loop: Loop, state: LoopState, tracker: Tracker) -> Path:
         eng, loop.tokenizer, loop.run_dir, state.step, stage=loop.stage,
         state={"micro": state.micro, "first_loss": state.first_loss,
                "last_loss": state.last_loss, "eval_metrics": state.eval_metrics,
-               "wandb_run_id": tracker.run_id},
+               "wandb_run_id": tracker.run_id, "extra": loop.extra_state},
         local={"window": state.window, "window_n": state.window_n,
                "window_tokens": state.window_tokens},
         lora_save=loop.lora_save, keep_last=node.keep_last, best_metric=node.keep_best_metric,

@@ -155,10 +155,11 @@ def collate_sft(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
                    overlong: str = "truncate", cache_dir: str | Path | None = None
                    ) -> tuple[list[dict], int]:
-    """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each), keeping the
-    row's text and task for gold-reward evaluation; returns (features, number dropped). A pair
-    is dropped when either side is over-long under `overlong=drop`; rows without a pair
-    (prompt_response sources) are skipped."""
+    """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each) and
+    `prompt_len` (the prompt's tokens at the start of both: encode_pair cuts a prompt the same
+    way for either response), keeping the row's text and task for gold-reward evaluation;
+    returns (features, number dropped). A pair is dropped when either side is over-long under
+    `overlong=drop`; rows without a pair (prompt_response sources) are skipped."""
     def build() -> tuple[list[dict], int]:
         feats, dropped = [], 0
         for row in rows:
@@ -173,12 +174,13 @@ def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: i
                 dropped += 1
                 continue
             feats.append({"chosen_ids": chosen[0], "rejected_ids": rejected[0],
-                          "prompt": row["prompt"], "chosen": row["chosen"],
+                          "prompt_len": chosen[1], "prompt": row["prompt"], "chosen": row["chosen"],
                           "rejected": row["rejected"], "task": row.get("task")})
         return feats, dropped
     settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
                 "overlong": overlong}
-    return cached("pairs", rows, tokenizer, settings, cache_dir, build)
+    # "pairs-2": the features gained prompt_len (a cache of the older kind is not read)
+    return cached("pairs-2", rows, tokenizer, settings, cache_dir, build)
 
 
 def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -187,3 +189,18 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
     return {"input_ids": pad_right(seqs, pad_id),
             "attention_mask": pad_right([[1] * len(s) for s in seqs], 0)}
+
+
+def collate_dpo(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """collate_pairs plus `completion_mask` (1 on each row's response tokens, EOS included; the
+    DPO log-probabilities count these) and, where the features carry them (rlhf_exp/stages/
+    dpo.py adds them), the reference log-probabilities `ref_chosen_logps` / `ref_rejected_logps`
+    [B] of the pairs."""
+    out = collate_pairs(batch, pad_id)
+    sides = [(b["chosen_ids"], b["prompt_len"]) for b in batch] + \
+        [(b["rejected_ids"], b["prompt_len"]) for b in batch]
+    out["completion_mask"] = pad_right([[0] * n + [1] * (len(ids) - n) for ids, n in sides], 0)
+    if "ref_chosen_logps" in batch[0]:
+        out["ref_chosen_logps"] = torch.tensor([b["ref_chosen_logps"] for b in batch])
+        out["ref_rejected_logps"] = torch.tensor([b["ref_rejected_logps"] for b in batch])
+    return out

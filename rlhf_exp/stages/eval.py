@@ -34,7 +34,7 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
-POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema")  # table columns in this order, others after
+POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "dpo")  # table columns first, others after
 MATCHED = ("seed", "model", "data_mix", "reward", "ppo")  # taken from the run (eval.match_run)
 
 
@@ -49,14 +49,16 @@ class FoundRun:
 
 def discover_run(run_dir: str) -> FoundRun:
     """The policies and reward model of a finished run: the stage runs in `run_dir` itself and in
-    its direct subdirectories (a pipeline's sft/, reward/, ppo/), found by their result.json. A
-    PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and reward runs are
-    elsewhere, the actor_init / reward model its config names."""
+    its direct subdirectories (a pipeline's sft/, reward/, ppo/, dpo/), found by their
+    result.json. A PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and reward
+    runs are elsewhere, the actor_init / reward model its config names; a DPO run whose SFT run
+    is elsewhere yields the dpo.init_from it started from as `sft`."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.from_run={run_dir}: no such directory")
     found = FoundRun()
     ppo_cfg = None
+    dpo_start = None  # what a DPO run started from (its SFT policy)
     for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
         if not result.exists():
             continue
@@ -67,6 +69,11 @@ def discover_run(run_dir: str) -> FoundRun:
             found.policies["sft"] = str(final)
         elif stage == "reward" and final:
             found.reward_model = str(final)
+        elif stage == "dpo" and final:
+            found.policies["dpo"] = str(final)
+            dpo_cfg = _stage_config(stage_dir, "dpo")
+            if dpo_cfg is not None and dpo_cfg.get("init_from"):
+                dpo_start = str(dpo_cfg.init_from)
         elif stage == "ppo":
             if final:
                 found.policies["ppo"] = str(final)
@@ -82,10 +89,18 @@ def discover_run(run_dir: str) -> FoundRun:
             found.policies["sft"] = str(ppo_cfg.actor_init)
         found.reward_model = (found.reward_model or ppo_cfg.get("reward_model")
                               or ppo_cfg.get("critic_init"))
+    if dpo_start and "sft" not in found.policies:  # a lone DPO run: it started from the SFT
+        found.policies["sft"] = dpo_start
     if not found.policies and found.reward_model is None:
-        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward or ppo run "
-                        "in it or its subdirectories (give a pipeline or stage run dir)")
+        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward, ppo or dpo "
+                        "run in it or its subdirectories (give a pipeline or stage run dir)")
     return found
+
+
+def _stage_config(stage_dir: Path, node: str) -> DictConfig | None:
+    """A finished stage run's `node` of its config_resolved.yaml, or None."""
+    saved = stage_dir / "config_resolved.yaml"
+    return OmegaConf.load(saved).get(node) if saved.exists() else None
 
 
 def match_run(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:

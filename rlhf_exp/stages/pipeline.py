@@ -2,12 +2,13 @@
 
 Run: rlhf-exp                     (or `make demo` = rlhf-exp experiment=demo)
      rlhf-exp stage.stages=[reward,ppo] ppo.actor_init=<sft run dir>   (skip a stage)
+     rlhf-exp 'stage.stages=[sft,dpo]'                                  (SFT, then DPO)
 
 Each stage runs in this process, in order, with its own run dir under this one (<run_dir>/sft,
 /reward, /ppo) and its own W&B run (job_type sft / reward / ppo, all in the group
 `experiment_name`), and starts from the previous stage's final checkpoint unless the config
 names one: `reward.init_from` = the SFT output, `ppo.actor_init` = the SFT output,
-`ppo.critic_init` = the reward model.
+`ppo.critic_init` = the reward model, `dpo.init_from` = the SFT output.
 
 At the end the SFT and PPO policies (and the EMA policy when `ppo.ema.enabled`) are reloaded
 from their checkpoints and compared on the same held-out prompts with the same generation
@@ -31,7 +32,9 @@ from rlhf_exp.tracking import resolve_init
 
 KEY_METRICS = {"sft": ("sft/eval_loss",),
                "reward": ("reward/eval_accuracy",),
-               "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl")}
+               "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
+               "dpo": ("dpo/init_eval_gold_reward", "dpo/eval_gold_reward",
+                       "dpo/eval_rewards/accuracies")}
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:
@@ -43,6 +46,8 @@ def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageRes
     reward = results.get("reward")
     if name == "reward" and sft and not cfg.reward.init_from:
         sub.reward.init_from = sft.run_dir
+    if name == "dpo" and sft and not cfg.dpo.init_from:
+        sub.dpo.init_from = sft.run_dir
     if name == "ppo":
         if sft and not cfg.ppo.actor_init:
             sub.ppo.actor_init = sft.run_dir
