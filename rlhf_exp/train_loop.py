@@ -89,6 +89,9 @@ class LoopState:
     window: dict[str, float] = field(default_factory=dict)  # sums since the last log (this rank)
     window_n: int = 0  # micro-batches in the window
     window_tokens: int = 0
+    # wall seconds of this process's optimizer steps, without its evals and checkpoint writes
+    # (a resumed run: its own steps only; not saved). Throughput figures (bench/) read it.
+    loop_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -98,7 +101,8 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
     node = loop.node
     state = restore(eng, sampler, resume_from, loop) if resume_from else LoopState()
     eng.module.train()
-    t_window = time.perf_counter()
+    t_window = t_loop = time.perf_counter()
+    paused = 0.0  # seconds of evals and checkpoints (left out of state.loop_s)
     step_loss = 0.0  # this rank's loss summed over the current step's micro-batches
     with runtime.progress(loop.total_steps, loop.stage) as bar:  # closed on errors too
         bar.update(state.step)
@@ -127,14 +131,17 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
                     log_window(eng, loop, state, tracker, time.perf_counter() - t_window)
                     bar.set_postfix(loss=f"{state.last_loss:.4f}")
                     t_window = time.perf_counter()
+                t_pause = time.perf_counter()
                 if eval_fn and node.eval_every > 0 and state.step % node.eval_every == 0 \
                         and not last:
                     state.eval_metrics = eval_fn(eng)
                     tracker.log(state.eval_metrics, state.step)
                 if node.save_every > 0 and state.step % node.save_every == 0 and not last:
                     save_resumable(eng, loop, state, tracker)
+                paused += time.perf_counter() - t_pause
                 if last:
                     break
+    state.loop_s = time.perf_counter() - t_loop - paused
     if eval_fn:  # once, after the last step
         state.eval_metrics = eval_fn(eng)
         tracker.log(state.eval_metrics, state.step)

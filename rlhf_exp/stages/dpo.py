@@ -286,7 +286,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
                                    init_artifact=init_artifact,
                                    extra_metrics={**as_initial(init_gold),
-                                                  "dpo/dropped_overlong": dropped + eval_dropped})
+                                                  "dpo/dropped_overlong": dropped + eval_dropped,
+                                                  "perf/reference_s": reference_s,
+                                                  "perf/loop_s": state.loop_s})
     m = result.metrics
     gold = (f", held-out gold reward {m['dpo/init_eval_gold_reward']:.3f} -> "
             f"{m['dpo/eval_gold_reward']:.3f}" if "dpo/init_eval_gold_reward" in m else "")

@@ -1,0 +1,277 @@
+"""Ours against TRL on the same tiny model, data, batch, lengths and step count.
+
+    rlhf-exp experiment=demo 'stage.stages=[sft]' hydra.run.dir=outputs/demo_sft   # once
+    pip install -e '.[bench]'                                         # TRL 1.16 (not a runtime dep)
+    python bench/bench_vs_trl.py --algo dpo --sft outputs/demo_sft/sft --steps 100
+    python bench/bench_vs_trl.py --algo dpo --sft <dir> --device cuda
+
+Each framework x algorithm runs in its own child process (so peak memory is its own), one after
+the other, from the same SFT checkpoint; the parent prints one table. Per run:
+  - throughput of the training: pairs per second (DPO), steps x pairs per step / wall seconds
+    of the training (model loading and the held-out evaluation excluded; the reference
+    log-probs included: TRL computes them inside its steps, or before them with
+    precompute_ref_log_probs, we in one pass before the steps); the whole child's wall time is
+    printed too
+  - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
+  - held-out gold reward after the steps: the same function for both frameworks
+    (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
+    generator seeded with --seed, batch 64), and the starting policy's on the same prompts.
+
+DPO settings shared by both (TRL's names): the reward share's preference pairs of the demo's
+data mix, per_device_train_batch_size = --pairs, max_length 48 (nothing is cut: the sort
+task's sequences are shorter), learning_rate (constant schedule, no warmup), AdamW with betas
+0.9/0.95, eps 1e-8, no weight decay, grad clip 1, beta, loss_type sigmoid, fp32, dropout off,
+no gradient checkpointing. Frameworks: `ours`, `trl` (TRL's default: the reference model
+scores each batch inside the step) and `trl_precompute` (precompute_ref_log_probs=True: one
+reference pass over the training set before the steps). Known difference: each framework's own
+pair order.
+
+Add an algorithm: a `run_<framework>_<algo>` function per framework returning a Result, and an
+entry in RUNNERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+# the demo's data mix (conf/experiment/demo.yaml): the prompts its SFT policy never trained on
+DATA = ["data_mix.sources.0.synthetic.num_examples=40000"]
+
+
+@dataclass
+class Result:
+    framework: str
+    algo: str
+    items: int  # completions (GRPO) or pairs (DPO) trained on
+    loop_s: float  # wall seconds of the training steps
+    total_s: float  # wall seconds of the whole child (load, train, evaluate)
+    peak_mem_mib: float
+    init_gold: float | None  # held-out gold reward of the starting policy
+    gold: float | None  # after the steps
+
+    @property
+    def per_s(self) -> float:
+        return self.items / self.loop_s
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def compose(args: argparse.Namespace, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf_exp.cli import CONF_DIR, check
+
+    base = [f"seed={args.seed}", f"hardware={'cpu' if args.device == 'cpu' else '1gpu'}",
+            "logger=none", "experiment_name=bench_vs_trl", *DATA]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[*base, *overrides])
+    check(cfg)
+    return cfg
+
+
+def heldout_gold(policy, tokenizer, cfg, args: argparse.Namespace) -> float:
+    """The held-out gold reward of `policy`, computed identically for every framework."""
+    import torch
+
+    from rlhf_exp import evaluation
+
+    rows = evaluation.heldout_rows(cfg, args.eval_prompts)
+    gen = evaluation.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True,
+                                      temperature=1.0, compile="none")
+    policy.eval()
+    with torch.no_grad():
+        metrics = evaluation.heldout_eval(
+            policy, tokenizer, rows, gen, prefix="bench", template=cfg.model.prompt_template,
+            max_prompt_len=32, batch_size=64, seed=args.seed,
+            device=torch.device(args.device), reward_model=None)
+    return metrics["bench/eval_gold_reward"]
+
+
+def peak_memory_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- DPO
+def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
+    from rlhf_exp import models
+    from rlhf_exp.stages import dpo
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=dpo", f"dpo.init_from={args.sft}", f"dpo.max_steps={args.steps}",
+                  f"dpo.micro_batch_size_per_device={args.pairs}",
+                  "dpo.gradient_accumulation_steps=1", f"dpo.lr={args.lr}",
+                  "dpo.lr_scheduler=constant", "dpo.warmup_steps=0", f"dpo.beta={args.beta}",
+                  "dpo.loss_type=sigmoid", f"dpo.max_len={args.max_len}",
+                  "dpo.eval_every=0", "dpo.log_every=10",
+                  "ppo.eval_num_prompts=1",  # its own held-out gold: evaluated here instead
+                  "logger.log_checkpoints=false", *args.ours_set)
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+    init_gold = heldout_gold(start, tokenizer, cfg, args)
+    del start
+    policy, _, result = dpo.train(cfg, work / "ours")
+    gold = heldout_gold(policy.module, tokenizer, cfg, args)
+    m = result.metrics
+    return Result("ours", "dpo", args.steps * args.pairs, m["perf/reference_s"] + m["perf/loop_s"],
+                  time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
+
+
+def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Result:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf_exp import models
+    from rlhf_exp.data import build_stage_data
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=dpo")
+    rows = build_stage_data(cfg.data_mix, "reward", args.seed).train
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                 for r in rows])
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    config = DPOConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+        beta=args.beta, loss_type=["sigmoid"], max_length=args.max_len,
+        precompute_ref_log_probs=precompute, logging_steps=10, save_strategy="no",
+        report_to="none", seed=args.seed, use_cpu=args.device == "cpu", bf16=False,
+        gradient_checkpointing=False, disable_dropout=True)
+    # with precompute_ref_log_probs TRL scores the training set in its constructor: that pass
+    # is part of the training's cost (as our reference pass is of ours), so it is timed
+    ref_s = []
+    precompute_pass = DPOTrainer._precompute_ref_logps
+
+    def timed_pass(self, *a, **kw):
+        t = time.perf_counter()
+        out = precompute_pass(self, *a, **kw)
+        ref_s.append(time.perf_counter() - t)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_pass
+    trainer = DPOTrainer(model=args.sft, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    t_ref = sum(ref_s)
+    init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    trainer.model.train()
+    t1 = time.perf_counter()
+    trainer.train()
+    loop_s = time.perf_counter() - t1 + t_ref
+    gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    name = "trl_precompute" if precompute else "trl"
+    return Result(name, "dpo", args.steps * args.pairs, loop_s, time.perf_counter() - t0,
+                  peak_memory_mib(args.device), init_gold, gold)
+
+
+def run_trl_dpo(args: argparse.Namespace, work: Path) -> Result:
+    return _run_trl_dpo(args, work, precompute=False)
+
+
+def run_trl_precompute_dpo(args: argparse.Namespace, work: Path) -> Result:
+    return _run_trl_dpo(args, work, precompute=True)
+
+
+RUNNERS = {("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
+           ("trl_precompute", "dpo"): run_trl_precompute_dpo}
+
+
+# ----------------------------------------------------------------------------- driver
+def child(args: argparse.Namespace) -> None:
+    """One framework x algorithm in this process; its Result as JSON on the last stdout line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(tempfile.mkdtemp(prefix=f"bench_{args.child}_"))
+    try:
+        framework, algo = args.child.split(":")
+        result = RUNNERS[(framework, algo)](args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="dpo")
+    p.add_argument("--frameworks", default="ours,trl,trl_precompute",
+                   help="comma-separated, run in order")
+    p.add_argument("--sft", required=True, help="the starting policy (SFT checkpoint or run dir)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--pairs", type=int, default=32, help="DPO: preference pairs per step")
+    p.add_argument("--max-len", type=int, default=48, help="DPO: max prompt + response tokens")
+    p.add_argument("--new-tokens", type=int, default=12, help="max tokens sampled in the eval")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for our run (repeatable), e.g. "
+                        "dpo.micro_batch_size_per_device=16")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    from rlhf_exp.tracking import resolve_init
+
+    args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
+    if args.child:
+        return child(args)
+
+    results = []
+    for framework in args.frameworks.split(","):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{framework}:{args.algo}"]
+        print(f"# running {framework} {args.algo} ...", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{framework} {args.algo} failed (exit {proc.returncode})")
+        results.append(Result(**json.loads(lines[-1][len("RESULT "):])))
+
+    import torch
+
+    unit = "pairs/s"
+    device = (torch.cuda.get_device_name() if args.device == "cuda" else
+              f"{platform.machine()}, {args.threads or torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"\n# {args.algo}: {args.steps} steps x {args.pairs} pairs, max_len {args.max_len}, "
+          f"lr {args.lr}, beta {args.beta}; {device}; held-out gold on {args.eval_prompts} "
+          f"prompts (T=1, seed {args.seed})")
+    print(f"{'framework':<15} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
+          f"{'gold start':>10} {'gold end':>9}")
+    for r in results:
+        print(f"{r.framework:<15} {r.per_s:>14.1f} {r.loop_s:>8.1f} {r.total_s:>8.1f} "
+              f"{r.peak_mem_mib:>9.0f} {r.init_gold or float('nan'):>10.3f} "
+              f"{r.gold or float('nan'):>9.3f}")
+    for other in results[1:]:
+        print(f"{results[0].framework} / {other.framework} throughput: "
+              f"{results[0].per_s / other.per_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
