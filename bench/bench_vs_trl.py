@@ -2,20 +2,29 @@
 
     rlhf-exp experiment=demo 'stage.stages=[sft]' hydra.run.dir=outputs/demo_sft   # once
     pip install -e '.[bench]'                                         # TRL 1.16 (not a runtime dep)
+    python bench/bench_vs_trl.py --algo grpo --sft outputs/demo_sft/sft --steps 30
     python bench/bench_vs_trl.py --algo dpo --sft outputs/demo_sft/sft --steps 100
-    python bench/bench_vs_trl.py --algo dpo --sft <dir> --device cuda
+    python bench/bench_vs_trl.py --algo grpo --sft <dir> --device cuda
 
 Each framework x algorithm runs in its own child process (so peak memory is its own), one after
 the other, from the same SFT checkpoint; the parent prints one table. Per run:
-  - throughput of the training: pairs per second (DPO), steps x pairs per step / wall seconds
-    of the training (model loading and the held-out evaluation excluded; the reference
-    log-probs included: TRL computes them inside its steps, or before them with
-    precompute_ref_log_probs, we in one pass before the steps); the whole child's wall time is
-    printed too
+  - throughput of the training loop: completions per second (GRPO; pairs per second for DPO),
+    steps x completions per step / wall seconds of the steps (model loading and evaluation
+    excluded; the whole child's wall time is printed too). DPO's includes the reference
+    log-probs: TRL computes them inside its steps (or, with precompute_ref_log_probs, in a pass
+    before them: framework `trl_precompute`), we in one pass before the steps
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
     (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
     generator seeded with --seed, batch 64), and the starting policy's on the same prompts.
+
+GRPO settings shared by both (TRL's names): num_generations, per-step prompts
+(generation_batch_size = prompts x num_generations), max_completion_length, learning_rate
+(constant schedule), beta (0: no reference model), epsilon 0.2, scale_rewards=group,
+loss_type=dapo (= our loss_agg=token_mean), one optimizer step per rollout, AdamW, grad clip 1.
+The reward is the task's gold reward as a function for both (rlhf_exp.tasks:gold_reward_fn).
+Known differences: AdamW betas (ours 0.9/0.95, TRL 0.9/0.999), and each framework's own prompt
+order.
 
 DPO settings shared by both (TRL's names): the reward share's preference pairs of the demo's
 data mix, per_device_train_batch_size = --pairs, max_length 48 (nothing is cut: the sort
@@ -113,6 +122,69 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# ----------------------------------------------------------------------------- GRPO
+def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
+    from rlhf_exp import models
+    from rlhf_exp.stages import grpo
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=grpo", f"grpo.actor_init={args.sft}", f"grpo.steps={args.steps}",
+                  f"grpo.prompts_per_step={args.prompts}",
+                  f"grpo.num_generations={args.generations}",
+                  f"grpo.micro_batch_size_per_device={args.prompts * args.generations}",
+                  f"grpo.generation.max_new_tokens={args.new_tokens}",
+                  f"grpo.actor.lr={args.lr}", f"grpo.beta={args.beta}",
+                  "grpo.loss_agg=token_mean", "grpo.scale_rewards=group", "grpo.epsilon=0.2",
+                  "grpo.eval_every=0", "grpo.eval_num_prompts=1",  # evaluated here instead
+                  "logger.log_checkpoints=false", *args.ours_set)
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+    init_gold = heldout_gold(start, tokenizer, cfg, args)
+    del start
+    actor, _, result = grpo.train(cfg, work / "ours")
+    gold = heldout_gold(actor.module, tokenizer, cfg, args)
+    return Result("ours", "grpo", args.steps * args.prompts * args.generations,
+                  result.metrics["perf/loop_s"], time.perf_counter() - t0,
+                  peak_memory_mib(args.device), init_gold, gold)
+
+
+def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_exp import models, tasks
+    from rlhf_exp.data import build_stage_data
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=grpo")
+    rows = build_stage_data(cfg.data_mix, "ppo", args.seed).train
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "task": r["task"]} for r in rows])
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+
+    def gold_reward(prompts, completions, task, **_):
+        return tasks.gold_reward_fn(prompts, completions, task=task)
+
+    config = GRPOConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        per_device_train_batch_size=args.prompts * args.generations,
+        gradient_accumulation_steps=1, num_generations=args.generations,
+        max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, beta=args.beta,
+        epsilon=0.2, scale_rewards="group", loss_type="dapo", num_iterations=1,
+        logging_steps=10, save_strategy="no", report_to="none", seed=args.seed,
+        use_cpu=args.device == "cpu", bf16=False, disable_dropout=True)
+    trainer = GRPOTrainer(model=args.sft, reward_funcs=gold_reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer)
+    init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    trainer.model.train()
+    t1 = time.perf_counter()
+    trainer.train()
+    loop_s = time.perf_counter() - t1
+    gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    return Result("trl", "grpo", args.steps * args.prompts * args.generations, loop_s,
+                  time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
+
+
 # ----------------------------------------------------------------------------- DPO
 def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
     from rlhf_exp import models
@@ -194,8 +266,14 @@ def run_trl_precompute_dpo(args: argparse.Namespace, work: Path) -> Result:
     return _run_trl_dpo(args, work, precompute=True)
 
 
-RUNNERS = {("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
+RUNNERS = {("ours", "grpo"): run_ours_grpo, ("trl", "grpo"): run_trl_grpo,
+           ("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
            ("trl_precompute", "dpo"): run_trl_precompute_dpo}
+# per algorithm: the defaults of the options that differ (GRPO: TRL's beta 0 as in its docs;
+# DPO: TRL's beta 0.1 and our dpo defaults' lr)
+DEFAULTS = {"grpo": {"frameworks": "ours,trl", "steps": 30, "lr": 3e-4, "beta": 0.0},
+            "dpo": {"frameworks": "ours,trl,trl_precompute", "steps": 100, "lr": 1e-3,
+                    "beta": 0.1}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -217,25 +295,31 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="dpo")
-    p.add_argument("--frameworks", default="ours,trl,trl_precompute",
-                   help="comma-separated, run in order")
+    p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="grpo")
+    p.add_argument("--frameworks", help="comma-separated, run in order (grpo: ours,trl; dpo: "
+                                        "ours,trl,trl_precompute)")
     p.add_argument("--sft", required=True, help="the starting policy (SFT checkpoint or run dir)")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, help="optimizer steps (grpo: 30, dpo: 100)")
+    p.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per step")
+    p.add_argument("--generations", type=int, default=8, help="GRPO: completions per prompt")
     p.add_argument("--pairs", type=int, default=32, help="DPO: preference pairs per step")
     p.add_argument("--max-len", type=int, default=48, help="DPO: max prompt + response tokens")
-    p.add_argument("--new-tokens", type=int, default=12, help="max tokens sampled in the eval")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--new-tokens", type=int, default=12,
+                   help="max completion tokens (GRPO's training and both evals)")
+    p.add_argument("--lr", type=float, help="constant learning rate (grpo: 3e-4, dpo: 1e-3)")
+    p.add_argument("--beta", type=float, help="KL / DPO beta (grpo: 0, dpo: 0.1)")
     p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for our run (repeatable), e.g. "
-                        "dpo.micro_batch_size_per_device=16")
+                        "grpo.actor.zero_stage=0, dpo.micro_batch_size_per_device=16")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for key, value in DEFAULTS[args.algo].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from rlhf_exp.tracking import resolve_init
 
     args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
@@ -255,13 +339,14 @@ def main() -> None:
 
     import torch
 
-    unit = "pairs/s"
+    unit = "completions/s" if args.algo == "grpo" else "pairs/s"
     device = (torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()}, {args.threads or torch.get_num_threads()} threads, "
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"\n# {args.algo}: {args.steps} steps x {args.pairs} pairs, max_len {args.max_len}, "
-          f"lr {args.lr}, beta {args.beta}; {device}; held-out gold on {args.eval_prompts} "
-          f"prompts (T=1, seed {args.seed})")
+    shape = (f"{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new "
+             "tokens" if args.algo == "grpo" else f"{args.pairs} pairs, max_len {args.max_len}")
+    print(f"\n# {args.algo}: {args.steps} steps x {shape}, lr {args.lr}, beta {args.beta}; "
+          f"{device}; held-out gold on {args.eval_prompts} prompts (T=1, seed {args.seed})")
     print(f"{'framework':<15} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
           f"{'gold start':>10} {'gold end':>9}")
     for r in results:

@@ -40,11 +40,12 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.quoting import quote_text_values
 
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "dpo", "pipeline", "eval", "chat")}
+           ("sft", "reward", "ppo", "grpo", "dpo", "pipeline", "eval", "chat")}
 CONFIG_DIGEST_ENV = "RLHF_EXP_CONFIG_DIGEST"
+# pipeline: the last stage's objective (_objective_key)
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
-                     "ppo": "ppo/eval_gold_reward", "dpo": "dpo/eval_gold_reward",
-                     "pipeline": "ppo/eval_gold_reward",
+                     "ppo": "ppo/eval_gold_reward", "grpo": "grpo/eval_gold_reward",
+                     "dpo": "dpo/eval_gold_reward",
                      "eval": None, "chat": None}
 
 register_configs()
@@ -337,7 +338,10 @@ def _same_config_as_launcher(cfg: DictConfig) -> None:
 
 
 def _objective_key(cfg: DictConfig) -> str | None:
-    return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    if cfg.objective or cfg.stage.name != "pipeline":
+        return cfg.objective or DEFAULT_OBJECTIVE.get(cfg.stage.name)
+    stages = list(cfg.stage.stages)
+    return DEFAULT_OBJECTIVE.get(stages[-1]) if stages else None
 
 
 def _objective(cfg: DictConfig, metrics: dict) -> float | None:

@@ -19,8 +19,23 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from rlhf_exp.errors import ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo", "dpo", "pipeline", "eval", "chat")
-PIPELINE_ORDER = ("sft", "reward", "ppo", "dpo")  # the stages `stage.stages` chains, in order
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "pipeline", "eval", "chat")
+# `stage=pipeline`: the stages it may chain, and where each one starts from when its key is left
+# unset: key -> the output of the latest earlier stage of that name, or of the latest earlier
+# stage that trains a policy ("policy": sft or a stage with a "policy" key). A new stage is one
+# entry here (e.g. "dpo": {"dpo.init_from": "policy"}); the stage named by a "policy" key is a
+# policy-training stage whose start and result the pipeline's summary compares.
+PIPELINE_HANDOFF: dict[str, dict[str, str]] = {
+    "sft": {},
+    "reward": {"reward.init_from": "sft"},
+    "ppo": {"ppo.actor_init": "policy", "ppo.critic_init": "reward"},
+    "grpo": {"grpo.actor_init": "policy", "grpo.reward_model": "reward"},
+    "dpo": {"dpo.init_from": "policy"},
+}
+# stage -> the key naming the policy it starts from (ppo.actor_init, grpo.actor_init, ...)
+POLICY_START_KEY = {stage: key for stage, keys in PIPELINE_HANDOFF.items()
+                    for key, source in keys.items() if source == "policy"}
+POLICY_STAGES = ("sft", *POLICY_START_KEY)  # stages whose output is a policy (a causal LM)
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("cpu", "cuda")
 LAUNCHERS = ("torchrun", "deepspeed", "submitit")
@@ -33,13 +48,16 @@ OVERLONG = ("truncate", "drop")
 # stay torch-free so that `--help` and `--cfg job` start fast). ConfigError lives in
 # rlhf_exp/errors.py and is importable from here as before.
 KL_ESTIMATORS = ("k1", "k2", "k3")
+GRPO_BASELINES = ("group_mean", "leave_one_out")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
 # the DPO losses of rlhf_exp/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 # the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
 # (dpo: the reward share's pairs; its held-out gold reward reads the ppo share's held-out
 # prompts when that share is there, as PPO's does)
-STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "dpo": ("reward",),
-                "eval": ("ppo",), "chat": ()}
+STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "grpo": ("ppo",),
+                "dpo": ("reward",), "eval": ("ppo",), "chat": ()}
 # a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -89,8 +107,9 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    name: str = MISSING  # which runner: sft, reward, ppo, dpo, pipeline, eval, chat
+    name: str = MISSING  # which runner: sft, reward, ppo, grpo, dpo, pipeline, eval, chat
     # pipeline only: the stages run in order, each starting from the previous one's output
+    # (PIPELINE_HANDOFF above)
     stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
 
 
@@ -378,6 +397,53 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """`stage=grpo`: critic-free policy gradient with group baselines (GRPO, RLOO, Dr. GRPO,
+    DAPO-style options). conf/grpo/default.yaml documents every key; docs/grpo.md the math."""
+
+    actor_init: str | None = None  # SFT output (path, run dir or artifact); null = model base
+    reward_model: str | None = None  # frozen reward model (path or artifact); null = none
+    reward_model_weight: float = 1.0
+    # null = the task's gold reward (rlhf_exp.tasks:gold_reward_fn) when there is no
+    # reward_model, none when there is one; [] = none
+    reward_functions: list[RewardFunctionConfig] | None = None
+    steps: int = 100  # rollouts (optimisation rounds)
+    prompts_per_step: int = 8  # prompts per rollout, GLOBAL (split over ranks)
+    num_generations: int = 8  # completions per prompt (the group), sampled on one rank
+    micro_batch_size_per_device: int = 64  # completions per forward/backward
+    num_iterations: int = 1  # passes over each rollout (TRL's num_iterations, GRPO's mu)
+    num_minibatches: int = 1  # optimizer steps per pass
+    epsilon: float = 0.2  # ratio clip: 1 - epsilon
+    epsilon_high: float | None = None  # ratio clip: 1 + epsilon_high; null = epsilon
+    beta: float = 0.2  # KL(policy || reference) coefficient; 0 = no reference model at all
+    # k1 | k2 | k3; null = k3 as a loss term, k1 in the reward (docs/grpo.md says why)
+    kl_estimator: str | None = None
+    kl_in_reward: bool = False  # false: beta * KL is a loss term; true: folded into the reward
+    baseline: str = "group_mean"  # group_mean (GRPO) | leave_one_out (RLOO)
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    loss_agg: str = "token_mean"  # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
+    entropy_coef: float = 0.0  # entropy bonus
+    filter_zero_std: bool = False  # leave groups whose rewards are all equal out of the update
+    # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
+    # groups and no gradient checkpointing, else off)
+    shared_prompt: bool = True
+    max_prompt_len: int = 32
+    # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
+    # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way
+    generation: GenerationSettings = field(
+        default_factory=lambda: GenerationSettings(use_static_cache=False))
+    actor: PPOModelOptim = field(default_factory=lambda: PPOModelOptim(lr=3e-4))
+    offload_reference: bool = False
+    offload_reward_model: bool = False
+    log_every: int = 1
+    eval_every: int = 20
+    eval_num_prompts: int = 256
+    eval_batch_size: int = 64
+    save_every: int = 0
+    keep_last: int = 2
+
+
+@dataclass
 class EvalConfig:
     """`stage=eval`: compare policies on the PPO share's held-out prompts (docs/eval_chat.md)."""
 
@@ -389,8 +455,8 @@ class EvalConfig:
     # model are found from their result.json and checkpoints; `policies` entries add/override
     from_run: str | None = None
     include_base: bool = False  # also evaluate the untrained base model (policy `base`)
-    # with from_run: take seed, model, data_mix, reward and ppo from the run's config, so the
-    # held-out prompts are the run's own and the defaults follow its PPO eval
+    # with from_run: take seed, model, data_mix, reward, ppo and grpo from the run's config, so
+    # the held-out prompts are the run's own and the defaults follow its PPO (or GRPO) eval
     match_run: bool = True
     reward_model: str | None = None  # path or artifact; null = the from_run reward model
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
@@ -433,6 +499,7 @@ class RootConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
@@ -602,7 +669,7 @@ def _check_objective(cfg: DictConfig) -> None:
     if cfg.objective is None:
         return
     stage = cfg.stage.name
-    prefixes = {"pipeline": ("sft/", "reward/", "ppo/", "dpo/", "pipeline/", "perf/"),
+    prefixes = {"pipeline": (*(f"{s}/" for s in PIPELINE_HANDOFF), "pipeline/", "perf/"),
                 "eval": ("eval/",), "chat": ()}.get(stage, (f"{stage}/", "perf/"))
     if not str(cfg.objective).startswith(prefixes):
         allowed = ", ".join(f"{p}..." for p in prefixes) or "none (chat returns no metric)"
@@ -736,6 +803,71 @@ def _check_ppo(cfg: DictConfig) -> None:
     _check_lora(cfg, "ppo.critic_lora")
 
 
+def _check_grpo(cfg: DictConfig) -> None:
+    """GRPO keys (only when a grpo stage runs): allowed values, ranges, whole groups on every
+    rank, and a batch geometry that splits evenly."""
+    if cfg.stage.name != "grpo" and not (cfg.stage.name == "pipeline"
+                                         and "grpo" in cfg.stage.stages):
+        return
+    gc = cfg.grpo
+    for key in ("steps", "prompts_per_step", "micro_batch_size_per_device", "num_iterations",
+                "num_minibatches", "max_prompt_len", "log_every", "eval_num_prompts",
+                "eval_batch_size"):
+        _positive(cfg, f"grpo.{key}")
+    _positive(cfg, "grpo.num_generations", 2)
+    _allowed(cfg, "grpo.baseline", GRPO_BASELINES)
+    _allowed(cfg, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+    _allowed(cfg, "grpo.loss_agg", GRPO_LOSS_AGG)
+    if gc.kl_estimator is not None:
+        _allowed(cfg, "grpo.kl_estimator", KL_ESTIMATORS)
+    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    if gc.prompts_per_step % world:
+        raise ConfigError(f"grpo.prompts_per_step={gc.prompts_per_step} must be divisible by the "
+                          f"ranks ({world}): each rank samples whole groups")
+    local = gc.prompts_per_step // world * gc.num_generations  # completions per rank
+    if local % gc.num_minibatches:
+        raise ConfigError(f"grpo: a rank's {local} completions per step (prompts_per_step / "
+                          f"ranks x num_generations) do not split into grpo.num_minibatches="
+                          f"{gc.num_minibatches}")
+    minibatch = local // gc.num_minibatches
+    if minibatch % min(gc.micro_batch_size_per_device, minibatch):
+        raise ConfigError(f"grpo: a minibatch holds {minibatch} completions per rank; "
+                          f"grpo.micro_batch_size_per_device={gc.micro_batch_size_per_device} "
+                          "must divide it")
+    _check_generation(cfg, "grpo.generation")
+    if not gc.generation.do_sample:
+        raise ConfigError("grpo.generation.do_sample=false makes a prompt's num_generations "
+                          "completions identical (no group signal); GRPO samples")
+    if gc.epsilon <= 0 or (gc.epsilon_high is not None and gc.epsilon_high <= 0):
+        raise ConfigError(f"grpo.epsilon={gc.epsilon} and grpo.epsilon_high={gc.epsilon_high} "
+                          "must be > 0 (epsilon_high null = epsilon)")
+    for key in ("beta", "entropy_coef", "eval_every", "save_every", "keep_last"):
+        if gc[key] < 0:
+            raise ConfigError(f"grpo.{key}={gc[key]} must be >= 0")
+    if gc.kl_in_reward and gc.beta == 0:
+        raise ConfigError("grpo.kl_in_reward=true folds beta * KL into the reward, but "
+                          "grpo.beta=0; set grpo.beta > 0 or grpo.kl_in_reward=false")
+    if gc.actor.lr <= 0:
+        raise ConfigError(f"grpo.actor.lr={gc.actor.lr} must be > 0")
+    _allowed(cfg, "grpo.actor.lr_scheduler", SCHEDULERS)
+    if gc.actor.zero_stage is not None and gc.actor.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"grpo.actor.zero_stage={gc.actor.zero_stage} must be 0, 1, 2, 3 or "
+                          "null (= zero_stage.stage)")
+    if gc.reward_model_weight < 0:
+        raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
+    functions = gc.reward_functions if gc.reward_functions is not None else []
+    for i, item in enumerate(functions):
+        module, sep, name = str(item.fn).partition(":")
+        if not sep or not module or not name:
+            raise ConfigError(f"grpo.reward_functions[{i}].fn={item.fn!r}: name a function as "
+                              "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
+    pipeline_rm = cfg.stage.name == "pipeline" and "reward" in cfg.stage.stages
+    has_rm = (gc.reward_model is not None or pipeline_rm) and gc.reward_model_weight > 0
+    if gc.reward_functions is not None and not gc.reward_functions and not has_rm:
+        raise ConfigError("grpo: no reward: grpo.reward_functions is empty and there is no "
+                          "reward model (grpo.reward_model null or grpo.reward_model_weight 0)")
+
+
 def check_rewards(cfg: DictConfig, node: str) -> None:
     """`<node>.reward_model_weight` / `reward_functions`: at least one reward, well-formed names
     (importing and calling them happens before training: rlhf_exp/rewards.py)."""
@@ -854,15 +986,23 @@ def validate(cfg: DictConfig) -> None:
     _check_finite(cfg)
     _allowed(cfg, "stage.name", STAGES)
     for name in cfg.stage.stages:
-        if name not in PIPELINE_ORDER:
+        if name not in PIPELINE_HANDOFF:
             raise ConfigError(f"stage.stages has {name!r}; each must be one of: "
-                              f"{', '.join(PIPELINE_ORDER)}")
+                              f"{', '.join(PIPELINE_HANDOFF)}")
     stages = list(cfg.stage.stages)
-    if cfg.stage.name == "pipeline" and (not stages or stages != sorted(
-            set(stages), key=PIPELINE_ORDER.index)):
-        raise ConfigError(f"stage.stages={stages} must list some of "
-                          f"{', '.join(PIPELINE_ORDER)}, each once, in that order (each stage "
-                          "starts from the one before)")
+    if cfg.stage.name == "pipeline":
+        # each stage starts from what the stages before it produced (PIPELINE_HANDOFF): SFT
+        # comes first, a reward model before the stages that use it, no stage twice
+        wrong = (not stages or len(set(stages)) != len(stages)
+                 or ("sft" in stages and stages[0] != "sft")
+                 or any("reward" in keys.values() and "reward" in stages
+                        and stages.index("reward") > i
+                        for i, keys in enumerate(PIPELINE_HANDOFF[s] for s in stages)))
+        if wrong:
+            raise ConfigError(f"stage.stages={stages} must list stages of "
+                              f"{', '.join(PIPELINE_HANDOFF)} once each, sft first and reward "
+                              "before the stages that use its model (e.g. [sft, reward, ppo], "
+                              "[sft, grpo], [sft, dpo])")
     _check_run_names(cfg)
     _allowed(cfg, "hardware.device", DEVICES)
     _allowed(cfg, "hardware.precision", PRECISIONS)
@@ -917,6 +1057,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data_mix.max_eval_examples < 0:
         raise ConfigError(f"data_mix.max_eval_examples={cfg.data_mix.max_eval_examples} must "
                           "be >= 0")
-    # ppo
+    # ppo, grpo
     _check_ppo(cfg)
     _check_objective(cfg)
+    _check_grpo(cfg)

@@ -60,7 +60,8 @@ class Rollout:
 # ----------------------------------------------------------------------------- public entry
 def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
              gen: GenerationConfig, *, eos_token_id: int, pad_token_id: int,
-             generator: torch.Generator | None = None, synced_gpus: bool = False) -> Rollout:
+             generator: torch.Generator | None = None, synced_gpus: bool = False,
+             prompt_repeats: int = 1) -> Rollout:
     """Sample `gen.max_new_tokens` tokens after left-padded prompts.
 
     The response always has R = max_new_tokens columns (pad after a row's EOS, or after the loop
@@ -69,6 +70,9 @@ def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask
     `generator` makes sampling reproducible; a CPU generator with a CUDA model seeds a CUDA one.
     `synced_gpus`: never stop before R steps. Needed when the weights are ZeRO-3 partitioned
     over several ranks: every forward is a collective, so all ranks must run the same number.
+    `prompt_repeats` = G > 1: rows come in runs of G identical prompts (GRPO's groups); the eager
+    dynamic-cache path prefills each prompt once and repeats its KV cache (the other paths
+    prefill every row). The samples are the same either way (up to float rounding).
     """
     model = _unwrap(model)
     device = next(model.parameters()).device
@@ -94,7 +98,7 @@ def generate(model: torch.nn.Module, input_ids: torch.LongTensor, attention_mask
         if synced_gpus:
             check_every = gen.max_new_tokens + 1  # the "all done?" early exit never fires
         response = _decode_loop(decoder, input_ids, prompt_mask, gen, eos_token_id,
-                                pad_token_id, rng, check_every)
+                                pad_token_id, rng, check_every, prompt_repeats)
 
     response_mask = _response_mask(response, eos_token_id)
     return Rollout(
@@ -116,13 +120,17 @@ def release_generation_buffers(model: torch.nn.Module | None = None) -> None:
 # ----------------------------------------------------------------------------- decode loop
 def _decode_loop(decoder: _DynamicDecoder | _StaticDecoder, input_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, gen: GenerationConfig, eos: int, pad: int,
-                 rng: torch.Generator | None, check_every: int) -> torch.Tensor:
+                 rng: torch.Generator | None, check_every: int,
+                 prompt_repeats: int = 1) -> torch.Tensor:
     """Returns the [B, R] response tokens, pad after each row's first EOS."""
     B, R = input_ids.shape[0], gen.max_new_tokens
     # positions count real tokens only, so left padding does not shift them (HF does the same)
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1] position of the first response token
-    logits = decoder.prefill(input_ids, prompt_mask, prompt_pos)  # [B, V]
+    if prompt_repeats > 1 and isinstance(decoder, _DynamicDecoder):
+        logits = decoder.prefill_repeated(input_ids, prompt_mask, prompt_pos, prompt_repeats)
+    else:
+        logits = decoder.prefill(input_ids, prompt_mask, prompt_pos)  # [B, V]
 
     response = input_ids.new_full((B, R), pad)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -187,6 +195,16 @@ class _DynamicDecoder:
         self.seen = P
         return _forward(self.model, input_ids, self.mask[:, :P], prompt_pos, self.cache,
                         last_only=True)
+
+    def prefill_repeated(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                         prompt_pos: torch.Tensor, repeats: int) -> torch.Tensor:
+        """prefill of rows that come in runs of `repeats` equal prompts: each prompt once, then
+        its KV cache and logits repeated."""
+        first = slice(None, None, repeats)
+        logits = self.prefill(input_ids[first], prompt_mask[first], prompt_pos[first])
+        self.cache.batch_repeat_interleave(repeats)
+        self.mask = self.mask.repeat_interleave(repeats, dim=0)
+        return logits.repeat_interleave(repeats, dim=0)
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.seen += 1

@@ -33,32 +33,45 @@ from rlhf_exp.config import KL_ESTIMATORS  # declared once, in the torch-free co
 # log-probs and entropy from logits
 
 
+CHUNK_ELEMENTS = 1 << 22  # logits elements per chunk of rows (16 MiB in fp32)
+
+
+def _row_chunks(logits: torch.Tensor) -> int:
+    """Rows per chunk: as many as fit CHUNK_ELEMENTS (at least one)."""
+    per_row = logits[0].numel() if len(logits) else 1
+    return max(1, CHUNK_ELEMENTS // max(per_row, 1))
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels) under softmax(logits). logits [B, T, V], labels [B, T] -> [B, T] fp32.
 
-    Memory-sane: computes gather(logits) - logsumexp(logits) one row at a time, so no full
-    [B, T, V] log_softmax copy is ever materialised (the vocab dim dominates memory). Low
-    precision logits (bf16/fp16) are upcast to fp32 per row for an accurate logsumexp.
+    Memory-sane: computes gather(logits) - logsumexp(logits) a chunk of rows at a time (as many
+    rows as fit CHUNK_ELEMENTS; one row of a large vocabulary), so no full [B, T, V] log_softmax
+    copy of a large batch is ever materialised (the vocab dim dominates memory), and a small one
+    is one vectorised call. Low precision logits (bf16/fp16) are upcast to fp32 per chunk for an
+    accurate logsumexp.
     """
-    out = []
-    for row_logits, row_labels in zip(logits, labels):  # row_logits [T, V], row_labels [T]
-        row_logits = row_logits.float() if row_logits.dtype != torch.float64 else row_logits
-        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)  # [T]
-        out.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(out)  # [B, T]
+    out, step = [], _row_chunks(logits)
+    for k in range(0, len(logits), step):
+        chunk = logits[k:k + step]  # [c, T, V]
+        chunk = chunk.float() if chunk.dtype != torch.float64 else chunk
+        picked = chunk.gather(-1, labels[k:k + step].unsqueeze(-1)).squeeze(-1)  # [c, T]
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out)  # [B, T]
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position. logits [B, T, V] -> [B, T] fp32.
 
-    H = logsumexp(l) - sum_v softmax(l)_v * l_v, computed one row at a time (see above).
+    H = logsumexp(l) - sum_v softmax(l)_v * l_v, computed a chunk of rows at a time (see above).
     """
-    out = []
-    for row_logits in logits:  # [T, V]
-        row_logits = row_logits.float() if row_logits.dtype != torch.float64 else row_logits
-        probs = torch.softmax(row_logits, dim=-1)
-        out.append(torch.logsumexp(row_logits, dim=-1) - (probs * row_logits).sum(-1))
-    return torch.stack(out)  # [B, T]
+    out, step = [], _row_chunks(logits)
+    for k in range(0, len(logits), step):
+        chunk = logits[k:k + step]
+        chunk = chunk.float() if chunk.dtype != torch.float64 else chunk
+        probs = torch.softmax(chunk, dim=-1)
+        out.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1))
+    return torch.cat(out)  # [B, T]
 
 
 # -----------------------------------------------------------------------------

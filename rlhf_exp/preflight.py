@@ -35,6 +35,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.config import STAGE_SHARES
 from rlhf_exp.errors import UserError
 
 # A hub id: "name" or "org/name" (huggingface_hub's rules, without the length limit)
@@ -232,6 +233,7 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
     stages, m = _stages(cfg), cfg.model
     policy = ("sft" in stages and not cfg.sft.init_from) or \
         ("ppo" in stages and not cfg.ppo.actor_init and "sft" not in stages) or \
+        ("grpo" in stages and not cfg.grpo.actor_init and "sft" not in stages) or \
         ("dpo" in stages and not cfg.dpo.init_from and "sft" not in stages) or \
         (cfg.stage.name == "eval" and cfg.eval.include_base) or \
         (cfg.stage.name == "chat" and not cfg.chat.policy)
@@ -342,6 +344,7 @@ def starting_points(cfg: DictConfig) -> list[tuple[str, str]]:
     stages, refs = _stages(cfg), []
     for stage, keys in (("sft", ("sft.init_from",)), ("reward", ("reward.init_from",)),
                         ("ppo", ("ppo.actor_init", "ppo.critic_init", "ppo.reward_model")),
+                        ("grpo", ("grpo.actor_init", "grpo.reward_model")),
                         ("dpo", ("dpo.init_from", "dpo.reference"))):
         if stage in stages:
             refs += [(k, str(OmegaConf.select(cfg, k))) for k in keys if OmegaConf.select(cfg, k)]
@@ -406,7 +409,6 @@ def check_starting_point(key: str, ref: str, cfg: DictConfig) -> None:
 def check_data(cfg: DictConfig) -> None:
     """Every source loads (bad rows are DataErrors naming file and line) and each stage that
     runs gets enough rows: reward pairs, one global batch, one PPO rollout."""
-    from rlhf_exp.config import STAGE_SHARES
     from rlhf_exp.data import build_stage_data
     from rlhf_exp.data.mix import require_pairs
 
@@ -435,11 +437,12 @@ def check_data(cfg: DictConfig) -> None:
                                 f"global batch of {batch} ({name}.micro_batch_size_per_device x "
                                 f"{name}.gradient_accumulation_steps x {world} ranks); lower "
                                 "them or add data")
-        if name in ("ppo", "grpo") and cfg[name].reward_functions:
+        if name == "ppo" and cfg.ppo.reward_functions:
             from rlhf_exp import rewards  # imported and called on a few real rows
 
-            rewards.load(cfg[name].reward_functions, f"{name}.reward_functions",
-                         data.train[:4])
+            rewards.load(cfg.ppo.reward_functions, "ppo.reward_functions", data.train[:4])
+        if name == "grpo":
+            _check_grpo_data(cfg, data.train, handed_a_reward_model="reward" in _stages(cfg))
         if name == "ppo":
             pc = cfg.ppo
             if len(data.train) < pc.rollout_batch_size:
@@ -453,6 +456,21 @@ def check_data(cfg: DictConfig) -> None:
                     raise UserError(f"ppo.ptx_coef={pc.ptx_coef} needs SFT examples: the "
                                     f"data_mix's sft share has {len(sft_rows)}, fewer than "
                                     f"{world * micro} (one micro-batch per rank)")
+
+
+def _check_grpo_data(cfg: DictConfig, rows: list[dict], handed_a_reward_model: bool) -> None:
+    """Enough prompts for one step, and rewards that work on these rows (the default reward is
+    the task's gold reward; a pipeline with a reward stage hands GRPO its reward model)."""
+    from rlhf_exp import rewards
+    from rlhf_exp.stages import grpo
+
+    if len(rows) < cfg.grpo.prompts_per_step:
+        raise UserError(f"grpo: the data_mix's ppo share has {len(rows)} prompts, fewer than "
+                        f"grpo.prompts_per_step={cfg.grpo.prompts_per_step}")
+    if handed_a_reward_model and cfg.grpo.reward_functions is None:
+        return  # the reward model the pipeline trains is the reward
+    grpo.check_default_reward_fits(cfg, rows[:4])
+    rewards.load(grpo.reward_function_nodes(cfg), "grpo.reward_functions", rows[:4])
 
 
 # ----------------------------------------------------------------------------- 6. chat stdin

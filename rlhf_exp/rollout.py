@@ -73,15 +73,17 @@ class PromptSchedule:
 @torch.no_grad()
 def sample(policy, tokenizer, rows: list[dict], prompt_tokens: list[list[int]],
            gen: GenerationConfig, *, generator: torch.Generator, synced_gpus: bool,
-           device: torch.device) -> Trajectory:
+           device: torch.device, group_size: int = 1) -> Trajectory:
     """Sample one response per prompt (rows[i] is prompted with prompt_tokens[i]).
-    `synced_gpus`: ZeRO-3 over several ranks, where every decode step is a collective."""
+    `synced_gpus`: ZeRO-3 over several ranks, where every decode step is a collective.
+    `group_size` = G > 1: rows come in runs of G with the same prompt (generation.generate's
+    prompt_repeats)."""
     t0 = time.perf_counter()
     input_ids = pad_left(prompt_tokens, tokenizer.pad_token_id)
     prompt_mask = pad_left([[1] * len(x) for x in prompt_tokens], 0)
     out = generate(policy, input_ids, prompt_mask, gen, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id, generator=generator,
-                   synced_gpus=synced_gpus)
+                   synced_gpus=synced_gpus, prompt_repeats=group_size)
     gen_s = time.perf_counter() - t0
     attn = out.attention_mask.to(device)
     mask = out.response_mask.to(device).float()
@@ -105,16 +107,63 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     return out[:, -(response_len + 1):-1].float() / temperature
 
 
+def group_response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                          position_ids: torch.Tensor, response_len: int, group_size: int,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """`response_logits` of rows that come in groups of `group_size` with one prompt (GRPO:
+    rows g*G .. g*G+G-1 share their left-padded prompt), computing each prompt once: a forward
+    over the B/G distinct prompts keeps its KV cache, the cache is repeated G times, and a second
+    forward runs the B responses on it. Exact, gradients included: every completion's gradient
+    flows back into its group's one prompt pass, as it would into G copies. Needs the model's
+    KV cache in training (not with gradient checkpointing)."""
+    P, G, R = sequences.shape[1] - response_len, group_size, response_len
+    first = slice(None, None, G)
+    out = model(input_ids=sequences[first, :P], attention_mask=attention_mask[first, :P],
+                position_ids=position_ids[first, :P], use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1:].repeat_interleave(G, dim=0)  # predicts response token 0
+    if R > 1:
+        cache = out.cache
+        cache.batch_repeat_interleave(G)
+        rest = model(input_ids=sequences[:, P:P + R - 1],
+                     attention_mask=attention_mask[:, :P + R - 1],
+                     position_ids=position_ids[:, P:P + R - 1], cache=cache,
+                     use_cache=True).logits  # predicts response tokens 1 .. R-1
+        logits = torch.cat([logits, rest], dim=1)
+    return logits.float() / temperature  # upcast first (response_logits says why)
+
+
 @torch.no_grad()
-def logprobs(model, traj: Trajectory, *, temperature: float, micro_batch: int) -> torch.Tensor:
-    """[n, R] fp32 log-prob of each sampled token under `model`, micro-batch by micro-batch."""
+def logprobs(model, traj: Trajectory, *, temperature: float, micro_batch: int,
+             group_size: int = 1) -> torch.Tensor:
+    """[n, R] fp32 log-prob of each sampled token under `model`, micro-batch by micro-batch.
+    group_size > 1 (dividing micro_batch): rows come in groups sharing a prompt, each prompt
+    is computed once (group_response_logits)."""
     R, out = traj.response_mask.shape[1], []
     for k in range(0, len(traj.rows), micro_batch):
         s = slice(k, k + micro_batch)
-        logits = response_logits(model, traj.sequences[s], traj.attention_mask[s],
-                                 traj.position_ids[s], R, temperature)
+        if group_size > 1:
+            logits = group_response_logits(model, traj.sequences[s], traj.attention_mask[s],
+                                           traj.position_ids[s], R, group_size, temperature)
+        else:
+            logits = response_logits(model, traj.sequences[s], traj.attention_mask[s],
+                                     traj.position_ids[s], R, temperature)
         out.append(ppo_math.logprobs_from_logits(logits, traj.responses[s]))
     return torch.cat(out)
+
+
+def trim_responses(traj: Trajectory) -> Trajectory:
+    """The trajectory without its trailing response columns that are padding in every row (all
+    responses ended before max_new_tokens): later forwards skip them. Masks, log-probs and
+    losses are unchanged."""
+    used = int(traj.response_mask.sum(0).nonzero().max()) + 1 if traj.response_mask.any() else 1
+    cut = traj.response_mask.shape[1] - used
+    if cut == 0:
+        return traj
+    return Trajectory(rows=traj.rows, sequences=traj.sequences[:, :-cut],
+                      attention_mask=traj.attention_mask[:, :-cut],
+                      position_ids=traj.position_ids[:, :-cut],
+                      response_mask=traj.response_mask[:, :-cut], texts=traj.texts,
+                      gen_s=traj.gen_s)
 
 
 @torch.no_grad()

@@ -83,7 +83,9 @@ def sft_run(tmp_path_factory):
     from rlhf_exp.stages import sft
 
     run_dir = tmp_path_factory.mktemp("sft_run")
-    cfg = compose("stage=sft", *FAST, "sft.max_steps=40")
+    # an experiment name of its own: the offline artifact index is shared by the whole session,
+    # and other tests' runs register "default-sft-model" too
+    cfg = compose("stage=sft", *FAST, "sft.max_steps=40", "experiment_name=fixture")
     engine, tokenizer, result = sft.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,
             "result": result}
@@ -114,7 +116,7 @@ def reward_run(sft_run, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("reward_run")
     cfg = compose("stage=reward", *FAST, "reward.max_steps=150", "reward.log_every=10",
-                  "reward.warmup_steps=10",
+                  "reward.warmup_steps=10", "experiment_name=fixture",
                   f"reward.init_from={sft_run['cfg'].experiment_name}-sft-model")
     engine, tokenizer, result = reward.train(cfg, run_dir)
     return {"cfg": cfg, "run_dir": run_dir, "engine": engine, "tokenizer": tokenizer,

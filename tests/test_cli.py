@@ -228,18 +228,20 @@ def test_a_rank_that_composed_another_config_stops(monkeypatch):
         cli._same_config_as_launcher(other)
 
 
-def test_execute_checks_then_preflights_then_launches(monkeypatch, tmp_path):
-    """The order the dispatcher promises: check() -> _preflight() -> ranks (or the runner)."""
+def test_execute_checks_then_launches(monkeypatch, tmp_path):
+    """The order the dispatcher promises: check() -> ranks (or the runner); the preflight of a
+    single run already ran before Hydra (tests/test_bad_input.py)."""
     from tests.conftest import compose
 
     cfg = compose("stage=sft", "hardware.nproc_per_node=2")
     calls = []
     monkeypatch.setattr(cli, "check", lambda cfg: calls.append("check"))
-    monkeypatch.setattr(cli, "_preflight", lambda cfg, run_dir: calls.append("preflight"))
+    monkeypatch.setattr(cli.preflight, "preflight",
+                        lambda cfg, run_dir: calls.append("preflight"))
     monkeypatch.setattr(cli, "_relaunch", lambda cfg, run_dir, extra: calls.append("launch"))
     monkeypatch.setattr(cli.dist, "inside_launch", lambda: False)
     cli._execute(cfg, tmp_path, [])
-    assert calls == ["check", "preflight", "launch"]
+    assert calls == ["check", "launch"]
 
 
 # ----------------------------------------------------------------------------- start-up

@@ -179,3 +179,29 @@ def test_label_smoothing_only_with_the_losses_that_use_it():
     compose("stage=dpo", "dpo.loss_type=robust", "dpo.label_smoothing=0.1")
     with pytest.raises(ConfigError, match="only applies to dpo.loss_type=sigmoid"):
         compose("stage=dpo", "dpo.loss_type=ipo", "dpo.label_smoothing=0.1")
+
+
+def test_resume_check_knows_dpo_and_the_ppo_eval_settings_it_reads(tmp_path):
+    """A DPO run resumes with another length or interval; not with another dpo key, nor with
+    other PPO eval settings (its held-out gold reward samples with them); PPO's training keys
+    do not matter to it."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp import resume
+    from rlhf_exp.errors import UserError
+
+    run_dir = tmp_path / "dpo_run"
+    run_dir.mkdir()
+    saved = compose("stage=dpo", "dpo.max_steps=6")
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(saved, resolve=True))
+    resume.check_compatible(compose("stage=dpo", "dpo.max_steps=12", "dpo.save_every=3",
+                                    "ppo.kl.coef=0.5", f"resume={run_dir}"), run_dir)
+    for override, says in (("dpo.beta=0.3", "dpo.beta=0.1 (now 0.3)"),
+                           ("ppo.generation.temperature=0.5", "ppo.generation.temperature="),
+                           ("ppo.eval_num_prompts=8", "ppo.eval_num_prompts=")):
+        with pytest.raises(UserError, match=r"the run was made with another config") as err:
+            resume.check_compatible(compose("stage=dpo", "dpo.max_steps=6", override,
+                                            f"resume={run_dir}"), run_dir)
+        assert says in str(err.value), err.value
+    with pytest.raises(UserError, match="that run is a stage=dpo run, not stage=sft"):
+        resume.check_compatible(compose("stage=sft", f"resume={run_dir}"), run_dir)

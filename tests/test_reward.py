@@ -54,10 +54,10 @@ def test_wandb_run_holds_metrics_artifact_and_hand_off(reward_run, sft_run):
     # started from the SFT artifact (offline: resolved to its local path via the index)
     sft_final = checkpoint.final_checkpoint(sft_run["run_dir"]).resolve()
     assert run.summary["reward/init_path"] == str(sft_final)
-    assert run.summary["reward/init_artifact"] == "default-sft-model"
-    assert run.config["reward"]["init_from"] == "default-sft-model"
+    assert run.summary["reward/init_artifact"] == "fixture-sft-model"
+    assert run.config["reward"]["init_from"] == "fixture-sft-model"
     models = [a for a in run.artifacts if a["type"] == "model"]
-    assert models and models[0]["name"].startswith("default-reward-model")
+    assert models and models[0]["name"].startswith("fixture-reward-model")
     assert "final" in models[0]["aliases"]
     result = json.loads((reward_run["run_dir"] / "result.json").read_text())
     assert result["stage"] == "reward"

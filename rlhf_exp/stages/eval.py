@@ -34,8 +34,11 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
-POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "dpo")  # table columns first, others after
-MATCHED = ("seed", "model", "data_mix", "reward", "ppo")  # taken from the run (eval.match_run)
+# table columns first, others after
+POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "grpo", "dpo")
+# taken from the run (eval.match_run)
+MATCHED = ("seed", "model", "data_mix", "reward", "ppo", "grpo")
+RL_STAGES = ("ppo", "grpo")  # stages whose config names the SFT policy and reward model
 
 
 @dataclass
@@ -45,19 +48,23 @@ class FoundRun:
     policies: dict[str, str] = field(default_factory=dict)  # name -> checkpoint dir
     reward_model: str | None = None
     config: DictConfig | None = None  # the run's config_resolved.yaml
+    # the RL stage whose held-out eval settings eval's defaults follow (ppo when there is one)
+    rl_stage: str | None = None
 
 
 def discover_run(run_dir: str) -> FoundRun:
     """The policies and reward model of a finished run: the stage runs in `run_dir` itself and in
-    its direct subdirectories (a pipeline's sft/, reward/, ppo/, dpo/), found by their
-    result.json. A PPO run also yields `ppo_ema` (checkpoints/ema) and, when its SFT and reward
-    runs are elsewhere, the actor_init / reward model its config names; a DPO run whose SFT run
-    is elsewhere yields the dpo.init_from it started from as `sft`."""
+    its direct subdirectories (a pipeline's sft/, reward/, ppo/, grpo/, dpo/), found by their
+    result.json. A policy-training stage's final checkpoint is a policy named after the stage
+    (any stage but reward and pipeline: sft, ppo, grpo, dpo, ...). A PPO run also yields
+    `ppo_ema` (checkpoints/ema); an RL run whose SFT and reward runs are elsewhere yields the
+    actor_init / reward model its config names, a DPO run the dpo.init_from it started from
+    (as `sft`)."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.from_run={run_dir}: no such directory")
     found = FoundRun()
-    ppo_cfg = None
+    rl_cfg = None
     dpo_start = None  # what a DPO run started from (its SFT policy)
     for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
         if not result.exists():
@@ -65,35 +72,35 @@ def discover_run(run_dir: str) -> FoundRun:
         stage = json.loads(result.read_text()).get("stage")
         stage_dir = result.parent
         final = checkpoint.final_checkpoint(stage_dir)  # resolved here: the dir may have moved
-        if stage == "sft" and final:
-            found.policies["sft"] = str(final)
-        elif stage == "reward" and final:
+        if stage == "reward" and final:
             found.reward_model = str(final)
-        elif stage == "dpo" and final:
-            found.policies["dpo"] = str(final)
+        elif stage not in (None, "reward", "pipeline", "eval", "chat") and final:
+            found.policies[stage] = str(final)
+        if stage == "dpo":
             dpo_cfg = _stage_config(stage_dir, "dpo")
             if dpo_cfg is not None and dpo_cfg.get("init_from"):
                 dpo_start = str(dpo_cfg.init_from)
-        elif stage == "ppo":
-            if final:
-                found.policies["ppo"] = str(final)
+        if stage == "ppo":
             ema = stage_dir / "checkpoints" / "ema"
             if (ema / "config.json").exists():
                 found.policies["ppo_ema"] = str(ema.resolve())
+        if stage in RL_STAGES and (found.rl_stage != "ppo"):
+            found.rl_stage = stage
             if (stage_dir / "config_resolved.yaml").exists():
-                ppo_cfg = OmegaConf.load(stage_dir / "config_resolved.yaml").get("ppo")
+                rl_cfg = OmegaConf.load(stage_dir / "config_resolved.yaml").get(stage)
         if found.config is None and (stage_dir / "config_resolved.yaml").exists():
             found.config = OmegaConf.load(stage_dir / "config_resolved.yaml")
-    if ppo_cfg is not None:  # a lone PPO run: its inputs are the SFT policy and reward model
-        if "sft" not in found.policies and ppo_cfg.get("actor_init"):
-            found.policies["sft"] = str(ppo_cfg.actor_init)
-        found.reward_model = (found.reward_model or ppo_cfg.get("reward_model")
-                              or ppo_cfg.get("critic_init"))
+    if rl_cfg is not None:  # a lone RL run: its inputs are the SFT policy and reward model
+        if "sft" not in found.policies and rl_cfg.get("actor_init"):
+            found.policies["sft"] = str(rl_cfg.actor_init)
+        found.reward_model = (found.reward_model or rl_cfg.get("reward_model")
+                              or rl_cfg.get("critic_init"))
     if dpo_start and "sft" not in found.policies:  # a lone DPO run: it started from the SFT
         found.policies["sft"] = dpo_start
     if not found.policies and found.reward_model is None:
-        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward, ppo or dpo "
-                        "run in it or its subdirectories (give a pipeline or stage run dir)")
+        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward, ppo, grpo "
+                        "or dpo run in it or its subdirectories (give a pipeline or stage run "
+                        "dir)")
     return found
 
 
@@ -103,10 +110,11 @@ def _stage_config(stage_dir: Path, node: str) -> DictConfig | None:
     return OmegaConf.load(saved).get(node) if saved.exists() else None
 
 
-def match_run(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
-    """This config with the run's seed, model, data_mix, reward and ppo nodes: the held-out
-    prompts and pairs are then the ones the run never trained on (the split depends on seed and
-    data_mix), and eval's ${ppo.*} defaults follow the run's PPO eval settings."""
+def match_run(cfg: DictConfig, run_cfg: DictConfig, rl_stage: str | None = None) -> DictConfig:
+    """This config with the run's seed, model, data_mix, reward, ppo and grpo nodes: the
+    held-out prompts and pairs are then the ones the run never trained on (the split depends on
+    seed and data_mix), and eval's ${ppo.*} defaults follow the run's PPO eval settings, or its
+    GRPO eval settings when `rl_stage` is grpo (eval keys set explicitly stay as they are)."""
     cfg = copy.deepcopy(cfg)
     changed = [k for k in MATCHED if k in run_cfg and run_cfg[k] != cfg[k]]
     try:
@@ -120,7 +128,23 @@ def match_run(cfg: DictConfig, run_cfg: DictConfig) -> DictConfig:
                         f"version ({str(exc).splitlines()[0]}); set eval.match_run=false") from None
     if changed:
         runtime.say(f"eval: using the run's {', '.join(changed)} (eval.match_run=true)")
+    if rl_stage == "grpo":
+        follow_grpo(cfg.eval)
     return cfg
+
+
+def follow_grpo(node: DictConfig) -> None:
+    """Point eval's defaults that still read ${ppo.<key>} at the GRPO node's equivalents
+    (generation, prompts, batch size), but for the KL estimator: eval measures KL to SFT on
+    samples, where k1 is unbiased, as PPO and the pipeline summary do."""
+    for key in list(node.keys()):
+        if isinstance(node[key], DictConfig):
+            follow_grpo(node[key])
+        elif OmegaConf.is_interpolation(node, key):
+            text = node._get_node(key)._value()
+            if isinstance(text, str) and text.startswith("${ppo."):
+                if not text.startswith("${ppo.kl."):  # KL as measured: ppo's (k1)
+                    node[key] = text.replace("${ppo.", "${grpo.")
 
 
 def _resolve(ref: str, key: str, tracker: Tracker | None) -> tuple[str, str | None]:
@@ -160,7 +184,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
                         "dir>, eval.policies.<name>=<path or artifact>, or eval.include_base=true")
     found = discover_run(cfg.eval.from_run) if cfg.eval.from_run else FoundRun()
     if found.config is not None and cfg.eval.match_run:
-        cfg = match_run(cfg, found.config)
+        cfg = match_run(cfg, found.config, found.rl_stage)
     ev = cfg.eval
     runtime.set_seed(cfg.seed)
     device = dist.device_for(cfg.hardware.device)

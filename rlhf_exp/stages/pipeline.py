@@ -1,21 +1,26 @@
-"""The whole RLHF recipe in one run: SFT -> reward model -> PPO (`stage=pipeline`, the default).
+"""A recipe of several stages in one run (`stage=pipeline`, the default): SFT -> reward model ->
+PPO by default, or any chain of `stage.stages` (e.g. [sft, grpo], [sft, reward, grpo]).
 
 Run: rlhf-exp                     (or `make demo` = rlhf-exp experiment=demo)
+     rlhf-exp stage.stages=[sft,grpo]                                  (GRPO on the gold reward)
      rlhf-exp stage.stages=[reward,ppo] ppo.actor_init=<sft run dir>   (skip a stage)
      rlhf-exp 'stage.stages=[sft,dpo]'                                  (SFT, then DPO)
 
 Each stage runs in this process, in order, with its own run dir under this one (<run_dir>/sft,
-/reward, /ppo) and its own W&B run (job_type sft / reward / ppo, all in the group
-`experiment_name`), and starts from the previous stage's final checkpoint unless the config
-names one: `reward.init_from` = the SFT output, `ppo.actor_init` = the SFT output,
-`ppo.critic_init` = the reward model, `dpo.init_from` = the SFT output.
+/reward, /ppo, ...) and its own W&B run (job_type = the stage, all in the group
+`experiment_name`), and starts from an earlier stage's final checkpoint unless the config names
+one (config.PIPELINE_HANDOFF): `reward.init_from` = the SFT output; `ppo.actor_init` and
+`grpo.actor_init` and `dpo.init_from` = the latest policy (SFT's, or an earlier policy stage's);
+`ppo.critic_init` and `grpo.reward_model` = the reward model, when a reward stage ran.
 
-At the end the SFT and PPO policies (and the EMA policy when `ppo.ema.enabled`) are reloaded
-from their checkpoints and compared on the same held-out prompts with the same generation
-settings as PPO's held-out eval (rlhf_exp/evaluation.py): mean gold reward, reward-model score,
-response length, and the KL of each policy to the SFT policy. The comparison and a table of the
-stages are printed and written to <run_dir>/summary.md; <run_dir>/result.json holds every
-stage's metrics plus `pipeline/*`.
+At the end the first and the last policy are reloaded from their checkpoints and compared on the
+same held-out prompts with the same generation settings as the last stage's held-out eval
+(rlhf_exp/evaluation.py): mean gold reward, reward-model score, response length, and the KL of
+each policy to the first. The first policy is named `sft` (the policy the first RL stage
+started from), the last one by its stage (`ppo`, `grpo`; with `ppo.ema.enabled` also
+`ppo_ema`). The comparison and a table of the stages are printed and written to
+<run_dir>/summary.md; <run_dir>/result.json holds every stage's metrics plus
+`pipeline/<policy>_<metric>` and `pipeline/gold_reward_gain` (last minus first).
 """
 
 from __future__ import annotations
@@ -25,44 +30,55 @@ import importlib
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import checkpoint, dist, evaluation, models, runtime
+from rlhf_exp.config import PIPELINE_HANDOFF, POLICY_STAGES, POLICY_START_KEY
 from rlhf_exp.tracking import resolve_init
 
 KEY_METRICS = {"sft": ("sft/eval_loss",),
                "reward": ("reward/eval_accuracy",),
                "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
+               "grpo": ("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
                "dpo": ("dpo/init_eval_gold_reward", "dpo/eval_gold_reward",
                        "dpo/eval_rewards/accuracies")}
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:
     """The config one stage runs with: stage.name set, and its starting points filled in from
-    the earlier stages' outputs where the user left them unset."""
+    the earlier stages' outputs where the user left them unset (config.PIPELINE_HANDOFF)."""
     sub = copy.deepcopy(cfg)
     sub.stage.name = name
-    sft = results.get("sft")
-    reward = results.get("reward")
-    if name == "reward" and sft and not cfg.reward.init_from:
-        sub.reward.init_from = sft.run_dir
-    if name == "dpo" and sft and not cfg.dpo.init_from:
-        sub.dpo.init_from = sft.run_dir
-    if name == "ppo":
-        if sft and not cfg.ppo.actor_init:
-            sub.ppo.actor_init = sft.run_dir
-        if reward and not cfg.ppo.critic_init:
-            sub.ppo.critic_init = reward.run_dir
+    names = list(results)
+    results = {k: results[k] for k in names[:names.index(name)]} if name in names else results
+    policies = [stage for stage in results if stage in POLICY_STAGES]
+    for key, source in PIPELINE_HANDOFF[name].items():
+        source = policies[-1] if source == "policy" and policies else source
+        if source in results and not OmegaConf.select(cfg, key):
+            OmegaConf.update(sub, key, results[source].run_dir)
     return sub
+
+
+def eval_node(cfg: DictConfig, stage: str) -> tuple[DictConfig, str]:
+    """The config node whose held-out eval settings (generation, eval_num_prompts,
+    eval_batch_size, max_prompt_len) the comparison uses (a stage without them: PPO's), and the
+    KL estimator (PPO's own, k1 for the others: unbiased on samples)."""
+    if stage == "ppo":
+        return cfg.ppo, cfg.ppo.kl.estimator
+    node = cfg[stage]
+    has_eval = all(k in node for k in ("generation", "eval_num_prompts", "eval_batch_size",
+                                       "max_prompt_len"))
+    return (node if has_eval else cfg.ppo), "k1"
 
 
 @torch.no_grad()
 def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
-                     reward_model: str | None) -> dict[str, dict[str, float]]:
-    """Held-out metrics of each policy checkpoint, with PPO's held-out eval settings: the same
-    rows (sharded over ranks, seed + rank), generation, batch size and seed. Returns
+                     reward_model: str | None, stage: str = "ppo"
+                     ) -> dict[str, dict[str, float]]:
+    """Held-out metrics of each policy checkpoint, with `stage`'s held-out eval settings: the
+    same rows (sharded over ranks, seed + rank), generation, batch size and seed. Returns
     {policy name: {gold_reward, reward_score, response_length, kl_to_sft}}."""
-    pc = cfg.ppo
+    pc, kl_estimator = eval_node(cfg, stage)
     device = dist.device_for(cfg.hardware.device)
     rank, world = dist.rank(), dist.world_size()
     rows = evaluation.heldout_shard(cfg, pc.eval_num_prompts, rank, world)
@@ -88,7 +104,7 @@ def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
             kl += float(evaluation.sequence_kl(
                 evaluation.response_logprobs(model, rollout),
                 evaluation.response_logprobs(ref_model, rollout),
-                rollout.response_mask, pc.kl.estimator).sum())
+                rollout.response_mask, kl_estimator).sum())
         score = 0.0
         if rm is not None:
             score = sum(evaluation.reward_scores(
@@ -107,6 +123,16 @@ def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
     return out
 
 
+def reward_model_of(stage_cfg: DictConfig, stage: str) -> str | None:
+    """The reward model an RL stage used (None: reward functions only), as a local path."""
+    if stage == "ppo":
+        ref = stage_cfg.ppo.reward_model or stage_cfg.ppo.critic_init
+    else:  # a stage without a reward model (e.g. one trained on preference pairs): none
+        node = stage_cfg[stage]
+        ref = node.get("reward_model") if node.get("reward_model_weight", 1.0) > 0 else None
+    return str(resolve_init(ref)[0]) if ref else None
+
+
 def summary_text(results: dict[str, runtime.StageResult],
                  comparison: dict[str, dict[str, float]]) -> str:
     """Markdown: one row per stage, then the held-out comparison of the policies."""
@@ -117,8 +143,8 @@ def summary_text(results: dict[str, runtime.StageResult],
         lines.append(f"| {name} | {res.run_dir} | {res.wandb_run_id or '-'} | {shown} |")
     if comparison:
         cols = ["gold_reward", "reward_score", "response_length", "kl_to_sft"]
-        lines += ["", "Held-out prompts, same prompts and generation settings (ppo.generation, "
-                  "seed):", "", "| policy | " + " | ".join(cols) + " |",
+        lines += ["", "Held-out prompts, same prompts and generation settings (the last "
+                  "stage's generation, seed):", "", "| policy | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for name, m in comparison.items():
             lines.append(f"| {name} | " + " | ".join(
@@ -137,17 +163,20 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
         results[name] = runner.run(stage_config(cfg, name, results), run_dir / name)
 
     comparison: dict[str, dict[str, float]] = {}
-    if "ppo" in results:
-        ppo_cfg = stage_config(cfg, "ppo", results)
-        sft_path = (str(resolve_init(ppo_cfg.ppo.actor_init)[0]) if ppo_cfg.ppo.actor_init
+    rl_stages = [name for name in results if name in POLICY_START_KEY]
+    if rl_stages:
+        first, last = rl_stages[0], rl_stages[-1]
+        first_cfg = stage_config(cfg, first, results)
+        start = OmegaConf.select(first_cfg, POLICY_START_KEY[first])
+        sft_path = (str(resolve_init(start)[0]) if start
                     else models.resolve_base_path(cfg.model))
-        rm_ref = ppo_cfg.ppo.reward_model or ppo_cfg.ppo.critic_init
-        policies = {"sft": sft_path, "ppo": results["ppo"].checkpoint}
-        ema = Path(results["ppo"].run_dir) / "checkpoints" / "ema"
+        policies = {"sft": sft_path, last: results[last].checkpoint}
+        ema = Path(results[last].run_dir) / "checkpoints" / "ema"
         if (ema / "config.json").exists():
-            policies["ppo_ema"] = str(ema)
+            policies[f"{last}_ema"] = str(ema)
         comparison = compare_policies(cfg, policies, sft_path,
-                                      str(resolve_init(rm_ref)[0]) if rm_ref else None)
+                                      reward_model_of(stage_config(cfg, last, results), last),
+                                      stage=last)
 
     metrics: dict[str, float] = {}
     for res in results.values():
@@ -155,8 +184,10 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     for name, m in comparison.items():
         for key, value in m.items():
             metrics[f"pipeline/{name}_{key}"] = value
-    if "gold_reward" in comparison.get("sft", {}) and "gold_reward" in comparison.get("ppo", {}):
-        metrics["pipeline/gold_reward_gain"] = (comparison["ppo"]["gold_reward"]
+    last_policy = rl_stages[-1] if rl_stages else None
+    if "gold_reward" in comparison.get("sft", {}) and \
+            "gold_reward" in comparison.get(last_policy, {}):
+        metrics["pipeline/gold_reward_gain"] = (comparison[last_policy]["gold_reward"]
                                                 - comparison["sft"]["gold_reward"])
     text = summary_text(results, comparison)
     if dist.is_main():

@@ -29,7 +29,7 @@ One step (`ppo.steps` of them), each a function below:
                        approx KL exceeds `target_approx_kl`
   finish_step          metrics averaged over ranks; the KL controller updated with that global
                        KL (the same coefficient on every rank); the fp32 EMA of the actor
-  log_metrics, evaluate, save_training_checkpoint
+  evaluate, log (rl_steps.log_step), save_training_checkpoint
 Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
 `stage=eval` and the other RL stages share, so the numbers agree). Step 0 is the starting policy.
@@ -48,7 +48,6 @@ the checkpoints and artifacts the run started from (`inputs`, ppo/*_init*).
 from __future__ import annotations
 
 import copy
-import math
 import time
 import types
 from collections import defaultdict
@@ -68,6 +67,7 @@ from rlhf_exp import (
     ppo_math,
     resume,
     rewards,
+    rl_steps,
     rollout,
     runtime,
 )
@@ -75,12 +75,8 @@ from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, prompt_ids, tokenize_sft
-from rlhf_exp.errors import NonFiniteLossError
 from rlhf_exp.rollout import Trajectory
 from rlhf_exp.tracking import Tracker, resolve_init
-
-TABLE_ROWS = 16  # rows of the periodic W&B samples table
-TABLE_COLUMNS = ["prompt", "response", "reward_score", "gold_reward"]
 
 
 # ----------------------------------------------------------------------------- what a run holds
@@ -302,11 +298,6 @@ def generate_trajectory(m: Models, cfg: DictConfig, rows: list[dict],
                           device=dist.device_for(cfg.hardware.device))
 
 
-def sampling_temperature(cfg: DictConfig) -> float:
-    gen = cfg.ppo.generation
-    return gen.temperature if gen.do_sample else 1.0
-
-
 @torch.no_grad()
 def critic_values(critic, traj: Trajectory, micro: int) -> torch.Tensor:
     """[n, R] the critic's value of each response position's state."""
@@ -320,36 +311,18 @@ def critic_values(critic, traj: Trajectory, micro: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(m: Models, cfg: DictConfig, traj: Trajectory, micro: int
-          ) -> tuple[torch.Tensor, dict[str, float]]:
-    """[n] each response's score: reward_model_weight x the reward model's score plus the
-    weighted reward functions; and their means for logging."""
-    pc, device = cfg.ppo, traj.sequences.device
-    total = torch.zeros(len(traj.rows), device=device)
-    stats: dict[str, float] = {}
-    if m.reward_model is not None:
-        rm = rollout.reward_model_scores(m.reward_model, traj, micro_batch=micro)
-        total += pc.reward_model_weight * rm
-        stats["ppo/reward_model_score"] = rm.mean().item()
-    if m.reward_functions:
-        fn_total, means = rewards.function_scores(m.reward_functions, traj.rows, traj.texts,
-                                                  device)
-        total += fn_total
-        stats.update({f"ppo/reward_fn/{name}": v for name, v in means.items()})
-    return total, stats
-
-
-@torch.no_grad()
 def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, state: State, geo: Geometry
                     ) -> tuple[Experience, dict[str, float], list[list]]:
     """Old log-probs, reference log-probs, values and scores of a trajectory; token rewards,
     GAE advantages and returns. Returns (experience, rollout stats, samples-table rows)."""
     pc, t0 = cfg.ppo, time.perf_counter()
-    temp, mask = sampling_temperature(cfg), traj.response_mask
+    temp, mask = rl_steps.sampling_temperature(pc.generation), traj.response_mask
     logp = rollout.logprobs(m.actor, traj, temperature=temp, micro_batch=geo.micro)
     ref_logp = rollout.logprobs(m.reference, traj, temperature=temp, micro_batch=geo.micro)
     values = critic_values(m.critic, traj, geo.micro)
-    raw_scores, score_stats = score(m, cfg, traj, geo.micro)
+    raw_scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
+                                             pc.reward_model_weight, micro=geo.micro,
+                                             stage="ppo")
     scores = raw_scores
     if pc.normalize_reward:  # running mean/std over every rank's scores so far
         state.score_moments.update(dist.all_gather_cat(raw_scores))
@@ -364,7 +337,7 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, state: State, 
     exp = Experience(traj.sequences, traj.attention_mask, traj.position_ids, mask, logp, values,
                      advantages, returns)
 
-    golds = evaluation.gold_scores(traj.rows, traj.texts)
+    golds, gold_sums = rl_steps.gold_stats(traj.rows, traj.texts)
     seq_kl = ppo_math.masked_sum(kl, mask, dim=-1)
     n = len(traj.rows)
     stats = {
@@ -382,12 +355,9 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, state: State, 
         "perf/gen_s": traj.gen_s,
         "perf/experience_s": time.perf_counter() - t0,
         **score_stats,
+        **gold_sums,
     }
-    known = [g for g in golds if g is not None]  # sources with a gold reward (the task) have one
-    stats.update({"_gold_sum": float(sum(known)), "_gold_n": float(len(known))})
-    table = [[row["prompt"], text, float(s), g]
-             for row, text, s, g in zip(traj.rows, traj.texts, raw_scores, golds)][:TABLE_ROWS]
-    return exp, stats, table
+    return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, raw_scores, golds)
 
 
 def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geometry
@@ -395,7 +365,7 @@ def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geo
     """PPO epochs over one rollout: clipped policy loss (+ ptx) on the actor, clipped value loss
     on the critic. Returns the means of the update's statistics on this rank."""
     pc, device = cfg.ppo, exp.sequences.device
-    temp, R = sampling_temperature(cfg), exp.mask.shape[1]
+    temp, R = rl_steps.sampling_temperature(pc.generation), exp.mask.shape[1]
     acc: dict[str, list[float]] = defaultdict(list)
 
     def means(early_stopped: bool) -> dict[str, float]:
@@ -461,18 +431,9 @@ def finish_step(m: Models, cfg: DictConfig, state: State, stats: dict[str, float
                 ) -> dict[str, float]:
     """Average the step's statistics over ranks, then update the KL controller with the global
     KL (so every rank holds the same coefficient) and the EMA."""
-    device = dist.device_for(cfg.hardware.device)
-    keys = sorted(stats)  # the same order on every rank
-    stats = dict(zip(keys, dist.all_reduce_mean([stats[k] for k in keys], device)))
-    gold_sum, gold_n = stats.pop("_gold_sum"), stats.pop("_gold_n")
-    if gold_n > 0:  # over every rank's rows that have a gold reward
-        stats["ppo/gold_reward"] = gold_sum / gold_n
-    for key in ("ppo/actor_loss", "ppo/critic_loss"):
-        if not math.isfinite(stats[key]):
-            raise NonFiniteLossError(
-                f"ppo: {key} is {stats[key]} at step {state.step + 1}; stopped (the last "
-                "training checkpoint, if any, is intact). Lower ppo.actor.lr / ppo.critic.lr or "
-                "check the reward scale")
+    stats = rl_steps.reduce_over_ranks(stats, "ppo", dist.device_for(cfg.hardware.device))
+    rl_steps.check_finite(stats, ("ppo/actor_loss", "ppo/critic_loss"), state.step + 1,
+                          "Lower ppo.actor.lr / ppo.critic.lr or check the reward scale")
     state.kl_ctl.update(stats["ppo/kl"], cfg.ppo.rollout_batch_size)
     if m.ema is not None:
         update_ema(m, cfg.ppo.ema.decay)
@@ -481,35 +442,19 @@ def finish_step(m: Models, cfg: DictConfig, state: State, stats: dict[str, float
 
 def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict], step: int) -> dict[str, float]:
     """Held-out prompts, sampled with ppo.generation and a fixed seed (module docstring)."""
-    pc = cfg.ppo
-    return evaluation.heldout_eval(
-        m.actor, m.tokenizer, eval_rows, evaluation.generation_config(pc.generation),
-        prefix="ppo", template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
-        batch_size=pc.eval_batch_size, seed=cfg.seed + dist.rank(),
-        device=dist.device_for(cfg.hardware.device),
-        synced_gpus=m.actor_stage == 3 and dist.world_size() > 1, reward_model=m.reward_model)
-
-
-def log_metrics(tracker: Tracker, cfg: DictConfig, step: int, stats: dict[str, float],
-                table: list[list]) -> None:
-    if step % cfg.ppo.log_every == 0 or step == cfg.ppo.steps:
-        tracker.log(stats, step)
-    if cfg.logger.table_every > 0 and (step % cfg.logger.table_every == 0 or step == 1):
-        tracker.log_table("ppo/samples", TABLE_COLUMNS, table, step)
+    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "ppo", eval_rows,
+                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: Path,
                              tracker: Tracker) -> None:
     """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
-    shared = {"kl_ctl": state.kl_ctl.state_dict(), "score_moments":
-              state.score_moments.state_dict(), "init_eval": state.init_eval,
-              "last_eval": state.last_eval, "last_stats": state.last_stats,
-              "wandb_run_id": tracker.run_id}
-    local = {"sample_gen": state.sample_gen.get_state(),
-             "shuffle_gen": state.shuffle_gen.get_state(),
-             "ptx_drawn": state.ptx.drawn if state.ptx is not None else 0,
-             "kl_coef": state.kl_ctl.value}  # this rank's own (equal on every rank: tested)
+    shared, local = rl_steps.loop_state(state, tracker)
+    shared.update(kl_ctl=state.kl_ctl.state_dict(),
+                  score_moments=state.score_moments.state_dict())
+    local.update(ptx_drawn=state.ptx.drawn if state.ptx is not None else 0,
+                 kl_coef=state.kl_ctl.value)  # this rank's own (equal on every rank: tested)
     files = {"ema": m.ema.state_dict()} if m.ema is not None else {}
     tracker.flush()  # every row up to this step survives a kill right after the checkpoint
     resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="ppo", local=local,
@@ -520,13 +465,9 @@ def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: 
 def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
     saved = resume.load(m.actor, ckpt)
     resume.load(m.critic, ckpt, name="critic")
-    state.step = saved["step"]
+    rl_steps.restore_loop_state(state, saved)
     state.kl_ctl.load_state_dict(saved["kl_ctl"])
     state.score_moments.load_state_dict(saved["score_moments"])
-    state.init_eval, state.last_eval = saved["init_eval"], saved["last_eval"]
-    state.last_stats = saved["last_stats"]
-    state.sample_gen.set_state(saved["sample_gen"])
-    state.shuffle_gen.set_state(saved["shuffle_gen"])
     if state.ptx is not None:
         state.ptx.drawn = saved["ptx_drawn"]
     if m.ema is not None:
@@ -539,13 +480,8 @@ def save_final(m: Models, cfg: DictConfig, state: State, inputs: Inputs, run_dir
     """The actor (checkpoints/final), the critic and the EMA (in the actor's dtype); artifacts."""
     pc = cfg.ppo
     meta = {"stage": "ppo", "step": pc.steps, **asdict(inputs)}
-    artifact = f"{cfg.experiment_name}-ppo-model"
-    ckpt = checkpoint.save_hf(
-        m.actor, m.tokenizer, checkpoint.step_dir(run_dir, pc.steps),
-        zero_stage=m.actor.zero_optimization_stage(), lora_save=cfg.model.lora.save,
-        metadata={**meta, "artifact": f"{cfg.logger.project}/{artifact}:latest"})
-    checkpoint.mark_final(ckpt)
-    checkpoint.prune(run_dir, pc.keep_last)
+    ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "ppo", run_dir, tracker, meta,
+                                      state.last_eval)
     critic_ckpt = checkpoint.save_hf(m.critic, m.tokenizer, run_dir / "checkpoints" / "critic",
                                      zero_stage=m.critic.zero_optimization_stage(),
                                      lora_save=pc.critic_lora.save,
@@ -559,24 +495,15 @@ def save_final(m: Models, cfg: DictConfig, state: State, inputs: Inputs, run_dir
             lora_save=cfg.model.lora.save,
             metadata={**meta, "model": "ema", "decay": pc.ema.decay,
                       "artifact": f"{cfg.logger.project}/{ema_artifact}:latest"})
-    if cfg.logger.log_checkpoints:
-        tracker.log_model(ckpt, artifact, aliases=["final", f"step-{pc.steps}"],
-                          metadata={**meta, **state.last_eval})
-        if ema_ckpt is not None:
-            tracker.log_model(ema_ckpt, ema_artifact, aliases=["final", f"step-{pc.steps}"],
-                              metadata={**meta, "decay": pc.ema.decay})
+    if cfg.logger.log_checkpoints and ema_ckpt is not None:
+        tracker.log_model(ema_ckpt, ema_artifact, aliases=["final", f"step-{pc.steps}"],
+                          metadata={**meta, "decay": pc.ema.decay})
     return ckpt, critic_ckpt, ema_ckpt
 
 
 def final_metrics(state: State, steps: int) -> dict[str, float]:
-    last = state.last_stats
-    metrics = {k: last[k] for k in ("ppo/gold_reward", "ppo/reward_score", "ppo/kl",
-                                    "ppo/kl_coef", "ppo/response_length") if k in last}
-    metrics.update(state.last_eval)
-    for k, v in state.init_eval.items():
-        metrics[k.replace("ppo/eval_", "ppo/init_eval_")] = v
-    metrics["ppo/steps"] = steps
-    return metrics
+    return rl_steps.final_metrics("ppo", state, ("ppo/gold_reward", "ppo/reward_score", "ppo/kl",
+                                                 "ppo/kl_coef", "ppo/response_length"), steps)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -650,7 +577,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                       "perf/samples_per_s": pc.rollout_batch_size / (time.perf_counter() - t0)})
         stats = finish_step(m, cfg, state, stats)
         state.step, state.last_stats = step, stats
-        log_metrics(tracker, cfg, step, stats, table)
+        rl_steps.log_step(tracker, cfg, "ppo", step, stats, table)
         bar.update(1)
         bar.set_postfix(gold=f"{stats.get('ppo/gold_reward', float('nan')):.3f}",
                         kl=f"{stats['ppo/kl']:.2f}", score=f"{stats['ppo/reward_score']:.2f}")

@@ -1,0 +1,546 @@
+"""GRPO: critic-free policy gradient with group baselines (GRPO, RLOO, Dr. GRPO, DAPO options).
+
+Run: rlhf-exp stage=grpo grpo.actor_init=<sft run dir|artifact>            (gold-reward function)
+     rlhf-exp stage=grpo grpo.actor_init=<sft> grpo.reward_model=<reward run dir>
+     rlhf-exp stage=grpo grpo=rloo grpo.actor_init=<sft>                   (RLOO preset)
+
+Models:
+  actor      trainable, from `grpo.actor_init` (the SFT policy; null = the base model), LoRA per
+             `model.lora`, ZeRO stage `grpo.actor.zero_stage` (null = `zero_stage.stage`)
+  reference  frozen copy of the starting policy, loaded only when `grpo.beta` > 0
+  reward     `grpo.reward_model` (frozen, optional) and/or reward functions (rlhf_exp/rewards.py);
+             `grpo.reward_functions: null` means the task's gold reward when there is no reward
+             model, none when there is one
+No critic: each completion's advantage is its reward against the other completions of the same
+prompt (rlhf_exp/grpo_math.py has the formulas). Dropout is off in every model.
+
+One step (`grpo.steps` of them), each a function below:
+  generate_groups   `prompts_per_step` prompts (global; each rank its slice, so a prompt's group
+                    stays on one rank), `num_generations` sampled completions of each
+                    (rlhf_exp/rollout.py, shared with PPO)
+  make_experience   old log-probs (only when the update is not one on-policy pass, or beta > 0),
+                    reference log-probs (beta > 0), the scores; the KL folded into the reward
+                    (`kl_in_reward`); group baselines and advantages over the global batch
+                    (`baseline`, `scale_rewards`), zero-std groups counted and optionally left out
+  grpo_step         `num_iterations` passes, `num_minibatches` optimizer steps each, micro-batches
+                    of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
+                    `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
+                    aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
+  finish_step       statistics averaged over ranks; a NaN loss stops the run
+  evaluate, log (rl_steps.log_step), save_training_checkpoint
+Held-out eval (`grpo.eval_every`, and before the first / after the last step): the ppo share's
+eval slice, sampled with `grpo.generation` and a fixed seed (rl_steps.heldout_eval), the same
+numbers `stage=eval` and PPO report for the same policy and settings. Step 0 is the start.
+
+Resume: `grpo.save_every=N` writes a training checkpoint every N steps (rlhf_exp/resume.py): the
+actor's HF checkpoint and DeepSpeed state, every rank's RNG and generators. The prompts of step
+s are a function of s (rollout.PromptSchedule), so `resume=<run dir>` continues exactly.
+
+Outputs: checkpoints/step_N (the policy, HF format, `final`); W&B artifact
+<experiment_name>-grpo-model; the config and summary record where the run started from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf_exp import (
+    dist,
+    engine,
+    evaluation,
+    grpo_math,
+    models,
+    ppo_math,
+    resume,
+    rewards,
+    rl_steps,
+    rollout,
+    runtime,
+    tasks,
+)
+from rlhf_exp.config import ConfigError
+from rlhf_exp.data import build_stage_data
+from rlhf_exp.data.tokenize import prompt_ids
+from rlhf_exp.rollout import Trajectory
+from rlhf_exp.tracking import Tracker, resolve_init
+
+GOLD_FUNCTION = "rlhf_exp.tasks:gold_reward_fn"
+FINAL_KEYS = ("grpo/gold_reward", "grpo/reward", "grpo/kl", "grpo/response_length",
+              "grpo/frac_zero_std")
+
+
+# ----------------------------------------------------------------------------- what a run holds
+@dataclass
+class Inputs:
+    """Where the models start from, resolved before anything is written."""
+
+    actor_init: str
+    actor_init_artifact: str | None
+    reward_model: str | None  # None: no reward model (reward functions only)
+    reward_model_artifact: str | None
+
+
+@dataclass
+class Geometry:
+    """How one rollout is cut (config.validate checked that it divides evenly)."""
+
+    prompts_local: int  # prompts per rank per step
+    n_local: int  # completions per rank per step (prompts_local x num_generations)
+    minibatch: int  # completions per rank per optimizer step
+    micro: int  # completions per forward/backward
+    grad_accum: int  # micro-batches per optimizer step
+    optimizer_steps: int  # over the whole run (the LR schedule's length)
+    group: int  # num_generations
+    shuffle_groups: bool  # minibatches are made of whole groups (minibatch % group == 0)
+    prompt_group: int  # rows per prompt in a forward: group (shared_prompt) or 1
+
+
+@dataclass
+class Models:
+    tokenizer: object
+    actor: object  # DeepSpeed engine
+    reference: object | None  # frozen; None when grpo.beta == 0
+    reward_model: object | None  # frozen; None without grpo.reward_model
+    reward_functions: list[rewards.RewardFunction]
+    actor_stage: int
+
+
+@dataclass
+class State:
+    """Everything besides the engine that changes from step to step; saved for resume."""
+
+    sample_gen: torch.Generator  # this rank's sampling noise
+    shuffle_gen: torch.Generator  # this rank's minibatch order
+    step: int = 0
+    init_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    last_stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Experience:
+    """One rank's rollout with what the update needs. [n, ...]; R = response columns."""
+
+    sequences: torch.Tensor  # [n, P+R]
+    attention_mask: torch.Tensor  # [n, P+R]
+    position_ids: torch.Tensor  # [n, P+R]
+    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
+    old_logprobs: torch.Tensor | None  # [n, R]; None = one on-policy pass (ratio 1)
+    ref_logprobs: torch.Tensor | None  # [n, R]; None = no KL term in the loss
+    advantages: torch.Tensor  # [n]
+    keep: torch.Tensor  # [n] float: 0 for a filtered (zero-std) group's completions
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, -self.mask.shape[1]:]
+
+    def select(self, idx: torch.Tensor) -> Experience:
+        return Experience(*(None if getattr(self, f) is None else getattr(self, f)[idx]
+                            for f in self.__dataclass_fields__))
+
+
+# ----------------------------------------------------------------------------- set-up steps
+def resolve_inputs(cfg: DictConfig) -> Inputs:
+    """Paths of the actor's and reward model's starting points (path, run dir or artifact)."""
+    gc = cfg.grpo
+
+    def start(ref: str) -> tuple[str, str | None]:
+        path, artifact = resolve_init(ref)
+        return str(path), artifact
+
+    if gc.actor_init:
+        actor, actor_art = start(gc.actor_init)
+    else:
+        actor, actor_art = models.resolve_base_path(cfg.model), None
+    rm, rm_art = None, None
+    if gc.reward_model and gc.reward_model_weight > 0:
+        rm, rm_art = start(gc.reward_model)
+    return Inputs(actor, actor_art, rm, rm_art)
+
+
+def reward_function_nodes(cfg: DictConfig) -> list:
+    """The reward functions this run uses: `grpo.reward_functions`, or when it is null the
+    task's gold reward without a reward model and none with one."""
+    gc = cfg.grpo
+    if gc.reward_functions is not None:
+        return list(gc.reward_functions)
+    if gc.reward_model and gc.reward_model_weight > 0:
+        return []
+    return [OmegaConf.create({"fn": GOLD_FUNCTION, "weight": 1.0})]
+
+
+def check_default_reward_fits(cfg: DictConfig, rows: list[dict]) -> None:
+    """The default reward (the gold function) needs rows with a gold reward: one line if the
+    data_mix has none, before its traceback-free but less helpful RewardFunctionError."""
+    if cfg.grpo.reward_functions is not None or cfg.grpo.reward_model:
+        return
+    if any(tasks.gold_reward(r.get("task"), r["prompt"], "") is None for r in rows):
+        raise ConfigError("grpo: no reward for this data_mix: the default reward is the task's "
+                          "gold reward (rlhf_exp.tasks:gold_reward_fn), and its rows have none "
+                          "(their source sets no `task`); set grpo.reward_model=<reward run dir> "
+                          "or grpo.reward_functions=[{fn: package.module:function, weight: 1.0}]")
+
+
+def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
+    gc = cfg.grpo
+    prompts_local = gc.prompts_per_step // world
+    n_local = prompts_local * gc.num_generations
+    minibatch = n_local // gc.num_minibatches
+    micro = min(gc.micro_batch_size_per_device, minibatch)
+    G = gc.num_generations
+    shared = gc.shared_prompt and micro % G == 0 and not cfg.model.gradient_checkpointing
+    return Geometry(prompts_local, n_local, minibatch, micro, minibatch // micro,
+                    gc.steps * gc.num_iterations * gc.num_minibatches, G, minibatch % G == 0,
+                    G if shared else 1)
+
+
+def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
+                reward_functions: list[rewards.RewardFunction]) -> Models:
+    """The actor on a training engine; the reference (beta > 0) and reward model frozen."""
+    gc, precision = cfg.grpo, cfg.hardware.precision
+    tokenizer = models.load_tokenizer(inputs.actor_init, cfg.model)
+    if inputs.reward_model is not None:
+        rm_tokenizer = models.load_tokenizer(inputs.reward_model, cfg.model)
+        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"grpo: the reward model at {inputs.reward_model} uses a different "
+                              f"tokenizer than the actor at {inputs.actor_init}; GRPO scores the "
+                              "actor's tokens directly")
+    actor_stage = cfg.zero_stage.stage if gc.actor.zero_stage is None else gc.actor.zero_stage
+    actor = models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision)
+    actor = engine.disable_dropout(models.apply_lora(actor, cfg.model.lora))
+    reference = None
+    if gc.beta > 0:
+        reference = engine.build_frozen(
+            models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision), cfg,
+            zero_stage=actor_stage, offload=gc.offload_reference)
+    reward_model = None
+    if inputs.reward_model is not None:
+        reward_model = engine.build_frozen(
+            models.load_reward_model(inputs.reward_model, tokenizer, cfg.model, precision), cfg,
+            zero_stage=actor_stage, offload=gc.offload_reward_model)
+    node = gc.actor
+    actor_eng = engine.build_train_engine(
+        actor, cfg, lr=node.lr, weight_decay=node.weight_decay, micro_batch_size=geo.micro,
+        grad_accum=geo.grad_accum, max_grad_norm=node.max_grad_norm,
+        scheduler=node.lr_scheduler, warmup_steps=node.warmup_steps,
+        total_steps=geo.optimizer_steps, min_lr_ratio=node.min_lr_ratio, zero_stage=actor_stage)
+    actor_eng.train()
+    return Models(tokenizer, actor_eng, reference, reward_model, reward_functions, actor_stage)
+
+
+def fresh_state(cfg: DictConfig) -> State:
+    rank = dist.rank()
+    return State(sample_gen=torch.Generator().manual_seed(cfg.seed * 7919 + rank),
+                 shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1 + rank))
+
+
+# ----------------------------------------------------------------------------- one step
+def generate_groups(m: Models, cfg: DictConfig, rows: list[dict],
+                    prompt_tokens: list[list[int]], state: State) -> Trajectory:
+    """`num_generations` sampled completions of each prompt, group by group (rows g*G .. g*G+G-1
+    answer prompt g), from the actor in eval mode."""
+    G = cfg.grpo.num_generations
+    synced = m.actor_stage == 3 and dist.world_size() > 1  # every decode step is a collective
+    return rollout.sample(m.actor, m.tokenizer, [r for r in rows for _ in range(G)],
+                          [p for p in prompt_tokens for _ in range(G)],
+                          evaluation.generation_config(cfg.grpo.generation),
+                          generator=state.sample_gen, synced_gpus=synced,
+                          device=dist.device_for(cfg.hardware.device),
+                          group_size=G if cfg.grpo.shared_prompt else 1)
+
+
+def kl_estimator(cfg: DictConfig) -> str:
+    """`grpo.kl_estimator`, or by default k3 as a loss term and k1 in the reward: as a reward,
+    only k1's score-function gradient is the KL's gradient (k3 there pushes the policy away
+    from the reference wherever it is below it); as a loss term k1's gradient is zero in
+    expectation, k3's is the KL's."""
+    gc = cfg.grpo
+    return gc.kl_estimator or ("k1" if gc.kl_in_reward else "k3")
+
+
+def needs_old_logprobs(cfg: DictConfig) -> bool:
+    """One pass in one optimizer step is on-policy (the ratio is exactly 1, its gradient that
+    of log pi), so the old log-probs are the update's own, detached: one forward saved. More
+    passes or minibatches need them; so does any KL (measured at the rollout)."""
+    gc = cfg.grpo
+    return gc.num_iterations > 1 or gc.num_minibatches > 1 or gc.beta > 0
+
+
+@torch.no_grad()
+def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
+                    ) -> tuple[Experience, dict[str, float], list[list]]:
+    """Log-probs, scores, KL, group advantages of a rollout. Returns (experience, rollout stats,
+    samples-table rows). Advantages are computed on every rank's rewards (all-gathered) so that
+    `scale_rewards=batch` is over the global batch; groups never span ranks."""
+    gc, t0 = cfg.grpo, time.perf_counter()
+    traj = rollout.trim_responses(traj)  # every forward below skips all-padding columns
+    temp, mask = rl_steps.sampling_temperature(gc.generation), traj.response_mask
+    kw = dict(temperature=temp, micro_batch=geo.micro, group_size=geo.prompt_group)
+    old_logp = rollout.logprobs(m.actor, traj, **kw) if needs_old_logprobs(cfg) else None
+    ref_logp = rollout.logprobs(m.reference, traj, **kw) if m.reference is not None else None
+    scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
+                                         gc.reward_model_weight, micro=geo.micro, stage="grpo")
+    seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
+              if ref_logp is not None else None)  # [n] KL(policy || reference) per response
+    rewards_ = scores - gc.beta * seq_kl if gc.kl_in_reward else scores
+
+    # the group baseline over the global batch; this rank's rows are a contiguous slice of it
+    G, n, rank = gc.num_generations, len(traj.rows), dist.rank()
+    all_rewards = dist.all_gather_cat(rewards_)
+    advantages = grpo_math.group_advantages(all_rewards, G, baseline=gc.baseline,
+                                            scale_rewards=gc.scale_rewards)[rank * n:(rank + 1) * n]
+    zero_std = grpo_math.zero_std_groups(all_rewards, G)  # [global groups]
+    local_zero = zero_std[rank * (n // G):(rank + 1) * (n // G)].repeat_interleave(G)
+    keep = (~local_zero).float() if gc.filter_zero_std else torch.ones(n, device=scores.device)
+    exp = Experience(traj.sequences, traj.attention_mask, traj.position_ids, mask, old_logp,
+                     None if gc.kl_in_reward else ref_logp, advantages, keep)
+
+    all_scores = dist.all_gather_cat(scores)
+    golds, gold_sums = rl_steps.gold_stats(traj.rows, traj.texts)
+    stats = {
+        "grpo/reward": all_scores.mean().item(),
+        "grpo/reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
+        "grpo/group_reward_std": grpo_math.group_view(all_rewards, G).std(-1).mean().item(),
+        "grpo/frac_zero_std": zero_std.float().mean().item(),
+        "grpo/advantage_abs": advantages.abs().mean().item(),
+        "grpo/response_length": mask.sum(-1).mean().item(),
+        "grpo/eos_rate": (traj.responses == m.tokenizer.eos_token_id).any(-1).float().mean()
+        .item(),
+        "perf/gen_s": traj.gen_s,
+        "perf/experience_s": time.perf_counter() - t0,
+        **score_stats,
+        **gold_sums,
+    }
+    if seq_kl is not None:
+        stats["grpo/kl"] = seq_kl.mean().item()
+        stats["grpo/non_score_reward"] = (-gc.beta * seq_kl).mean().item()
+    return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, scores, golds)
+
+
+def minibatch_totals(exp: Experience, idx: torch.Tensor, device: torch.device
+                     ) -> tuple[float, float]:
+    """(real tokens, sequences) of one minibatch over every rank: the loss normalisers of
+    `loss_agg` (filtered groups count for nothing)."""
+    mask = exp.mask[idx] * exp.keep[idx, None]
+    local = [float(mask.sum()), float((mask.sum(-1) > 0).sum())]
+    world = dist.world_size()
+    return tuple(v * world for v in dist.all_reduce_mean(local, device))
+
+
+def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geometry
+              ) -> dict[str, float]:
+    """`num_iterations` passes over one rollout, `num_minibatches` optimizer steps each.
+    Returns the means of the update's statistics on this rank.
+
+    DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients
+    over ranks; the loss handed to it is scaled by both, so the step's gradient is exactly that
+    of `loss_agg` over the whole minibatch (grpo_math)."""
+    gc, device = cfg.grpo, exp.sequences.device
+    temp, R, world = rl_steps.sampling_temperature(gc.generation), exp.mask.shape[1], \
+        dist.world_size()
+    max_new = gc.generation.max_new_tokens
+    acc: dict[str, list[float]] = defaultdict(list)
+    for _ in range(gc.num_iterations):
+        if geo.shuffle_groups:  # whole groups stay together (and may share their prompt)
+            groups = torch.randperm(geo.n_local // geo.group, generator=state.shuffle_gen)
+            perm = (groups[:, None] * geo.group + torch.arange(geo.group)).flatten().to(device)
+        else:
+            perm = torch.randperm(geo.n_local, generator=state.shuffle_gen).to(device)
+        for mb in range(gc.num_minibatches):
+            rows = perm[mb * geo.minibatch:(mb + 1) * geo.minibatch]
+            tokens, sequences = minibatch_totals(exp, rows, device)
+            if sequences == 0:  # every group filtered, on every rank: no step at all
+                acc["grpo/skipped_minibatches"].append(1.0)
+                continue
+            acc["grpo/skipped_minibatches"].append(0.0)
+            for k in range(0, geo.minibatch, geo.micro):
+                b = exp.select(rows[k:k + geo.micro])
+                if geo.prompt_group > 1:
+                    logits = rollout.group_response_logits(
+                        m.actor, b.sequences, b.attention_mask, b.position_ids, R,
+                        geo.prompt_group, temp)
+                else:
+                    logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
+                                                     b.position_ids, R, temp)
+                logp = ppo_math.logprobs_from_logits(logits, b.responses)
+                entropy = ppo_math.entropy_from_logits(
+                    logits if gc.entropy_coef > 0 else logits.detach())
+                loss, st = grpo_math.grpo_loss(
+                    logp, b.old_logprobs if b.old_logprobs is not None else logp.detach(),
+                    b.advantages, b.mask * b.keep[:, None], epsilon=gc.epsilon,
+                    epsilon_high=gc.epsilon_high, loss_agg=gc.loss_agg, max_new_tokens=max_new,
+                    ref_logprobs=b.ref_logprobs, beta=gc.beta, kl_estimator=kl_estimator(cfg),
+                    entropy=entropy, entropy_coef=gc.entropy_coef, total_tokens=tokens,
+                    total_sequences=sequences)
+                scale = world * geo.grad_accum  # undo DeepSpeed's averaging (docstring)
+                m.actor.backward(loss * scale)
+                m.actor.step()
+                acc["grpo/loss"].append(loss.item() * scale)
+                acc["grpo/pg_loss"].append(st["pg_loss"].item() * scale)
+                for key in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl"):
+                    acc[f"grpo/{key}"].append(st[key].item())
+                acc["grpo/entropy"].append(
+                    ppo_math.masked_mean(entropy.detach(), b.mask).item())
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def finish_step(cfg: DictConfig, state: State, stats: dict[str, float]) -> dict[str, float]:
+    """Average the step's statistics over ranks; a NaN loss stops the run with one line."""
+    stats = rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
+    rl_steps.check_finite(stats, ("grpo/loss",), state.step + 1,
+                          "Lower grpo.actor.lr or check the reward scale")
+    return stats
+
+
+def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, float]:
+    """Held-out prompts, sampled with grpo.generation and a fixed seed (module docstring)."""
+    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "grpo", eval_rows,
+                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: Path,
+                             tracker: Tracker) -> None:
+    """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
+    shared, local = rl_steps.loop_state(state, tracker)
+    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
+    resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="grpo", local=local,
+                lora_save=cfg.model.lora.save, keep_last=cfg.grpo.keep_last)
+
+
+def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
+    rl_steps.restore_loop_state(state, resume.load(m.actor, ckpt))
+    resume.restore_rng(ckpt)
+
+
+# ----------------------------------------------------------------------------- the stage
+def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
+    """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
+    inspect."""
+    gc = cfg.grpo
+    runtime.set_seed(cfg.seed)
+    dist.init(cfg.hardware.device)
+    world, rank = dist.world_size(), dist.rank()
+
+    # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
+    # stop the run here, before anything is written
+    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)  # the RL share of data_mix.split
+    if len(data.train) < gc.prompts_per_step:
+        raise ConfigError(f"grpo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
+                          f"than grpo.prompts_per_step={gc.prompts_per_step}")
+    eval_rows = evaluation.heldout_shard(cfg, gc.eval_num_prompts, rank, world)
+    inputs = resolve_inputs(cfg)
+    check_default_reward_fits(cfg, data.train[:4])
+    reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
+                                    data.train[:4])
+    runtime.save_run_config(cfg, run_dir)
+    resume_from = resume.find(cfg, run_dir, "grpo")
+    saved = resume.read_state(resume_from) if resume_from else {}
+    tracker = Tracker(cfg, run_dir, "grpo", run_id=saved.get("wandb_run_id"))
+    tracker.record_inputs(asdict(inputs), prefix="grpo")
+
+    # --- models, prompts, the step-to-step state
+    geo = batch_geometry(cfg, world)
+    m = load_models(cfg, inputs, geo, reward_functions)
+    prompt_tokens = [prompt_ids(m.tokenizer, row, cfg.model.prompt_template, gc.max_prompt_len)
+                     for row in data.train]
+    schedule = rollout.PromptSchedule(len(data.train), gc.prompts_per_step, seed=cfg.seed,
+                                      rank=rank, world=world)
+    state = fresh_state(cfg)
+    completions = gc.prompts_per_step * gc.num_generations
+    runtime.say(f"grpo: {len(data.train)} prompts ({len(eval_rows) * world} held out), "
+                f"{gc.steps} steps x {gc.prompts_per_step} prompts x {gc.num_generations} "
+                f"completions = {completions}; update {gc.num_iterations} pass(es) x "
+                f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
+                f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
+                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
+                f"{m.actor_stage}; actor {inputs.actor_init}; reward "
+                f"{inputs.reward_model or '-'}"
+                + "".join(f" + {f.weight} x {f.spec}" for f in reward_functions))
+    tracker.summary({"grpo/prompts_per_step": gc.prompts_per_step,
+                     "grpo/completions_per_step": completions,
+                     "grpo/minibatch_size": geo.minibatch * world,
+                     "grpo/train_prompts": len(data.train),
+                     "grpo/reference_placement": engine.placement(gc.offload_reference,
+                                                                  m.actor_stage)
+                     if m.reference is not None else "none",
+                     "grpo/reward_model_placement": engine.placement(gc.offload_reward_model,
+                                                                     m.actor_stage)
+                     if m.reward_model is not None else "none"})
+    if resume_from:
+        load_training_checkpoint(m, state, resume_from)
+        runtime.say(f"grpo: resumed from {resume_from} at step {state.step}/{gc.steps}")
+    elif eval_rows:
+        state.init_eval = state.last_eval = evaluate(m, cfg, eval_rows)
+        tracker.log(state.init_eval, 0)
+
+    # --- the loop
+    bar = runtime.progress(gc.steps, "grpo")
+    bar.update(state.step)
+    loop_start = time.perf_counter()
+    while state.step < gc.steps:
+        step = state.step + 1
+        t0 = time.perf_counter()
+        idx = schedule.indices(step)
+        traj = generate_groups(m, cfg, [data.train[i] for i in idx],
+                               [prompt_tokens[i] for i in idx], state)
+        exp, stats, table = make_experience(m, cfg, traj, geo)
+        t1 = time.perf_counter()
+        stats.update(grpo_step(m, cfg, exp, state, geo))
+        elapsed = time.perf_counter() - t0
+        stats.update({"perf/train_s": time.perf_counter() - t1,
+                      "grpo/actor_lr": m.actor.get_lr()[0],
+                      "perf/samples_per_s": geo.n_local * world / elapsed,
+                      "perf/tokens_per_s": float(exp.mask.sum()) * world / elapsed})
+        stats = finish_step(cfg, state, stats)
+        state.step, state.last_stats = step, stats
+        rl_steps.log_step(tracker, cfg, "grpo", step, stats, table)
+        bar.update(1)
+        bar.set_postfix(gold=f"{stats.get('grpo/gold_reward', float('nan')):.3f}",
+                        reward=f"{stats['grpo/reward']:.3f}",
+                        zero_std=f"{stats['grpo/frac_zero_std']:.2f}")
+        if eval_rows and gc.eval_every > 0 and step % gc.eval_every == 0 and step < gc.steps:
+            state.last_eval = evaluate(m, cfg, eval_rows)
+            tracker.log(state.last_eval, step)
+        if gc.save_every > 0 and step % gc.save_every == 0 and step < gc.steps:
+            save_training_checkpoint(m, cfg, state, run_dir, tracker)
+    bar.close()
+    loop_s = time.perf_counter() - loop_start
+    if eval_rows:
+        state.last_eval = evaluate(m, cfg, eval_rows)
+        tracker.log(state.last_eval, gc.steps)
+
+    # --- checkpoint, result
+    meta = {"stage": "grpo", "step": gc.steps, **asdict(inputs)}
+    ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "grpo", run_dir, tracker, meta,
+                                      state.last_eval)
+    metrics = rl_steps.final_metrics("grpo", state, FINAL_KEYS, gc.steps)
+    metrics["perf/loop_s"] = loop_s  # this process's steps (a resumed run: the rest only)
+    tracker.summary(metrics)
+    result = runtime.StageResult("grpo", str(run_dir), str(ckpt), tracker.run_id,
+                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
+    result.write()
+    if "grpo/eval_gold_reward" in state.init_eval:
+        runtime.say(f"grpo: done. held-out gold reward "
+                    f"{state.init_eval['grpo/eval_gold_reward']:.3f} -> "
+                    f"{state.last_eval['grpo/eval_gold_reward']:.3f}")
+    runtime.say(f"grpo: checkpoint {ckpt}")
+    if tracker.enabled:
+        runtime.say(tracker.where())
+    tracker.finish()
+    return m.actor, m.tokenizer, result
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    done = resume.completed(run_dir, "grpo")  # run again in a finished run dir: nothing to do
+    if done is not None:
+        runtime.say(f"grpo: {run_dir} has already finished (checkpoints/final); not training "
+                    "again")
+        return done
+    return train(cfg, run_dir)[2]
