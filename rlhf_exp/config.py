@@ -266,6 +266,9 @@ class DPOConfig(TrainLoopConfig):
     # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0  # weight of the NLL of the chosen response (RPO); 0 = off
+    # compute each pair's prompt once for its two responses (KV cache repeated; the same
+    # numbers, fewer tokens); off with model.gradient_checkpointing (no cache in training)
+    shared_prompt: bool = True
     epochs: int = 1
     lr: float = 1e-3
     warmup_steps: int = 10

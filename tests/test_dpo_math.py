@@ -166,7 +166,8 @@ def parity_setup():
     with torch.no_grad():
         ref_c, ref_r = pair_logps(reference, batch).halves("logps")
     return {"path": path, "tokenizer": tokenizer, "reference": reference, "policy": policy,
-            "rows": rows, "batch": batch, "ref": (ref_c, ref_r)}
+            "rows": rows, "batch": batch, "ref": (ref_c, ref_r),
+            "shared_batch": collate_dpo(feats, tokenizer.pad_token_id, shared_prompt=True)}
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +210,12 @@ def _trl_loss(trainer, trl_args: dict, swapped: bool = False):
     return float(loss.detach()), grads, metrics, batch
 
 
-def _our_loss(setup, ours: dict, beta: float):
+def _our_loss(setup, ours: dict, beta: float, batch: str = "batch"):
     policy = copy.deepcopy(setup["policy"])
     from rlhf_exp.stages.dpo import pair_logps
 
     kwargs = {"label_smoothing": 0.0, "rpo_alpha": 0.0, **ours}
-    loss, terms = dpo_math.dpo_loss(pair_logps(policy, setup["batch"]), *setup["ref"],
+    loss, terms = dpo_math.dpo_loss(pair_logps(policy, setup[batch]), *setup["ref"],
                                     beta=beta, **kwargs)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -241,6 +242,26 @@ def test_loss_and_gradient_equal_trl(parity_setup, trl_trainer, case):
     _assert_grads_close(o_grads, t_grads)
     for name in METRICS:
         assert o_metrics[name] == pytest.approx(t_metrics[name], abs=1e-5), name
+
+
+@pytest.mark.parametrize("case", ["rpo", "ipo"])
+def test_shared_prompt_layout_equals_trl(parity_setup, trl_trainer, case):
+    """dpo.shared_prompt (each pair's prompt computed once, its KV cache repeated for both
+    responses): the same loss, gradient and metrics as TRL's one forward per sequence (rpo: the
+    sigmoid loss + the chosen NLL; ipo: the response lengths)."""
+    from rlhf_exp.stages.dpo import pair_logps
+
+    ours_args, trl_args = CASES[case]
+    t_loss, t_grads, t_metrics, _ = _trl_loss(trl_trainer, trl_args)
+    o_loss, o_grads, o_metrics = _our_loss(parity_setup, ours_args, BETA, batch="shared_batch")
+    assert abs(o_loss - t_loss) < 1e-5, (o_loss, t_loss)
+    _assert_grads_close(o_grads, t_grads)
+    for name in METRICS:
+        assert o_metrics[name] == pytest.approx(t_metrics[name], abs=1e-5), name
+    with torch.no_grad():  # the reference pass in this layout: the same log-probs
+        shared = pair_logps(parity_setup["reference"], parity_setup["shared_batch"])
+    torch.testing.assert_close(torch.cat(shared.halves("logps")), torch.cat(parity_setup["ref"]),
+                               rtol=0, atol=1e-5)
 
 
 def test_cdpo_is_trls_sigmoid_on_the_pair_and_on_the_swapped_pair(parity_setup, trl_trainer):

@@ -191,15 +191,31 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "attention_mask": pad_right([[1] * len(s) for s in seqs], 0)}
 
 
-def collate_dpo(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_dpo(batch: list[dict], pad_id: int, shared_prompt: bool = False
+                ) -> dict[str, torch.Tensor]:
     """collate_pairs plus `completion_mask` (1 on each row's response tokens, EOS included; the
     DPO log-probabilities count these) and, where the features carry them (rlhf_exp/stages/
     dpo.py adds them), the reference log-probabilities `ref_chosen_logps` / `ref_rejected_logps`
-    [B] of the pairs."""
-    out = collate_pairs(batch, pad_id)
-    sides = [(b["chosen_ids"], b["prompt_len"]) for b in batch] + \
-        [(b["rejected_ids"], b["prompt_len"]) for b in batch]
-    out["completion_mask"] = pad_right([[0] * n + [1] * (len(ids) - n) for ids, n in sides], 0)
+    [B] of the pairs.
+
+    shared_prompt=True: the layout in which each pair's prompt is computed once
+    (stages/dpo.py shared_prompt_logps) instead: `prompt_ids` / `prompt_mask` [B, P] (the B
+    prompts left-padded, so that every response starts at column P) and `response_ids` /
+    `response_mask` [2B, R] (the chosen responses + EOS, then the rejected ones, right-padded)."""
+    if shared_prompt:
+        n = [b["prompt_len"] for b in batch]
+        out = {"prompt_ids": pad_left([b["chosen_ids"][:k] for b, k in zip(batch, n)], pad_id),
+               "prompt_mask": pad_left([[1] * k for k in n], 0)}
+        responses = [b["chosen_ids"][k:] for b, k in zip(batch, n)] + \
+            [b["rejected_ids"][k:] for b, k in zip(batch, n)]
+        out["response_ids"] = pad_right(responses, pad_id)
+        out["response_mask"] = pad_right([[1] * len(r) for r in responses], 0)
+    else:
+        out = collate_pairs(batch, pad_id)
+        sides = [(b["chosen_ids"], b["prompt_len"]) for b in batch] + \
+            [(b["rejected_ids"], b["prompt_len"]) for b in batch]
+        out["completion_mask"] = pad_right([[0] * n + [1] * (len(ids) - n) for ids, n in sides],
+                                           0)
     if "ref_chosen_logps" in batch[0]:
         out["ref_chosen_logps"] = torch.tensor([b["ref_chosen_logps"] for b in batch])
         out["ref_rejected_logps"] = torch.tensor([b["ref_rejected_logps"] for b in batch])

@@ -45,16 +45,57 @@ from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
 from rlhf_exp.errors import DataError
+from rlhf_exp.ppo_math import logprobs_from_logits
 from rlhf_exp.tracking import Tracker, resolve_init
 
 
 # ----------------------------------------------------------------------------- the loss
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.SequenceLogps:
     """The response log-probabilities of one collate_dpo batch (B chosen rows, then B rejected)
-    under `model` (the DeepSpeed engine, whose forward drives ZeRO, or a frozen model)."""
+    under `model` (the DeepSpeed engine, whose forward drives ZeRO, or a frozen model); a batch
+    in the shared-prompt layout goes to shared_prompt_logps."""
+    if "prompt_ids" in batch:
+        return shared_prompt_logps(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
     return dpo_math.sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.SequenceLogps:
+    """pair_logps with each pair's prompt computed once (dpo.shared_prompt): a forward over the B
+    left-padded prompts keeps its KV cache, each prompt's cache is repeated for its two
+    responses, and a second forward runs the 2B responses on it. The same numbers as one forward
+    over prompt + response per row (to fp32 rounding; tests/test_dpo_math.py), gradients
+    included (both responses' gradients flow into their prompt's one pass), on a third fewer
+    tokens when prompts are as long as both responses. Needs the KV cache in training (not with
+    gradient checkpointing)."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    responses, response_mask = batch["response_ids"], batch["response_mask"]
+    B, R = prompt_ids.shape[0], responses.shape[1]
+    # rows in pair order (chosen 0, rejected 0, chosen 1, ...): the cache repeats each prompt
+    # twice in place; `back` restores chosen-then-rejected
+    order = torch.arange(2 * B, device=responses.device).view(2, B).t().reshape(-1)
+    back = torch.argsort(order)
+    responses, response_mask = responses[order], response_mask[order]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=1)
+    logits = out.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts response token 0
+    if R > 1:
+        cache = out.cache
+        cache.batch_repeat_interleave(2)
+        start = prompt_mask.sum(1).repeat_interleave(2)[:, None]  # each response's first position
+        rest = model(input_ids=responses[:, :-1],
+                     attention_mask=torch.cat([prompt_mask.repeat_interleave(2, dim=0),
+                                               response_mask[:, :-1]], dim=1),
+                     position_ids=start + torch.arange(R - 1, device=responses.device),
+                     cache=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], dim=1)  # [2B, R, V]: predicts response tokens 0..R-1
+    per_token = logprobs_from_logits(logits.float(), responses)
+    mask = response_mask.to(per_token.dtype)
+    logits_sum = (logits.detach().float().mean(-1) * mask).sum(-1)
+    return dpo_math.SequenceLogps((per_token * mask).sum(-1)[back], mask.sum(-1)[back],
+                                  logits_sum[back])
 
 
 def dpo_step(eng, batch: dict[str, torch.Tensor],
@@ -104,7 +145,7 @@ def pairs_used(sampler: GlobalBatchSampler, total_steps: int) -> list[int]:
 
 @torch.no_grad()
 def reference_logps(reference, features: list[dict], indices: list[int], batch_size: int,
-                    pad_id: int, device: torch.device) -> torch.Tensor:
+                    collate, device: torch.device) -> torch.Tensor:
     """[len(indices), 2] the reference's (chosen, rejected) log-probabilities of the pairs
     features[indices]. Each rank scores an equal share (train_loop.rank_share: the same number
     of forwards everywhere, as ZeRO-3 needs) and the shares are gathered, so every rank ends
@@ -114,7 +155,7 @@ def reference_logps(reference, features: list[dict], indices: list[int], batch_s
     local = []
     for lo in range(0, len(mine), batch_size):
         chunk = [features[indices[i]] for i in mine[lo:lo + batch_size]]
-        batch = {k: v.to(device) for k, v in collate_dpo(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
         chosen, rejected = pair_logps(reference, batch).halves("logps")
         local.append(torch.stack([chosen, rejected], dim=1).float())
     local = torch.cat(local) if local else torch.empty(0, 2, device=device)
@@ -138,13 +179,14 @@ def with_reference(features: list[dict], indices: list[int], values: torch.Tenso
 
 
 def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple[list, list]],
-                         device: torch.device) -> list[list[dict]]:
+                         device: torch.device, collate) -> list[list[dict]]:
     """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
     ZeRO-3), run the precomputed pass over each (features, indices) of `sets`, free it."""
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
-    micro, pad = cfg.dpo.micro_batch_size_per_device, tokenizer.pad_token_id
-    out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, pad, device))
+    micro = cfg.dpo.micro_batch_size_per_device
+    out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
+                                                      device))
            for feats, idx in sets]
     del reference, model
     return out
@@ -226,14 +268,18 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                         f"global batch {global_batch} (dpo.micro_batch_size_per_device x "
                         "dpo.gradient_accumulation_steps x ranks): lower them or add data")
 
+    # batches in the shared-prompt layout (each pair's prompt computed once) unless the model
+    # has no KV cache in training
+    shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
+    collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+
     # --- the reference pass: every pair the run trains on and every held-out pair, scored once
     t0 = time.perf_counter()
     used = pairs_used(sampler, total_steps)
     train_set, eval_set = score_with_reference(
         cfg, reference_path, tokenizer,
-        [(train_set, used), (eval_set, list(range(len(eval_set))))], device)
+        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
     reference_s = time.perf_counter() - t0
-    collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id)
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
     eval_loader = DataLoader(eval_set, batch_size=dc.micro_batch_size_per_device,
                              collate_fn=collate)
