@@ -19,7 +19,8 @@ functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
         {"accuracy": 0.75}). Every `log_every` steps the loop logs the window mean over
         micro-batches and ranks of the loss and of each stat as `<stage>/loss`,
         `<stage>/<name>`, with `<stage>/lr`, `<stage>/grad_norm`, `<stage>/epoch`,
-        `perf/tokens_per_s` (attention_mask tokens) and `perf/samples_per_s`.
+        `perf/tokens_per_s` (attention_mask tokens, or the batch's `num_tokens`) and
+        `perf/samples_per_s`.
     eval_fn(eng) -> dict[str, float]
         Held-out metrics under their full names (`<stage>/eval_loss`, ...), the same on every
         rank. Under ZeRO-3 every forward is a collective: every rank must run the same number of
@@ -152,7 +153,9 @@ def _add_to_window(state: LoopState, values: dict[str, float], batch: dict) -> N
     for name, value in values.items():
         state.window[name] = state.window.get(name, 0.0) + value
     state.window_n += 1
-    if "attention_mask" in batch:
+    if "num_tokens" in batch:  # a layout without one row per sequence (DPO's shared prompts)
+        state.window_tokens += int(batch["num_tokens"])
+    elif "attention_mask" in batch:
         state.window_tokens += int(batch["attention_mask"].sum())
 
 

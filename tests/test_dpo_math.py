@@ -262,6 +262,9 @@ def test_shared_prompt_layout_equals_trl(parity_setup, trl_trainer, case):
         shared = pair_logps(parity_setup["reference"], parity_setup["shared_batch"])
     torch.testing.assert_close(torch.cat(shared.halves("logps")), torch.cat(parity_setup["ref"]),
                                rtol=0, atol=1e-5)
+    # perf/tokens_per_s counts the same tokens in either layout
+    assert int(parity_setup["shared_batch"]["num_tokens"]) == \
+        int(parity_setup["batch"]["attention_mask"].sum())
 
 
 def test_cdpo_is_trls_sigmoid_on_the_pair_and_on_the_swapped_pair(parity_setup, trl_trainer):

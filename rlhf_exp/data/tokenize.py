@@ -201,7 +201,8 @@ def collate_dpo(batch: list[dict], pad_id: int, shared_prompt: bool = False
     shared_prompt=True: the layout in which each pair's prompt is computed once
     (stages/dpo.py shared_prompt_logps) instead: `prompt_ids` / `prompt_mask` [B, P] (the B
     prompts left-padded, so that every response starts at column P) and `response_ids` /
-    `response_mask` [2B, R] (the chosen responses + EOS, then the rejected ones, right-padded)."""
+    `response_mask` [2B, R] (the chosen responses + EOS, then the rejected ones, right-padded),
+    and `num_tokens` (the pairs' tokens as 2B sequences)."""
     if shared_prompt:
         n = [b["prompt_len"] for b in batch]
         out = {"prompt_ids": pad_left([b["chosen_ids"][:k] for b, k in zip(batch, n)], pad_id),
@@ -210,6 +211,9 @@ def collate_dpo(batch: list[dict], pad_id: int, shared_prompt: bool = False
             [b["rejected_ids"][k:] for b, k in zip(batch, n)]
         out["response_ids"] = pad_right(responses, pad_id)
         out["response_mask"] = pad_right([[1] * len(r) for r in responses], 0)
+        # the pairs' tokens as sequences (each prompt twice): perf/tokens_per_s (train_loop)
+        # counts what the batch holds, not what the shared layout computes
+        out["num_tokens"] = torch.tensor(2 * sum(n) + sum(len(r) for r in responses))
     else:
         out = collate_pairs(batch, pad_id)
         sides = [(b["chosen_ids"], b["prompt_len"]) for b in batch] + \
