@@ -196,7 +196,7 @@ def test_resume_check_knows_dpo_and_the_ppo_eval_settings_it_reads(tmp_path):
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(saved, resolve=True))
     resume.check_compatible(compose("stage=dpo", "dpo.max_steps=12", "dpo.save_every=3",
                                     "ppo.kl.coef=0.5", f"resume={run_dir}"), run_dir)
-    for override, says in (("dpo.beta=0.3", "dpo.beta=0.1 (now 0.3)"),
+    for override, says in (("dpo.beta=0.5", "dpo.beta=0.3 (now 0.5)"),
                            ("ppo.generation.temperature=0.5", "ppo.generation.temperature="),
                            ("ppo.eval_num_prompts=8", "ppo.eval_num_prompts=")):
         with pytest.raises(UserError, match=r"the run was made with another config") as err:
