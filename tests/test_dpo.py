@@ -29,6 +29,7 @@ SMALL = ["data_mix.sources.0.synthetic.num_examples=1000",
          "sft.max_steps=20", "sft.eval_every=0", "sft.log_every=5",
          "dpo.max_steps=8", "dpo.micro_batch_size_per_device=8", "dpo.log_every=2",
          "dpo.eval_every=4", "dpo.warmup_steps=2",
+         "dpo.beta=0.1",  # the first window (steps 1-2) stays within 0.02 of log 2
          "ppo.eval_num_prompts=16", "ppo.eval_batch_size=16"]
 TRAIN_METRICS = ("dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected",
                  "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/logps/chosen",
