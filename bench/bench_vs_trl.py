@@ -1,15 +1,18 @@
-"""Ours against TRL on the same tiny model, prompts, group size, lengths and step count.
+"""Ours against TRL on the same tiny model, data, batch, lengths and step count.
 
     rlhf-exp experiment=demo 'stage.stages=[sft]' hydra.run.dir=outputs/demo_sft   # once
     pip install -e '.[bench]'                                         # TRL 1.16 (not a runtime dep)
     python bench/bench_vs_trl.py --algo grpo --sft outputs/demo_sft/sft --steps 30
+    python bench/bench_vs_trl.py --algo dpo --sft outputs/demo_sft/sft --steps 100
     python bench/bench_vs_trl.py --algo grpo --sft <dir> --device cuda
 
 Each framework x algorithm runs in its own child process (so peak memory is its own), one after
 the other, from the same SFT checkpoint; the parent prints one table. Per run:
   - throughput of the training loop: completions per second (GRPO; pairs per second for DPO),
     steps x completions per step / wall seconds of the steps (model loading and evaluation
-    excluded; the whole child's wall time is printed too)
+    excluded; the whole child's wall time is printed too). DPO's includes the reference
+    log-probs: TRL computes them inside its steps (or, with precompute_ref_log_probs, in a pass
+    before them: framework `trl_precompute`), we in one pass before the steps
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
     (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
@@ -22,6 +25,15 @@ loss_type=dapo (= our loss_agg=token_mean), one optimizer step per rollout, Adam
 The reward is the task's gold reward as a function for both (rlhf_exp.tasks:gold_reward_fn).
 Known differences: AdamW betas (ours 0.9/0.95, TRL 0.9/0.999), and each framework's own prompt
 order.
+
+DPO settings shared by both (TRL's names): the reward share's preference pairs of the demo's
+data mix, per_device_train_batch_size = --pairs, max_length 48 (nothing is cut: the sort
+task's sequences are shorter), learning_rate (constant schedule, no warmup), AdamW with betas
+0.9/0.95, eps 1e-8, no weight decay, grad clip 1, beta, loss_type sigmoid, fp32, dropout off,
+no gradient checkpointing. Frameworks: `ours`, `trl` (TRL's default: the reference model
+scores each batch inside the step) and `trl_precompute` (precompute_ref_log_probs=True: one
+reference pass over the training set before the steps). Known difference: each framework's own
+pair order.
 
 Add an algorithm: a `run_<framework>_<algo>` function per framework returning a Result, and an
 entry in RUNNERS.
@@ -173,7 +185,95 @@ def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
                   time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
 
 
-RUNNERS = {("ours", "grpo"): run_ours_grpo, ("trl", "grpo"): run_trl_grpo}
+# ----------------------------------------------------------------------------- DPO
+def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
+    from rlhf_exp import models
+    from rlhf_exp.stages import dpo
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=dpo", f"dpo.init_from={args.sft}", f"dpo.max_steps={args.steps}",
+                  f"dpo.micro_batch_size_per_device={args.pairs}",
+                  "dpo.gradient_accumulation_steps=1", f"dpo.lr={args.lr}",
+                  "dpo.lr_scheduler=constant", "dpo.warmup_steps=0", f"dpo.beta={args.beta}",
+                  "dpo.loss_type=sigmoid", f"dpo.max_len={args.max_len}",
+                  "dpo.eval_every=0", "dpo.log_every=10",
+                  "ppo.eval_num_prompts=1",  # its own held-out gold: evaluated here instead
+                  "logger.log_checkpoints=false", *args.ours_set)
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+    init_gold = heldout_gold(start, tokenizer, cfg, args)
+    del start
+    policy, _, result = dpo.train(cfg, work / "ours")
+    gold = heldout_gold(policy.module, tokenizer, cfg, args)
+    m = result.metrics
+    return Result("ours", "dpo", args.steps * args.pairs, m["perf/reference_s"] + m["perf/loop_s"],
+                  time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
+
+
+def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Result:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf_exp import models
+    from rlhf_exp.data import build_stage_data
+
+    t0 = time.perf_counter()
+    cfg = compose(args, "stage=dpo")
+    rows = build_stage_data(cfg.data_mix, "reward", args.seed).train
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                 for r in rows])
+    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    config = DPOConfig(
+        output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1,
+        beta=args.beta, loss_type=["sigmoid"], max_length=args.max_len,
+        precompute_ref_log_probs=precompute, logging_steps=10, save_strategy="no",
+        report_to="none", seed=args.seed, use_cpu=args.device == "cpu", bf16=False,
+        gradient_checkpointing=False, disable_dropout=True)
+    # with precompute_ref_log_probs TRL scores the training set in its constructor: that pass
+    # is part of the training's cost (as our reference pass is of ours), so it is timed
+    ref_s = []
+    precompute_pass = DPOTrainer._precompute_ref_logps
+
+    def timed_pass(self, *a, **kw):
+        t = time.perf_counter()
+        out = precompute_pass(self, *a, **kw)
+        ref_s.append(time.perf_counter() - t)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_pass
+    trainer = DPOTrainer(model=args.sft, args=config, train_dataset=dataset,
+                         processing_class=tokenizer)
+    t_ref = sum(ref_s)
+    init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    trainer.model.train()
+    t1 = time.perf_counter()
+    trainer.train()
+    loop_s = time.perf_counter() - t1 + t_ref
+    gold = heldout_gold(trainer.model, tokenizer, cfg, args)
+    name = "trl_precompute" if precompute else "trl"
+    return Result(name, "dpo", args.steps * args.pairs, loop_s, time.perf_counter() - t0,
+                  peak_memory_mib(args.device), init_gold, gold)
+
+
+def run_trl_dpo(args: argparse.Namespace, work: Path) -> Result:
+    return _run_trl_dpo(args, work, precompute=False)
+
+
+def run_trl_precompute_dpo(args: argparse.Namespace, work: Path) -> Result:
+    return _run_trl_dpo(args, work, precompute=True)
+
+
+RUNNERS = {("ours", "grpo"): run_ours_grpo, ("trl", "grpo"): run_trl_grpo,
+           ("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
+           ("trl_precompute", "dpo"): run_trl_precompute_dpo}
+# per algorithm: the defaults of the options that differ (GRPO: TRL's beta 0 as in its docs;
+# DPO: TRL's beta 0.1 and our dpo defaults' lr)
+DEFAULTS = {"grpo": {"frameworks": "ours,trl", "steps": 30, "lr": 3e-4, "beta": 0.0},
+            "dpo": {"frameworks": "ours,trl,trl_precompute", "steps": 100, "lr": 1e-3,
+                    "beta": 0.1}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -196,23 +296,30 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="grpo")
-    p.add_argument("--frameworks", default="ours,trl", help="comma-separated, run in order")
+    p.add_argument("--frameworks", help="comma-separated, run in order (grpo: ours,trl; dpo: "
+                                        "ours,trl,trl_precompute)")
     p.add_argument("--sft", required=True, help="the starting policy (SFT checkpoint or run dir)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    p.add_argument("--generations", type=int, default=8, help="completions per prompt")
-    p.add_argument("--new-tokens", type=int, default=12, help="max completion tokens")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--steps", type=int, help="optimizer steps (grpo: 30, dpo: 100)")
+    p.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per step")
+    p.add_argument("--generations", type=int, default=8, help="GRPO: completions per prompt")
+    p.add_argument("--pairs", type=int, default=32, help="DPO: preference pairs per step")
+    p.add_argument("--max-len", type=int, default=48, help="DPO: max prompt + response tokens")
+    p.add_argument("--new-tokens", type=int, default=12,
+                   help="max completion tokens (GRPO's training and both evals)")
+    p.add_argument("--lr", type=float, help="constant learning rate (grpo: 3e-4, dpo: 1e-3)")
+    p.add_argument("--beta", type=float, help="KL / DPO beta (grpo: 0, dpo: 0.1)")
     p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Hydra override for our run (repeatable), e.g. "
-                        "grpo.actor.zero_stage=0")
+                        "grpo.actor.zero_stage=0, dpo.micro_batch_size_per_device=16")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for key, value in DEFAULTS[args.algo].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     from rlhf_exp.tracking import resolve_init
 
     args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
@@ -236,18 +343,19 @@ def main() -> None:
     device = (torch.cuda.get_device_name() if args.device == "cuda" else
               f"{platform.machine()}, {args.threads or torch.get_num_threads()} threads, "
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    print(f"\n# {args.algo}: {args.steps} steps x {args.prompts} prompts x {args.generations} "
-          f"completions, {args.new_tokens} new tokens, lr {args.lr}, beta {args.beta}; "
+    shape = (f"{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new "
+             "tokens" if args.algo == "grpo" else f"{args.pairs} pairs, max_len {args.max_len}")
+    print(f"\n# {args.algo}: {args.steps} steps x {shape}, lr {args.lr}, beta {args.beta}; "
           f"{device}; held-out gold on {args.eval_prompts} prompts (T=1, seed {args.seed})")
-    print(f"{'framework':<10} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
+    print(f"{'framework':<15} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
           f"{'gold start':>10} {'gold end':>9}")
     for r in results:
-        print(f"{r.framework:<10} {r.per_s:>14.1f} {r.loop_s:>8.1f} {r.total_s:>8.1f} "
+        print(f"{r.framework:<15} {r.per_s:>14.1f} {r.loop_s:>8.1f} {r.total_s:>8.1f} "
               f"{r.peak_mem_mib:>9.0f} {r.init_gold or float('nan'):>10.3f} "
               f"{r.gold or float('nan'):>9.3f}")
-    if len(results) == 2:
-        a, b = results
-        print(f"{a.framework} / {b.framework} throughput: {a.per_s / b.per_s:.2f}x")
+    for other in results[1:]:
+        print(f"{results[0].framework} / {other.framework} throughput: "
+              f"{results[0].per_s / other.per_s:.2f}x")
 
 
 if __name__ == "__main__":

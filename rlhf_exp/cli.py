@@ -40,11 +40,12 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.quoting import quote_text_values
 
 RUNNERS = {name: f"rlhf_exp.stages.{name}" for name in
-           ("sft", "reward", "ppo", "grpo", "pipeline", "algorithms", "eval", "chat")}
+           ("sft", "reward", "ppo", "grpo", "dpo", "pipeline", "algorithms", "eval", "chat")}
 CONFIG_DIGEST_ENV = "RLHF_EXP_CONFIG_DIGEST"
 # pipeline: the last stage's objective (_objective_key)
 DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
                      "ppo": "ppo/eval_gold_reward", "grpo": "grpo/eval_gold_reward",
+                     "dpo": "dpo/eval_gold_reward",
                      "algorithms": None, "eval": None, "chat": None}
 
 register_configs()

@@ -35,6 +35,7 @@ DEFAULT_METRICS = {
     "reward": ["reward/loss", "reward/eval_accuracy"],
     "ppo": ["ppo/gold_reward", "ppo/reward_score", "ppo/kl"],
     "grpo": ["grpo/gold_reward", "grpo/eval_gold_reward", "grpo/kl"],
+    "dpo": ["dpo/loss", "dpo/eval_rewards/accuracies", "dpo/eval_gold_reward"],
     "eval": [],
 }
 X_AXES = ("step", "time")

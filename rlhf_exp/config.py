@@ -19,17 +19,18 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from rlhf_exp.errors import ConfigError, UserError
 
-STAGES = ("sft", "reward", "ppo", "grpo", "pipeline", "algorithms", "eval", "chat")
+STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "pipeline", "algorithms", "eval", "chat")
 # `stage=pipeline`: the stages it may chain, and where each one starts from when its key is left
 # unset: key -> the output of the latest earlier stage of that name, or of the latest earlier
 # stage that trains a policy ("policy": sft or a stage with a "policy" key). A new stage is one
-# entry here (e.g. "dpo": {"dpo.actor_init": "policy"}); the stage named by a "policy" key is a
+# entry here (e.g. "dpo": {"dpo.init_from": "policy"}); the stage named by a "policy" key is a
 # policy-training stage whose start and result the pipeline's summary compares.
 PIPELINE_HANDOFF: dict[str, dict[str, str]] = {
     "sft": {},
     "reward": {"reward.init_from": "sft"},
     "ppo": {"ppo.actor_init": "policy", "ppo.critic_init": "reward"},
     "grpo": {"grpo.actor_init": "policy", "grpo.reward_model": "reward"},
+    "dpo": {"dpo.init_from": "policy"},
 }
 # stage -> the key naming the policy it starts from (ppo.actor_init, grpo.actor_init, ...)
 POLICY_START_KEY = {stage: key for stage, keys in PIPELINE_HANDOFF.items()
@@ -50,10 +51,13 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 GRPO_BASELINES = ("group_mean", "leave_one_out")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
+# the DPO losses of rlhf_exp/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 # the shares of data_mix.split each stage reads (eval: the ppo share's held-out prompts)
+# (dpo: the reward share's pairs; its held-out gold reward reads the ppo share's held-out
+# prompts when that share is there, as PPO's does)
 STAGE_SHARES = {"sft": ("sft",), "reward": ("reward",), "ppo": ("ppo",), "grpo": ("ppo",),
-                "eval": ("ppo",),
-                "chat": ()}
+                "dpo": ("reward",), "eval": ("ppo",), "chat": ()}
 # a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
@@ -108,7 +112,7 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- stage
 @dataclass
 class StageConfig:
-    name: str = MISSING  # which runner: sft, reward, ppo, grpo, pipeline, algorithms, eval, chat
+    name: str = MISSING  # the runner: sft, reward, ppo, grpo, dpo, pipeline, algorithms, eval, chat
     # pipeline only: the stages run in order, each starting from the previous one's output
     # (PIPELINE_HANDOFF above)
     stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])
@@ -268,6 +272,32 @@ class TrainLoopConfig:
 @dataclass
 class SFTConfig(TrainLoopConfig):
     pass
+
+
+@dataclass
+class DPOConfig(TrainLoopConfig):
+    """`stage=dpo` (rlhf_exp/stages/dpo.py, docs/dpo.md): the train-loop keys, counted in
+    preference pairs, plus the DPO loss. Its held-out gold reward uses PPO's eval settings
+    (ppo.generation, ppo.eval_num_prompts, ppo.eval_batch_size, ppo.max_prompt_len), so the
+    numbers compare with PPO's for the same policy."""
+
+    # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
+    reference: str | None = None
+    # strength of the pull to the reference (IPO: its tau); TRL's default is 0.1, which drifts
+    # off on the demo's task (docs/dpo.md)
+    beta: float = 0.3
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
+    # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the NLL of the chosen response (RPO); 0 = off
+    # compute each pair's prompt once for its two responses (KV cache repeated; the same
+    # numbers, fewer tokens); off with model.gradient_checkpointing (no cache in training)
+    shared_prompt: bool = True
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
 
 
 @dataclass
@@ -498,6 +528,7 @@ class RootConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 
@@ -730,6 +761,27 @@ def _check_eval_chat(cfg: DictConfig) -> None:
         if cfg.chat.policy is not None and not str(cfg.chat.policy).strip():
             raise ConfigError("chat.policy is empty; give a path, run dir or artifact, or null "
                               "(the base model)")
+
+
+def _check_dpo(cfg: DictConfig) -> None:
+    """DPO keys: the train-loop keys, the loss, and the reference."""
+    _check_train_loop(cfg, "dpo")
+    dc = cfg.dpo
+    if dc.reference is not None and not str(dc.reference).strip():
+        raise ConfigError("dpo.reference is empty; give a path, run dir or artifact, or null "
+                          "(the starting policy)")
+    _allowed(cfg, "dpo.loss_type", DPO_LOSS_TYPES)
+    if dc.beta <= 0:
+        raise ConfigError(f"dpo.beta={dc.beta} must be > 0")
+    if not 0.0 <= dc.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} must be in [0, 0.5) (the "
+                          "share of preference labels taken as flipped)")
+    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} only applies to "
+                          f"dpo.loss_type=sigmoid (cDPO) or robust (rDPO), not "
+                          f"{dc.loss_type}; set it to 0")
+    if dc.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha={dc.rpo_alpha} must be >= 0 (0 = no NLL term)")
 
 
 def _check_ppo(cfg: DictConfig) -> None:
@@ -1060,6 +1112,7 @@ def validate(cfg: DictConfig) -> None:
     _allowed(cfg, "logger.mode", ("offline", "online", "disabled"))
     _check_train_loop(cfg, "sft")
     _check_train_loop(cfg, "reward")
+    _check_dpo(cfg)
     _check_eval_chat(cfg)
     # data
     _allowed(cfg, "data_mix.overlong", OVERLONG)

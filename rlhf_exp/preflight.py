@@ -12,10 +12,12 @@ calls `preflight` again when it starts. The checks, cheap ones first:
                          model.attn_implementation is one transformers knows
     3. base models       model.path / reward_path / tokenizer_path, those this stage loads: a
                          model dir, or a hub id in the local HF cache (else one short request)
-    4. starting points   sft/reward.init_from, ppo.actor_init/critic_init/reward_model,
+    4. starting points   sft/reward/dpo.init_from, dpo.reference,
+                         ppo.actor_init/critic_init/reward_model,
                          eval.from_run/policies/reward_model/reference, chat.policy
     5. data              every source loads and gives each stage that runs its rows: pairs for
-                         the reward stage, one global batch (sft, reward), one rollout (ppo)
+                         the reward and dpo stages, one global batch (sft, reward, dpo), one
+                         rollout (ppo)
     6. chat stdin        piped text is UTF-8 without control characters (read here, once)
     7. search space      multirun with the Optuna sweeper: n_trials, each distribution, and
                          both ends / every choice of each key compose and validate
@@ -149,7 +151,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     dirs = ([(s, run_dir / s) for s in _stages(cfg)] if stage in ("pipeline", "algorithms")
             else [(stage, run_dir)])
     for name, where in dirs:
-        if name not in ("sft", "reward"):  # the stages that save training checkpoints
+        if name not in ("sft", "reward", "dpo"):  # the stages that save training checkpoints
             continue
         sources = [where] + ([Path(cfg.resume).expanduser()] if cfg.resume else [])
         ckpt = next((c for c in map(resume.latest, sources) if c is not None), None)
@@ -235,6 +237,7 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
     policy = ("sft" in stages and not cfg.sft.init_from) or \
         ("ppo" in stages and not cfg.ppo.actor_init and "sft" not in stages) or \
         ("grpo" in stages and not cfg.grpo.actor_init and "sft" not in stages) or \
+        ("dpo" in stages and not cfg.dpo.init_from and "sft" not in stages) or \
         (cfg.stage.name == "eval" and cfg.eval.include_base) or \
         (cfg.stage.name == "chat" and not cfg.chat.policy)
     reward = ("reward" in stages and not cfg.reward.init_from and "sft" not in stages) or \
@@ -344,7 +347,8 @@ def starting_points(cfg: DictConfig) -> list[tuple[str, str]]:
     stages, refs = _stages(cfg), []
     for stage, keys in (("sft", ("sft.init_from",)), ("reward", ("reward.init_from",)),
                         ("ppo", ("ppo.actor_init", "ppo.critic_init", "ppo.reward_model")),
-                        ("grpo", ("grpo.actor_init", "grpo.reward_model"))):
+                        ("grpo", ("grpo.actor_init", "grpo.reward_model")),
+                        ("dpo", ("dpo.init_from", "dpo.reference"))):
         if stage in stages:
             refs += [(k, str(OmegaConf.select(cfg, k))) for k in keys if OmegaConf.select(cfg, k)]
     if cfg.stage.name == "chat" and cfg.chat.policy:
@@ -423,14 +427,15 @@ def check_data(cfg: DictConfig) -> None:
         return
     world = hw.nproc_per_node * hw.nnodes
     for name in _stages(cfg):
+        # the share of data_mix.split the stage reads (dpo: the reward share's pairs)
         data = build_stage_data(cfg.data_mix, STAGE_SHARES[name][0], cfg.seed)
-        if name in ("sft", "reward"):
+        if name in ("sft", "reward", "dpo"):
             node = cfg[name]
-            rows = len(data.train) - (require_pairs(data, cfg.data_mix) if name == "reward"
-                                      else 0)
+            pairs = name in ("reward", "dpo")
+            rows = len(data.train) - (require_pairs(data, cfg.data_mix, name) if pairs else 0)
             batch = node.micro_batch_size_per_device * node.gradient_accumulation_steps * world
             if rows < batch:
-                unit = "pairs" if name == "reward" else "examples"
+                unit = "pairs" if pairs else "examples"
                 raise UserError(f"{name}: the data gives {rows} training {unit}, fewer than one "
                                 f"global batch of {batch} ({name}.micro_batch_size_per_device x "
                                 f"{name}.gradient_accumulation_steps x {world} ranks); lower "

@@ -83,6 +83,10 @@ _MAY_CHANGE_IN_STAGE = ("max_steps", "epochs", "steps", "save_every", "keep_last
 _MAY_CHANGE_TOP = ("resume", "objective", "tags", "logger", "hardware.dry_run",
                    "hardware.master_addr", "hardware.master_port", "eval", "chat")
 _SHARED_NODES = ("seed", "experiment_name", "model", "zero_stage", "hardware", "data_mix")
+# keys of another stage's node that a stage reads: DPO's held-out gold reward samples with PPO's
+# eval settings (a resumed run must compare its final gold with its step-0 gold)
+_ALSO_READS = {"dpo": ("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
+                       "ppo.max_prompt_len")}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -117,6 +121,7 @@ def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
                         "start a new run")
     stages = list(cfg.stage.stages) if stage == "pipeline" else [stage]
     relevant = (*_SHARED_NODES, "stage", *stages)
+    also = tuple(k for s in stages for k in _ALSO_READS.get(s, ()))
     now = _flatten({key: OmegaConf.to_container(cfg[key], resolve=True)
                     if OmegaConf.is_config(cfg[key]) else cfg[key]
                     for key in cfg if key != "hydra"})  # (the CLI composes with hydra's node)
@@ -124,8 +129,8 @@ def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
     diffs = []
     for key in sorted(set(now) | set(before)):
         top, _, rest = key.partition(".")
-        if top not in relevant or key.startswith(_MAY_CHANGE_TOP) or (
-                top in stages and rest in _MAY_CHANGE_IN_STAGE):
+        if (top not in relevant and not key.startswith(also)) or key.startswith(
+                _MAY_CHANGE_TOP) or (top in stages and rest in _MAY_CHANGE_IN_STAGE):
             continue
         if now.get(key) != before.get(key):
             diffs.append(f"{key}={before.get(key)!r} (now {now.get(key)!r})")

@@ -1,4 +1,4 @@
-"""The optimizer-step loop of the supervised stages (SFT, reward; DPO next), as plain functions.
+"""The optimizer-step loop of the supervised stages (SFT, reward, DPO), as plain functions.
 
 A stage runner (rlhf_exp/stages/sft.py is the model) reads top to bottom:
 
@@ -19,7 +19,8 @@ functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
         {"accuracy": 0.75}). Every `log_every` steps the loop logs the window mean over
         micro-batches and ranks of the loss and of each stat as `<stage>/loss`,
         `<stage>/<name>`, with `<stage>/lr`, `<stage>/grad_norm`, `<stage>/epoch`,
-        `perf/tokens_per_s` (attention_mask tokens) and `perf/samples_per_s`.
+        `perf/tokens_per_s` (attention_mask tokens, or the batch's `num_tokens`) and
+        `perf/samples_per_s`.
     eval_fn(eng) -> dict[str, float]
         Held-out metrics under their full names (`<stage>/eval_loss`, ...), the same on every
         rank. Under ZeRO-3 every forward is a collective: every rank must run the same number of
@@ -63,7 +64,7 @@ EvalFn = Callable[[Any], dict[str, float]]
 class Loop:
     """What the loop needs besides the engine and the data."""
 
-    stage: str  # metric prefix and checkpoint stage name: "sft", "reward"
+    stage: str  # metric prefix and checkpoint stage name: "sft", "reward", "dpo"
     node: DictConfig  # the stage's config node (a config.TrainLoopConfig: cadence, retention)
     total_steps: int  # optimizer steps to run
     steps_per_epoch: int
@@ -71,6 +72,9 @@ class Loop:
     tokenizer: Any  # saved with every checkpoint
     device: torch.device
     lora_save: str = "merged"  # model.lora.save
+    # values of the stage's own saved with every resumable checkpoint (JSON; a resumed run reads
+    # them back as resume.read_state(ckpt)["extra"]), e.g. DPO's step-0 held-out gold reward
+    extra_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +90,9 @@ class LoopState:
     window: dict[str, float] = field(default_factory=dict)  # sums since the last log (this rank)
     window_n: int = 0  # micro-batches in the window
     window_tokens: int = 0
+    # wall seconds of this process's optimizer steps, without its evals and checkpoint writes
+    # (a resumed run: its own steps only; not saved). Throughput figures (bench/) read it.
+    loop_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -95,7 +102,8 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
     node = loop.node
     state = restore(eng, sampler, resume_from, loop) if resume_from else LoopState()
     eng.module.train()
-    t_window = time.perf_counter()
+    t_window = t_loop = time.perf_counter()
+    paused = 0.0  # seconds of evals and checkpoints (left out of state.loop_s)
     step_loss = 0.0  # this rank's loss summed over the current step's micro-batches
     with runtime.progress(loop.total_steps, loop.stage) as bar:  # closed on errors too
         bar.update(state.step)
@@ -124,14 +132,17 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
                     log_window(eng, loop, state, tracker, time.perf_counter() - t_window)
                     bar.set_postfix(loss=f"{state.last_loss:.4f}")
                     t_window = time.perf_counter()
+                t_pause = time.perf_counter()
                 if eval_fn and node.eval_every > 0 and state.step % node.eval_every == 0 \
                         and not last:
                     state.eval_metrics = eval_fn(eng)
                     tracker.log(state.eval_metrics, state.step)
                 if node.save_every > 0 and state.step % node.save_every == 0 and not last:
                     save_resumable(eng, loop, state, tracker)
+                paused += time.perf_counter() - t_pause
                 if last:
                     break
+    state.loop_s = time.perf_counter() - t_loop - paused
     if eval_fn:  # once, after the last step
         state.eval_metrics = eval_fn(eng)
         tracker.log(state.eval_metrics, state.step)
@@ -142,7 +153,9 @@ def _add_to_window(state: LoopState, values: dict[str, float], batch: dict) -> N
     for name, value in values.items():
         state.window[name] = state.window.get(name, 0.0) + value
     state.window_n += 1
-    if "attention_mask" in batch:
+    if "num_tokens" in batch:  # a layout without one row per sequence (DPO's shared prompts)
+        state.window_tokens += int(batch["num_tokens"])
+    elif "attention_mask" in batch:
         state.window_tokens += int(batch["attention_mask"].sum())
 
 
@@ -234,7 +247,7 @@ def save_resumable(eng, loop: Loop, state: LoopState, tracker: Tracker) -> Path:
         eng, loop.tokenizer, loop.run_dir, state.step, stage=loop.stage,
         state={"micro": state.micro, "first_loss": state.first_loss,
                "last_loss": state.last_loss, "eval_metrics": state.eval_metrics,
-               "wandb_run_id": tracker.run_id},
+               "wandb_run_id": tracker.run_id, "extra": loop.extra_state},
         local={"window": state.window, "window_n": state.window_n,
                "window_tokens": state.window_tokens},
         lora_save=loop.lora_save, keep_last=node.keep_last, best_metric=node.keep_best_metric,

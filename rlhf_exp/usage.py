@@ -22,6 +22,7 @@ GROUPS = {
     "sft": "SFT stage keys (sft.*)",
     "reward": "reward stage keys (reward.*)",
     "ppo": "PPO stage keys (ppo.*)",
+    "dpo": "DPO stage keys (dpo.*)",
     "eval": "stage=eval keys (eval.*)",
     "chat": "stage=chat keys (chat.*)",
 }

@@ -162,6 +162,7 @@ TRAINING_FIXTURES = {
     "sft_run", "reward_run", "sft_sweep",  # this file
     "offload_gc", "lora_merged", "lora_adapter",  # test_memory.py
     "demo",  # test_pipeline.py
+    "sft_dpo",  # test_dpo.py
     "one_rank", "two_ranks_zero3", "two_tasks_submitit",  # test_scale.py
 }
 

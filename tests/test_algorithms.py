@@ -21,7 +21,8 @@ TINY = ["experiment=algorithms", "data_mix.sources.0.synthetic.num_examples=3000
         "ppo.eval_every=1", "ppo.eval_num_prompts=16", "ppo.eval_batch_size=16",
         "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
         "grpo.eval_every=1", "grpo.eval_num_prompts=16", "grpo.eval_batch_size=16",
-        "logger.table_every=0"]
+        "dpo.max_steps=4", "dpo.micro_batch_size_per_device=8", "dpo.eval_every=2",
+        "dpo.warmup_steps=1", "logger.table_every=0"]
 
 
 def _arms(*overrides: str):
@@ -36,7 +37,8 @@ def test_each_arm_composes_as_its_pipeline_with_the_run_overrides():
                  "overrides:['grpo.epsilon_high=0.28']}")
     assert {n: list(a.stage.stages) for n, a in arms.items()} == {
         "ppo": ["sft", "reward", "ppo"], "grpo_rm": ["sft", "reward", "grpo"],
-        "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "clip_hi": ["sft", "grpo"]}
+        "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "dpo": ["sft", "dpo"],
+        "clip_hi": ["sft", "grpo"]}
     assert all(a.stage.name == "pipeline" and a.grpo.steps == 7 for a in arms.values())
     assert arms["rloo"].grpo.baseline == "leave_one_out"  # the grpo=rloo option, composed
     assert arms["grpo_gold"].grpo.baseline == "group_mean"
@@ -71,7 +73,7 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     run_dir = tmp_path / "alg"
     proc = rlhf_exp(*TINY, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    arms = ["ppo", "grpo_rm", "grpo_gold", "rloo"]
+    arms = ["ppo", "grpo_rm", "grpo_gold", "rloo", "dpo"]
     # shared stages once: one SFT and one reward W&B run; every run in the group `algorithms`
     runs = {}
     for name in ["sft", "reward", *arms]:
@@ -80,7 +82,7 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
         runs[name] = run
     assert {n: r.job_type for n, r in runs.items()} == {
         "sft": "sft", "reward": "reward", "ppo": "ppo", "grpo_rm": "grpo", "grpo_gold": "grpo",
-        "rloo": "grpo"}
+        "rloo": "grpo", "dpo": "dpo"}
     assert not any((run_dir / arm / "sft").exists() for arm in arms)
     # each arm started from the shared outputs its chain names
     sft, reward = str(run_dir / "sft"), str(run_dir / "reward")
@@ -90,6 +92,7 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     assert runs["grpo_gold"].config["grpo"]["reward_model"] is None
     assert runs["rloo"].config["grpo"]["baseline"] == "leave_one_out"
     assert runs["grpo_gold"].config["grpo"]["actor_init"] == sft
+    assert runs["dpo"].config["dpo"]["init_from"] == sft
     # one held-out comparison with the same prompts and settings: it reproduces each arm's own
     # final held-out eval and the SFT policy's (every arm's step-0 eval)
     m = json.loads((run_dir / "result.json").read_text())["metrics"]

@@ -26,7 +26,7 @@ CONF = ROOT / "conf"
 GROUPS = {"model": schema.ModelConfig, "stage": schema.StageConfig,
           "zero_stage": schema.ZeroConfig, "hardware": schema.HardwareConfig,
           "data_mix": schema.DataMixConfig, "logger": schema.LoggerConfig}
-NODES = ("sft", "reward", "ppo", "eval", "chat")
+NODES = ("sft", "reward", "ppo", "dpo", "eval", "chat")
 
 
 def _default_choices() -> dict[str, str]:

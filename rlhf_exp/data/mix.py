@@ -90,13 +90,14 @@ def build_stage_data(data_mix: DictConfig, stage: str, seed: int) -> StageData:
     return StageData(train=train, eval=held_out)
 
 
-def require_pairs(data: StageData, data_mix: DictConfig) -> int:
-    """The reward stage trains on preference pairs: stop when none of its training rows has
-    chosen + rejected. Returns how many rows have no pair (the stage skips them)."""
+def require_pairs(data: StageData, data_mix: DictConfig, stage: str = "reward") -> int:
+    """The reward and DPO stages train on preference pairs (the reward share): stop when none
+    of the training rows has chosen + rejected. Returns how many rows have no pair (the stage
+    skips them)."""
     unpaired = sum(row["chosen"] is None or row["rejected"] is None for row in data.train)
     if unpaired == len(data.train):
         names = ", ".join(f"{s.name} ({s.format})" for s in data_mix.sources)
-        raise DataError(f"data_mix {data_mix.name!r}: no preference pairs for the reward "
+        raise DataError(f"data_mix {data_mix.name!r}: no preference pairs for the {stage} "
                         f"stage in sources {names}; it needs chosen/rejected (formats "
                         "preference, hh, or chat with chosen/rejected)")
     return unpaired

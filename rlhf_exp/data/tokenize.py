@@ -225,10 +225,11 @@ def collate_sft(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: int, max_len: int,
                    overlong: str = "truncate", cache_dir: str | Path | None = None
                    ) -> tuple[list[dict], int]:
-    """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each), keeping the
-    row's text and task for gold-reward evaluation; returns (features, number dropped). A pair
-    is dropped when either side is over-long under `overlong=drop`; rows without a pair
-    (prompt_response sources) are skipped."""
+    """Preference features {chosen_ids, rejected_ids} (prompt + response + EOS each) and
+    `prompt_len` (the prompt's tokens at the start of both: encode_pair cuts a prompt the same
+    way for either response), keeping the row's text and task for gold-reward evaluation;
+    returns (features, number dropped). A pair is dropped when either side is over-long under
+    `overlong=drop`; rows without a pair (prompt_response sources) are skipped."""
     def build() -> tuple[list[dict], int]:
         feats, dropped = [], 0
         for row in rows:
@@ -243,12 +244,13 @@ def tokenize_pairs(rows: list[dict], tokenizer, template: str, max_prompt_len: i
                 dropped += 1
                 continue
             feats.append({"chosen_ids": chosen[0], "rejected_ids": rejected[0],
-                          "prompt": row["prompt"], "chosen": row["chosen"],
+                          "prompt_len": chosen[1], "prompt": row["prompt"], "chosen": row["chosen"],
                           "rejected": row["rejected"], "task": row.get("task")})
         return feats, dropped
     settings = {"template": template, "max_prompt_len": max_prompt_len, "max_len": max_len,
                 "overlong": overlong, "render": RENDER_VERSION}
-    return cached("pairs", rows, tokenizer, settings, cache_dir, build)
+    # "pairs-2": the features gained prompt_len (a cache of the older kind is not read)
+    return cached("pairs-2", rows, tokenizer, settings, cache_dir, build)
 
 
 def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -257,3 +259,38 @@ def collate_pairs(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
     return {"input_ids": pad_right(seqs, pad_id),
             "attention_mask": pad_right([[1] * len(s) for s in seqs], 0)}
+
+
+def collate_dpo(batch: list[dict], pad_id: int, shared_prompt: bool = False
+                ) -> dict[str, torch.Tensor]:
+    """collate_pairs plus `completion_mask` (1 on each row's response tokens, EOS included; the
+    DPO log-probabilities count these) and, where the features carry them (rlhf_exp/stages/
+    dpo.py adds them), the reference log-probabilities `ref_chosen_logps` / `ref_rejected_logps`
+    [B] of the pairs.
+
+    shared_prompt=True: the layout in which each pair's prompt is computed once
+    (stages/dpo.py shared_prompt_logps) instead: `prompt_ids` / `prompt_mask` [B, P] (the B
+    prompts left-padded, so that every response starts at column P) and `response_ids` /
+    `response_mask` [2B, R] (the chosen responses + EOS, then the rejected ones, right-padded),
+    and `num_tokens` (the pairs' tokens as 2B sequences)."""
+    if shared_prompt:
+        n = [b["prompt_len"] for b in batch]
+        out = {"prompt_ids": pad_left([b["chosen_ids"][:k] for b, k in zip(batch, n)], pad_id),
+               "prompt_mask": pad_left([[1] * k for k in n], 0)}
+        responses = [b["chosen_ids"][k:] for b, k in zip(batch, n)] + \
+            [b["rejected_ids"][k:] for b, k in zip(batch, n)]
+        out["response_ids"] = pad_right(responses, pad_id)
+        out["response_mask"] = pad_right([[1] * len(r) for r in responses], 0)
+        # the pairs' tokens as sequences (each prompt twice): perf/tokens_per_s (train_loop)
+        # counts what the batch holds, not what the shared layout computes
+        out["num_tokens"] = torch.tensor(2 * sum(n) + sum(len(r) for r in responses))
+    else:
+        out = collate_pairs(batch, pad_id)
+        sides = [(b["chosen_ids"], b["prompt_len"]) for b in batch] + \
+            [(b["rejected_ids"], b["prompt_len"]) for b in batch]
+        out["completion_mask"] = pad_right([[0] * n + [1] * (len(ids) - n) for ids, n in sides],
+                                           0)
+    if "ref_chosen_logps" in batch[0]:
+        out["ref_chosen_logps"] = torch.tensor([b["ref_chosen_logps"] for b in batch])
+        out["ref_rejected_logps"] = torch.tensor([b["ref_rejected_logps"] for b in batch])
+    return out

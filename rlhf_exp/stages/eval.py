@@ -34,7 +34,8 @@ from rlhf_exp.errors import UserError
 from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
-POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "grpo")  # table columns first, others after
+# table columns first, others after
+POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "grpo", "dpo")
 # taken from the run (eval.match_run)
 MATCHED = ("seed", "model", "data_mix", "reward", "ppo", "grpo")
 RL_STAGES = ("ppo", "grpo")  # stages whose config names the SFT policy and reward model
@@ -53,17 +54,19 @@ class FoundRun:
 
 def discover_run(run_dir: str) -> FoundRun:
     """The policies and reward model of a finished run: the stage runs in `run_dir` itself and in
-    its direct subdirectories (a pipeline's sft/, reward/, ppo/, grpo/; the arms of
+    its direct subdirectories (a pipeline's sft/, reward/, ppo/, grpo/, dpo/; the arms of
     stage=algorithms), found by their result.json. A policy-training stage's final checkpoint is
     a policy named after the stage (any stage but reward and pipeline: sft, ppo, grpo, dpo, ...),
     or after its folder when that is not the stage's name (an arm: grpo_rm, rloo). A PPO run
     also yields `<name>_ema` (checkpoints/ema); an RL run whose SFT and reward runs are
-    elsewhere yields the actor_init / reward model its config names."""
+    elsewhere yields the actor_init / reward model its config names, a DPO run the
+    dpo.init_from it started from (as `sft`)."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():
         raise UserError(f"eval.from_run={run_dir}: no such directory")
     found = FoundRun()
     rl_cfg = None
+    dpo_start = None  # what a DPO run started from (its SFT policy)
     for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
         if not result.exists():
             continue
@@ -77,6 +80,10 @@ def discover_run(run_dir: str) -> FoundRun:
             found.reward_model = str(final)
         elif stage not in (None, "reward", "pipeline", "algorithms", "eval", "chat") and final:
             found.policies[name] = str(final)
+        if stage == "dpo":
+            dpo_cfg = _stage_config(stage_dir, "dpo")
+            if dpo_cfg is not None and dpo_cfg.get("init_from"):
+                dpo_start = str(dpo_cfg.init_from)
         if stage == "ppo":
             ema = stage_dir / "checkpoints" / "ema"
             if (ema / "config.json").exists():
@@ -92,11 +99,19 @@ def discover_run(run_dir: str) -> FoundRun:
             found.policies["sft"] = str(rl_cfg.actor_init)
         found.reward_model = (found.reward_model or rl_cfg.get("reward_model")
                               or rl_cfg.get("critic_init"))
+    if dpo_start and "sft" not in found.policies:  # a lone DPO run: it started from the SFT
+        found.policies["sft"] = dpo_start
     if not found.policies and found.reward_model is None:
-        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward, ppo or "
-                        "grpo run in it or its subdirectories (give a pipeline or stage run "
+        raise UserError(f"eval.from_run={run_dir}: no result.json of an sft, reward, ppo, grpo "
+                        "or dpo run in it or its subdirectories (give a pipeline or stage run "
                         "dir)")
     return found
+
+
+def _stage_config(stage_dir: Path, node: str) -> DictConfig | None:
+    """A finished stage run's `node` of its config_resolved.yaml, or None."""
+    saved = stage_dir / "config_resolved.yaml"
+    return OmegaConf.load(saved).get(node) if saved.exists() else None
 
 
 def match_run(cfg: DictConfig, run_cfg: DictConfig, rl_stage: str | None = None) -> DictConfig:

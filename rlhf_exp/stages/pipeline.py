@@ -4,13 +4,14 @@ PPO by default, or any chain of `stage.stages` (e.g. [sft, grpo], [sft, reward, 
 Run: rlhf-exp                     (or `make demo` = rlhf-exp experiment=demo)
      rlhf-exp stage.stages=[sft,grpo]                                  (GRPO on the gold reward)
      rlhf-exp stage.stages=[reward,ppo] ppo.actor_init=<sft run dir>   (skip a stage)
+     rlhf-exp 'stage.stages=[sft,dpo]'                                  (SFT, then DPO)
 
 Each stage runs in this process, in order, with its own run dir under this one (<run_dir>/sft,
 /reward, /ppo, ...) and its own W&B run (job_type = the stage, all in the group
 `experiment_name`), and starts from an earlier stage's final checkpoint unless the config names
 one (config.PIPELINE_HANDOFF): `reward.init_from` = the SFT output; `ppo.actor_init` and
-`grpo.actor_init` = the latest policy (SFT's, or an earlier RL stage's); `ppo.critic_init` and
-`grpo.reward_model` = the reward model, when a reward stage ran.
+`grpo.actor_init` and `dpo.init_from` = the latest policy (SFT's, or an earlier policy stage's);
+`ppo.critic_init` and `grpo.reward_model` = the reward model, when a reward stage ran.
 
 At the end the first and the last policy are reloaded from their checkpoints and compared on the
 same held-out prompts with the same generation settings as the last stage's held-out eval
@@ -38,7 +39,9 @@ from rlhf_exp.tracking import resolve_init
 KEY_METRICS = {"sft": ("sft/eval_loss",),
                "reward": ("reward/eval_accuracy",),
                "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
-               "grpo": ("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl")}
+               "grpo": ("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
+               "dpo": ("dpo/init_eval_gold_reward", "dpo/eval_gold_reward",
+                       "dpo/eval_rewards/accuracies")}
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:

@@ -1,0 +1,352 @@
+"""Direct Preference Optimization (DPO) of a policy on preference pairs, against a frozen reference.
+
+Run: rlhf-exp stage=dpo dpo.init_from=<sft run dir, checkpoint or artifact>
+     rlhf-exp 'stage.stages=[sft,dpo]'             (SFT, then DPO from its output)
+
+Reads `cfg.dpo` (conf/dpo/default.yaml). The data are the preference pairs of the data_mix's
+reward share (as the reward stage reads them); batch sizes count pairs, each pair being two
+sequences (chosen, rejected) in one forward. The loss, its variants (`dpo.loss_type`: sigmoid,
+hinge, ipo, robust; `dpo.label_smoothing`; `dpo.rpo_alpha`) and the metrics are TRL's
+(rlhf_exp/dpo_math.py, docs/dpo.md).
+
+The steps, in order:
+  data       the reward share's pairs, tokenized (prompt length kept: only response tokens count)
+  policy     from `dpo.init_from` (null = the base model), LoRA per `model.lora`, dropout off
+  reference  one precomputed pass, before the engine exists: the frozen reference (`dpo.reference`,
+             null = the starting policy) scores every pair the run will train on (the sampler
+             says which) and every held-out pair, sharded over ranks; then it is freed. One
+             forward per pair instead of one per pair per step, and no second model during
+             training. A resumed run recomputes the pass (the same numbers: the reference is
+             frozen).
+  gold       the held-out gold reward of the starting policy (`dpo/eval_gold_reward` at step 0):
+             the ppo share's held-out prompts sampled with PPO's eval settings and seed
+             (evaluation.heldout_eval, shared with PPO and stage=eval: the numbers compare)
+  loop       rlhf_exp/train_loop.py with `dpo_step` and `evaluate` (held-out pair metrics every
+             `dpo.eval_every` steps and after the last): logging, checkpoints, resume, NaN stop
+  gold       the held-out gold reward after the last step, then the final checkpoint (HF format,
+             AutoModelForCausalLM) and its `model` artifact
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from rlhf_exp import dist, dpo_math, engine, evaluation, models, resume, runtime, train_loop
+from rlhf_exp.data import build_stage_data
+from rlhf_exp.data import cache_dir as data_cache_dir
+from rlhf_exp.data.mix import require_pairs
+from rlhf_exp.data.sampler import GlobalBatchSampler
+from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
+from rlhf_exp.errors import DataError
+from rlhf_exp.ppo_math import logprobs_from_logits
+from rlhf_exp.tracking import Tracker, resolve_init
+
+
+# ----------------------------------------------------------------------------- the loss
+def pair_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.SequenceLogps:
+    """The response log-probabilities of one collate_dpo batch (B chosen rows, then B rejected)
+    under `model` (the DeepSpeed engine, whose forward drives ZeRO, or a frozen model); a batch
+    in the shared-prompt layout goes to shared_prompt_logps."""
+    if "prompt_ids" in batch:
+        return shared_prompt_logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    return dpo_math.sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.SequenceLogps:
+    """pair_logps with each pair's prompt computed once (dpo.shared_prompt): a forward over the B
+    left-padded prompts keeps its KV cache, each prompt's cache is repeated for its two
+    responses, and a second forward runs the 2B responses on it. The same numbers as one forward
+    over prompt + response per row (to fp32 rounding; tests/test_dpo_math.py), gradients
+    included (both responses' gradients flow into their prompt's one pass), on a third fewer
+    tokens when prompts are as long as both responses. Needs the KV cache in training (not with
+    gradient checkpointing)."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+    responses, response_mask = batch["response_ids"], batch["response_mask"]
+    B, R = prompt_ids.shape[0], responses.shape[1]
+    # rows in pair order (chosen 0, rejected 0, chosen 1, ...): the cache repeats each prompt
+    # twice in place; `back` restores chosen-then-rejected
+    order = torch.arange(2 * B, device=responses.device).view(2, B).t().reshape(-1)
+    back = torch.argsort(order)
+    responses, response_mask = responses[order], response_mask[order]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), use_cache=True,
+                logits_to_keep=1)
+    logits = out.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts response token 0
+    if R > 1:
+        cache = out.cache
+        cache.batch_repeat_interleave(2)
+        start = prompt_mask.sum(1).repeat_interleave(2)[:, None]  # each response's first position
+        rest = model(input_ids=responses[:, :-1],
+                     attention_mask=torch.cat([prompt_mask.repeat_interleave(2, dim=0),
+                                               response_mask[:, :-1]], dim=1),
+                     position_ids=start + torch.arange(R - 1, device=responses.device),
+                     cache=cache, use_cache=True).logits
+        logits = torch.cat([logits, rest], dim=1)  # [2B, R, V]: predicts response tokens 0..R-1
+    per_token = logprobs_from_logits(logits.float(), responses)
+    mask = response_mask.to(per_token.dtype)
+    logits_sum = (logits.detach().float().mean(-1) * mask).sum(-1)
+    return dpo_math.SequenceLogps((per_token * mask).sum(-1)[back], mask.sum(-1)[back],
+                                  logits_sum[back])
+
+
+def dpo_step(eng, batch: dict[str, torch.Tensor],
+             node: DictConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch of pairs: the DPO loss against the precomputed reference log-probs, and
+    TRL's statistics for the training log (dpo/rewards/*, dpo/logps/*, dpo/logits/*,
+    dpo/nll_loss)."""
+    loss, terms = dpo_math.dpo_loss(
+        pair_logps(eng, batch), batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+        loss_type=node.loss_type, beta=node.beta, label_smoothing=node.label_smoothing,
+        rpo_alpha=node.rpo_alpha)
+    stats = dpo_math.pair_metrics(terms, node.rpo_alpha)
+    del stats["loss"]  # the loop logs the loss it backpropagates as dpo/loss
+    return loss, stats
+
+
+def evaluate(eng, loader: DataLoader, node: DictConfig, device: torch.device) -> dict[str, float]:
+    """The DPO metrics on the held-out pairs (`dpo/eval_loss`, `dpo/eval_rewards/*`, ...), over
+    the whole slice at once. Every rank scores the whole (small) slice: equal forward counts
+    under ZeRO-3 and identical metrics everywhere, without gathering."""
+    eng.module.eval()
+    parts = []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _, terms = dpo_math.dpo_loss(
+                pair_logps(eng, batch), batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+                loss_type=node.loss_type, beta=node.beta, label_smoothing=node.label_smoothing,
+                rpo_alpha=node.rpo_alpha)
+            parts.append({k: v.cpu() for k, v in terms.items()})
+    eng.module.train()
+    terms = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {f"dpo/eval_{k}": v for k, v in dpo_math.pair_metrics(terms, node.rpo_alpha).items()}
+
+
+# ----------------------------------------------------------------------------- the reference
+def pairs_used(sampler: GlobalBatchSampler, total_steps: int) -> list[int]:
+    """The indices of every training pair the first `total_steps` optimizer steps draw (over all
+    ranks), from the sampler's global order: the pairs the reference pass must score."""
+    used: set[int] = set()
+    for epoch in range(-(-total_steps // sampler.steps_per_epoch)):
+        left = total_steps - epoch * sampler.steps_per_epoch
+        for batch in sampler.global_batches(epoch)[:left]:
+            used.update(batch)
+    return sorted(used)
+
+
+@torch.no_grad()
+def reference_logps(reference, features: list[dict], indices: list[int], batch_size: int,
+                    collate, device: torch.device) -> torch.Tensor:
+    """[len(indices), 2] the reference's (chosen, rejected) log-probabilities of the pairs
+    features[indices]. Each rank scores an equal share (train_loop.rank_share: the same number
+    of forwards everywhere, as ZeRO-3 needs) and the shares are gathered, so every rank ends
+    with all of them."""
+    rank, world = dist.rank(), dist.world_size()
+    mine, _ = train_loop.rank_share(len(indices), rank, world)
+    local = []
+    for lo in range(0, len(mine), batch_size):
+        chunk = [features[indices[i]] for i in mine[lo:lo + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        chosen, rejected = pair_logps(reference, batch).halves("logps")
+        local.append(torch.stack([chosen, rejected], dim=1).float())
+    local = torch.cat(local) if local else torch.empty(0, 2, device=device)
+    gathered = dist.all_gather_cat(local).cpu()
+    values = torch.full((len(indices), 2), math.nan)
+    for r in range(world):  # rank r's block holds its share's values, padding after
+        share, real = train_loop.rank_share(len(indices), r, world)
+        values[share[:real]] = gathered[r * len(mine): r * len(mine) + real]
+    return values
+
+
+def with_reference(features: list[dict], indices: list[int], values: torch.Tensor) -> list[dict]:
+    """The features with `ref_chosen_logps` / `ref_rejected_logps` (collate_dpo batches them).
+    A pair the pass did not score gets NaN: drawn by mistake, it would stop the run (NaN loss)
+    instead of training against a wrong reference."""
+    out = [{**f, "ref_chosen_logps": math.nan, "ref_rejected_logps": math.nan}
+           for f in features]
+    for i, (chosen, rejected) in zip(indices, values.tolist()):
+        out[i]["ref_chosen_logps"], out[i]["ref_rejected_logps"] = chosen, rejected
+    return out
+
+
+def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple[list, list]],
+                         device: torch.device, collate) -> list[list[dict]]:
+    """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
+    ZeRO-3), run the precomputed pass over each (features, indices) of `sets`, free it."""
+    model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
+    reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
+    micro = cfg.dpo.micro_batch_size_per_device
+    out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
+                                                      device))
+           for feats, idx in sets]
+    del reference, model
+    return out
+
+
+# ----------------------------------------------------------------------------- gold reward
+def heldout_gold(eng, tokenizer, cfg: DictConfig, rows: list[dict]) -> dict[str, float]:
+    """The held-out gold reward of the policy: `dpo/eval_gold_reward` and
+    `dpo/eval_response_length`, computed exactly as PPO's held-out eval (ppo.generation,
+    ppo.eval_batch_size, ppo.max_prompt_len, seed + rank; evaluation.heldout_eval)."""
+    pc = cfg.ppo
+    return evaluation.heldout_eval(
+        eng, tokenizer, rows, evaluation.generation_config(pc.generation), prefix="dpo",
+        template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
+        batch_size=pc.eval_batch_size, seed=cfg.seed + dist.rank(),
+        device=dist.device_for(cfg.hardware.device),
+        synced_gpus=eng.zero_optimization_stage() == 3 and dist.world_size() > 1)
+
+
+def as_initial(metrics: dict[str, float]) -> dict[str, float]:
+    """dpo/eval_gold_reward -> dpo/init_eval_gold_reward (the starting policy's, for the summary
+    and result.json, as PPO names it)."""
+    return {k.replace("dpo/eval_", "dpo/init_eval_"): v for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- the stage
+def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
+    """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
+    dc = cfg.dpo
+    runtime.set_seed(cfg.seed)
+    dist.init(cfg.hardware.device)
+    device = dist.device_for(cfg.hardware.device)
+    rank, world = dist.rank(), dist.world_size()
+    # --- inputs first: bad data stops the run here, before anything is written
+    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
+    unpaired = require_pairs(data, cfg.data_mix, stage="dpo")
+    gold_rows = evaluation.heldout_shard(cfg, cfg.ppo.eval_num_prompts, rank, world)
+    runtime.save_run_config(cfg, run_dir)
+    # resume: the newest training checkpoint of `resume=<run dir>` or of this run dir; None =
+    # from scratch. A resumed run continues its W&B run (same id).
+    resume_from = resume.find(cfg, run_dir, "dpo")
+    saved = resume.read_state(resume_from) if resume_from else {}
+    tracker = Tracker(cfg, run_dir, "dpo", run_id=saved.get("wandb_run_id"))
+
+    # --- the policy: from the SFT output (path / artifact) or the base model; dropout off (the
+    # log-probs of a pair are then one function of the weights, as for the reference)
+    init_artifact = None
+    if dc.init_from:
+        start, init_artifact = resolve_init(dc.init_from, tracker)
+        start = str(start)
+    else:
+        start = models.resolve_base_path(cfg.model)
+    reference_path = str(resolve_init(dc.reference, tracker)[0]) if dc.reference else start
+    tracker.summary({"dpo/init_path": start, "dpo/init_artifact": init_artifact or "",
+                     "dpo/reference_path": reference_path})
+    tokenizer = models.load_tokenizer(start, cfg.model)
+    model = models.load_causal_lm(start, tokenizer, cfg.model, cfg.hardware.precision)
+    model = engine.disable_dropout(models.apply_lora(model, cfg.model.lora))
+    trainable, total = models.count_parameters(model)
+
+    # --- features: the reward share's preference pairs, tokenized (cached on disk)
+    template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
+    train_set, dropped = tokenize_pairs(data.train, tokenizer, template, dc.max_prompt_len,
+                                        dc.max_len, cfg.data_mix.overlong, cache)
+    eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, dc.max_prompt_len,
+                                            dc.max_len, cfg.data_mix.overlong, cache)
+    if not train_set:
+        raise DataError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
+                        f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
+                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+    # the same global batches for any world size (rlhf_exp/data/sampler.py)
+    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=dc.micro_batch_size_per_device,
+                                 grad_accum=dc.gradient_accumulation_steps, world_size=world,
+                                 rank=rank, seed=cfg.seed)
+    total_steps = dc.max_steps if dc.max_steps > 0 else dc.epochs * sampler.steps_per_epoch
+    global_batch = sampler.global_batch_size
+    if sampler.steps_per_epoch == 0 or total_steps <= 0:
+        raise DataError(f"dpo: {len(train_set)} training pairs make no full optimizer step at "
+                        f"global batch {global_batch} (dpo.micro_batch_size_per_device x "
+                        "dpo.gradient_accumulation_steps x ranks): lower them or add data")
+
+    # batches in the shared-prompt layout (each pair's prompt computed once) unless the model
+    # has no KV cache in training
+    shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
+    collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+
+    # --- the reference pass: every pair the run trains on and every held-out pair, scored once
+    t0 = time.perf_counter()
+    used = pairs_used(sampler, total_steps)
+    train_set, eval_set = score_with_reference(
+        cfg, reference_path, tokenizer,
+        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
+    reference_s = time.perf_counter() - t0
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
+    eval_loader = DataLoader(eval_set, batch_size=dc.micro_batch_size_per_device,
+                             collate_fn=collate)
+
+    # --- DeepSpeed engine
+    eng = engine.build_train_engine(
+        model, cfg, lr=dc.lr, weight_decay=dc.weight_decay, betas=dc.adam_betas, eps=dc.adam_eps,
+        micro_batch_size=dc.micro_batch_size_per_device,
+        grad_accum=dc.gradient_accumulation_steps, max_grad_norm=dc.max_grad_norm,
+        scheduler=dc.lr_scheduler, warmup_steps=dc.warmup_steps, total_steps=total_steps,
+        min_lr_ratio=dc.min_lr_ratio)
+    runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
+                f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair skipped), "
+                f"{total_steps} steps, global batch {global_batch} pairs (micro "
+                f"{dc.micro_batch_size_per_device} x accum {dc.gradient_accumulation_steps} x "
+                f"{world} ranks), loss {dc.loss_type} beta {dc.beta}; reference {reference_path}"
+                f" scored {len(used)} + {len(eval_set)} pairs in {reference_s:.1f} s; "
+                f"{trainable:,}/{total:,} trainable params, zero stage {cfg.zero_stage.stage}")
+    tracker.summary({"dpo/global_batch_size": global_batch, "dpo/train_examples": len(train_set),
+                     "dpo/eval_examples": len(eval_set),
+                     "dpo/dropped_overlong": dropped + eval_dropped,
+                     "dpo/trainable_params": trainable, "dpo/reference_pairs": len(used),
+                     "perf/reference_s": reference_s})
+
+    # --- held-out gold reward of the starting policy (step 0); a resumed run logged it already
+    if resume_from is not None:
+        init_gold = saved.get("extra", {}).get("init_gold", {})
+    else:
+        init_gold = heldout_gold(eng, tokenizer, cfg, gold_rows) if gold_rows else {}
+        tracker.log({"dpo/dropped_overlong": dropped + eval_dropped, **init_gold}, 0)
+    if not gold_rows:
+        runtime.say("dpo: the ppo share has no held-out prompts (data_mix.split, eval_fraction):"
+                    " no held-out gold reward")
+
+    # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+    loop = train_loop.Loop(stage="dpo", node=dc, total_steps=total_steps,
+                           steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir,
+                           tokenizer=tokenizer, device=device, lora_save=cfg.model.lora.save,
+                           extra_state={"init_gold": init_gold})
+    eval_fn = partial(evaluate, loader=eval_loader, node=dc, device=device) if eval_set else None
+    step_fn = partial(dpo_step, node=dc)
+    state = train_loop.train(eng, loader, sampler, loop, step_fn, eval_fn, tracker, resume_from)
+
+    # --- held-out gold reward after the last step; final checkpoint (HF format,
+    # AutoModelForCausalLM), marked final, logged as a `model` artifact
+    if gold_rows:
+        final_gold = heldout_gold(eng, tokenizer, cfg, gold_rows)
+        tracker.log(final_gold, state.step)
+        state.eval_metrics.update(final_gold)
+    result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
+                                   init_artifact=init_artifact,
+                                   extra_metrics={**as_initial(init_gold),
+                                                  "dpo/dropped_overlong": dropped + eval_dropped,
+                                                  "perf/reference_s": reference_s,
+                                                  "perf/loop_s": state.loop_s})
+    m = result.metrics
+    gold = (f", held-out gold reward {m['dpo/init_eval_gold_reward']:.3f} -> "
+            f"{m['dpo/eval_gold_reward']:.3f}" if "dpo/init_eval_gold_reward" in m else "")
+    runtime.say(f"dpo: done. loss {state.first_loss:.4f} -> {state.last_loss:.4f}, eval reward "
+                f"accuracy {m.get('dpo/eval_rewards/accuracies', math.nan):.3f}{gold}")
+    train_loop.finish(tracker, result)
+    return eng, tokenizer, result
+
+
+def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    done = resume.completed(run_dir, "dpo")  # run again in a finished run dir: nothing to do
+    if done is not None:
+        runtime.say(f"dpo: {run_dir} has already finished (checkpoints/final); not training again")
+        return done
+    return train(cfg, run_dir)[2]
