@@ -65,14 +65,17 @@ def shared_stages(arm_cfgs: dict[str, DictConfig]) -> list[str]:
     return list(dict.fromkeys(s for c in arm_cfgs.values() for s in c.stage.stages[:-1]))
 
 
-def train_shared(cfg: DictConfig, stages: list[str], run_dir: Path
+def train_shared(cfg: DictConfig, stages: list[str], run_dir: Path, wall: dict[str, float]
                  ) -> dict[str, runtime.StageResult]:
-    """The shared stages, once, each from the previous one's output as in a pipeline."""
+    """The shared stages, once, each from the previous one's output as in a pipeline (their
+    wall seconds into `wall`)."""
     results: dict[str, runtime.StageResult] = {}
     for name in stages:
         runtime.say(f"algorithms: shared stage {name} -> {run_dir / name}")
         runner = importlib.import_module(f"rlhf_exp.stages.{name}")
+        start = time.perf_counter()
         results[name] = runner.run(pipeline.stage_config(cfg, name, results), run_dir / name)
+        wall[name] = time.perf_counter() - start
     return results
 
 
@@ -123,11 +126,13 @@ def compare_runs(run_dir: Path, names: list[str]) -> tuple[str, Path | None]:
 
 
 def summary_text(shared: dict[str, runtime.StageResult], results: dict[str, runtime.StageResult],
-                 heldout: dict[str, dict[str, float]], runs_table: str) -> str:
+                 wall: dict[str, float], heldout: dict[str, dict[str, float]],
+                 runs_table: str) -> str:
     """Markdown: the stages and their W&B runs, the held-out comparison, the compare table."""
-    lines = ["| run | stage | run dir | W&B run |", "|---|---|---|---|"]
+    lines = ["| run | stage | run dir | W&B run | wall s |", "|---|---|---|---|---:|"]
     for name, res in {**shared, **results}.items():
-        lines.append(f"| {name} | {res.stage} | {res.run_dir} | {res.wandb_run_id or '-'} |")
+        lines.append(f"| {name} | {res.stage} | {res.run_dir} | {res.wandb_run_id or '-'} | "
+                     f"{wall.get(name, float('nan')):.1f} |")
     lines += ["", "Every policy on the same held-out prompts, generation settings and seed "
               "(PPO's held-out eval); wall_s: the arm's own stage, from the shared SFT policy:",
               "", "| policy | " + " | ".join(HELDOUT_COLUMNS) + " |",
@@ -145,10 +150,10 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     run_dir = Path(run_dir)
     runtime.save_run_config(cfg, run_dir)
     arm_cfgs = arm_configs(cfg)
-    shared = train_shared(cfg, shared_stages(arm_cfgs), run_dir)
+    wall: dict[str, float] = {}
+    shared = train_shared(cfg, shared_stages(arm_cfgs), run_dir, wall)
 
     results: dict[str, runtime.StageResult] = {}
-    wall: dict[str, float] = {}
     for name, arm_cfg in arm_cfgs.items():
         results[name], wall[name] = train_arm(name, arm_cfg, shared, run_dir)
 
@@ -161,12 +166,13 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
             m["gold_gain"] = m["gold_reward"] - base
     runs_table, png = compare_runs(run_dir, list(results))
 
-    text = summary_text(shared, results, heldout, runs_table)
+    text = summary_text(shared, results, wall, heldout, runs_table)
     if dist.is_main():
         (run_dir / "summary.md").write_text(text)
     runtime.say("\nalgorithms summary\n" + text + (f"plot: {png}" if png else ""))
     metrics = {f"algorithms/{name}_{key}": value for name, m in heldout.items()
                for key, value in m.items()}
+    metrics.update({f"algorithms/{name}_wall_s": wall[name] for name in shared})
     final = checkpoint.final_checkpoint(Path(shared["sft"].run_dir)) if "sft" in shared else None
     result = runtime.StageResult("algorithms", str(run_dir), str(final) if final else None,
                                  None, None, metrics)
