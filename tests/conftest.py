@@ -123,6 +123,18 @@ def reward_run(sft_run, tmp_path_factory):
             "result": result}
 
 
+def _drop_closed_log_handlers() -> None:
+    """A library logger's handler made during an earlier test writes to that test's captured
+    stderr, closed since: its next message would print a '--- Logging error ---' traceback into
+    this test's output (a real process never closes its stderr)."""
+    import logging
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if getattr(getattr(handler, "stream", None), "closed", False):
+                logger.removeHandler(handler)
+
+
 @pytest.fixture
 def rlhf_exp(capfd, monkeypatch):
     """`rlhf-exp ARGS` through cli.main() in this process: the whole CLI path without another
@@ -135,6 +147,7 @@ def rlhf_exp(capfd, monkeypatch):
     def run(*args: str) -> SimpleNamespace:
         from hydra.core.hydra_config import HydraConfig
 
+        _drop_closed_log_handlers()
         monkeypatch.setattr(sys, "argv", ["rlhf-exp", *args])
         # an earlier in-process run left RANK/LOCAL_RANK/... set (its process group lives on and
         # DeepSpeed needs them): this process is still no launched rank of a multi-rank run
