@@ -195,7 +195,8 @@ def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
                   f"dpo.micro_batch_size_per_device={args.pairs}",
                   "dpo.gradient_accumulation_steps=1", f"dpo.lr={args.lr}",
                   "dpo.lr_scheduler=constant", "dpo.warmup_steps=0", f"dpo.beta={args.beta}",
-                  "dpo.loss_type=sigmoid", f"dpo.max_len={args.max_len}",
+                  "dpo.loss_type=sigmoid", "dpo.rpo_alpha=0",  # plain DPO, as TRL's default
+                  f"dpo.max_len={args.max_len}",
                   "dpo.eval_every=0", "dpo.log_every=10",
                   "ppo.eval_num_prompts=1",  # its own held-out gold: evaluated here instead
                   "logger.log_checkpoints=false", *args.ours_set)

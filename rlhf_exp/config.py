@@ -283,14 +283,14 @@ class DPOConfig(TrainLoopConfig):
 
     # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
     reference: str | None = None
-    # strength of the pull to the reference (IPO: its tau); TRL's default is 0.1, which drifts
-    # off on the demo's task (docs/dpo.md)
-    beta: float = 0.3
+    beta: float = 0.1  # strength of the pull to the reference (IPO: its tau); TRL's default
     loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
     # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
     # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
     label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0  # weight of the NLL of the chosen response (RPO); 0 = off
+    # weight of the NLL of the chosen response (RPO; its paper's 1.0): it anchors the policy to
+    # the chosen answers; without it DPO drifts off on the demo (docs/dpo.md); 0 = plain DPO
+    rpo_alpha: float = 1.0
     # compute each pair's prompt once for its two responses (KV cache repeated; the same
     # numbers, fewer tokens); off with model.gradient_checkpointing (no cache in training)
     shared_prompt: bool = True

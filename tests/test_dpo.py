@@ -29,7 +29,7 @@ SMALL = ["data_mix.sources.0.synthetic.num_examples=1000",
          "sft.max_steps=20", "sft.eval_every=0", "sft.log_every=5",
          "dpo.max_steps=8", "dpo.micro_batch_size_per_device=8", "dpo.log_every=2",
          "dpo.eval_every=4", "dpo.warmup_steps=2",
-         "dpo.beta=0.1",  # the first window (steps 1-2) stays within 0.02 of log 2
+         "dpo.beta=0.1",  # (the default) the first window (steps 1-2) stays within 0.02 of log 2
          "ppo.eval_num_prompts=16", "ppo.eval_batch_size=16"]
 TRAIN_METRICS = ("dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected",
                  "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/logps/chosen",
@@ -86,11 +86,17 @@ def test_wandb_run_holds_the_metrics_gold_before_after_and_artifact(sft_dpo):
 
 @pytest.mark.slow
 def test_dpo_learns_the_held_out_preferences(sft_dpo):
-    """At step 0 the policy is its reference: every log-ratio is 0 and the loss log 2. Trained,
-    the held-out pairs' implicit rewards rank the chosen response higher."""
+    """At step 0 the policy is its reference: every log-ratio is 0 and the pair loss log 2 (the
+    logged loss adds rpo_alpha x the chosen NLL, logged as dpo/nll_loss). Trained, the held-out
+    pairs' implicit rewards rank the chosen response higher."""
     m = sft_dpo["dpo"]["metrics"]
-    assert m["dpo/first_loss"] == pytest.approx(math.log(2), abs=0.02)
-    assert m["dpo/eval_loss"] < math.log(2) - 0.01, m
+    alpha = sft_dpo["cfg"].dpo.rpo_alpha
+    assert alpha == 1.0  # the default: the fixture runs RPO's NLL term
+    (run,) = read_runs(sft_dpo["run_dir"] / "dpo" / "wandb")
+    first_nll = run.metric("dpo/nll_loss")[0]
+    assert m["dpo/first_loss"] - alpha * first_nll == pytest.approx(math.log(2), abs=0.02)
+    eval_pair_loss = m["dpo/eval_loss"] - alpha * m["dpo/eval_nll_loss"]
+    assert eval_pair_loss < math.log(2) - 0.01, m
     assert m["dpo/eval_rewards/margins"] > 0 and m["dpo/eval_rewards/accuracies"] > 0.5, m
 
 
@@ -197,7 +203,7 @@ def test_resume_check_knows_dpo_and_the_ppo_eval_settings_it_reads(tmp_path):
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(saved, resolve=True))
     resume.check_compatible(compose("stage=dpo", "dpo.max_steps=12", "dpo.save_every=3",
                                     "ppo.kl.coef=0.5", f"resume={run_dir}"), run_dir)
-    for override, says in (("dpo.beta=0.5", "dpo.beta=0.3 (now 0.5)"),
+    for override, says in (("dpo.beta=0.5", "dpo.beta=0.1 (now 0.5)"),
                            ("ppo.generation.temperature=0.5", "ppo.generation.temperature="),
                            ("ppo.eval_num_prompts=8", "ppo.eval_num_prompts=")):
         with pytest.raises(UserError, match=r"the run was made with another config") as err:
