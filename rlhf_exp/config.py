@@ -443,7 +443,7 @@ class GRPOConfig:
     num_minibatches: int = 1  # optimizer steps per pass
     epsilon: float = 0.2  # ratio clip: 1 - epsilon
     epsilon_high: float | None = None  # ratio clip: 1 + epsilon_high; null = epsilon
-    beta: float = 0.2  # KL(policy || reference) coefficient; 0 = no reference model at all
+    beta: float = 0.3  # KL(policy || reference) coefficient; 0 = no reference model at all
     # k1 | k2 | k3; null = k3 as a loss term, k1 in the reward (docs/grpo.md says why)
     kl_estimator: str | None = None
     kl_in_reward: bool = False  # false: beta * KL is a loss term; true: folded into the reward

@@ -289,7 +289,7 @@ def test_resume_of_a_grpo_run_checks_the_grpo_node(tmp_path):
     resume.check_compatible(compose("stage=grpo", "grpo.beta=0.1", "grpo.steps=9",
                                     f"resume={tmp_path}"), tmp_path)  # longer: allowed
     with pytest.raises(UserError, match="grpo.beta"):
-        resume.check_compatible(compose("stage=grpo", "grpo.beta=0.2", f"resume={tmp_path}"),
+        resume.check_compatible(compose("stage=grpo", "grpo.beta=0.3", f"resume={tmp_path}"),
                                 tmp_path)
 
 
