@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.errors import ConfigError
+from rlhf_exp.errors import ConfigError, UserError
 
 
 def _key(override: str) -> str:
@@ -52,7 +52,10 @@ def compose_arms(cfg: DictConfig, overrides: list[str],
     An arm may change only its own stage's keys: the shared stages run once for all arms."""
     arms = {}
     for name, arm_args in arm_overrides(cfg, overrides).items():
-        arm_cfg = compose(arm_args)
+        try:
+            arm_cfg = compose(arm_args)
+        except UserError as exc:  # which arm: its overrides are part of the command
+            raise UserError(f"stage.arms.{name}: {exc}") from None
         stage = str(arm_cfg.stage.stages[-1])
         changed = _differences(_outside(arm_cfg, stage), _outside(cfg, stage))
         if changed:

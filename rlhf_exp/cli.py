@@ -176,8 +176,11 @@ def _validate(inv: composition.Invocation) -> DictConfig:
         if cfg.stage.name == "algorithms":  # each arm is checked as the pipeline run it is
             arm_cfgs = arms.compose_arms(
                 cfg, combo, lambda overrides: _compose(inv, overrides, multirun=inv.multirun))
-            for arm_cfg in arm_cfgs.values():
-                check(arm_cfg)
+            for name, arm_cfg in arm_cfgs.items():
+                try:
+                    check(arm_cfg)
+                except UserError as exc:
+                    raise UserError(f"stage.arms.{name}: {exc}") from None
         composed.append(cfg)
     if not inv.cfg:  # what the run points at (run dir, GPUs, models, data), before Hydra writes
         preflight.before_hydra(composed[0], inv.to_argv(),

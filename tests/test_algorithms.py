@@ -64,8 +64,12 @@ def test_a_bad_arm_stops_the_cli_before_anything_is_written(rlhf_exp, tmp_path):
     proc = rlhf_exp("experiment=algorithms", "+stage.arms.x={stages:[sft,grpo],"
                     "overrides:['grpo.prompts_per_step=0']}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2
-    assert "grpo.prompts_per_step" in proc.stderr and "Traceback" not in proc.stderr
-    assert not run_dir.exists()
+    assert "stage.arms.x: grpo.prompts_per_step" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+    proc = rlhf_exp("experiment=algorithms", "stage.arms.rloo.overrides=['grpo=rlooo']",
+                    f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and not run_dir.exists()
+    assert "stage.arms.rloo: grpo=rlooo is not an option of group 'grpo'" in proc.stderr
 
 
 @pytest.mark.slow
