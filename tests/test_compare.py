@@ -83,3 +83,22 @@ def test_compare_sweep_dir(sft_sweep, tmp_path, compare):
     lines = proc.stdout.splitlines()
     assert lines[0] == "2 runs; differing config keys: seed, sft.lr"
     assert lines[1].endswith("sft/lr final  sft/lr best(max)") and len(lines) == 5
+
+
+def test_stage_placeholder_and_wall_time_axis(tmp_path):
+    """`{stage}` names each run's own metric; x="time" uses W&B's `_runtime`."""
+    from rlhf_exp.compare import Run, final_and_best, plot, table
+
+    history = [{"_runtime": 2.0, "ppo/step": 0, "ppo/eval_gold_reward": 0.5},
+               {"_runtime": 9.5, "ppo/step": 10, "ppo/eval_gold_reward": 0.8}]
+    ppo = Run(run_id="a", label="ppo", job_type="ppo", history=history)
+    dpo = Run(run_id="b", label="dpo", job_type="dpo", history=[],
+              summary={"dpo/eval_gold_reward": 0.9})
+    metric = "{stage}/eval_gold_reward"
+    assert ppo.series(metric) == [(0.0, 0.5), (10.0, 0.8)]
+    assert ppo.series(metric, x="time") == [(2.0, 0.5), (9.5, 0.8)]
+    assert final_and_best(ppo, metric) == (0.8, 0.8)
+    assert final_and_best(dpo, metric) == (0.9, 0.9)  # from the summary: no history rows
+    text = table([ppo, dpo], [], [metric])
+    assert "0.8" in text and "0.9" in text
+    assert plot([ppo, dpo], [], [metric], tmp_path / "x.png", x="time").stat().st_size > 0
