@@ -188,7 +188,7 @@ def _validate(inv: composition.Invocation) -> DictConfig:
         if composed[0].stage.name == "algorithms" and not inv.multirun:
             run_dir = Path(str(composed[0].hydra.run.dir))
             for name, arm_cfg in arm_cfgs.items():
-                preflight.preflight(arm_cfg, run_dir / name)
+                preflight.preflight(arm_cfg, run_dir / name, arm_cfg.stage.stages[-1])
     return composed[0]
 
 

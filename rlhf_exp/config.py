@@ -1061,9 +1061,6 @@ def _check_algorithms(cfg: DictConfig) -> None:
     if not cfg.stage.arms:
         raise ConfigError("stage=algorithms has no arms: give stage.arms.<name>.stages, e.g. "
                           "'+stage.arms.grpo.stages=[sft,grpo]' (conf/stage/algorithms.yaml)")
-    if cfg.resume:
-        raise ConfigError("resume= continues one stage or pipeline run; stage=algorithms is not "
-                          "resumable: resume the arm's own run dir (<run dir>/<arm>) instead")
     for name, arm in cfg.stage.arms.items():
         key = f"stage.arms.{name}"
         if not set(str(name)) <= NAME_CHARS or name in SHARED_STAGES:

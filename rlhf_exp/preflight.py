@@ -63,8 +63,10 @@ def before_hydra(cfg: DictConfig, argv: list[str], compose) -> None:
     preflight(cfg, Path(str(cfg.hydra.run.dir)))
 
 
-def preflight(cfg: DictConfig, run_dir: Path) -> None:
-    """Every check of the module docstring on one composed, validated run config."""
+def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) -> None:
+    """Every check of the module docstring on one composed, validated run config;
+    `run_dir_stage`: the stage whose run `run_dir` holds, when not cfg's own (an arm of
+    stage=algorithms is checked as its pipeline, but its folder holds its last stage's run)."""
     from rlhf_exp.config import check_rendezvous
 
     check_output_dir(str(run_dir), "hydra.run.dir")
@@ -86,7 +88,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
         _PIPED.append(read_piped_prompt(sys.stdin.buffer))
-    check_run_dir(cfg, run_dir)
+    check_run_dir(cfg, run_dir, run_dir_stage)
 
 
 # ----------------------------------------------------------------------------- 1. folders
@@ -136,13 +138,13 @@ def _recorded_stage(run_dir: Path) -> str | None:
     return None
 
 
-def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+def check_run_dir(cfg: DictConfig, run_dir: Path, stage: str | None = None) -> None:
     """An existing run dir is one of this stage: a run of another stage would overwrite its
     config, result and checkpoints. A training checkpoint there (or in `resume`) that this run
     would continue must be of this stage and from as many ranks (ZeRO shards per rank)."""
     from rlhf_exp import resume
 
-    run_dir, stage = Path(run_dir), cfg.stage.name
+    run_dir, stage = Path(run_dir), stage or cfg.stage.name
     owner = _recorded_stage(run_dir) if run_dir.is_dir() else None
     if owner and owner != stage:
         raise UserError(f"hydra.run.dir={run_dir} holds a {owner} run; a {stage} run there would "

@@ -119,7 +119,9 @@ def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(f"resume={run_dir}: that run is a stage={saved_stage} run, not "
                         f"stage={stage}; resume it with stage={saved_stage}, or drop resume= to "
                         "start a new run")
-    stages = list(cfg.stage.stages) if stage == "pipeline" else [stage]
+    from rlhf_exp.config import run_stages
+
+    stages = run_stages(cfg)  # a pipeline's chain; every arm's stages for stage=algorithms
     relevant = (*_SHARED_NODES, "stage", *stages)
     also = tuple(k for s in stages for k in _ALSO_READS.get(s, ()))
     now = _flatten({key: OmegaConf.to_container(cfg[key], resolve=True)

@@ -114,3 +114,45 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     found = discover_run(str(run_dir))
     assert set(found.policies) == {"sft", *arms}
     assert found.reward_model and found.reward_model.startswith(reward)
+
+
+@pytest.mark.slow
+def test_a_killed_shoot_out_resumes_without_training_a_finished_stage_again(tmp_path, rlhf_exp):
+    """kill -9 during an arm, then `resume=<run dir>`: the shared SFT is not trained again, the
+    cut arm continues its W&B run from its checkpoint, the rest runs, the comparison is made."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import CHILD_DROP_ENV, ROOT
+
+    run_dir = tmp_path / "alg"
+    args = [*TINY, "~stage.arms.ppo", "~stage.arms.grpo_rm", "~stage.arms.rloo",
+            "grpo.steps=3", "grpo.save_every=1", f"hydra.run.dir={run_dir}"]
+    marker = run_dir / "grpo_gold" / "checkpoints" / "step_000001" / "trainer_state.json"
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "no GRPO checkpoint within 600 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "dpo").exists() and not (run_dir / "result.json").exists()
+    (grpo_id,) = [p.name for p in (run_dir / "grpo_gold" / "wandb").glob("offline-run-*")]
+
+    resumed = rlhf_exp(f"resume={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "sft: " in resumed.stdout and "has already finished" in resumed.stdout
+    assert "grpo: resumed from" in resumed.stdout
+    assert len(list((run_dir / "sft" / "wandb").glob("offline-run-*"))) == 1  # not retrained
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "grpo_gold" / "wandb").glob("offline-*")}
+    assert ids == {grpo_id.rsplit("-", 1)[-1]}  # the same W&B run, continued
+    m = json.loads((run_dir / "result.json").read_text())["metrics"]
+    assert {"algorithms/grpo_gold_gold_reward", "algorithms/dpo_gold_reward"} <= set(m)
+    (run,) = read_runs(run_dir / "dpo" / "wandb")
+    assert run.group == "algorithms"

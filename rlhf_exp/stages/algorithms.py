@@ -23,6 +23,11 @@ checked by the dispatcher before anything runs. The steps, in order:
 
 <run_dir>/summary.md holds the three tables; result.json the metrics `algorithms/<arm>_<metric>`
 (gold_reward, gold_gain over SFT, reward_score, response_length, kl_to_sft, wall_s).
+
+`rlhf-exp resume=<run_dir>` continues a cut shoot-out as it does a pipeline: every stage runs
+again in its own folder, a finished one returns its result without training, the one that was
+cut continues from its last training checkpoint (`<stage>.save_every`) or starts over. A
+finished stage's wall_s is then only the time to find it finished.
 """
 
 from __future__ import annotations
