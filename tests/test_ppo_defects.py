@@ -69,7 +69,9 @@ def test_logprobs_are_fp32_before_the_temperature():
     R, T = 5, 0.7
     with torch.no_grad():
         logits = rollout.response_logits(model, ids, attn, pos, R, temperature=T)
-        full = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        # the same forward (logits_to_keep picks the LM head's GEMM shape): bit-exact is fair
+        full = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                     logits_to_keep=R + 1).logits
     assert logits.dtype == torch.float32
     want = full[:, -(R + 1):-1].float() / T
     assert torch.equal(logits, want)

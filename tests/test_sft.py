@@ -59,7 +59,9 @@ def test_checkpoint_reloads_with_identical_logits(sft_run):
     with torch.no_grad():
         a = trained(**ids).logits
         b = reloaded(**ids).logits
-    assert torch.equal(a, b)
+    # the engine's weights and the reloaded (memory-mapped) ones sit at other address alignments,
+    # which changes how the vectorised kernels split a reduction: fp32 tolerance, not bit-exact
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_tokens_are_masked_and_eos_appended(sft_run):
