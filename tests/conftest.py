@@ -186,6 +186,18 @@ def _calls_cli(item) -> bool:
     return code is not None and "cli" in code.co_names
 
 
+def pytest_sessionstart(session):
+    """matplotlib finds the system fonts once per machine (it runs `fc-list`) and caches them:
+    do it before any test, so that a unit test drawing a plot on a fresh machine is not taken
+    for one that starts a subprocess of ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.font_manager
+
+    matplotlib.font_manager.fontManager  # noqa: B018 (loading it builds the cache)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _calls_cli(item) or TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
