@@ -17,6 +17,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+# the shares of data_mix.split, in its order (DeepSpeed-Chat's three phases); a stage reads one
+# or more of them by name (StageSpec.shares)
+SHARES = ("sft", "reward", "ppo")
+
 
 @dataclass(frozen=True)
 class StartKey:
@@ -135,7 +139,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         input_check="rlhf_exp.preflight:check_ppo_data"),
     StageSpec(
         name="grpo", runner="rlhf_exp.stages.grpo", node="grpo",
-        help="GRPO / RLOO / Dr. GRPO stage keys (grpo.*)",
+        help="GRPO, RLOO, Dr. GRPO keys (grpo.*)",
         shares=("ppo",), chainable=True, trains_policy=True, resumable=True,
         starts=(StartKey("grpo.actor_init", "policy", "policy"),
                 StartKey("grpo.reward_model", "reward", None)),
@@ -238,6 +242,19 @@ def policy_start_key() -> dict[str, str]:
             if src == "policy"}
 
 
+def rl_stages() -> tuple[str, ...]:
+    """The stages that train a policy against a reward: handed both a policy and a reward model
+    (ppo, grpo); their config names the SFT policy and the reward model they used."""
+    return tuple(n for n, keys in pipeline_handoff().items()
+                 if {"policy", "reward"} <= set(keys.values()))
+
+
+def reward_model_stages() -> tuple[str, ...]:
+    """The stages whose output is a reward model: a hand-off source that trains no policy."""
+    sources = {src for keys in pipeline_handoff().values() for src in keys.values()}
+    return tuple(n for n in chainable() if n in sources and not STAGES[n].trains_policy)
+
+
 def shared_stages() -> tuple[str, ...]:
     """The stages an arm of stage=algorithms may share with the others (sft, reward)."""
     return tuple(n for n, s in STAGES.items() if s.shared)
@@ -263,6 +280,7 @@ def help_lines() -> dict[str, str]:
     return {s.node: s.help for s in STAGES.values() if s.node}
 
 
-__all__ = ["STAGES", "StageSpec", "StartKey", "chainable", "get", "help_lines", "load",
+__all__ = ["SHARES", "STAGES", "StageSpec", "StartKey", "chainable", "get", "help_lines", "load",
            "names", "node_stages", "pipeline_handoff", "policy_stages", "policy_start_key",
-           "register", "resumable", "shared_stages", "unregister"]
+           "register", "resumable", "reward_model_stages", "rl_stages", "shared_stages",
+           "unregister"]

@@ -25,8 +25,7 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 # a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
-# the shares of data_mix.split, in its order
-SHARES = ("sft", "reward", "ppo")
+SHARES = registry.SHARES  # the shares of data_mix.split, in its order
 
 # The stage facts as they were importable before the registry (snapshots of the built-in
 # stages; code in rlhf_exp reads the registry, so a stage registered later counts too).
