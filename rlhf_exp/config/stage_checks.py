@@ -61,9 +61,10 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
     best = cfg[node].keep_best_metric
     spec = registry.get(registry.node_stages()[node])
     if best is not None and not spec.logs(str(best)):
-        known = ", ".join(m for m in spec.metrics if f"{node}/eval_" in m)
-        raise ConfigError(f"{node}.keep_best_metric={best!r} is not a metric the {spec.name} "
-                          f"stage logs; e.g. {known}")
+        known = ", ".join(m for m in spec.metrics if f"{node}/eval_" in m
+                          and not m.endswith("_examples"))
+        raise ConfigError(f"{node}.keep_best_metric={best!r} must be a metric of this stage, "
+                          f"one the {spec.name} stage logs: e.g. {known}")
     if best is not None and cfg[node].save_every <= 0:
         raise ConfigError(f"{node}.keep_best_metric needs {node}.save_every > 0 (checkpoints "
                           "to choose from)")
