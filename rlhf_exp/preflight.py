@@ -1,10 +1,10 @@
 """Preflight: what a run's config points at, checked before anything runs.
 
-`validate()` (rlhf_exp/config.py) judges the config on its own; preflight checks what it points
-at, in the filesystem and the environment. The dispatcher calls `before_hydra` before Hydra
-writes the run dir, so a mistake stops the run with one line and exit code 2 before any model
-loads, before a W&B run exists and without touching an existing run dir; each job of a multirun
-calls `preflight` again when it starts. The checks, cheap ones first:
+`validate()` (rlhf_exp/config/validate.py) judges the config on its own; preflight checks what
+it points at, in the filesystem and the environment. The dispatcher calls `before_hydra` before
+Hydra writes the run dir, so a mistake stops the run with one line and exit code 2 before any
+model loads, before a W&B run exists and without touching an existing run dir; each job of a
+multirun calls `preflight` again when it starts. The checks, cheap ones first:
 
     1. output dir        hydra.run.dir (or the sweep dir) can be created; so can the caches;
                          an existing run dir is of this stage (checked last)
@@ -527,7 +527,8 @@ def check_ppo_data(cfg: DictConfig, name: str) -> None:
 def check_grpo_data(cfg: DictConfig, name: str) -> None:
     """GRPO: see _check_grpo_data (a pipeline with a reward stage hands GRPO its model)."""
     _check_grpo_data(cfg, stage_data(cfg, name).train,
-                     handed_a_reward_model="reward" in _stages(cfg))
+                     handed_a_reward_model=any(s in registry.reward_model_stages()
+                                               for s in _stages(cfg)))
 
 
 def _check_grpo_data(cfg: DictConfig, rows: list[dict], handed_a_reward_model: bool) -> None:

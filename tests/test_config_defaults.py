@@ -1,4 +1,4 @@
-"""One source of truth for defaults: the YAML in conf/ and the schemas in rlhf_exp/config.py agree.
+"""One source of truth for defaults: the YAML in conf/ and the schemas in rlhf_exp/config agree.
 
 For every config group option and per-stage node, every YAML key must exist in the schema; for
 the options the app composes by default (conf/config.yaml's defaults list) every value the YAML
@@ -115,7 +115,7 @@ GROUPS, NODES = _schema_nodes()
 
 
 def drift(root_default: schema.RootConfig | None = None) -> list[str]:
-    """Every disagreement between conf/ and rlhf_exp/config.py (or `root_default`, a changed
+    """Every disagreement between conf/ and rlhf_exp/config (or `root_default`, a changed
     schema), as readable lines."""
     problems: list[str] = []
     composed = OmegaConf.to_container(compose(), resolve=True)
@@ -146,7 +146,7 @@ def drift(root_default: schema.RootConfig | None = None) -> list[str]:
 
 def test_yaml_and_schema_defaults_agree():
     problems = drift()
-    assert not problems, "conf/ and rlhf_exp/config.py disagree:\n" + "\n".join(problems)
+    assert not problems, "conf/ and rlhf_exp/config disagree:\n" + "\n".join(problems)
 
 
 def test_drift_check_sees_a_changed_default():

@@ -192,11 +192,14 @@ def _check_chain(stages: list[str], key: str) -> None:
         if name not in handoff:
             raise ConfigError(f"{key} has {name!r}; each must be one of: "
                               f"{', '.join(handoff)}")
+    # a stage after the stages it is handed from: a named source (reward.init_from <- sft,
+    # ppo.critic_init <- reward) before it; a policy source: the policy stages that start from
+    # no other stage (sft) before it
+    roots = [s for s in stages if registry.get(s).trains_policy and not handoff[s]]
     wrong = (not stages or len(set(stages)) != len(stages)
-             or ("sft" in stages and stages[0] != "sft")
-             or any("reward" in keys.values() and "reward" in stages
-                    and stages.index("reward") > i
-                    for i, keys in enumerate(handoff[s] for s in stages)))
+             or any(stages.index(src) > i if src in stages else
+                    src == "policy" and any(stages.index(r) > i for r in roots)
+                    for i, name in enumerate(stages) for src in handoff[name].values()))
     if wrong:
         raise ConfigError(f"{key}={stages} must list stages of "
                           f"{', '.join(handoff)} once each, sft first and reward "
