@@ -202,7 +202,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
 # ----------------------------------------------------------------------------- look-ups
 def register(spec: StageSpec) -> None:
     """Add a stage at run time (a plugin's entry, or a test's); replacing a built-in stage is
-    refused."""
+    refused. A stage that brings its node's schema then needs `config.register_configs()`
+    again (the app calls it when rlhf_exp.cli is imported)."""
     if spec.name in STAGES and STAGES[spec.name] != spec:
         raise ValueError(f"stage {spec.name!r} is registered already")
     STAGES[spec.name] = spec

@@ -234,7 +234,11 @@ def _main(*argv: str) -> None:
 
 
 def test_a_stage_added_in_one_place_runs_through_dispatcher_preflight_and_pipeline(
-        dummy_stage, tmp_path, capsys):
+        dummy_stage, tmp_path, capsys, monkeypatch):
+    from tests.conftest import RANK_ENV
+
+    for key in RANK_ENV:  # an earlier in-process stage run leaves them: not a launched rank
+        monkeypatch.delenv(key, raising=False)
     common = ("--config-dir", str(dummy_stage), "logger=none")
     # the dispatcher: validated (its node's schema and check), preflighted, run
     _main(*common, "stage=dummy", "dummy.steps=3", f"hydra.run.dir={tmp_path / 'one'}")
