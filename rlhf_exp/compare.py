@@ -26,18 +26,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_exp import registry
 from rlhf_exp.errors import CompareError
 from rlhf_exp.sweep import lower_is_better
 
 # metrics shown when --metrics is not given, by the runs' job type (= stage)
-DEFAULT_METRICS = {
-    "sft": ["sft/loss", "sft/eval_loss"],
-    "reward": ["reward/loss", "reward/eval_accuracy"],
-    "ppo": ["ppo/gold_reward", "ppo/reward_score", "ppo/kl"],
-    "grpo": ["grpo/gold_reward", "grpo/eval_gold_reward", "grpo/kl"],
-    "dpo": ["dpo/loss", "dpo/eval_rewards/accuracies", "dpo/eval_gold_reward"],
-    "eval": [],
-}
+DEFAULT_METRICS = {name: list(spec.compare_metrics) for name, spec in registry.STAGES.items()
+                   if spec.compare_metrics or name == "eval"}
 X_AXES = ("step", "time")
 # config keys that always differ between runs and say nothing about the experiment
 IGNORED_KEYS = ("run_dir", "tags", "logger.group", "resume", "group_choices.")

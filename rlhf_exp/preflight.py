@@ -1,10 +1,10 @@
 """Preflight: what a run's config points at, checked before anything runs.
 
-`validate()` (rlhf_exp/config.py) judges the config on its own; preflight checks what it points
-at, in the filesystem and the environment. The dispatcher calls `before_hydra` before Hydra
-writes the run dir, so a mistake stops the run with one line and exit code 2 before any model
-loads, before a W&B run exists and without touching an existing run dir; each job of a multirun
-calls `preflight` again when it starts. The checks, cheap ones first:
+`validate()` (rlhf_exp/config/validate.py) judges the config on its own; preflight checks what
+it points at, in the filesystem and the environment. The dispatcher calls `before_hydra` before
+Hydra writes the run dir, so a mistake stops the run with one line and exit code 2 before any
+model loads, before a W&B run exists and without touching an existing run dir; each job of a
+multirun calls `preflight` again when it starts. The checks, cheap ones first:
 
     1. output dir        hydra.run.dir (or the sweep dir) can be created; so can the caches;
                          an existing run dir is of this stage (checked last)
@@ -12,12 +12,12 @@ calls `preflight` again when it starts. The checks, cheap ones first:
                          model.attn_implementation is one transformers knows
     3. base models       model.path / reward_path / tokenizer_path, those this stage loads: a
                          model dir, or a hub id in the local HF cache (else one short request)
-    4. starting points   sft/reward/dpo.init_from, dpo.reference,
-                         ppo.actor_init/critic_init/reward_model,
-                         eval.from_run/policies/reward_model/reference, chat.policy
-    5. data              every source loads and gives each stage that runs its rows: pairs for
-                         the reward and dpo stages, one global batch (sft, reward, dpo), one
-                         rollout (ppo)
+    4. starting points   each stage's start keys (rlhf_exp/registry.py: sft.init_from,
+                         ppo.actor_init, ...), eval.from_run/policies/reward_model/reference
+    5. data              every source loads (local paths exist), and each stage that runs
+                         passes its input check (StageSpec.input_check): pairs for the reward
+                         and dpo stages, one global batch (sft, reward, dpo), one rollout
+                         (ppo, grpo)
     6. chat stdin        piped text is UTF-8 without control characters (read here, once)
     7. search space      multirun with the Optuna sweeper: n_trials, each distribution, and
                          both ends / every choice of each key compose and validate
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp.config import STAGE_SHARES
+from rlhf_exp import registry, stdin_prompt
 from rlhf_exp.errors import UserError
 
 # A hub id: "name" or "org/name" (huggingface_hub's rules, without the length limit)
@@ -57,6 +57,7 @@ def before_hydra(cfg: DictConfig, argv: list[str], compose) -> None:
                         "rlhf-exp -m hardware=slurm ...")
     if multirun:
         check_output_dir(str(cfg.hydra.sweep.dir), "hydra.sweep.dir")
+        check_sources(cfg)
         check_search_space(compose, cfg, [a for a in argv if not a.startswith("-") and not
                                           a.lstrip("+~").startswith(("hydra.", "hydra/"))])
         return
@@ -72,8 +73,7 @@ def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) 
     check_output_dir(str(run_dir), "hydra.run.dir")
     check_caches(cfg)
     check_rendezvous(cfg)
-    if cfg.hardware.hostfile and not Path(cfg.hardware.hostfile).expanduser().is_file():
-        raise UserError(f"hardware.hostfile={cfg.hardware.hostfile}: no such file")
+    check_hostfile(cfg)
     if not cfg.hardware.dry_run:  # a dry run only prints the command (often on a login node)
         check_device(cfg)
     check_attention(cfg)
@@ -83,11 +83,12 @@ def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) 
         check_model_source("model.tokenizer_path", cfg.model.tokenizer_path, model=False)
     for key, ref in starting_points(cfg):
         check_starting_point(key, ref, cfg)
+    check_sources(cfg)
     check_data(cfg)
-    _PIPED.clear()
+    stdin_prompt.clear()
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
-        _PIPED.append(read_piped_prompt(sys.stdin.buffer))
+        stdin_prompt.read_ahead(sys.stdin.buffer)
     check_run_dir(cfg, run_dir, run_dir_stage)
 
 
@@ -153,7 +154,7 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, stage: str | None = None) -> N
     dirs = ([(s, run_dir / s) for s in _stages(cfg)] if stage in ("pipeline", "algorithms")
             else [(stage, run_dir)])
     for name, where in dirs:
-        if name not in ("sft", "reward", "dpo"):  # the stages that save training checkpoints
+        if not registry.get(name).resumable:  # no training checkpoints to continue
             continue
         sources = [where] + ([Path(cfg.resume).expanduser()] if cfg.resume else [])
         ckpt = next((c for c in map(resume.latest, sources) if c is not None), None)
@@ -236,14 +237,9 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
     from a checkpoint, or from the stage before it in a pipeline, does not load its base; the
     tiny model (path null) is built locally."""
     stages, m = _stages(cfg), cfg.model
-    policy = ("sft" in stages and not cfg.sft.init_from) or \
-        ("ppo" in stages and not cfg.ppo.actor_init and "sft" not in stages) or \
-        ("grpo" in stages and not cfg.grpo.actor_init and "sft" not in stages) or \
-        ("dpo" in stages and not cfg.dpo.init_from and "sft" not in stages) or \
-        (cfg.stage.name == "eval" and cfg.eval.include_base) or \
-        (cfg.stage.name == "chat" and not cfg.chat.policy)
-    reward = ("reward" in stages and not cfg.reward.init_from and "sft" not in stages) or \
-        ("ppo" in stages and not cfg.ppo.critic_init and "reward" not in stages)
+    bases = {base for name, key, base in _unset_starts(cfg, stages) if base}
+    policy = "policy" in bases or (cfg.stage.name == "eval" and cfg.eval.include_base)
+    reward = "reward" in bases
     refs = []
     if policy and m.path:
         refs.append(("model.path", str(m.path)))
@@ -251,6 +247,20 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
         refs.append(("model.reward_path", str(m.reward_path)) if m.reward_path
                     else ("model.path", str(m.path)))
     return list(dict.fromkeys(refs))
+
+
+def _unset_starts(cfg: DictConfig, stages: list[str]) -> list[tuple[str, str, str | None]]:
+    """(stage, key, base) of each start key (StartKey) the stages leave unset and no earlier
+    stage of the chain hands over: the stage then starts from its base model (`base`)."""
+    out = []
+    for i, name in enumerate(stages):
+        before = stages[:i]
+        for start in registry.get(name).starts:
+            handed = (start.handoff == "policy" and any(
+                registry.get(s).trains_policy for s in before)) or start.handoff in before
+            if not OmegaConf.select(cfg, start.key) and not handed:
+                out.append((name, start.key, start.base))
+    return out
 
 
 def _is_local(ref: str) -> bool:
@@ -295,6 +305,14 @@ def check_model_dir(key: str, ref: str, tokenizer: bool = True, model: bool = Tr
     if tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{key}={ref}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
                         "; add one, or set model.tokenizer_path")
+
+
+def check_hostfile(cfg: DictConfig) -> None:
+    """hardware.hostfile (deepspeed's launcher, several nodes) is a file here; `~` expands, as
+    the launch command passes it expanded (rlhf_exp/launch.py)."""
+    hostfile = cfg.hardware.hostfile
+    if hostfile and not Path(hostfile).expanduser().is_file():
+        raise UserError(f"hardware.hostfile={hostfile}: no such file")
 
 
 def _check_adapter_base(key: str, adapter: Path) -> None:
@@ -346,15 +364,10 @@ def _check_hub_model(key: str, ref: str) -> None:
 def starting_points(cfg: DictConfig) -> list[tuple[str, str]]:
     """(key, reference) of every checkpoint this run starts from, as the user gave them (a
     pipeline fills the later stages' from the earlier ones' outputs itself)."""
-    stages, refs = _stages(cfg), []
-    for stage, keys in (("sft", ("sft.init_from",)), ("reward", ("reward.init_from",)),
-                        ("ppo", ("ppo.actor_init", "ppo.critic_init", "ppo.reward_model")),
-                        ("grpo", ("grpo.actor_init", "grpo.reward_model")),
-                        ("dpo", ("dpo.init_from", "dpo.reference"))):
-        if stage in stages:
-            refs += [(k, str(OmegaConf.select(cfg, k))) for k in keys if OmegaConf.select(cfg, k)]
-    if cfg.stage.name == "chat" and cfg.chat.policy:
-        refs.append(("chat.policy", str(cfg.chat.policy)))
+    refs = []
+    for stage in _stages(cfg):
+        keys = registry.get(stage).start_keys
+        refs += [(k, str(OmegaConf.select(cfg, k))) for k in keys if OmegaConf.select(cfg, k)]
     if cfg.stage.name == "eval":
         refs += _eval_references(cfg)
     return refs
@@ -411,56 +424,111 @@ def check_starting_point(key: str, ref: str, cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- 5. data
+def check_sources(cfg: DictConfig) -> None:
+    """Each local source's path is there and of a type we read; a hub source given a local
+    copy has it (the rows themselves are checked when they load, in check_data)."""
+    from rlhf_exp.data.sources import LOCAL_SUFFIXES, local_hub_dir, resolve_path
+
+    if cfg.stage.name == "chat":
+        return
+    for i, src in enumerate(cfg.data_mix.sources):
+        key = f"data_mix.sources[{i}]"
+        if src.kind == "hub" and src.path:
+            try:
+                local_hub_dir(str(src.path))  # a local copy that is not there fails here
+            except UserError as exc:
+                raise UserError(f"{key}.path={exc}") from None
+        if src.kind != "local":
+            continue
+        try:
+            path = resolve_path(str(src.path))
+        except UserError as exc:
+            raise UserError(f"{key}.path: {exc}") from None
+        if not path.exists():
+            raise UserError(f"{key}.path={src.path!r}: no such file or folder ({path}); "
+                            "relative paths start from the directory you launched in")
+        if path.is_file() and path.suffix not in LOCAL_SUFFIXES:
+            raise UserError(f"{key}.path={src.path!r}: unsupported file type "
+                            f"{path.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
+
+
 def check_data(cfg: DictConfig) -> None:
     """Every source loads (bad rows are DataErrors naming file and line) and each stage that
-    runs gets enough rows: reward pairs, one global batch, one PPO rollout."""
+    runs gets what it needs: its input check (StageSpec.input_check, below)."""
+    for name in _stages(cfg):
+        hook = registry.get(name).input_check
+        if hook:
+            registry.load(hook)(cfg, name)
+
+
+def _world(cfg: DictConfig) -> int:
+    return cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+
+
+def stage_data(cfg: DictConfig, stage: str):
+    """The rows of the share of data_mix.split the stage reads (dpo: the reward share's)."""
     from rlhf_exp.data import build_stage_data
+
+    return build_stage_data(cfg.data_mix, registry.get(stage).shares[0], cfg.seed)
+
+
+def check_eval_data(cfg: DictConfig, stage: str) -> None:
+    """stage=eval: the held-out prompts it compares the policies on."""
+    if cfg.eval.from_run and cfg.eval.match_run:
+        return  # the run's own data_mix is used: it loaded when that run ran
+    if not stage_data(cfg, stage).eval:
+        raise UserError(f"stage=eval: the ppo share's held-out slice is empty; raise "
+                        f"data_mix.eval_fraction (now {cfg.data_mix.eval_fraction})")
+
+
+def check_loop_data(cfg: DictConfig, name: str) -> None:
+    """A train-loop stage (sft, reward, dpo): at least one global batch of rows (pairs for a
+    stage on the reward share)."""
     from rlhf_exp.data.mix import require_pairs
 
-    stage, hw = cfg.stage.name, cfg.hardware
-    if stage == "chat":
-        return
-    if stage == "eval":
-        if cfg.eval.from_run and cfg.eval.match_run:
-            return  # the run's own data_mix is used: it loaded when that run ran
-        if not build_stage_data(cfg.data_mix, "ppo", cfg.seed).eval:
-            raise UserError(f"stage=eval: the ppo share's held-out slice is empty; raise "
-                            f"data_mix.eval_fraction (now {cfg.data_mix.eval_fraction})")
-        return
-    world = hw.nproc_per_node * hw.nnodes
-    for name in _stages(cfg):
-        # the share of data_mix.split the stage reads (dpo: the reward share's pairs)
-        data = build_stage_data(cfg.data_mix, STAGE_SHARES[name][0], cfg.seed)
-        if name in ("sft", "reward", "dpo"):
-            node = cfg[name]
-            pairs = name in ("reward", "dpo")
-            rows = len(data.train) - (require_pairs(data, cfg.data_mix, name) if pairs else 0)
-            batch = node.micro_batch_size_per_device * node.gradient_accumulation_steps * world
-            if rows < batch:
-                unit = "pairs" if pairs else "examples"
-                raise UserError(f"{name}: the data gives {rows} training {unit}, fewer than one "
-                                f"global batch of {batch} ({name}.micro_batch_size_per_device x "
-                                f"{name}.gradient_accumulation_steps x {world} ranks); lower "
-                                "them or add data")
-        if name == "ppo" and cfg.ppo.reward_functions:
-            from rlhf_exp import rewards  # imported and called on a few real rows
+    world = _world(cfg)
+    data = stage_data(cfg, name)
+    node = cfg[name]
+    pairs = registry.get(name).shares[0] == "reward"
+    rows = len(data.train) - (require_pairs(data, cfg.data_mix, name) if pairs else 0)
+    batch = node.micro_batch_size_per_device * node.gradient_accumulation_steps * world
+    if rows < batch:
+        unit = "pairs" if pairs else "examples"
+        raise UserError(f"{name}: the data gives {rows} training {unit}, fewer than one "
+                        f"global batch of {batch} ({name}.micro_batch_size_per_device x "
+                        f"{name}.gradient_accumulation_steps x {world} ranks); lower "
+                        "them or add data")
 
-            rewards.load(cfg.ppo.reward_functions, "ppo.reward_functions", data.train[:4])
-        if name == "grpo":
-            _check_grpo_data(cfg, data.train, handed_a_reward_model="reward" in _stages(cfg))
-        if name == "ppo":
-            pc = cfg.ppo
-            if len(data.train) < pc.rollout_batch_size:
-                raise UserError(f"ppo: the data_mix's ppo share has {len(data.train)} prompts, "
-                                f"fewer than ppo.rollout_batch_size={pc.rollout_batch_size}")
-            if pc.ptx_coef > 0:
-                sft_rows = build_stage_data(cfg.data_mix, "sft", cfg.seed).train
-                micro = min(pc.micro_batch_size_per_device,
-                            pc.rollout_batch_size // (pc.num_minibatches * world))
-                if len(sft_rows) < world * micro:
-                    raise UserError(f"ppo.ptx_coef={pc.ptx_coef} needs SFT examples: the "
-                                    f"data_mix's sft share has {len(sft_rows)}, fewer than "
-                                    f"{world * micro} (one micro-batch per rank)")
+
+def check_ppo_data(cfg: DictConfig, name: str) -> None:
+    """PPO: its reward functions work on real rows, one rollout of prompts, and SFT rows for
+    the ptx term."""
+    from rlhf_exp.data import build_stage_data
+
+    world, pc = _world(cfg), cfg.ppo
+    data = stage_data(cfg, name)
+    if pc.reward_functions:
+        from rlhf_exp import rewards  # imported and called on a few real rows
+
+        rewards.load(pc.reward_functions, "ppo.reward_functions", data.train[:4])
+    if len(data.train) < pc.rollout_batch_size:
+        raise UserError(f"ppo: the data_mix's ppo share has {len(data.train)} prompts, "
+                        f"fewer than ppo.rollout_batch_size={pc.rollout_batch_size}")
+    if pc.ptx_coef > 0:
+        sft_rows = build_stage_data(cfg.data_mix, "sft", cfg.seed).train
+        micro = min(pc.micro_batch_size_per_device,
+                    pc.rollout_batch_size // (pc.num_minibatches * world))
+        if len(sft_rows) < world * micro:
+            raise UserError(f"ppo.ptx_coef={pc.ptx_coef} needs SFT examples: the "
+                            f"data_mix's sft share has {len(sft_rows)}, fewer than "
+                            f"{world * micro} (one micro-batch per rank)")
+
+
+def check_grpo_data(cfg: DictConfig, name: str) -> None:
+    """GRPO: see _check_grpo_data (a pipeline with a reward stage hands GRPO its model)."""
+    _check_grpo_data(cfg, stage_data(cfg, name).train,
+                     handed_a_reward_model=any(s in registry.reward_model_stages()
+                                               for s in _stages(cfg)))
 
 
 def _check_grpo_data(cfg: DictConfig, rows: list[dict], handed_a_reward_model: bool) -> None:
@@ -479,35 +547,7 @@ def _check_grpo_data(cfg: DictConfig, rows: list[dict], handed_a_reward_model: b
 
 
 # ----------------------------------------------------------------------------- 6. chat stdin
-_PIPED: list[str] = []  # the prompt preflight read from stdin, until the chat stage takes it
-
-
-def read_piped_prompt(stream) -> str:
-    """The chat prompt piped on stdin: UTF-8 text (a BOM is dropped) without control
-    characters other than tab and newline, not blank."""
-    raw = stream.read()
-    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"chat: stdin is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
-                        f"{exc.start}); pipe a text prompt, or give chat.prompt=...") from None
-    from rlhf_exp.config import is_control
-
-    bad = next((i for i, c in enumerate(text) if is_control(c)), None)
-    if bad is not None:
-        raise UserError(f"chat: stdin holds the control character {text[bad]!r} at offset "
-                        f"{bad}; pipe plain text, or give chat.prompt=...")
-    if not text.strip():
-        raise UserError("chat: stdin is empty and not a terminal; pipe a prompt in or set "
-                        "chat.prompt=...")
-    return text.strip()
-
-
-def piped_prompt() -> str:
-    """For the chat stage: the prompt preflight read from stdin, or stdin read (and checked)
-    now when preflight did not run in this process."""
-    return _PIPED.pop() if _PIPED else read_piped_prompt(sys.stdin.buffer)
+read_piped_prompt = stdin_prompt.read_piped_prompt  # the check, where it was
 
 
 # ----------------------------------------------------------------------------- 7. search space
@@ -523,7 +563,7 @@ def check_search_space(compose, cfg: DictConfig, arguments: list[str]) -> None:
         probe_values,
         search_space,
     )
-    from rlhf_exp.cli import check  # loaded already: the dispatcher called us
+    from rlhf_exp.config import check
 
     check_settings(sweeper.direction, sweeper.n_trials, sweeper.n_jobs)
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.params else {}

@@ -43,7 +43,7 @@ def _parses(line: str):
 
 
 def _field_type(key: str) -> typing.Any:
-    """The schema type of a dotted key (rlhf_exp/config.py RootConfig), or None if unknown.
+    """The schema type of a dotted key (rlhf_exp/config/schema.py RootConfig), or None if unknown.
     List items (`data_mix.sources.0.path`) and dict values (`eval.policies.sft`) included."""
     from rlhf_exp.config import RootConfig
 

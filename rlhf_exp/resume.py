@@ -83,10 +83,6 @@ _MAY_CHANGE_IN_STAGE = ("max_steps", "epochs", "steps", "save_every", "keep_last
 _MAY_CHANGE_TOP = ("resume", "objective", "tags", "logger", "hardware.dry_run",
                    "hardware.master_addr", "hardware.master_port", "eval", "chat")
 _SHARED_NODES = ("seed", "experiment_name", "model", "zero_stage", "hardware", "data_mix")
-# keys of another stage's node that a stage reads: DPO's held-out gold reward samples with PPO's
-# eval settings (a resumed run must compare its final gold with its step-0 gold)
-_ALSO_READS = {"dpo": ("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
-                       "ppo.max_prompt_len")}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -119,11 +115,14 @@ def check_compatible(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(f"resume={run_dir}: that run is a stage={saved_stage} run, not "
                         f"stage={stage}; resume it with stage={saved_stage}, or drop resume= to "
                         "start a new run")
+    from rlhf_exp import registry
     from rlhf_exp.config import run_stages
 
     stages = run_stages(cfg)  # a pipeline's chain; every arm's stages for stage=algorithms
-    relevant = (*_SHARED_NODES, "stage", *stages)
-    also = tuple(k for s in stages for k in _ALSO_READS.get(s, ()))
+    relevant = (*_SHARED_NODES, "stage", *(registry.get(s).node or s for s in stages))
+    # keys of another stage's node that a stage reads (StageSpec.also_reads: DPO's held-out
+    # gold reward samples with PPO's eval settings; its final gold must compare with step 0's)
+    also = tuple(k for s in stages for k in registry.get(s).also_reads)
     now = _flatten({key: OmegaConf.to_container(cfg[key], resolve=True)
                     if OmegaConf.is_config(cfg[key]) else cfg[key]
                     for key in cfg if key != "hydra"})  # (the CLI composes with hydra's node)

@@ -7,9 +7,10 @@ stays at `rlhf-exp --hydra-help`.
 
 from __future__ import annotations
 
-from rlhf_exp import composition
+from rlhf_exp import composition, registry
 
-# group -> what choosing one of its options decides (README: "Config groups")
+# group -> what choosing one of its options decides (README: "Config groups"); the stages'
+# nodes (sft, reward, ppo, grpo, dpo, eval, chat) are described by the stage registry
 GROUPS = {
     "stage": "which runner: pipeline or one stage",
     "model": "base model (hub id or local dir), LoRA",
@@ -19,17 +20,12 @@ GROUPS = {
     "logger": "W&B (offline by default) or none",
     "experiment": "a preset for a whole run",
     "hparams_search": "an Optuna search (runs as -m)",
-    "sft": "SFT stage keys (sft.*)",
-    "reward": "reward stage keys (reward.*)",
-    "ppo": "PPO stage keys (ppo.*)",
-    "dpo": "DPO stage keys (dpo.*)",
-    "eval": "stage=eval keys (eval.*)",
-    "chat": "stage=chat keys (chat.*)",
 }
 
 HEADER = """\
-rlhf-exp: RLHF experiments on DeepSpeed and Hugging Face transformers (SFT -> reward model ->
-PPO), composed with Hydra from config groups; every key can be overridden on the command line.
+rlhf-exp: RLHF experiments on DeepSpeed and Hugging Face transformers (SFT, reward model, PPO,
+GRPO/RLOO, DPO, chained as a pipeline), composed with Hydra from config groups; every key can be
+overridden on the command line.
 
 usage:
   rlhf-exp [group=option ...] [key=value ...]   one run (default: the pipeline, tiny model, CPU)
@@ -59,11 +55,13 @@ def text(inv: composition.Invocation) -> str:
 
     groups = [g for g in repo.get_group_options("", results_filter=ObjectType.GROUP)
               if g != "hydra"]
-    ordered = [g for g in GROUPS if g in groups] + sorted(g for g in groups if g not in GROUPS)
+    described = {**GROUPS, **registry.help_lines()}
+    ordered = [g for g in described if g in groups] + sorted(g for g in groups
+                                                             if g not in described)
     lines = ["config groups (group=option, * = default):"]
     for group in ordered:
         default = choices.get(group)
         opts = [f"{o}*" if o == default else o for o in composition.options(repo, group)]
-        lines.append(f"  {group:<15} {GROUPS.get(group, 'your own group'):<38} "
+        lines.append(f"  {group:<15} {described.get(group, 'your own group'):<38} "
                      f"{', '.join(opts)}")
     return "\n".join([HEADER, *lines, "", FOOTER])

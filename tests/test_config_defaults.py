@@ -1,4 +1,4 @@
-"""One source of truth for defaults: the YAML in conf/ and the schemas in rlhf_exp/config.py agree.
+"""One source of truth for defaults: the YAML in conf/ and the schemas in rlhf_exp/config agree.
 
 For every config group option and per-stage node, every YAML key must exist in the schema; for
 the options the app composes by default (conf/config.yaml's defaults list) every value the YAML
@@ -22,11 +22,23 @@ from rlhf_exp import config as schema
 from tests.conftest import ROOT, compose
 
 CONF = ROOT / "conf"
-# node -> its schema; the per-stage nodes' defaults are RootConfig's (chat's generation differs)
-GROUPS = {"model": schema.ModelConfig, "stage": schema.StageConfig,
-          "zero_stage": schema.ZeroConfig, "hardware": schema.HardwareConfig,
-          "data_mix": schema.DataMixConfig, "logger": schema.LoggerConfig}
-NODES = ("sft", "reward", "ppo", "dpo", "eval", "chat")
+
+
+def _schema_nodes() -> tuple[dict[str, type], tuple[str, ...]]:
+    """RootConfig's nodes, read from the schema itself: a node without a default is a group
+    (an option is chosen: model, stage, ...) -> its dataclass; one with a default is a
+    per-stage node (sft, ppo, grpo, ...) whose defaults are RootConfig's."""
+    hints = typing.get_type_hints(schema.RootConfig)
+    groups, nodes = {}, []
+    for f in dataclasses.fields(schema.RootConfig):
+        cls = _dataclass_of(hints[f.name])
+        if cls is None:
+            continue
+        if f.default is MISSING:
+            groups[f.name] = cls
+        else:
+            nodes.append(f.name)
+    return groups, tuple(nodes)
 
 
 def _default_choices() -> dict[str, str]:
@@ -99,8 +111,11 @@ def _walk(yaml: Any, cls: type, default: Any, key: str, where: str, resolved: An
                                 f"= {want!r}")
 
 
+GROUPS, NODES = _schema_nodes()
+
+
 def drift(root_default: schema.RootConfig | None = None) -> list[str]:
-    """Every disagreement between conf/ and rlhf_exp/config.py (or `root_default`, a changed
+    """Every disagreement between conf/ and rlhf_exp/config (or `root_default`, a changed
     schema), as readable lines."""
     problems: list[str] = []
     composed = OmegaConf.to_container(compose(), resolve=True)
@@ -131,7 +146,7 @@ def drift(root_default: schema.RootConfig | None = None) -> list[str]:
 
 def test_yaml_and_schema_defaults_agree():
     problems = drift()
-    assert not problems, "conf/ and rlhf_exp/config.py disagree:\n" + "\n".join(problems)
+    assert not problems, "conf/ and rlhf_exp/config disagree:\n" + "\n".join(problems)
 
 
 def test_drift_check_sees_a_changed_default():
@@ -146,6 +161,20 @@ def test_generation_settings_are_declared_once(name):
 
     assert schema.GenerationSettings is getattr(generation, name)
     assert schema.KL_ESTIMATORS is __import__("rlhf_exp.ppo_math").ppo_math.KL_ESTIMATORS
+
+
+def test_the_walk_covers_every_node_of_the_schema():
+    """The nodes are the schema's own, not a hand-written list (one missed grpo)."""
+    assert set(GROUPS) == {"model", "stage", "zero_stage", "hardware", "data_mix", "logger"}
+    assert set(NODES) == {"sft", "reward", "ppo", "grpo", "dpo", "eval", "chat"}
+    for node in NODES:
+        assert (CONF / node / "default.yaml").is_file(), node
+
+
+def test_drift_check_sees_a_changed_grpo_default():
+    changed = dataclasses.replace(schema.RootConfig(), grpo=schema.GRPOConfig(beta=0.5))
+    assert drift(changed) == [
+        "conf/grpo/default.yaml: grpo.beta = 0.3, schema GRPOConfig.beta = 0.5"]
 
 
 def test_group_options_exist():

@@ -254,12 +254,16 @@ def test_bad_data_exits_2_with_one_line_naming_the_problem(tmp_path):
         assert not (tmp_path / path.stem / "config_resolved.yaml").exists()
 
 
-def test_missing_local_file_fails_at_validation(tmp_path):
+def test_missing_local_file_fails_in_preflight(tmp_path):
+    """What the config points at is preflight's to check (validation judges the config)."""
+    from rlhf_exp import preflight
     from rlhf_exp.config import ConfigError
+    from rlhf_exp.errors import UserError
 
-    with pytest.raises(ConfigError, match=r"data_mix.sources\[0\].path=.*no such file"):
-        compose(sources_override({"name": "x", "kind": "local", "format": "hh",
-                                  "path": str(tmp_path / "nope.jsonl")}))
+    cfg = compose(sources_override({"name": "x", "kind": "local", "format": "hh",
+                                    "path": str(tmp_path / "nope.jsonl")}))
+    with pytest.raises(UserError, match=r"data_mix.sources\[0\].path=.*no such file"):
+        preflight.check_sources(cfg)
     with pytest.raises(ConfigError, match=r"columns has 'answer'"):
         compose(sources_override({"name": "x", "kind": "synthetic", "columns": {"answer": "a"}}))
 

@@ -13,7 +13,6 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from rlhf_exp.config import ConfigError
 from rlhf_exp.data import DataError, build_stage_data, load_source, resolve_path
 from tests.conftest import compose
 
@@ -117,9 +116,13 @@ def test_hub_layouts_gzip_and_parquet_shards(tmp_path):
     assert len(load_source(cfg.data_mix.sources[0], 0)) == table.num_rows
 
 
-def test_a_missing_local_copy_is_a_config_error(tmp_path, rlhf_exp):
-    with pytest.raises(ConfigError, match=r"sources\[0\]\.path=.*no such folder"):
-        compose("data_mix=hh_rlhf", f"data_mix.sources.0.path={tmp_path / 'nope'}")
+def test_a_missing_local_copy_is_a_preflight_error(tmp_path, rlhf_exp):
+    from rlhf_exp import preflight
+    from rlhf_exp.errors import UserError
+
+    cfg = compose("data_mix=hh_rlhf", f"data_mix.sources.0.path={tmp_path / 'nope'}")
+    with pytest.raises(UserError, match=r"sources\[0\]\.path=.*no such folder"):
+        preflight.check_sources(cfg)  # what the config points at: preflight's
     out = rlhf_exp("stage=sft", "data_mix=rm_static", f"data_mix.sources.0.path={tmp_path}/x")
     assert out.returncode == 2
     assert "no such folder" in out.stderr and "Traceback" not in out.stderr

@@ -161,21 +161,18 @@ def test_reward_stage_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rl
     assert again.metrics == resumed["metrics"]
 
 
-def test_resume_needs_a_run_dir(tmp_path, capsys):
-    from rlhf_exp.cli import _resume_argv
+def test_resume_needs_a_run_dir(tmp_path):
+    from rlhf_exp.errors import UserError
+    from rlhf_exp.resume_argv import resume_argv
 
-    with pytest.raises(SystemExit) as exc:
-        _resume_argv([f"resume={tmp_path / 'nope'}"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("rlhf-exp: error: resume=") and "not a run dir" in err
-    with pytest.raises(SystemExit):
-        _resume_argv(["-m", f"resume={tmp_path}", "seed=1,2"])
-    assert "hydra.sweep.dir" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"^resume=.*not a run dir"):
+        resume_argv([f"resume={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="hydra.sweep.dir"):
+        resume_argv(["-m", f"resume={tmp_path}", "seed=1,2"])
 
 
 def test_resume_argv_reuses_the_runs_overrides(tmp_path):
-    from rlhf_exp.cli import _resume_argv
+    from rlhf_exp.resume_argv import resume_argv as _resume_argv
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text(

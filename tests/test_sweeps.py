@@ -58,7 +58,7 @@ def _param_values(spec: dict) -> list:
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.sh")), ids=lambda p: p.name)
 def test_hydra_multirun_examples_are_valid(path: Path):
-    from rlhf_exp.cli import _sweep_samples
+    from rlhf_exp.settle import sweep_samples as _sweep_samples
 
     commands = _shell_commands(path)
     assert commands, f"{path.name}: no rlhf-exp command"

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 
 from rlhf_exp.data.sources import DataError, load_source
+from rlhf_exp.registry import SHARES
 
-STAGE_INDEX = {"sft": 0, "reward": 1, "ppo": 2}
+# share name -> its place in data_mix.split (`stage` below names a share: sft, reward, ppo)
+STAGE_INDEX = {share: i for i, share in enumerate(SHARES)}
 
 
 @dataclass

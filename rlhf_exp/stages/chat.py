@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from transformers.generation.streamers import BaseStreamer
 
-from rlhf_exp import dist, models, preflight, runtime
+from rlhf_exp import dist, models, runtime, stdin_prompt
 from rlhf_exp.data.tokenize import cut_prompt, messages_ids
 from rlhf_exp.errors import UserError
 from rlhf_exp.tracking import resolve_init
@@ -196,7 +196,7 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     scripted = cfg.chat.prompt
     if scripted is None and not sys.stdin.isatty():
         # read and checked (UTF-8, no control characters) by preflight, before the model loads
-        scripted = preflight.piped_prompt()
+        scripted = stdin_prompt.piped_prompt()
     chat = Chat(cfg)
     if scripted is not None:
         chat.reply(str(scripted))

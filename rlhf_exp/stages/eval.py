@@ -27,18 +27,18 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import checkpoint, dist, evaluation, models, runtime
+from rlhf_exp import checkpoint, dist, evaluation, models, registry, runtime
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
 from rlhf_exp.errors import UserError
 from rlhf_exp.scoring import sequence_scores
 from rlhf_exp.tracking import Tracker, resolve_init
 
-# table columns first, others after
-POLICY_ORDER = ("base", "sft", "ppo", "ppo_ema", "grpo", "dpo")
+# table columns first, others after: the base model, then each policy stage (and its EMA)
+POLICY_ORDER = ("base", *(n for s in registry.policy_stages() for n in (s, f"{s}_ema")))
 # taken from the run (eval.match_run)
 MATCHED = ("seed", "model", "data_mix", "reward", "ppo", "grpo")
-RL_STAGES = ("ppo", "grpo")  # stages whose config names the SFT policy and reward model
+RL_STAGES = registry.rl_stages()  # stages whose config names the SFT policy and reward model
 
 
 @dataclass
@@ -66,7 +66,7 @@ def discover_run(run_dir: str) -> FoundRun:
         raise UserError(f"eval.from_run={run_dir}: no such directory")
     found = FoundRun()
     rl_cfg = None
-    dpo_start = None  # what a DPO run started from (its SFT policy)
+    dpo_start = None  # what a DPO run (a policy stage without a reward) started from: its SFT
     for result in [root / "result.json", *sorted(root.glob("*/result.json"))]:
         if not result.exists():
             continue
@@ -76,18 +76,19 @@ def discover_run(run_dir: str) -> FoundRun:
         # a stage run in a folder of another name (an arm of stage=algorithms: grpo_rm/, rloo/)
         # is named after its folder: two GRPO arms are two policies
         name = stage if stage_dir == root or stage_dir.name == stage else stage_dir.name
-        if stage == "reward" and final:
+        spec = registry.STAGES.get(stage)
+        if stage in registry.reward_model_stages() and final:
             found.reward_model = str(final)
-        elif stage not in (None, "reward", "pipeline", "algorithms", "eval", "chat") and final:
+        elif spec is not None and spec.trains_policy and final:
             found.policies[name] = str(final)
-        if stage == "dpo":
-            dpo_cfg = _stage_config(stage_dir, "dpo")
-            if dpo_cfg is not None and dpo_cfg.get("init_from"):
-                dpo_start = str(dpo_cfg.init_from)
-        if stage == "ppo":
-            ema = stage_dir / "checkpoints" / "ema"
-            if (ema / "config.json").exists():
-                found.policies[f"{name}_ema"] = str(ema.resolve())
+        start_key = registry.policy_start_key().get(stage)
+        if start_key and stage not in RL_STAGES:  # e.g. dpo: its dpo.init_from
+            start_cfg = _stage_config(stage_dir, spec.node)
+            start = start_cfg.get(start_key.split(".", 1)[1]) if start_cfg is not None else None
+            dpo_start = str(start) if start else dpo_start
+        ema = stage_dir / "checkpoints" / "ema"  # PPO's EMA policy (ppo.ema.enabled)
+        if spec is not None and spec.trains_policy and (ema / "config.json").exists():
+            found.policies[f"{name}_ema"] = str(ema.resolve())
         if stage in RL_STAGES and (found.rl_stage != "ppo"):
             found.rl_stage = stage
             if (stage_dir / "config_resolved.yaml").exists():
@@ -95,10 +96,15 @@ def discover_run(run_dir: str) -> FoundRun:
         if found.config is None and (stage_dir / "config_resolved.yaml").exists():
             found.config = OmegaConf.load(stage_dir / "config_resolved.yaml")
     if rl_cfg is not None:  # a lone RL run: its inputs are the SFT policy and reward model
-        if "sft" not in found.policies and rl_cfg.get("actor_init"):
-            found.policies["sft"] = str(rl_cfg.actor_init)
-        found.reward_model = (found.reward_model or rl_cfg.get("reward_model")
-                              or rl_cfg.get("critic_init"))
+        spec = registry.get(found.rl_stage)
+        actor = rl_cfg.get(registry.policy_start_key()[found.rl_stage].split(".", 1)[1])
+        if "sft" not in found.policies and actor:
+            found.policies["sft"] = str(actor)
+        # its frozen reward model, else the checkpoint handed over as one (ppo.critic_init)
+        rm_keys = ["reward_model", *(k.split(".", 1)[1] for k, src in spec.handoff.items()
+                                     if src == "reward")]
+        found.reward_model = found.reward_model or next(
+            (rl_cfg.get(k) for k in dict.fromkeys(rm_keys) if rl_cfg.get(k)), None)
     if dpo_start and "sft" not in found.policies:  # a lone DPO run: it started from the SFT
         found.policies["sft"] = dpo_start
     if not found.policies and found.reward_model is None:

@@ -9,8 +9,8 @@ Run: rlhf-exp                     (or `make demo` = rlhf-exp experiment=demo)
 Each stage runs in this process, in order, with its own run dir under this one (<run_dir>/sft,
 /reward, /ppo, ...) and its own W&B run (job_type = the stage, all in the group
 `experiment_name`), and starts from an earlier stage's final checkpoint unless the config names
-one (config.PIPELINE_HANDOFF): `reward.init_from` = the SFT output; `ppo.actor_init` and
-`grpo.actor_init` and `dpo.init_from` = the latest policy (SFT's, or an earlier policy stage's);
+one (the hand-off in rlhf_exp/registry.py): `reward.init_from` = the SFT output; `ppo.actor_init`
+and `grpo.actor_init` and `dpo.init_from` = the latest policy (SFT's, or an earlier policy stage's);
 `ppo.critic_init` and `grpo.reward_model` = the reward model, when a reward stage ran.
 
 At the end the first and the last policy are reloaded from their checkpoints and compared on the
@@ -32,27 +32,19 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import checkpoint, dist, evaluation, models, runtime
-from rlhf_exp.config import PIPELINE_HANDOFF, POLICY_STAGES, POLICY_START_KEY
+from rlhf_exp import checkpoint, dist, evaluation, models, registry, runtime
 from rlhf_exp.tracking import resolve_init
-
-KEY_METRICS = {"sft": ("sft/eval_loss",),
-               "reward": ("reward/eval_accuracy",),
-               "ppo": ("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
-               "grpo": ("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
-               "dpo": ("dpo/init_eval_gold_reward", "dpo/eval_gold_reward",
-                       "dpo/eval_rewards/accuracies")}
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:
     """The config one stage runs with: stage.name set, and its starting points filled in from
-    the earlier stages' outputs where the user left them unset (config.PIPELINE_HANDOFF)."""
+    the earlier stages' outputs where the user left them unset (the registry's hand-off)."""
     sub = copy.deepcopy(cfg)
     sub.stage.name = name
     names = list(results)
     results = {k: results[k] for k in names[:names.index(name)]} if name in names else results
-    policies = [stage for stage in results if stage in POLICY_STAGES]
-    for key, source in PIPELINE_HANDOFF[name].items():
+    policies = [stage for stage in results if stage in registry.policy_stages()]
+    for key, source in registry.get(name).handoff.items():
         source = policies[-1] if source == "policy" and policies else source
         if source in results and not OmegaConf.select(cfg, key):
             OmegaConf.update(sub, key, results[source].run_dir)
@@ -138,7 +130,8 @@ def summary_text(results: dict[str, runtime.StageResult],
     """Markdown: one row per stage, then the held-out comparison of the policies."""
     lines = ["| stage | run dir | W&B run | key metrics |", "|---|---|---|---|"]
     for name, res in results.items():
-        keys = [k for k in KEY_METRICS.get(name, ()) if k in res.metrics]
+        spec = registry.STAGES.get(name)
+        keys = [k for k in (spec.summary_metrics if spec else ()) if k in res.metrics]
         shown = ", ".join(f"{k}={res.metrics[k]:.4g}" for k in keys)
         lines.append(f"| {name} | {res.run_dir} | {res.wandb_run_id or '-'} | {shown} |")
     if comparison:
@@ -158,16 +151,17 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     results: dict[str, runtime.StageResult] = {}
     for name in cfg.stage.stages:
         runtime.say(f"pipeline: stage {name} -> {run_dir / name}")
-        runner = importlib.import_module(f"rlhf_exp.stages.{name}")
+        runner = importlib.import_module(registry.get(name).runner)
         # each runner opens and finishes its own W&B run, so the three never mix
         results[name] = runner.run(stage_config(cfg, name, results), run_dir / name)
 
     comparison: dict[str, dict[str, float]] = {}
-    rl_stages = [name for name in results if name in POLICY_START_KEY]
+    policy_start = registry.policy_start_key()
+    rl_stages = [name for name in results if name in policy_start]
     if rl_stages:
         first, last = rl_stages[0], rl_stages[-1]
         first_cfg = stage_config(cfg, first, results)
-        start = OmegaConf.select(first_cfg, POLICY_START_KEY[first])
+        start = OmegaConf.select(first_cfg, policy_start[first])
         sft_path = (str(resolve_init(start)[0]) if start
                     else models.resolve_base_path(cfg.model))
         policies = {"sft": sft_path, last: results[last].checkpoint}
