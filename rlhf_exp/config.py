@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from rlhf_exp import metric_names
 from rlhf_exp.errors import ConfigError, UserError
 
 STAGES = ("sft", "reward", "ppo", "grpo", "dpo", "pipeline", "algorithms", "eval", "chat")
@@ -582,9 +583,8 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
         raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
     _allowed(cfg, f"{node}.keep_best_mode", ("min", "max"))
     best = cfg[node].keep_best_metric
-    if best is not None and not str(best).startswith(f"{node}/"):
-        raise ConfigError(f"{node}.keep_best_metric={best!r} must be a metric of this stage "
-                          f"(e.g. {node}/eval_loss)")
+    if best is not None:  # a name the stage logs (a typo would keep no `best`, silently)
+        metric_names.check_metric(f"{node}.keep_best_metric", node, str(best))
     if best is not None and cfg[node].save_every <= 0:
         raise ConfigError(f"{node}.keep_best_metric needs {node}.save_every > 0 (checkpoints "
                           "to choose from)")
@@ -887,7 +887,7 @@ def _check_grpo(cfg: DictConfig) -> None:
         raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
     functions = gc.reward_functions if gc.reward_functions is not None else []
     for i, item in enumerate(functions):
-        module, sep, name = str(item.fn).partition(":")
+        module, sep, name = _function_spec(item, f"grpo.reward_functions[{i}]").partition(":")
         if not sep or not module or not name:
             raise ConfigError(f"grpo.reward_functions[{i}].fn={item.fn!r}: name a function as "
                               "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
@@ -906,13 +906,23 @@ def check_rewards(cfg: DictConfig, node: str) -> None:
         raise ConfigError(f"{node}.reward_model_weight={sc.reward_model_weight} must be >= 0 "
                           "(0 = no reward model)")
     for i, item in enumerate(sc.reward_functions):
-        module, sep, name = str(item.fn).partition(":")
+        module, sep, name = _function_spec(item, f"{node}.reward_functions[{i}]").partition(":")
         if not sep or not module or not name:
             raise ConfigError(f"{node}.reward_functions[{i}].fn={item.fn!r}: name a function as "
                               "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
     if sc.reward_model_weight == 0 and not sc.reward_functions:
         raise ConfigError(f"{node}: no reward: {node}.reward_model_weight is 0 and "
                           f"{node}.reward_functions is empty")
+
+
+def _function_spec(item: DictConfig, key: str) -> str:
+    """A reward function item's `fn`, or one line when it has none (OmegaConf would raise a
+    MissingMandatoryValue traceback at the first read)."""
+    if OmegaConf.is_missing(item, "fn") or item.fn is None:
+        raise ConfigError(f"{key} has no fn: give each reward function as {{fn: "
+                          "package.module:function, weight: 1.0} (e.g. fn: "
+                          "rlhf_exp.tasks:gold_reward_fn)")
+    return str(item.fn)
 
 
 def _check_tiny(cfg: DictConfig) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp import preflight_checks
 from rlhf_exp.config import STAGE_SHARES
 from rlhf_exp.errors import UserError
 
@@ -84,6 +85,7 @@ def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) 
     for key, ref in starting_points(cfg):
         check_starting_point(key, ref, cfg)
     check_data(cfg)
+    preflight_checks.check_inputs(cfg, starting_points(cfg), _stages(cfg))
     _PIPED.clear()
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
