@@ -1,0 +1,132 @@
+"""Bad input on the newer stages (issue 23), each through the whole CLI path (cli.main() in
+this process) like tests/test_bad_input.py: exit 2, one stderr line naming the key, before any
+model loads and before Hydra writes the run dir or a W&B run exists. The checkpoints are the
+tiny model's files with the rlhf_exp.json each stage's save writes (checkpoint.save_hf), so no
+training is needed (unit tier); tests/test_kinds_e2e.py does the same with trained runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import compose
+from tests.test_bad_input import assert_one_line_exit_2
+
+
+def _checkpoint(root: Path, name: str, spec: dict, meta: dict | None,
+                architecture: str | None = None) -> Path:
+    """A copy of the tiny model `spec` as a checkpoint dir, with the stage metadata `meta`
+    (None: a plain HF dir, as from the hub) and optionally another architecture."""
+    from rlhf_exp.models import tiny_model_dir
+
+    out = root / name
+    shutil.copytree(tiny_model_dir(spec), out)
+    if meta is not None:
+        (out / "rlhf_exp.json").write_text(json.dumps(meta))
+    if architecture:
+        config = json.loads((out / "config.json").read_text())
+        config["architectures"] = [architecture]
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    llama, gpt2 = compose("stage=sft").model.tiny, compose("model=tiny-gpt2").model.tiny
+    out = {
+        "sft": _checkpoint(root, "sft", llama, {"stage": "sft", "step": 40}),
+        "reward": _checkpoint(root, "reward", llama, {"stage": "reward", "step": 150},
+                              "LlamaForSequenceClassification"),
+        "critic": _checkpoint(root, "critic", llama, {"stage": "ppo", "model": "critic"},
+                              "LlamaForSequenceClassification"),
+        "hub_lm": _checkpoint(root, "hub_lm", llama, None, "LlamaForCausalLM"),
+        "hub_rm": _checkpoint(root, "hub_rm", llama, None, "LlamaForSequenceClassification"),
+        "gpt2_sft": _checkpoint(root, "gpt2_sft", gpt2, {"stage": "sft"}),
+        "gpt2_rm": _checkpoint(root, "gpt2_rm", gpt2, {"stage": "reward"},
+                               "GPT2ForSequenceClassification"),
+    }
+    # a run dir whose checkpoints/final is the reward model (what users pass most)
+    run = root / "reward_run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out["reward"], run / "checkpoints" / "step_000150")
+    (run / "checkpoints" / "final").symlink_to("step_000150")
+    out["reward_run"] = run
+    return out
+
+
+KIND_CASES = [
+    ("sft_as_grpo_reward_model", ["stage=grpo", "grpo.reward_model=@sft@"],
+     "grpo.reward_model=@sft@ holds a sft policy checkpoint, but grpo.reward_model needs a "
+     "reward model"),
+    ("hub_lm_as_ppo_reward_model", ["stage=ppo", "ppo.reward_model=@hub_lm@",
+                                    "ppo.critic_init=@reward@"], "ppo.reward_model=@hub_lm@"),
+    ("sft_as_ppo_critic", ["stage=ppo", "ppo.critic_init=@sft@"], "ppo.critic_init=@sft@"),
+    ("reward_as_grpo_actor", ["stage=grpo", "grpo.actor_init=@reward_run@"],
+     "grpo.actor_init=@reward_run@ (@reward_run@/checkpoints/step_000150) holds a reward model "
+     "checkpoint, but grpo.actor_init needs a policy"),
+    ("reward_as_dpo_init", ["stage=dpo", "dpo.init_from=@reward@"], "dpo.init_from=@reward@"),
+    ("critic_as_dpo_reference", ["stage=dpo", "dpo.reference=@critic@"],
+     "holds a ppo critic checkpoint"),
+    ("reward_as_ppo_actor", ["stage=ppo", "ppo.actor_init=@reward@"], "ppo.actor_init=@reward@"),
+    ("hub_rm_as_chat_policy", ["stage=chat", "chat.policy=@hub_rm@", "chat.prompt=hi"],
+     "chat.policy=@hub_rm@ holds a sequence-classification model"),
+    ("reward_as_eval_policy", ["stage=eval", "eval.policies.sft=@reward@"],
+     "eval.policies.sft=@reward@"),
+    # another tokenizer than the policy's
+    ("gpt2_dpo_reference", ["stage=dpo", "dpo.reference=@gpt2_sft@"],
+     "dpo.reference=@gpt2_sft@ has another tokenizer than the dpo policy"),
+    ("gpt2_grpo_reward_model", ["stage=grpo", "grpo.actor_init=@sft@",
+                                "grpo.reward_model=@gpt2_rm@"],
+     "grpo.reward_model=@gpt2_rm@ has another tokenizer"),
+    ("gpt2_ppo_critic", ["stage=ppo", "ppo.actor_init=@sft@", "ppo.critic_init=@gpt2_rm@"],
+     "ppo.critic_init=@gpt2_rm@ has another tokenizer"),
+    # every DPO pair longer than dpo.max_len under overlong=drop
+    ("dpo_all_pairs_too_long", ["stage=dpo", "data_mix.overlong=drop", "dpo.max_len=6",
+                                "dpo.max_prompt_len=4"], "dpo: all "),
+]
+
+
+@pytest.mark.parametrize("args, needle", [c[1:] for c in KIND_CASES],
+                         ids=[c[0] for c in KIND_CASES])
+def test_wrong_checkpoint_or_tokenizer_exits_2_before_the_run(args, needle, ckpts, tmp_path,
+                                                              rlhf_exp):
+    for name, path in ckpts.items():
+        args = [a.replace(f"@{name}@", str(path)) for a in args]
+        needle = needle.replace(f"@{name}@", str(path))
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp(*args, "data_mix.sources.0.synthetic.num_examples=400",
+                    f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, needle)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["stage=grpo", "grpo.actor_init=@sft@", "grpo.reward_model=@reward_run@"],
+    ["stage=grpo", "grpo.actor_init=@hub_lm@", "grpo.reward_model=@hub_rm@"],
+    ["stage=ppo", "ppo.actor_init=@sft@", "ppo.critic_init=@critic@"],
+    ["stage=dpo", "dpo.init_from=@sft@", "dpo.reference=@hub_lm@"],
+    ["stage=chat", "chat.policy=@sft@", "chat.prompt=hi"],
+    ["stage=reward", "reward.init_from=@sft@"],  # a reward model starts from a policy
+], ids=["grpo", "grpo_hub", "ppo_critic", "dpo", "chat", "reward_from_sft"])
+def test_right_kinds_pass_the_checks(args, ckpts):
+    """The same checks on the right kinds (and on plain hub dirs) raise nothing."""
+    from rlhf_exp import preflight, preflight_checks
+
+    for name, path in ckpts.items():
+        args = [a.replace(f"@{name}@", str(path)) for a in args]
+    cfg = compose(*args, "data_mix.sources.0.synthetic.num_examples=400")
+    stages = preflight._stages(cfg)
+    preflight_checks.check_inputs(cfg, preflight.starting_points(cfg), stages)
+
+
+def test_dpo_lengths_counted_as_the_stage_counts(ckpts):
+    """Limits that keep some pairs pass; the count is that of the stage's tokenization."""
+    from rlhf_exp import preflight_checks
+
+    cfg = compose("stage=dpo", "data_mix.overlong=drop", "dpo.max_len=64",
+                  "dpo.max_prompt_len=32", "data_mix.sources.0.synthetic.num_examples=400")
+    preflight_checks.check_dpo_lengths(cfg, ["dpo"])
