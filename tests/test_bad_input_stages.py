@@ -130,3 +130,74 @@ def test_dpo_lengths_counted_as_the_stage_counts(ckpts):
     cfg = compose("stage=dpo", "data_mix.overlong=drop", "dpo.max_len=64",
                   "dpo.max_prompt_len=32", "data_mix.sources.0.synthetic.num_examples=400")
     preflight_checks.check_dpo_lengths(cfg, ["dpo"])
+
+
+CONFIG_CASES = [
+    ("reward_function_without_fn", ["stage=grpo", "grpo.reward_functions=[{weight: 2.0}]"],
+     "grpo.reward_functions[0] has no fn"),
+    ("ppo_reward_function_without_fn", ["stage=ppo", "ppo.reward_functions=[{weight: 2.0}]"],
+     "ppo.reward_functions[0] has no fn"),
+    ("plus_on_a_built_in_arm", ["experiment=algorithms", "+stage.arms.ppo={stages:[sft,grpo]}"],
+     "stage.arms.ppo is the built-in arm 'ppo'"),
+    ("plus_on_an_existing_list", ["stage=sft", "+tags=[a]"], "tags exists already"),
+    ("arm_override_unquoted", ["experiment=algorithms", "+stage.arms.hi.stages=[sft,grpo]",
+                               "+stage.arms.hi.overrides=[grpo.epsilon_high=0.28]"],
+     "must be quoted inside the argument"),
+    ("keep_best_metric_typo", ["stage=dpo", "dpo.keep_best_metric=dpo/eval_los",
+                               "dpo.save_every=5"], "did you mean dpo/eval_loss"),
+    ("keep_best_metric_unknown", ["stage=sft", "sft.keep_best_metric=sft/accuracy",
+                                  "sft.save_every=5"], "sft.keep_best_metric='sft/accuracy'"),
+]
+
+
+@pytest.mark.parametrize("args, needle", [c[1:] for c in CONFIG_CASES],
+                         ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_exits_2_with_one_line(args, needle, tmp_path, rlhf_exp):
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp(*args, f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, needle)
+    assert not run_dir.exists()
+
+
+def test_reward_module_that_exits_at_import_is_named(tmp_path, rlhf_exp, monkeypatch):
+    """A reward module that parses the command line with argparse at import: argparse exits
+    (SystemExit 2) blaming rlhf-exp's arguments; the error names the function instead."""
+    (tmp_path / "argparse_reward.py").write_text(
+        "import argparse\n"
+        "parser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--scale', type=float, default=1.0)\n"
+        "ARGS = parser.parse_args()\n"
+        "def score(prompts, responses, **kw):\n"
+        "    return [ARGS.scale] * len(prompts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp("stage=grpo", "grpo.reward_functions=[{fn: 'argparse_reward:score'}]",
+                    f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, "grpo.reward_functions[0].fn='argparse_reward:score': "
+                                 "importing module 'argparse_reward' exited (SystemExit 2")
+    assert "usage:" not in proc.stdout
+    assert not run_dir.exists()
+
+
+def test_the_algorithms_example_parses_as_typed(rlhf_exp):
+    """The command in the header of conf/stage/algorithms.yaml, split as a shell splits it,
+    composes the arm it describes."""
+    import shlex
+
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.composition import CONF_DIR
+
+    header = (Path(CONF_DIR) / "stage" / "algorithms.yaml").read_text().split("\nname:")[0]
+    lines = [ln.lstrip("#").strip() for ln in header.splitlines()]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("rlhf-exp "))
+    command = lines[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + " " + lines[start]
+    args = shlex.split(command)[1:]
+    proc = rlhf_exp(*args, "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    arm = OmegaConf.create(proc.stdout).stage.arms.grpo_hi
+    assert list(arm.stages) == ["sft", "grpo"]
+    assert list(arm.overrides) == ["grpo.epsilon_high=0.28"]
