@@ -33,7 +33,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import arms, composition, dist, preflight, preflight_checks
+from rlhf_exp import arms, composition, dist, preflight, preflight_checks, run_token
 from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
@@ -49,6 +49,7 @@ DEFAULT_OBJECTIVE = {"sft": "sft/eval_loss", "reward": "reward/eval_accuracy",
                      "algorithms": None, "eval": None, "chat": None}
 
 register_configs()
+run_token.register_resolvers()  # ${run_token:} in the default hydra.run.dir
 
 
 def check(cfg: DictConfig) -> None:

@@ -91,6 +91,7 @@ def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) 
             and not sys.stdin.isatty():
         _PIPED.append(read_piped_prompt(sys.stdin.buffer))
     check_run_dir(cfg, run_dir, run_dir_stage)
+    preflight_checks.check_run_dir_owner(cfg, run_dir, run_dir_stage)
 
 
 # ----------------------------------------------------------------------------- 1. folders

@@ -254,3 +254,26 @@ def check_dpo_lengths(cfg: DictConfig, stages: list[str]) -> None:
         raise UserError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
                         f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
                         "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+
+
+# ----------------------------------------------------------------------------- run dir
+def check_run_dir_owner(cfg: DictConfig, run_dir: Path, stage: str | None = None) -> None:
+    """An existing run dir that holds a run of this stage (its saved config) holds this very
+    run: the same config but for what a resumed run may change (length, intervals, retention,
+    logger, tags: resume.check_compatible's rule). Another run's dir would get this run's
+    config, checkpoints and result mixed into its own. (Another stage's run:
+    preflight.check_run_dir.)"""
+    from rlhf_exp import resume
+
+    run_dir = Path(run_dir)
+    if (stage and stage != cfg.stage.name) or not run_dir.is_dir():
+        return  # an arm of stage=algorithms: its dir holds its last stage's run
+    try:
+        resume.check_compatible(cfg, run_dir)
+    except UserError as exc:
+        detail = str(exc).split(": ", 1)[-1].split("; a resumed run", 1)[0]
+        detail = detail.replace("the run was made with another config", "made with another "
+                                "config")
+        raise UserError(f"hydra.run.dir={run_dir} holds another {cfg.stage.name} run ({detail}); "
+                        "a run never writes into another's dir: give a new hydra.run.dir (or "
+                        "leave it unset), or resume=<that dir> with its own config") from None

@@ -201,3 +201,72 @@ def test_the_algorithms_example_parses_as_typed(rlhf_exp):
     arm = OmegaConf.create(proc.stdout).stage.arms.grpo_hi
     assert list(arm.stages) == ["sft", "grpo"]
     assert list(arm.overrides) == ["grpo.epsilon_high=0.28"]
+
+
+# ----------------------------------------------------------------------------- run dirs
+def test_a_run_dir_holding_another_run_of_the_stage_is_refused(tmp_path, rlhf_exp):
+    """A run dir whose saved config is another sft run's (another lr): refused before Hydra
+    writes into it; the same run again (longer: resume's rule) passes."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp import preflight_checks
+    from tests.test_bad_input import snapshot
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    saved = compose("stage=sft", "sft.lr=1e-3")
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(saved, resolve=True))
+    before = snapshot(run_dir)
+    proc = rlhf_exp("stage=sft", "sft.lr=5e-3", f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, f"hydra.run.dir={run_dir} holds another sft run (made with "
+                                 "another config: sft.lr=0.001 (now 0.005))")
+    assert snapshot(run_dir) == before
+    preflight_checks.check_run_dir_owner(compose("stage=sft", "sft.lr=1e-3",
+                                                 "sft.max_steps=500"), run_dir)
+
+
+def test_the_default_run_dir_is_unique_per_launch():
+    """Two launches in the same second get two dirs: the time plus this process's token;
+    the dispatcher and the app (one process) resolve the same dir."""
+    import re
+
+    from rlhf_exp import composition, run_token
+
+    first = composition.compose(composition.parse(["stage=sft"]))
+    again = composition.compose(composition.parse(["stage=sft"]))
+    name = Path(str(first.hydra.run.dir)).name
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_{run_token.TOKEN}_sft", name), name
+    assert Path(str(again.hydra.run.dir)).name.split("_", 2)[2] == f"{run_token.TOKEN}_sft"
+    sweep = composition.compose(composition.parse(["-m", "stage=sft", "seed=1,2"]),
+                                ["stage=sft"], multirun=True)
+    assert str(sweep.hydra.sweep.dir).endswith(f"_{run_token.TOKEN}")
+
+
+@pytest.mark.slow
+def test_two_launches_at_once_write_two_run_dirs(tmp_path):
+    """`rlhf-exp stage=sft ... &` twice (a shell loop, a job array): two run dirs, each holding
+    its own run (hardware.dry_run: Hydra makes the run dir, the stage does not train)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import CHILD_DROP_ENV, ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [subprocess.Popen([sys.executable, "-m", "rlhf_exp", "stage=sft",
+                               "hardware.dry_run=true", f"seed={seed}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    dirs = sorted((tmp_path / "outputs" / "default").iterdir())
+    assert len(dirs) == 2, dirs
+    seeds = sorted(_saved_seed(d) for d in dirs)
+    assert seeds == [1, 2]
+
+
+def _saved_seed(run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed)
