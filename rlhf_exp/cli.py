@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import traceback
 from dataclasses import fields
@@ -33,7 +32,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import arms, composition, dist, preflight, preflight_checks, run_token
+from rlhf_exp import arms, composition, dist, interrupt, preflight, preflight_checks, run_token
 from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import ConfigError, RootConfig, check_rendezvous, register_configs, validate
 from rlhf_exp.errors import UserError
@@ -333,7 +332,7 @@ def _relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | N
     # each rank checks it composed this very config (CONFIG_DIGEST_ENV, _same_config_as_launcher)
     env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir,
            CONFIG_DIGEST_ENV: composition.digest(cfg)}
-    rc = subprocess.run(cmd, env=env, preexec_fn=_stop_with_parent).returncode
+    rc = interrupt.run_launcher(cmd, env, preexec_fn=_stop_with_parent)  # Ctrl-C: one line
     if rc != 0:
         raise RanksFailed(rc)
     result = Path(run_dir) / "result.json"
@@ -420,6 +419,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
         preflight.preflight(cfg, run_dir)  # this job's inputs, before its W&B run exists
         extra = sweep.apply_to_config(cfg, ctx)
         value = _execute(cfg, run_dir, extra)
+    except KeyboardInterrupt:  # the whole sweep stops, with one line
+        interrupt.stop(cfg.stage.name, run_dir, sweep_dir=run_dir.parent)
     except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
         expected = isinstance(exc, (UserError, RanksFailed))
         message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
@@ -454,6 +455,8 @@ def app(cfg: DictConfig) -> float | None:
         _fail(str(exc))
     except RanksFailed as exc:
         raise SystemExit(exc.rc) from None
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to continue, in one line
+        interrupt.stop(cfg.stage.name, run_dir)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -507,6 +510,9 @@ def main() -> None:
             argv = _settle(quote_text_values(_resume_argv(sys.argv[1:])))
         except UserError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:
+            print("rlhf-exp: interrupted before the run started", file=sys.stderr)
+            raise SystemExit(interrupt.EXIT_CODE) from None
         sys.argv = [sys.argv[0], *argv]
     app()
 
