@@ -16,6 +16,7 @@ interrupted, and says the line itself.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -46,15 +47,18 @@ def last_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
     return ckpt, state
 
 
-def _live_step() -> tuple[str, int] | None:
-    """The step the open progress bar shows (the training loops' tqdm bar on rank 0)."""
-    try:
-        from tqdm import tqdm
+_BAR: list = []  # the last progress bar the run opened (runtime.progress), closed or not
 
-        bars = [b for b in list(getattr(tqdm, "_instances", ())) if not b.disable]
-    except Exception:  # best effort: the line then names the checkpoint's step only
-        return None
-    return (str(bars[-1].desc).strip(": "), int(bars[-1].n)) if bars else None
+
+def track(bar):
+    """Remember `bar` (a training loop's tqdm bar): its count is the step a Ctrl-C stops at."""
+    _BAR[:] = [] if bar.disable else [bar]  # (close() disables a bar: checked here, open)
+    return bar
+
+
+def _live_step() -> tuple[str, int] | None:
+    """(stage, step) of the last progress bar on this process, if any."""
+    return (str(_BAR[0].desc).strip(": "), int(_BAR[0].n)) if _BAR else None
 
 
 def message(stage: str, run_dir: Path, sweep_dir: Path | None = None) -> str:
@@ -93,7 +97,8 @@ def stop(stage: str, run_dir: Path, sweep_dir: Path | None = None) -> NoReturn:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
     _close_tracker()
-    if not dist.inside_launch():  # a launched rank: its launcher's parent says it
+    # a rank our launcher started (cli._relaunch sets RLHF_EXP_RUN_DIR): its parent says it
+    if "RLHF_EXP_RUN_DIR" not in os.environ and dist.is_main():
         print(message(stage, run_dir, sweep_dir), file=sys.stderr, flush=True)
     raise SystemExit(EXIT_CODE)
 
