@@ -21,6 +21,9 @@ calls `preflight` again when it starts. The checks, cheap ones first:
     6. chat stdin        piped text is UTF-8 without control characters (read here, once)
     7. search space      multirun with the Optuna sweeper: n_trials, each distribution, and
                          both ends / every choice of each key compose and validate
+    +  rlhf_exp/preflight_checks.py: each starting point is of the kind its key loads, the
+                         models scoring the policy's tokens share its tokenizer, DPO keeps a
+                         pair under overlong=drop, an existing run dir holds this very run
 
 Every failure is a UserError naming the key (or file) and what to change.
 """
