@@ -8,7 +8,8 @@ stage. Every failure is a UserError naming the key (or override) and what to cha
                           those silently, e.g. over a built-in arm of stage=algorithms)
     check_checkpoint_kinds a starting point of the wrong kind (a reward model as a policy, a
                           policy as a reward model), from each checkpoint's rlhf_exp.json
-    check_tokenizers_match dpo.reference / grpo.reward_model with the policy's tokenizer
+    check_tokenizers_match dpo.reference, grpo.reward_model, ppo.critic_init / reward_model
+                          have the policy's tokenizer
     check_dpo_lengths     dpo with data_mix.overlong=drop keeps at least one training pair
     check_run_dir_owner   an existing run dir holds this very run (same stage and config)
 """

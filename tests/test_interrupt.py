@@ -77,3 +77,20 @@ def test_ctrl_c_of_a_two_rank_run_says_one_line(tmp_path):
     proc = _interrupt_after_checkpoint(run_dir, 2, [*ARGS, "hardware.nproc_per_node=2",
                                                     "sft.micro_batch_size_per_device=4"])
     _check_one_line(proc, run_dir, "sft")
+
+
+def test_the_line_names_the_newest_checkpoint_of_a_pipeline_stage(tmp_path):
+    """A pipeline's checkpoints sit in its stages' sub-dirs: the newest one is named; with none
+    the line says so (and how often they are written)."""
+    from rlhf_exp import interrupt
+
+    assert "no training checkpoint yet (written every sft.save_every steps" in \
+        interrupt.message("sft", tmp_path)
+    for stage, step, age in (("sft", 40, 100), ("reward", 20, 10)):
+        ckpt = tmp_path / stage / "checkpoints" / f"step_{step:06d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"stage": stage, "step": step}))
+        os.utime(ckpt / "trainer_state.json", (time.time() - age, time.time() - age))
+    line = interrupt.message("pipeline", tmp_path)
+    assert f"last checkpoint {tmp_path}/reward/checkpoints/step_000020 (reward step 20)" in line
+    assert line.endswith(f"continue with: rlhf-exp resume={tmp_path}")
