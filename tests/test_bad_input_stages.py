@@ -270,3 +270,25 @@ def _saved_seed(run_dir: Path) -> int:
     from omegaconf import OmegaConf
 
     return int(OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed)
+
+
+def test_trained_checkpoints_record_their_kind(sft_run, reward_run, rlhf_exp, tmp_path):
+    """With the checkpoints real runs write (final and training ones): an SFT run as a reward
+    model and a reward run as a policy are refused in one line; each the right way round
+    passes the kind check."""
+    from rlhf_exp import checkpoint, preflight_checks
+
+    sft_dir, rm_dir = sft_run["run_dir"], reward_run["run_dir"]
+    for final, kind in ((checkpoint.final_checkpoint(sft_dir), preflight_checks.POLICY),
+                        (checkpoint.final_checkpoint(rm_dir), preflight_checks.REWARD)):
+        assert preflight_checks.checkpoint_kind(final)[0] == kind
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp("stage=grpo", f"grpo.reward_model={sft_dir}", f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, f"grpo.reward_model={sft_dir} (")
+    assert "holds a sft policy checkpoint" in proc.stderr
+    proc = rlhf_exp("stage=dpo", f"dpo.init_from={rm_dir}", f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, "holds a reward model checkpoint, but dpo.init_from needs a "
+                                 "policy")
+    assert not run_dir.exists()
+    preflight_checks.check_checkpoint_kinds([("grpo.actor_init", str(sft_dir)),
+                                             ("grpo.reward_model", str(rm_dir))])
