@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import composition, dist, preflight, registry
+from rlhf_exp import composition, dist, interrupt, preflight, registry, run_token
 from rlhf_exp.composition import CONF_DIR
 from rlhf_exp.config import check, register_configs
 from rlhf_exp.errors import UserError
@@ -39,6 +39,7 @@ from rlhf_exp.settle import settle as _settle
 __all__ = ["CONFIG_DIGEST_ENV", "CONF_DIR", "app", "check", "launch_command", "main"]
 
 register_configs()
+run_token.register_resolvers()  # ${run_token:} in the default hydra.run.dir
 
 
 def _execute(cfg: DictConfig, run_dir: Path, extra: list[str]) -> float | None:
@@ -86,6 +87,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
         preflight.preflight(cfg, run_dir)  # this job's inputs, before its W&B run exists
         extra = sweep.apply_to_config(cfg, ctx)
         value = _execute(cfg, run_dir, extra)
+    except KeyboardInterrupt:  # the whole sweep stops, with one line
+        interrupt.stop(cfg.stage.name, run_dir, sweep_dir=run_dir.parent)
     except Exception as exc:  # KeyboardInterrupt / SystemExit still stop the whole sweep
         expected = isinstance(exc, (UserError, RanksFailed))
         message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
@@ -120,6 +123,8 @@ def app(cfg: DictConfig) -> float | None:
         _fail(str(exc))
     except RanksFailed as exc:
         raise SystemExit(exc.rc) from None
+    except KeyboardInterrupt:  # Ctrl-C: where it stopped and how to continue, in one line
+        interrupt.stop(cfg.stage.name, run_dir)
 
 
 def main() -> None:
@@ -130,6 +135,9 @@ def main() -> None:
             argv = _settle(quote_text_values(resume_argv(sys.argv[1:])))
         except UserError as exc:
             _fail(str(exc))
+        except KeyboardInterrupt:
+            print("rlhf-exp: interrupted before the run started", file=sys.stderr)
+            raise SystemExit(interrupt.EXIT_CODE) from None
         sys.argv = [sys.argv[0], *argv]
     app()
 

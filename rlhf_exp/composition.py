@@ -131,10 +131,12 @@ def compose(inv: Invocation, overrides: list[str] | None = None, *,
     from hydra.core.utils import setup_globals
     from hydra.types import RunMode
 
+    from rlhf_exp import run_token
     from rlhf_exp.config import register_configs
 
     register_configs()
     setup_globals()  # Hydra's resolvers (${now:...} in hydra.run.dir), as Hydra registers them
+    run_token.register_resolvers()  # ${run_token:} in hydra.run.dir
     loader = ConfigLoaderImpl(config_search_path=search_path(inv))
     overrides = inv.overrides if overrides is None else overrides
     with warnings.catch_warnings():

@@ -58,9 +58,11 @@ def group_view(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N / G] bool: groups whose rewards are all equal (no learning signal from the baseline)."""
+    """[N / G] bool: groups whose rewards are all equal (no learning signal from the baseline).
+    An exact tie: a relative tolerance would call a group near |r| = 100 whose rewards differ by
+    5e-4 tied, though its scaled advantages reach ~1.4."""
     grouped = group_view(rewards, group_size)
-    return torch.isclose(grouped.max(-1).values, grouped.min(-1).values)
+    return grouped.max(-1).values == grouped.min(-1).values
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, baseline: str = "group_mean",

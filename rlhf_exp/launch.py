@@ -10,13 +10,12 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rlhf_exp import composition, dist
+from rlhf_exp import composition, dist, interrupt
 from rlhf_exp.config import check_rendezvous
 from rlhf_exp.objective import objective_value
 
@@ -87,7 +86,7 @@ def relaunch(cfg: DictConfig, run_dir: str, extra: list[str] = ()) -> float | No
     # each rank checks it composed this very config (CONFIG_DIGEST_ENV, same_config_as_launcher)
     env = {**os.environ, "RLHF_EXP_RUN_DIR": run_dir,
            CONFIG_DIGEST_ENV: composition.digest(cfg)}
-    rc = subprocess.run(cmd, env=env, preexec_fn=stop_with_parent).returncode
+    rc = interrupt.run_launcher(cmd, env, preexec_fn=stop_with_parent)  # Ctrl-C: one line
     if rc != 0:
         raise RanksFailed(rc)
     result = Path(run_dir) / "result.json"

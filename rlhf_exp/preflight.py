@@ -21,6 +21,9 @@ multirun calls `preflight` again when it starts. The checks, cheap ones first:
     6. chat stdin        piped text is UTF-8 without control characters (read here, once)
     7. search space      multirun with the Optuna sweeper: n_trials, each distribution, and
                          both ends / every choice of each key compose and validate
+    +  rlhf_exp/preflight_checks.py: each starting point is of the kind its key loads, the
+                         models scoring the policy's tokens share its tokenizer, DPO keeps a
+                         pair under overlong=drop, an existing run dir holds this very run
 
 Every failure is a UserError naming the key (or file) and what to change.
 """
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import registry, stdin_prompt
+from rlhf_exp import preflight_checks, registry, stdin_prompt
 from rlhf_exp.errors import UserError
 
 # A hub id: "name" or "org/name" (huggingface_hub's rules, without the length limit)
@@ -85,11 +88,13 @@ def preflight(cfg: DictConfig, run_dir: Path, run_dir_stage: str | None = None) 
         check_starting_point(key, ref, cfg)
     check_sources(cfg)
     check_data(cfg)
+    preflight_checks.check_inputs(cfg, starting_points(cfg), _stages(cfg))
     stdin_prompt.clear()
     if cfg.stage.name == "chat" and cfg.chat.prompt is None and sys.stdin is not None \
             and not sys.stdin.isatty():
         stdin_prompt.read_ahead(sys.stdin.buffer)
     check_run_dir(cfg, run_dir, run_dir_stage)
+    preflight_checks.check_run_dir_owner(cfg, run_dir, run_dir_stage)
 
 
 # ----------------------------------------------------------------------------- 1. folders

@@ -35,6 +35,11 @@ class StartKey:
     key: str
     handoff: str | None = None
     base: str | None = None
+    # what the checkpoint must hold: "policy" (a causal LM), "reward" (a score head), None =
+    # either; preflight refuses the other kind (rlhf_exp/preflight_checks.py)
+    kind: str | None = None
+    # the stage feeds this model its policy's token ids: it must share the policy's tokenizer
+    same_tokenizer: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         name="sft", runner="rlhf_exp.stages.sft", node="sft",
         help="SFT stage keys (sft.*)",
         shares=("sft",), chainable=True, trains_policy=True, resumable=True, shared=True,
-        starts=(StartKey("sft.init_from", None, "policy"),),
+        starts=(StartKey("sft.init_from", None, "policy", kind="policy"),),
         objective="sft/eval_loss",
         summary_metrics=("sft/eval_loss",),
         compare_metrics=("sft/loss", "sft/eval_loss"),
@@ -123,9 +128,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         name="ppo", runner="rlhf_exp.stages.ppo", node="ppo",
         help="PPO stage keys (ppo.*)",
         shares=("ppo",), chainable=True, trains_policy=True, resumable=True,
-        starts=(StartKey("ppo.actor_init", "policy", "policy"),
-                StartKey("ppo.critic_init", "reward", "reward"),
-                StartKey("ppo.reward_model")),
+        starts=(StartKey("ppo.actor_init", "policy", "policy", kind="policy"),
+                StartKey("ppo.critic_init", "reward", "reward", kind="reward",
+                         same_tokenizer=True),
+                StartKey("ppo.reward_model", kind="reward", same_tokenizer=True)),
         objective="ppo/eval_gold_reward",
         summary_metrics=("ppo/init_eval_gold_reward", "ppo/eval_gold_reward", "ppo/kl"),
         compare_metrics=("ppo/gold_reward", "ppo/reward_score", "ppo/kl"),
@@ -141,8 +147,9 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         name="grpo", runner="rlhf_exp.stages.grpo", node="grpo",
         help="GRPO, RLOO, Dr. GRPO keys (grpo.*)",
         shares=("ppo",), chainable=True, trains_policy=True, resumable=True,
-        starts=(StartKey("grpo.actor_init", "policy", "policy"),
-                StartKey("grpo.reward_model", "reward", None)),
+        starts=(StartKey("grpo.actor_init", "policy", "policy", kind="policy"),
+                StartKey("grpo.reward_model", "reward", None, kind="reward",
+                         same_tokenizer=True)),
         objective="grpo/eval_gold_reward",
         summary_metrics=("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
         compare_metrics=("grpo/gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
@@ -160,7 +167,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         name="dpo", runner="rlhf_exp.stages.dpo", node="dpo",
         help="DPO stage keys (dpo.*)",
         shares=("reward",), chainable=True, trains_policy=True, resumable=True,
-        starts=(StartKey("dpo.init_from", "policy", "policy"), StartKey("dpo.reference")),
+        starts=(StartKey("dpo.init_from", "policy", "policy", kind="policy"),
+                StartKey("dpo.reference", kind="policy", same_tokenizer=True)),
         objective="dpo/eval_gold_reward",
         summary_metrics=("dpo/init_eval_gold_reward", "dpo/eval_gold_reward",
                          "dpo/eval_rewards/accuracies"),
@@ -194,7 +202,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
         name="chat", runner="rlhf_exp.stages.chat", node="chat",
         help="stage=chat keys (chat.*)",
-        starts=(StartKey("chat.policy", None, "policy"),),
+        starts=(StartKey("chat.policy", None, "policy", kind="policy"),),
         node_check="rlhf_exp.config.stage_checks:check_chat"),
 )}
 

@@ -24,8 +24,11 @@ line.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,11 +57,24 @@ def import_function(spec: str, key: str) -> Callable[..., Sequence[float]]:
     if not sep or not module_name or not attr:
         raise RewardFunctionError(f"{key}={spec!r}: name a function as 'package.module:function' "
                                   "(e.g. rlhf_exp.tasks:gold_reward_fn)")
+    # a module may fail on import in any way, even exit: argparse at import parses rlhf-exp's
+    # own command line and exits with a usage message that blames rlhf-exp's arguments; its
+    # output is held back and the function named instead
+    said = io.StringIO()
     try:
-        module = importlib.import_module(module_name)
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            module = importlib.import_module(module_name)
+    except SystemExit as exc:
+        last = (said.getvalue().strip().splitlines() or [""])[-1][:160]
+        raise RewardFunctionError(
+            f"{key}={spec!r}: importing module {module_name!r} exited (SystemExit {exc.code}"
+            f"{': ' + repr(last) if last else ''}); does it parse the command line (argparse) at "
+            "import? Move that under `if __name__ == '__main__':`") from None
     except Exception as exc:  # ImportError, or the module itself failing on import
         raise RewardFunctionError(f"{key}={spec!r}: cannot import module {module_name!r} "
                                   f"({type(exc).__name__}: {exc})") from None
+    if said.getvalue():  # what a module that imported fine printed, shown as it would be
+        sys.stderr.write(said.getvalue())
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardFunctionError(f"{key}={spec!r}: module {module_name!r} has no function "
@@ -77,7 +93,7 @@ def call(function: RewardFunction, rows: list[dict], responses: list[str],
     """One batch through one function, its output checked: a finite number per response."""
     try:
         out = function.fn([r["prompt"] for r in rows], list(responses), **columns(rows))
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a reward function: no silent stop
         raise RewardFunctionError(f"{key}: {function.spec} raised {type(exc).__name__}: {exc}") \
             from None
     try:

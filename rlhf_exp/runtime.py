@@ -66,5 +66,7 @@ def progress(total: int, desc: str):
     """A tqdm bar on rank 0 (disabled elsewhere and when stderr is not a terminal in CI)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not dist.is_main(), dynamic_ncols=True,
-                mininterval=1.0, file=sys.stderr)
+    from rlhf_exp import interrupt
+
+    return interrupt.track(tqdm(total=total, desc=desc, disable=not dist.is_main(),
+                                dynamic_ncols=True, mininterval=1.0, file=sys.stderr))

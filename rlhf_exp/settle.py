@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rlhf_exp import arms, composition, preflight
+from rlhf_exp import arms, composition, preflight, preflight_checks
 from rlhf_exp.config import check, check_rendezvous
 from rlhf_exp.errors import UserError
 
@@ -30,7 +30,7 @@ def _one_line(exc: BaseException) -> str:
             return composition.not_an_option(name, choice, options)
         return text.splitlines()[0]
     if isinstance(exc, OverrideParseException):
-        return str(exc).splitlines()[0] + " (overrides look like key=value)"
+        return preflight_checks.override_parse_hint(exc)
     cause = exc.__cause__ or exc
     lines = str(cause).splitlines()
     full_key = next((ln.split(":", 1)[1].strip() for ln in lines if "full_key:" in ln), None)
@@ -120,6 +120,7 @@ def _validate(inv: composition.Invocation) -> DictConfig:
     composed = []
     for combo in combos:
         cfg = _compose(inv, combo, multirun=inv.multirun)
+        preflight_checks.refuse_merging_appends(combo, lambda o: _compose(inv, o, inv.multirun))
         check(cfg)
         check_rendezvous(cfg)  # a multi-node launch's settings, before Hydra makes a run dir
         if cfg.resume:  # the same stage and config as the run it continues, before Hydra

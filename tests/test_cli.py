@@ -173,7 +173,7 @@ def test_the_default_run_dir_resolves_in_a_fresh_process():
 
     OmegaConf.clear_resolver("now")  # as in a fresh process: no Hydra app ran yet
     cfg = composition.compose(composition.parse(["stage=sft"]))
-    assert re.fullmatch(r"outputs/default/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_sft",
+    assert re.fullmatch(r"outputs/default/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}_sft",
                         str(cfg.hydra.run.dir)), cfg.hydra.run.dir
 
 

@@ -56,6 +56,17 @@ def test_zero_std_groups_are_reported():
         [True, False]
 
 
+def test_zero_std_is_an_exact_tie_not_a_relative_closeness():
+    """A group near |r| = 100 whose rewards differ by 5e-4 has a learning signal: its scaled
+    advantages reach ~1.4, so it is not zero-std (torch.isclose's rtol 1e-5 called it tied)."""
+    near = torch.tensor([100.0, 100.0005, -100.0, -100.0005])
+    assert grpo_math.zero_std_groups(near, 2).tolist() == [False, False]
+    adv = grpo_math.group_advantages(near, 2)
+    assert adv.abs().max().item() > 0.5  # the signal filter_zero_std would have dropped
+    tied = torch.tensor([100.0, 100.0, -7.25, -7.25, 0.0, 1e-30])
+    assert grpo_math.zero_std_groups(tied, 2).tolist() == [True, True, False]
+
+
 def test_rewards_that_are_not_whole_groups_are_refused():
     with pytest.raises(ValueError, match="whole groups"):
         grpo_math.group_advantages(torch.zeros(5), 2)

@@ -111,6 +111,16 @@ def _check_lora(cfg: DictConfig, node: str) -> None:
                           "(e.g. [q_proj, v_proj]) or be [all-linear]")
 
 
+def function_spec(item: DictConfig, key: str) -> str:
+    """A reward function item's `fn`, or one line when it has none (OmegaConf would raise a
+    MissingMandatoryValue traceback at the first read)."""
+    if OmegaConf.is_missing(item, "fn") or item.fn is None:
+        raise ConfigError(f"{key} has no fn: give each reward function as {{fn: "
+                          "package.module:function, weight: 1.0} (e.g. fn: "
+                          "rlhf_exp.tasks:gold_reward_fn)")
+    return str(item.fn)
+
+
 def check_rewards(cfg: DictConfig, node: str) -> None:
     """`<node>.reward_model_weight` / `reward_functions`: at least one reward, well-formed names
     (importing and calling them happens before training: rlhf_exp/rewards.py)."""
@@ -119,7 +129,7 @@ def check_rewards(cfg: DictConfig, node: str) -> None:
         raise ConfigError(f"{node}.reward_model_weight={sc.reward_model_weight} must be >= 0 "
                           "(0 = no reward model)")
     for i, item in enumerate(sc.reward_functions):
-        module, sep, name = str(item.fn).partition(":")
+        module, sep, name = function_spec(item, f"{node}.reward_functions[{i}]").partition(":")
         if not sep or not module or not name:
             raise ConfigError(f"{node}.reward_functions[{i}].fn={item.fn!r}: name a function as "
                               "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")

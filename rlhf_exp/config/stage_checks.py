@@ -4,6 +4,8 @@ rule)."""
 
 from __future__ import annotations
 
+import difflib
+
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import registry
@@ -16,6 +18,7 @@ from rlhf_exp.config.checks import (
     _positive,
     check_optimizer_node,
     check_rewards,
+    function_spec,
 )
 from rlhf_exp.config.choices import (
     DPO_LOSS_TYPES,
@@ -61,10 +64,13 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
     best = cfg[node].keep_best_metric
     spec = registry.get(registry.node_stages()[node])
     if best is not None and not spec.logs(str(best)):
+        # a typo would keep no `best` checkpoint, without a word
+        close = difflib.get_close_matches(str(best), spec.metrics, n=3, cutoff=0.6)
         known = ", ".join(m for m in spec.metrics if f"{node}/eval_" in m
                           and not m.endswith("_examples"))
-        raise ConfigError(f"{node}.keep_best_metric={best!r} must be a metric of this stage, "
-                          f"one the {spec.name} stage logs: e.g. {known}")
+        hint = f"did you mean {' or '.join(close)}?" if close else f"e.g. {known}"
+        raise ConfigError(f"{node}.keep_best_metric={best!r} must be a metric of this stage "
+                          f"(the {spec.name} stage logs no such metric); {hint}")
     if best is not None and cfg[node].save_every <= 0:
         raise ConfigError(f"{node}.keep_best_metric needs {node}.save_every > 0 (checkpoints "
                           "to choose from)")
@@ -229,7 +235,7 @@ def check_grpo(cfg: DictConfig) -> None:
         raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
     functions = gc.reward_functions if gc.reward_functions is not None else []
     for i, item in enumerate(functions):
-        module, sep, name = str(item.fn).partition(":")
+        module, sep, name = function_spec(item, f"grpo.reward_functions[{i}]").partition(":")
         if not sep or not module or not name:
             raise ConfigError(f"grpo.reward_functions[{i}].fn={item.fn!r}: name a function as "
                               "'package.module:function' (e.g. rlhf_exp.tasks:gold_reward_fn)")
