@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,14 +60,14 @@ from rlhf_exp import (
     ppo_math,
     resume,
     rewards,
+    rl_loop,
     rl_steps,
     rollout,
     runtime,
+    stage_kit,
     tasks,
 )
 from rlhf_exp.config import ConfigError
-from rlhf_exp.data import build_stage_data
-from rlhf_exp.data.tokenize import prompt_ids
 from rlhf_exp.rollout import Trajectory
 from rlhf_exp.tracking import Tracker, resolve_init
 
@@ -111,16 +112,9 @@ class Models:
     actor_stage: int
 
 
-@dataclass
-class State:
-    """Everything besides the engine that changes from step to step; saved for resume."""
-
-    sample_gen: torch.Generator  # this rank's sampling noise
-    shuffle_gen: torch.Generator  # this rank's minibatch order
-    step: int = 0
-    init_eval: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
-    last_stats: dict = field(default_factory=dict)
+class State(rl_loop.State):
+    """Everything besides the engine that changes from step to step (rl_loop.State: the step,
+    the generators, the evals); saved for resume."""
 
 
 @dataclass
@@ -235,9 +229,33 @@ def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
 
 
 def fresh_state(cfg: DictConfig) -> State:
-    rank = dist.rank()
-    return State(sample_gen=torch.Generator().manual_seed(cfg.seed * 7919 + rank),
-                 shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1 + rank))
+    return State(**rl_loop.seeded_generators(cfg.seed))
+
+
+def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts: int,
+             held_out: int, tracker: Tracker) -> None:
+    """The run's shape: one line on the console, the batch sizes and placements in W&B."""
+    gc, world = cfg.grpo, dist.world_size()
+    completions = gc.prompts_per_step * gc.num_generations
+    runtime.say(f"grpo: {prompts} prompts ({held_out * world} held out), "
+                f"{gc.steps} steps x {gc.prompts_per_step} prompts x {gc.num_generations} "
+                f"completions = {completions}; update {gc.num_iterations} pass(es) x "
+                f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
+                f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
+                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
+                f"{m.actor_stage}; actor {inputs.actor_init}; reward "
+                f"{inputs.reward_model or '-'}"
+                + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
+    tracker.summary({"grpo/prompts_per_step": gc.prompts_per_step,
+                     "grpo/completions_per_step": completions,
+                     "grpo/minibatch_size": geo.minibatch * world,
+                     "grpo/train_prompts": prompts,
+                     "grpo/reference_placement": engine.placement(gc.offload_reference,
+                                                                  m.actor_stage)
+                     if m.reference is not None else "none",
+                     "grpo/reward_model_placement": engine.placement(gc.offload_reward_model,
+                                                                     m.actor_stage)
+                     if m.reward_model is not None else "none"})
 
 
 # ----------------------------------------------------------------------------- one step
@@ -323,6 +341,13 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
     return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, scores, golds)
 
 
+def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, rows: list[dict],
+                 prompt_tokens: list[list[int]], state: State
+                 ) -> tuple[Experience, dict[str, float], list[list]]:
+    """This rank's prompts of the step: their groups of completions, then the experience."""
+    return make_experience(m, cfg, generate_groups(m, cfg, rows, prompt_tokens, state), geo)
+
+
 def minibatch_totals(exp: Experience, idx: torch.Tensor, device: torch.device
                      ) -> tuple[float, float]:
     """(real tokens, sequences) of one minibatch over every rank: the loss normalisers of
@@ -390,12 +415,9 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def finish_step(cfg: DictConfig, state: State, stats: dict[str, float]) -> dict[str, float]:
-    """Average the step's statistics over ranks; a NaN loss stops the run with one line."""
-    stats = rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
-    rl_steps.check_finite(stats, ("grpo/loss",), state.step + 1,
-                          "Lower grpo.actor.lr or check the reward scale")
-    return stats
+def finish_step(cfg: DictConfig, stats: dict[str, float], state: State) -> dict[str, float]:
+    """Average the step's statistics over ranks (the loop's NaN stop checks them next)."""
+    return rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
 
 
 def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, float]:
@@ -405,8 +427,8 @@ def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, flo
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: Path,
-                             tracker: Tracker) -> None:
+def save_training_checkpoint(m: Models, cfg: DictConfig, run_dir: Path, tracker: Tracker,
+                             state: State) -> None:
     """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
     shared, local = rl_steps.loop_state(state, tracker)
     tracker.flush()  # every row up to this step survives a kill right after the checkpoint
@@ -419,128 +441,57 @@ def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
     resume.restore_rng(ckpt)
 
 
+def grpo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict],
+               run_dir: Path, tracker: Tracker) -> rl_loop.Steps:
+    """GRPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
+    return rl_loop.Steps(
+        rollout=partial(rollout_step, m, cfg, geo), update=partial(grpo_step, m, cfg, geo=geo),
+        finish=partial(finish_step, cfg), evaluate=partial(evaluate, m, cfg, eval_rows),
+        save=partial(save_training_checkpoint, m, cfg, run_dir, tracker),
+        load=partial(load_training_checkpoint, m))
+
+
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
     """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
     inspect."""
     gc = cfg.grpo
-    runtime.set_seed(cfg.seed)
-    dist.init(cfg.hardware.device)
-    world, rank = dist.world_size(), dist.rank()
+    with stage_kit.begin(cfg, run_dir, "grpo") as run:
+        # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
+        # stop the run here, before anything is written
+        data = rl_loop.prompts_of_share(cfg, gc.prompts_per_step, "grpo.prompts_per_step")
+        eval_rows = evaluation.heldout_shard(cfg, gc.eval_num_prompts, run.rank, run.world)
+        inputs = resolve_inputs(cfg)
+        check_default_reward_fits(cfg, data.train[:4])
+        reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
+                                        data.train[:4])
+        tracker = run.open()  # run config, resume point, W&B run
+        tracker.record_inputs(asdict(inputs), prefix="grpo")
 
-    # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
-    # stop the run here, before anything is written
-    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)  # the RL share of data_mix.split
-    if len(data.train) < gc.prompts_per_step:
-        raise ConfigError(f"grpo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
-                          f"than grpo.prompts_per_step={gc.prompts_per_step}")
-    eval_rows = evaluation.heldout_shard(cfg, gc.eval_num_prompts, rank, world)
-    inputs = resolve_inputs(cfg)
-    check_default_reward_fits(cfg, data.train[:4])
-    reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
-                                    data.train[:4])
-    runtime.save_run_config(cfg, run_dir)
-    resume_from = resume.find(cfg, run_dir, "grpo")
-    saved = resume.read_state(resume_from) if resume_from else {}
-    tracker = Tracker(cfg, run_dir, "grpo", run_id=saved.get("wandb_run_id"))
-    tracker.record_inputs(asdict(inputs), prefix="grpo")
+        # --- models, the step-to-step state
+        geo = batch_geometry(cfg, run.world)
+        m = load_models(cfg, inputs, geo, reward_functions)
+        state = fresh_state(cfg)
+        describe(cfg, m, geo, inputs, len(data.train), len(eval_rows), tracker)
 
-    # --- models, prompts, the step-to-step state
-    geo = batch_geometry(cfg, world)
-    m = load_models(cfg, inputs, geo, reward_functions)
-    prompt_tokens = [prompt_ids(m.tokenizer, row, cfg.model.prompt_template, gc.max_prompt_len)
-                     for row in data.train]
-    schedule = rollout.PromptSchedule(len(data.train), gc.prompts_per_step, seed=cfg.seed,
-                                      rank=rank, world=world)
-    state = fresh_state(cfg)
-    completions = gc.prompts_per_step * gc.num_generations
-    runtime.say(f"grpo: {len(data.train)} prompts ({len(eval_rows) * world} held out), "
-                f"{gc.steps} steps x {gc.prompts_per_step} prompts x {gc.num_generations} "
-                f"completions = {completions}; update {gc.num_iterations} pass(es) x "
-                f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
-                f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
-                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
-                f"{m.actor_stage}; actor {inputs.actor_init}; reward "
-                f"{inputs.reward_model or '-'}"
-                + "".join(f" + {f.weight} x {f.spec}" for f in reward_functions))
-    tracker.summary({"grpo/prompts_per_step": gc.prompts_per_step,
-                     "grpo/completions_per_step": completions,
-                     "grpo/minibatch_size": geo.minibatch * world,
-                     "grpo/train_prompts": len(data.train),
-                     "grpo/reference_placement": engine.placement(gc.offload_reference,
-                                                                  m.actor_stage)
-                     if m.reference is not None else "none",
-                     "grpo/reward_model_placement": engine.placement(gc.offload_reward_model,
-                                                                     m.actor_stage)
-                     if m.reward_model is not None else "none"})
-    if resume_from:
-        load_training_checkpoint(m, state, resume_from)
-        runtime.say(f"grpo: resumed from {resume_from} at step {state.step}/{gc.steps}")
-    elif eval_rows:
-        state.init_eval = state.last_eval = evaluate(m, cfg, eval_rows)
-        tracker.log(state.init_eval, 0)
+        # --- the loop (rlhf_exp/rl_loop.py) with GRPO's steps
+        loop = rl_loop.prompt_loop(
+            "grpo", cfg, run_dir, m.tokenizer, data.train, gc.prompts_per_step, eval_rows,
+            engines=[m.actor], loss_keys=("grpo/loss",),
+            hint="lower grpo.actor.lr or check the reward scale",
+            postfix={"gold": "grpo/gold_reward", "reward": "grpo/reward",
+                     "zero_std": "grpo/frac_zero_std"})
+        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, eval_rows, run_dir, tracker), state,
+                              tracker, run.resume_from)
 
-    # --- the loop
-    bar = runtime.progress(gc.steps, "grpo")
-    bar.update(state.step)
-    loop_start = time.perf_counter()
-    while state.step < gc.steps:
-        step = state.step + 1
-        t0 = time.perf_counter()
-        idx = schedule.indices(step)
-        traj = generate_groups(m, cfg, [data.train[i] for i in idx],
-                               [prompt_tokens[i] for i in idx], state)
-        exp, stats, table = make_experience(m, cfg, traj, geo)
-        t1 = time.perf_counter()
-        stats.update(grpo_step(m, cfg, exp, state, geo))
-        elapsed = time.perf_counter() - t0
-        stats.update({"perf/train_s": time.perf_counter() - t1,
-                      "grpo/actor_lr": m.actor.get_lr()[0],
-                      "perf/samples_per_s": geo.n_local * world / elapsed,
-                      "perf/tokens_per_s": float(exp.mask.sum()) * world / elapsed})
-        stats = finish_step(cfg, state, stats)
-        state.step, state.last_stats = step, stats
-        rl_steps.log_step(tracker, cfg, "grpo", step, stats, table)
-        bar.update(1)
-        bar.set_postfix(gold=f"{stats.get('grpo/gold_reward', float('nan')):.3f}",
-                        reward=f"{stats['grpo/reward']:.3f}",
-                        zero_std=f"{stats['grpo/frac_zero_std']:.2f}")
-        if eval_rows and gc.eval_every > 0 and step % gc.eval_every == 0 and step < gc.steps:
-            state.last_eval = evaluate(m, cfg, eval_rows)
-            tracker.log(state.last_eval, step)
-        if gc.save_every > 0 and step % gc.save_every == 0 and step < gc.steps:
-            save_training_checkpoint(m, cfg, state, run_dir, tracker)
-    bar.close()
-    loop_s = time.perf_counter() - loop_start
-    if eval_rows:
-        state.last_eval = evaluate(m, cfg, eval_rows)
-        tracker.log(state.last_eval, gc.steps)
-
-    # --- checkpoint, result
-    meta = {"stage": "grpo", "step": gc.steps, **asdict(inputs)}
-    ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "grpo", run_dir, tracker, meta,
-                                      state.last_eval)
-    metrics = rl_steps.final_metrics("grpo", state, FINAL_KEYS, gc.steps)
-    metrics["perf/loop_s"] = loop_s  # this process's steps (a resumed run: the rest only)
-    tracker.summary(metrics)
-    result = runtime.StageResult("grpo", str(run_dir), str(ckpt), tracker.run_id,
-                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
-    result.write()
-    if "grpo/eval_gold_reward" in state.init_eval:
-        runtime.say(f"grpo: done. held-out gold reward "
-                    f"{state.init_eval['grpo/eval_gold_reward']:.3f} -> "
-                    f"{state.last_eval['grpo/eval_gold_reward']:.3f}")
-    runtime.say(f"grpo: checkpoint {ckpt}")
-    if tracker.enabled:
-        runtime.say(tracker.where())
-    tracker.finish()
+        # --- checkpoint, result
+        result, _ = rl_loop.save_result(loop, state, tracker, actor=m.actor,
+                                        tokenizer=m.tokenizer, meta=asdict(inputs),
+                                        final_keys=FINAL_KEYS)
+        gold = rl_loop.gold_change("grpo", state)
+        stage_kit.close(run, result, *([f"grpo: done. {gold}"] if gold else []))
     return m.actor, m.tokenizer, result
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    done = resume.completed(run_dir, "grpo")  # run again in a finished run dir: nothing to do
-    if done is not None:
-        runtime.say(f"grpo: {run_dir} has already finished (checkpoints/final); not training "
-                    "again")
-        return done
-    return train(cfg, run_dir)[2]
+    return stage_kit.run_unless_done("grpo", cfg, run_dir, train)
