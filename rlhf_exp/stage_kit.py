@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, engine, resume, runtime
+from rlhf_exp import dist, engine, models, resume, runtime
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.errors import DataError
 from rlhf_exp.tracking import Tracker, resolve_init
@@ -84,6 +84,21 @@ def start_point(ref: str | None, fallback: str, tracker: Tracker | None = None
         return fallback, None
     path, artifact = resolve_init(ref, tracker)
     return str(path), artifact
+
+
+def load_model(cfg: DictConfig, path: str, *, reward: bool = False, dropout: bool = True
+               ) -> tuple[Any, Any, int, int]:
+    """(tokenizer, model, trainable parameters, all parameters): a causal LM, or with `reward`
+    a one-label sequence classifier, from `path`, with `model.lora` applied; `dropout=False`
+    turns dropout off (log-probs then are one function of the weights)."""
+    tokenizer = models.load_tokenizer(path, cfg.model)
+    load = models.load_reward_model if reward else models.load_causal_lm
+    model = load(path, tokenizer, cfg.model, cfg.hardware.precision)
+    model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS" if reward else
+                              "CAUSAL_LM")
+    if not dropout:
+        model = engine.disable_dropout(model)
+    return (tokenizer, model, *models.count_parameters(model))
 
 
 def build_engine(model, cfg: DictConfig, node: DictConfig, *, total_steps: int,

@@ -223,16 +223,12 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         tracker = run.open()  # run config, resume point, W&B run
 
         # --- the policy: from the SFT output (path / artifact) or the base model; dropout off
-        # (the log-probs of a pair are then one function of the weights, as for the reference)
         start, init_artifact = stage_kit.start_point(dc.init_from,
                                                      models.resolve_base_path(cfg.model), tracker)
         reference_path = stage_kit.start_point(dc.reference, start, tracker)[0]
         tracker.summary({"dpo/init_path": start, "dpo/init_artifact": init_artifact or "",
                          "dpo/reference_path": reference_path})
-        tokenizer = models.load_tokenizer(start, cfg.model)
-        model = models.load_causal_lm(start, tokenizer, cfg.model, cfg.hardware.precision)
-        model = engine.disable_dropout(models.apply_lora(model, cfg.model.lora))
-        trainable, total = models.count_parameters(model)
+        tokenizer, model, trainable, total = stage_kit.load_model(cfg, start, dropout=False)
 
         # --- features: the reward share's preference pairs, tokenized (cached on disk)
         template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
@@ -244,8 +240,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             raise DataError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
                             f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
                             "data_mix.overlong=drop; raise the limits or use overlong=truncate")
-        # batches in the shared-prompt layout (each pair's prompt computed once) unless the
-        # model has no KV cache in training
+        # the shared-prompt layout (each pair's prompt computed once) needs a KV cache in training
         shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
         collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
         batches = stage_kit.global_batches(run, dc, train_set, collate, "training pairs")
@@ -258,23 +253,20 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             [(train_set, used), (eval_set, list(range(len(eval_set))))], run.device, collate)
         reference_s = time.perf_counter() - t0
         batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
-        eval_loader = DataLoader(eval_set, batch_size=dc.micro_batch_size_per_device,
-                                 collate_fn=collate)
 
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, dc, total_steps=batches.total_steps)
+        overlong = {"dpo/dropped_overlong": dropped + eval_dropped}
         runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
                     f"skipped), {batches.describe('pairs')}, loss {dc.loss_type} beta {dc.beta}; "
                     f"reference {reference_path} scored {len(used)} + {len(eval_set)} pairs in "
                     f"{reference_s:.1f} s; {trainable:,}/{total:,} trainable params, zero stage "
                     f"{cfg.zero_stage.stage}")
-        overlong = {"dpo/dropped_overlong": dropped + eval_dropped}
         tracker.summary({"dpo/global_batch_size": batches.global_batch,
-                         "dpo/train_examples": len(train_set),
-                         "dpo/eval_examples": len(eval_set), **overlong,
-                         "dpo/trainable_params": trainable, "dpo/reference_pairs": len(used),
-                         "perf/reference_s": reference_s})
+                         "dpo/train_examples": len(train_set), "dpo/eval_examples": len(eval_set),
+                         **overlong, "dpo/trainable_params": trainable,
+                         "dpo/reference_pairs": len(used), "perf/reference_s": reference_s})
         init_gold = starting_gold(run, eng, tokenizer, gold_rows, overlong)
 
         # --- the optimizer-step loop (rlhf_exp/train_loop.py)
@@ -283,17 +275,15 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                tokenizer=tokenizer, device=run.device,
                                lora_save=cfg.model.lora.save,
                                extra_state={"init_gold": init_gold})
-        eval_fn = (partial(evaluate, loader=eval_loader, node=dc, device=run.device)
-                   if eval_set else None)
+        eval_fn = (partial(evaluate, loader=DataLoader(eval_set, dc.micro_batch_size_per_device,
+                                                       collate_fn=collate),
+                           node=dc, device=run.device) if eval_set else None)
         state = train_loop.train(eng, batches.loader, batches.sampler, loop,
                                  partial(dpo_step, node=dc), eval_fn, tracker, run.resume_from)
 
         # --- held-out gold reward after the last step; final checkpoint (HF format,
         # AutoModelForCausalLM), marked final, logged as a `model` artifact
-        if gold_rows:
-            final_gold = heldout_gold(eng, tokenizer, cfg, gold_rows)
-            tracker.log(final_gold, state.step)
-            state.eval_metrics.update(final_gold)
+        final_gold(run, eng, tokenizer, gold_rows, state)
         result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
                                        init_artifact=init_artifact,
                                        extra_metrics={**as_initial(init_gold), **overlong,
@@ -315,6 +305,15 @@ def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict]
     init_gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows) if gold_rows else {}
     run.tracker.log({**overlong, **init_gold}, 0)
     return init_gold
+
+
+def final_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
+               state: train_loop.LoopState) -> None:
+    """The held-out gold reward after the last step, logged and kept with the eval metrics."""
+    if gold_rows:
+        gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows)
+        run.tracker.log(gold, state.step)
+        state.eval_metrics.update(gold)
 
 
 def done_line(loop: train_loop.Loop, state: train_loop.LoopState, m: dict[str, float]) -> str:

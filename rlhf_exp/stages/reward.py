@@ -123,10 +123,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         base, init_artifact = stage_kit.start_point(
             rc.init_from, models.resolve_reward_base_path(cfg.model), tracker)
         tracker.summary({"reward/init_path": base, "reward/init_artifact": init_artifact or ""})
-        tokenizer = models.load_tokenizer(base, cfg.model)
-        model = models.load_reward_model(base, tokenizer, cfg.model, cfg.hardware.precision)
-        model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
-        trainable, total = models.count_parameters(model)
+        tokenizer, model, trainable, total = stage_kit.load_model(cfg, base, reward=True)
 
         # --- features: the preference pairs, tokenized (cached on disk)
         template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)

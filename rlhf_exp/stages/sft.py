@@ -68,10 +68,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- model and tokenizer: from a previous stage (path / artifact) or the base model
         base, init_artifact = stage_kit.start_point(sc.init_from,
                                                     models.resolve_base_path(cfg.model), tracker)
-        tokenizer = models.load_tokenizer(base, cfg.model)
-        model = models.load_causal_lm(base, tokenizer, cfg.model, cfg.hardware.precision)
-        model = models.apply_lora(model, cfg.model.lora)
-        trainable, total = models.count_parameters(model)
+        tokenizer, model, trainable, total = stage_kit.load_model(cfg, base)
 
         # --- features: this stage's disjoint share of the data_mix, tokenized (cached)
         template = cfg.model.prompt_template
