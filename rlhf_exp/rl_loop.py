@@ -2,9 +2,9 @@
 
 A stage runner (rlhf_exp/stages/grpo.py, ppo.py) supplies its own steps and hands them over:
 
-    data = rl_loop.prompts_of_share(cfg, per_step, "grpo.prompts_per_step")
+    prompts = rl_loop.read_prompts(cfg, "grpo", "prompts_per_step")
     steps = rl_loop.Steps(rollout=..., update=..., finish=..., evaluate=..., save=..., load=...)
-    loop = rl_loop.prompt_loop("grpo", cfg, run_dir, tokenizer, data.train, per_step, ...)
+    loop = rl_loop.prompt_loop("grpo", cfg, run_dir, tokenizer, prompts, per_step, ...)
     state = rl_loop.train(loop, steps, state, tracker, resume_from)
     result, ckpt = rl_loop.save_result(loop, state, tracker, meta=..., ...)
 
@@ -48,7 +48,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rlhf_exp import dist, rl_steps, rollout, runtime
+from rlhf_exp import (
+    dist,
+    engine,
+    evaluation,
+    models,
+    resume,
+    rl_steps,
+    rollout,
+    runtime,
+    stage_kit,
+)
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import prompt_ids
 from rlhf_exp.errors import ConfigError
@@ -75,6 +85,80 @@ def seeded_generators(seed: int) -> dict[str, torch.Generator]:
     rank = dist.rank()
     return {"sample_gen": torch.Generator().manual_seed(seed * 7919 + rank),
             "shuffle_gen": torch.Generator().manual_seed(seed + 1 + rank)}
+
+
+@dataclass
+class Rollout:
+    """One rank's rollout, the fields every RL stage's experience starts with ([n, ...];
+    R = response columns); a stage's Experience extends it with what its update needs."""
+
+    sequences: torch.Tensor  # [n, P+R]
+    attention_mask: torch.Tensor  # [n, P+R]
+    position_ids: torch.Tensor  # [n, P+R]
+    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, -self.mask.shape[1]:]
+
+    def select(self, idx: torch.Tensor):
+        """The rows `idx` of every field (a None field stays None)."""
+        return type(self)(*(None if getattr(self, f) is None else getattr(self, f)[idx]
+                            for f in self.__dataclass_fields__))
+
+
+@dataclass
+class Prompts:
+    """An RL stage's prompts: the data_mix's RL share (its `ppo` share: PPO and GRPO train on
+    the same prompts) and this rank's held-out slice."""
+
+    train: list[dict]
+    eval_rows: list[dict]
+
+
+def read_prompts(cfg: DictConfig, stage: str, per_step_key: str) -> Prompts:
+    """The prompts; a ConfigError when the share holds fewer than one step takes
+    (`<stage>.<per_step_key>`)."""
+    per_step = cfg[stage][per_step_key]
+    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)
+    if len(data.train) < per_step:
+        raise ConfigError(f"{stage}: the data_mix's ppo share has {len(data.train)} prompts, "
+                          f"fewer than {stage}.{per_step_key}={per_step}")
+    return Prompts(data.train, evaluation.heldout_shard(cfg, cfg[stage].eval_num_prompts,
+                                                        dist.rank(), dist.world_size()))
+
+
+def open_run(run: stage_kit.StageRun, inputs: dict[str, str | None]) -> Tracker:
+    """run.open() (run config, resume point, W&B run), then the checkpoints the run starts
+    from recorded in its config and summary."""
+    tracker = run.open()
+    tracker.record_inputs(inputs, prefix=run.stage)
+    return tracker
+
+
+def load_actor(cfg: DictConfig, stage: str, actor_init: str, reward_model: str | None):
+    """(tokenizer, actor model with `model.lora`, dropout off; its ZeRO stage): the actor's
+    tokenizer must be the reward model's, which scores the actor's tokens directly."""
+    tokenizer = models.load_tokenizer(actor_init, cfg.model)
+    if reward_model is not None:
+        rm_tokenizer = models.load_tokenizer(reward_model, cfg.model)
+        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"{stage}: the reward model at {reward_model} uses a different "
+                              f"tokenizer than the actor at {actor_init}; {stage.upper()} scores "
+                              "the actor's tokens directly")
+    node = cfg[stage].actor
+    zero = cfg.zero_stage.stage if node.zero_stage is None else node.zero_stage
+    actor = models.load_causal_lm(actor_init, tokenizer, cfg.model, cfg.hardware.precision)
+    return tokenizer, engine.disable_dropout(models.apply_lora(actor, cfg.model.lora)), zero
+
+
+def frozen(cfg: DictConfig, path: str, tokenizer, *, reward: bool, zero_stage: int,
+           offload: bool):
+    """A frozen, inference-only model (a reference policy, or with `reward` a reward model) on
+    engine.build_frozen (ZeRO-3 with CPU offload when `offload`)."""
+    load = models.load_reward_model if reward else models.load_causal_lm
+    return engine.build_frozen(load(path, tokenizer, cfg.model, cfg.hardware.precision), cfg,
+                               zero_stage=zero_stage, offload=offload)
 
 
 @dataclass
@@ -110,27 +194,17 @@ class Loop:
         return self.cfg[self.stage]
 
 
-def prompts_of_share(cfg: DictConfig, per_step: int, key: str):
-    """The data_mix's RL share (its `ppo` share: PPO and GRPO train on the same prompts); a
-    ConfigError when it holds fewer prompts than one step takes (`key`)."""
-    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)
-    if len(data.train) < per_step:
-        raise ConfigError(f"{key.split('.')[0]}: the data_mix's ppo share has {len(data.train)} "
-                          f"prompts, fewer than {key}={per_step}")
-    return data
-
-
-def prompt_loop(stage: str, cfg: DictConfig, run_dir: Path, tokenizer, prompts: list[dict],
-                per_step: int, eval_rows: list[dict], **kw) -> Loop:
-    """A Loop over `prompts` (tokenized here with `<stage>.max_prompt_len`), `per_step` of them
-    per step (global; each rank its slice); `kw`: the other Loop fields."""
+def prompt_loop(stage: str, cfg: DictConfig, run_dir: Path, tokenizer, prompts: Prompts,
+                per_step: int, **kw) -> Loop:
+    """A Loop over the training prompts (tokenized here with `<stage>.max_prompt_len`),
+    `per_step` of them per step (global; each rank its slice); `kw`: the other Loop fields."""
     node = cfg[stage]
     tokens = [prompt_ids(tokenizer, row, cfg.model.prompt_template, node.max_prompt_len)
-              for row in prompts]
-    schedule = rollout.PromptSchedule(len(prompts), per_step, seed=cfg.seed, rank=dist.rank(),
-                                      world=dist.world_size())
-    return Loop(stage=stage, cfg=cfg, run_dir=run_dir, prompts=prompts, prompt_tokens=tokens,
-                schedule=schedule, eval_rows=eval_rows, **kw)
+              for row in prompts.train]
+    schedule = rollout.PromptSchedule(len(prompts.train), per_step, seed=cfg.seed,
+                                      rank=dist.rank(), world=dist.world_size())
+    return Loop(stage=stage, cfg=cfg, run_dir=run_dir, prompts=prompts.train,
+                prompt_tokens=tokens, schedule=schedule, eval_rows=prompts.eval_rows, **kw)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -192,6 +266,39 @@ def run_step(loop: Loop, steps: Steps, state: State, tracker: Tracker
                        loop.engines, stage=loop.stage, step=step, run_dir=loop.run_dir,
                        tracker=tracker, hint=loop.hint)
     return stats, table
+
+
+# ----------------------------------------------------------------------------- evals, checkpoints
+def evaluate(cfg: DictConfig, stage: str, m, rows: list[dict]) -> dict[str, float]:
+    """`<stage>/eval_*` of the actor on this rank's held-out prompts, sampled with
+    `<stage>.generation` and a fixed seed (rl_steps.heldout_eval: the numbers `stage=eval` and
+    the other stages report). `m`: the stage's models (actor, tokenizer, actor_stage,
+    reward_model)."""
+    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, stage, rows,
+                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
+
+
+def save_checkpoint(cfg: DictConfig, stage: str, run_dir: Path, tracker: Tracker, actor,
+                    tokenizer, state: State, *, shared: dict | None = None,
+                    local: dict | None = None, **more) -> None:
+    """A resumable training checkpoint of state.step (rlhf_exp/resume.py): the actor, the loop's
+    state (rl_steps.loop_state) with the stage's `shared` (rank 0, JSON) and `local` (this
+    rank's) additions; `more`: resume.save's `engines` / `files`. The W&B rows are flushed
+    first: every row up to this step survives a kill right after the checkpoint."""
+    loop_shared, loop_local = rl_steps.loop_state(state, tracker)
+    tracker.flush()
+    resume.save(actor, tokenizer, run_dir, state.step, {**loop_shared, **(shared or {})},
+                stage=stage, local={**loop_local, **(local or {})},
+                lora_save=cfg.model.lora.save, keep_last=cfg[stage].keep_last, **more)
+
+
+def load_checkpoint(actor, state: State, ckpt: Path) -> dict[str, Any]:
+    """The inverse of save_checkpoint for the actor and the loop's state, then every RNG (load
+    the stage's other parts first). Returns the saved state for the stage's own parts."""
+    saved = resume.load(actor, ckpt)
+    rl_steps.restore_loop_state(state, saved)
+    resume.restore_rng(ckpt)
+    return saved
 
 
 # ----------------------------------------------------------------------------- the result

@@ -9,7 +9,7 @@ A stage's `train()` reads:
         ... model, data, engine (stage_kit.build_engine), the loop ...
         stage_kit.close(run, result, "<stage>: done. ...")    # the closing lines, W&B finished
 
-and `run()` is `stage_kit.run_unless_done("sft", cfg, run_dir, train)`.
+and `run = stage_kit.runner("sft", train)` (a finished run dir is not trained again).
 
 A run that fails after its W&B run exists (an exception anywhere in the `with` block, e.g. a
 reward function that raises at step 1) is recorded as failed: the loops close their progress bars
@@ -165,13 +165,17 @@ def close(run: StageRun, result: runtime.StageResult, *lines: str,
     run.tracker.finish()
 
 
-def run_unless_done(stage: str, cfg: DictConfig, run_dir: Path,
-                    train: Callable[[DictConfig, Path], tuple]) -> runtime.StageResult:
-    """A stage's `run()`: its result when the run dir has already finished (checkpoints/final;
-    nothing is trained again), else train(cfg, run_dir)'s."""
-    done = resume.completed(run_dir, stage)
-    if done is not None:
-        runtime.say(f"{stage}: {run_dir} has already finished (checkpoints/final); not training "
-                    "again")
-        return done
-    return train(cfg, run_dir)[2]
+def runner(stage: str, train: Callable[[DictConfig, Path], tuple]
+           ) -> Callable[[DictConfig, Path], runtime.StageResult]:
+    """A stage's `run(cfg, run_dir)`: its result when the run dir has already finished
+    (checkpoints/final; nothing is trained again), else train(cfg, run_dir)'s."""
+    def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+        done = resume.completed(run_dir, stage)
+        if done is not None:
+            runtime.say(f"{stage}: {run_dir} has already finished (checkpoints/final); not "
+                        "training again")
+            return done
+        return train(cfg, run_dir)[2]
+
+    run.__doc__ = f"Run stage {stage} in `run_dir` unless it has finished there."
+    return run

@@ -323,5 +323,4 @@ def done_line(loop: train_loop.Loop, state: train_loop.LoopState, m: dict[str, f
             f"{m.get('dpo/eval_rewards/accuracies', math.nan):.3f}{gold}")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    return stage_kit.run_unless_done("dpo", cfg, run_dir, train)
+run = stage_kit.runner("dpo", train)  # the dispatcher's entry point

@@ -58,7 +58,6 @@ from rlhf_exp import (
     grpo_math,
     models,
     ppo_math,
-    resume,
     rewards,
     rl_loop,
     rl_steps,
@@ -118,25 +117,14 @@ class State(rl_loop.State):
 
 
 @dataclass
-class Experience:
-    """One rank's rollout with what the update needs. [n, ...]; R = response columns."""
+class Experience(rl_loop.Rollout):
+    """One rank's rollout (sequences, attention_mask, position_ids, mask) with what the update
+    needs. [n, ...]; R = response columns."""
 
-    sequences: torch.Tensor  # [n, P+R]
-    attention_mask: torch.Tensor  # [n, P+R]
-    position_ids: torch.Tensor  # [n, P+R]
-    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
     old_logprobs: torch.Tensor | None  # [n, R]; None = one on-policy pass (ratio 1)
     ref_logprobs: torch.Tensor | None  # [n, R]; None = no KL term in the loss
     advantages: torch.Tensor  # [n]
     keep: torch.Tensor  # [n] float: 0 for a filtered (zero-std) group's completions
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, -self.mask.shape[1]:]
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        return Experience(*(None if getattr(self, f) is None else getattr(self, f)[idx]
-                            for f in self.__dataclass_fields__))
 
 
 # ----------------------------------------------------------------------------- set-up steps
@@ -197,33 +185,19 @@ def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
                 reward_functions: list[rewards.RewardFunction]) -> Models:
     """The actor on a training engine; the reference (beta > 0) and reward model frozen."""
-    gc, precision = cfg.grpo, cfg.hardware.precision
-    tokenizer = models.load_tokenizer(inputs.actor_init, cfg.model)
-    if inputs.reward_model is not None:
-        rm_tokenizer = models.load_tokenizer(inputs.reward_model, cfg.model)
-        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"grpo: the reward model at {inputs.reward_model} uses a different "
-                              f"tokenizer than the actor at {inputs.actor_init}; GRPO scores the "
-                              "actor's tokens directly")
-    actor_stage = cfg.zero_stage.stage if gc.actor.zero_stage is None else gc.actor.zero_stage
-    actor = models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision)
-    actor = engine.disable_dropout(models.apply_lora(actor, cfg.model.lora))
-    reference = None
-    if gc.beta > 0:
-        reference = engine.build_frozen(
-            models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision), cfg,
-            zero_stage=actor_stage, offload=gc.offload_reference)
+    gc = cfg.grpo
+    tokenizer, actor, actor_stage = rl_loop.load_actor(cfg, "grpo", inputs.actor_init,
+                                                       inputs.reward_model)
+    reference = (rl_loop.frozen(cfg, inputs.actor_init, tokenizer, reward=False,
+                                zero_stage=actor_stage, offload=gc.offload_reference)
+                 if gc.beta > 0 else None)
     reward_model = None
     if inputs.reward_model is not None:
-        reward_model = engine.build_frozen(
-            models.load_reward_model(inputs.reward_model, tokenizer, cfg.model, precision), cfg,
-            zero_stage=actor_stage, offload=gc.offload_reward_model)
-    node = gc.actor
-    actor_eng = engine.build_train_engine(
-        actor, cfg, lr=node.lr, weight_decay=node.weight_decay, micro_batch_size=geo.micro,
-        grad_accum=geo.grad_accum, max_grad_norm=node.max_grad_norm,
-        scheduler=node.lr_scheduler, warmup_steps=node.warmup_steps,
-        total_steps=geo.optimizer_steps, min_lr_ratio=node.min_lr_ratio, zero_stage=actor_stage)
+        reward_model = rl_loop.frozen(cfg, inputs.reward_model, tokenizer, reward=True,
+                                      zero_stage=actor_stage, offload=gc.offload_reward_model)
+    actor_eng = stage_kit.build_engine(actor, cfg, gc.actor, total_steps=geo.optimizer_steps,
+                                       micro_batch_size=geo.micro, grad_accum=geo.grad_accum,
+                                       zero_stage=actor_stage)
     actor_eng.train()
     return Models(tokenizer, actor_eng, reference, reward_model, reward_functions, actor_stage)
 
@@ -420,69 +394,49 @@ def finish_step(cfg: DictConfig, stats: dict[str, float], state: State) -> dict[
     return rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
 
 
-def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, float]:
-    """Held-out prompts, sampled with grpo.generation and a fixed seed (module docstring)."""
-    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "grpo", eval_rows,
-                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_training_checkpoint(m: Models, cfg: DictConfig, run_dir: Path, tracker: Tracker,
-                             state: State) -> None:
-    """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
-    shared, local = rl_steps.loop_state(state, tracker)
-    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
-    resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="grpo", local=local,
-                lora_save=cfg.model.lora.save, keep_last=cfg.grpo.keep_last)
-
-
-def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
-    rl_steps.restore_loop_state(state, resume.load(m.actor, ckpt))
-    resume.restore_rng(ckpt)
-
-
 def grpo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict],
                run_dir: Path, tracker: Tracker) -> rl_loop.Steps:
     """GRPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
     return rl_loop.Steps(
         rollout=partial(rollout_step, m, cfg, geo), update=partial(grpo_step, m, cfg, geo=geo),
-        finish=partial(finish_step, cfg), evaluate=partial(evaluate, m, cfg, eval_rows),
-        save=partial(save_training_checkpoint, m, cfg, run_dir, tracker),
-        load=partial(load_training_checkpoint, m))
+        finish=partial(finish_step, cfg), evaluate=partial(rl_loop.evaluate, cfg, "grpo", m,
+                                                           eval_rows),
+        # the checkpoint holds the actor and the loop's state: nothing of GRPO's own
+        save=partial(rl_loop.save_checkpoint, cfg, "grpo", run_dir, tracker, m.actor,
+                     m.tokenizer),
+        load=lambda state, ckpt: rl_loop.load_checkpoint(m.actor, state, ckpt))
 
 
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
-    """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
-    inspect."""
+    """GRPO of `grpo.actor_init` against its reward (module docstring); returns (actor engine,
+    tokenizer, result) so callers and tests can inspect."""
     gc = cfg.grpo
     with stage_kit.begin(cfg, run_dir, "grpo") as run:
-        # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
-        # stop the run here, before anything is written
-        data = rl_loop.prompts_of_share(cfg, gc.prompts_per_step, "grpo.prompts_per_step")
-        eval_rows = evaluation.heldout_shard(cfg, gc.eval_num_prompts, run.rank, run.world)
+        # --- inputs first: too few prompts, a start that points nowhere, data without a gold
+        # reward or a failing reward function stop the run before anything is written
+        prompts = rl_loop.read_prompts(cfg, "grpo", "prompts_per_step")
         inputs = resolve_inputs(cfg)
-        check_default_reward_fits(cfg, data.train[:4])
+        check_default_reward_fits(cfg, prompts.train[:4])
         reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
-                                        data.train[:4])
-        tracker = run.open()  # run config, resume point, W&B run
-        tracker.record_inputs(asdict(inputs), prefix="grpo")
+                                        prompts.train[:4])
+        tracker = rl_loop.open_run(run, asdict(inputs))
 
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
         state = fresh_state(cfg)
-        describe(cfg, m, geo, inputs, len(data.train), len(eval_rows), tracker)
+        describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
         # --- the loop (rlhf_exp/rl_loop.py) with GRPO's steps
         loop = rl_loop.prompt_loop(
-            "grpo", cfg, run_dir, m.tokenizer, data.train, gc.prompts_per_step, eval_rows,
-            engines=[m.actor], loss_keys=("grpo/loss",),
+            "grpo", cfg, run_dir, m.tokenizer, prompts, gc.prompts_per_step, engines=[m.actor],
+            loss_keys=("grpo/loss",),
             hint="lower grpo.actor.lr or check the reward scale",
             postfix={"gold": "grpo/gold_reward", "reward": "grpo/reward",
                      "zero_std": "grpo/frac_zero_std"})
-        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, eval_rows, run_dir, tracker), state,
-                              tracker, run.resume_from)
+        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker),
+                              state, tracker, run.resume_from)
 
         # --- checkpoint, result
         result, _ = rl_loop.save_result(loop, state, tracker, actor=m.actor,
@@ -493,5 +447,4 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     return m.actor, m.tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    return stage_kit.run_unless_done("grpo", cfg, run_dir, train)
+run = stage_kit.runner("grpo", train)  # the dispatcher's entry point

@@ -134,24 +134,14 @@ class State(rl_loop.State):
 
 
 @dataclass
-class Experience:
-    """One rank's rollout with everything the update needs. [n, ...]; R = response columns."""
+class Experience(rl_loop.Rollout):
+    """One rank's rollout (sequences, attention_mask, position_ids, mask) with everything the
+    update needs. [n, ...]; R = response columns."""
 
-    sequences: torch.Tensor  # [n, P+R]
-    attention_mask: torch.Tensor  # [n, P+R]
-    position_ids: torch.Tensor  # [n, P+R]
-    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
     old_logprobs: torch.Tensor  # [n, R]
     old_values: torch.Tensor  # [n, R]
     advantages: torch.Tensor  # [n, R]
     returns: torch.Tensor  # [n, R]
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, -self.mask.shape[1]:]
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        return Experience(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
 class PtxBatches:
@@ -224,39 +214,28 @@ def as_value_model(model: torch.nn.Module) -> torch.nn.Module:
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
                 reward_functions: list[rewards.RewardFunction]) -> Models:
     """Actor and critic on training engines, reference and reward model frozen, the EMA."""
-    pc, precision = cfg.ppo, cfg.hardware.precision
-    tokenizer = models.load_tokenizer(inputs.actor_init, cfg.model)
-    if inputs.reward_model is not None:
-        rm_tokenizer = models.load_tokenizer(inputs.reward_model, cfg.model)
-        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"ppo: the reward model at {inputs.reward_model} uses a different "
-                              f"tokenizer than the actor at {inputs.actor_init}; PPO scores the "
-                              "actor's tokens directly")
-    actor_stage = cfg.zero_stage.stage if pc.actor.zero_stage is None else pc.actor.zero_stage
+    pc = cfg.ppo
+    tokenizer, actor, actor_stage = rl_loop.load_actor(cfg, "ppo", inputs.actor_init,
+                                                       inputs.reward_model)
     critic_stage = cfg.zero_stage.stage if pc.critic.zero_stage is None else pc.critic.zero_stage
-    actor = models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision)
-    actor = engine.disable_dropout(models.apply_lora(actor, cfg.model.lora))
     # the EMA is kept in fp32: in bf16, (1 - decay) * step-sized moves round away
     ema = (copy.deepcopy(actor).float().eval().requires_grad_(False)
            .to(dist.device_for(cfg.hardware.device)) if pc.ema.enabled else None)
-    reference = engine.build_frozen(
-        models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision), cfg,
-        zero_stage=actor_stage, offload=pc.offload_reference)
-    critic = models.load_reward_model(inputs.critic_init, tokenizer, cfg.model, precision)
+    reference = rl_loop.frozen(cfg, inputs.actor_init, tokenizer, reward=False,
+                               zero_stage=actor_stage, offload=pc.offload_reference)
+    critic = models.load_reward_model(inputs.critic_init, tokenizer, cfg.model,
+                                      cfg.hardware.precision)
     critic = as_value_model(engine.disable_dropout(
         models.apply_lora(critic, pc.critic_lora, "SEQ_CLS")))
     reward_model = None
     if inputs.reward_model is not None:
-        reward_model = engine.build_frozen(
-            models.load_reward_model(inputs.reward_model, tokenizer, cfg.model, precision), cfg,
-            zero_stage=critic_stage, offload=pc.offload_reward_model)
+        reward_model = rl_loop.frozen(cfg, inputs.reward_model, tokenizer, reward=True,
+                                      zero_stage=critic_stage, offload=pc.offload_reward_model)
 
     def trainable(node, model, stage):
-        return engine.build_train_engine(
-            model, cfg, lr=node.lr, weight_decay=node.weight_decay, micro_batch_size=geo.micro,
-            grad_accum=geo.grad_accum, max_grad_norm=node.max_grad_norm,
-            scheduler=node.lr_scheduler, warmup_steps=node.warmup_steps,
-            total_steps=geo.optimizer_steps, min_lr_ratio=node.min_lr_ratio, zero_stage=stage)
+        return stage_kit.build_engine(model, cfg, node, total_steps=geo.optimizer_steps,
+                                      micro_batch_size=geo.micro, grad_accum=geo.grad_accum,
+                                      zero_stage=stage)
 
     actor_eng = trainable(pc.actor, actor, actor_stage)
     critic_eng = trainable(pc.critic, critic, critic_stage)
@@ -468,39 +447,29 @@ def finish_step(m: Models, cfg: DictConfig, state: State, stats: dict[str, float
     return stats
 
 
-def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, float]:
-    """Held-out prompts, sampled with ppo.generation and a fixed seed (module docstring)."""
-    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "ppo", eval_rows,
-                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def save_training_checkpoint(m: Models, cfg: DictConfig, run_dir: Path, tracker: Tracker,
                              state: State) -> None:
     """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
-    shared, local = rl_steps.loop_state(state, tracker)
-    shared.update(kl_ctl=state.kl_ctl.state_dict(),
-                  score_moments=state.score_moments.state_dict())
-    local.update(ptx_drawn=state.ptx.drawn if state.ptx is not None else 0,
-                 kl_coef=state.kl_ctl.value)  # this rank's own (equal on every rank: tested)
-    files = {"ema": m.ema.state_dict()} if m.ema is not None else {}
-    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
-    resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="ppo", local=local,
-                lora_save=cfg.model.lora.save, keep_last=cfg.ppo.keep_last,
-                engines={"critic": m.critic}, files=files)
+    rl_loop.save_checkpoint(
+        cfg, "ppo", run_dir, tracker, m.actor, m.tokenizer, state,
+        shared={"kl_ctl": state.kl_ctl.state_dict(),
+                "score_moments": state.score_moments.state_dict()},
+        local={"ptx_drawn": state.ptx.drawn if state.ptx is not None else 0,
+               "kl_coef": state.kl_ctl.value},  # this rank's own (equal on every rank: tested)
+        engines={"critic": m.critic},
+        files={"ema": m.ema.state_dict()} if m.ema is not None else {})
 
 
 def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
-    saved = resume.load(m.actor, ckpt)
     resume.load(m.critic, ckpt, name="critic")
-    rl_steps.restore_loop_state(state, saved)
+    if m.ema is not None:
+        m.ema.load_state_dict(resume.load_file(ckpt, "ema"))
+    saved = rl_loop.load_checkpoint(m.actor, state, ckpt)  # the RNG last
     state.kl_ctl.load_state_dict(saved["kl_ctl"])
     state.score_moments.load_state_dict(saved["score_moments"])
     if state.ptx is not None:
         state.ptx.drawn = saved["ptx_drawn"]
-    if m.ema is not None:
-        m.ema.load_state_dict(resume.load_file(ckpt, "ema"))
-    resume.restore_rng(ckpt)
 
 
 def save_critic_and_ema(m: Models, cfg: DictConfig, inputs: Inputs, run_dir: Path,
@@ -535,41 +504,39 @@ def ppo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict], 
     return rl_loop.Steps(
         rollout=partial(rollout_step, m, cfg, geo), update=partial(ppo_step, m, cfg, geo=geo),
         finish=lambda stats, state: finish_step(m, cfg, state, stats),
-        evaluate=partial(evaluate, m, cfg, eval_rows),
+        evaluate=partial(rl_loop.evaluate, cfg, "ppo", m, eval_rows),
         save=partial(save_training_checkpoint, m, cfg, run_dir, tracker),
         load=partial(load_training_checkpoint, m))
 
 
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
-    """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
-    inspect."""
+    """PPO of `ppo.actor_init` with a critic from `ppo.critic_init` (module docstring); returns
+    (actor engine, tokenizer, result) so callers and tests can inspect."""
     pc = cfg.ppo
     with stage_kit.begin(cfg, run_dir, "ppo") as run:
-        # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
+        # --- inputs first: bad data, a checkpoint pointing nowhere or a failing reward function
         # stop the run here, before anything is written
-        data = rl_loop.prompts_of_share(cfg, pc.rollout_batch_size, "ppo.rollout_batch_size")
-        eval_rows = evaluation.heldout_shard(cfg, pc.eval_num_prompts, run.rank, run.world)
+        prompts = rl_loop.read_prompts(cfg, "ppo", "rollout_batch_size")
         inputs = resolve_inputs(cfg)
         reward_functions = rewards.load(pc.reward_functions, "ppo.reward_functions",
-                                        data.train[:4])
-        tracker = run.open()  # run config, resume point, W&B run
-        tracker.record_inputs(asdict(inputs), prefix="ppo")
+                                        prompts.train[:4])
+        tracker = rl_loop.open_run(run, asdict(inputs))
 
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
         state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
-        describe(cfg, m, geo, inputs, len(data.train), len(eval_rows), tracker)
+        describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
         # --- the loop (rlhf_exp/rl_loop.py) with PPO's steps
         loop = rl_loop.prompt_loop(
-            "ppo", cfg, run_dir, m.tokenizer, data.train, pc.rollout_batch_size, eval_rows,
+            "ppo", cfg, run_dir, m.tokenizer, prompts, pc.rollout_batch_size,
             engines=[m.actor, m.critic], loss_keys=("ppo/actor_loss", "ppo/critic_loss"),
             hint="lower ppo.actor.lr / ppo.critic.lr or check the reward scale",
             postfix={"gold": "ppo/gold_reward", "kl": "ppo/kl", "score": "ppo/reward_score"})
-        state = rl_loop.train(loop, ppo_steps(m, cfg, geo, eval_rows, run_dir, tracker), state,
-                              tracker, run.resume_from)
+        state = rl_loop.train(loop, ppo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker),
+                              state, tracker, run.resume_from)
 
         # --- checkpoints (critic, EMA, then the actor marked final), result
         critic_ckpt, ema_ckpt = save_critic_and_ema(m, cfg, inputs, run_dir, tracker)
@@ -585,5 +552,4 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     return m.actor, m.tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    return stage_kit.run_unless_done("ppo", cfg, run_dir, train)
+run = stage_kit.runner("ppo", train)  # the dispatcher's entry point

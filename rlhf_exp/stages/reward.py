@@ -178,5 +178,4 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     return eng, tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    return stage_kit.run_unless_done("reward", cfg, run_dir, train)
+run = stage_kit.runner("reward", train)  # the dispatcher's entry point

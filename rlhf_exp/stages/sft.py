@@ -114,5 +114,4 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
     return eng, tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    return stage_kit.run_unless_done("sft", cfg, run_dir, train)
+run = stage_kit.runner("sft", train)  # the dispatcher's entry point
