@@ -118,3 +118,28 @@ def test_rl_nan_stop_checks_the_gradient_norm_and_ends_the_wandb_run(tmp_path):
                            "stopped. No checkpoint to resume from (grpo.save_every); lower "
                            "grpo.actor.lr or check the reward scale"), last
     assert _wandb_exit(run_dir) == 1  # (the losses are checked first: they were finite)
+
+
+# ----------------------------------------------------------------------------- throughput
+@pytest.mark.slow  # trains two GRPO steps
+def test_rl_throughput_and_loop_time_mean_what_the_supervised_loop_means(tmp_path):
+    """One definition for every stage (README's metrics table): `perf/tokens_per_s` counts the
+    real tokens of the trained sequences (prompt + response, as train_loop counts the
+    attention mask), not only the response; `perf/loop_s` is the time of the steps, without
+    held-out evals and checkpoint writes. Here an eval of 32 prompts and a checkpoint follow
+    step 1; the loop time must stay the steps' own (their rollout, experience and update
+    phases plus a little bookkeeping), not grow by the eval and the save."""
+    from rlhf_exp.stages import grpo
+
+    cfg = compose(*GRPO_ONE_STEP, "grpo.eval_every=1", "grpo.eval_num_prompts=32",
+                  "grpo.eval_batch_size=32", "grpo.save_every=1", "grpo.log_every=1")
+    _, _, result = grpo.train(cfg, tmp_path / "run")
+    (run,) = read_runs(tmp_path / "run" / "wandb")
+    rows = [r for r in run.history if "perf/tokens_per_s" in r]
+    assert len(rows) == 2
+    for r in rows:  # tokens per sequence = prompt + response tokens
+        per_sequence = r["perf/tokens_per_s"] / r["perf/samples_per_s"]
+        assert per_sequence >= r["grpo/response_length"] + 1, r
+    phases = sum(r["perf/gen_s"] + r["perf/experience_s"] + r["perf/train_s"] for r in rows)
+    loop_s = result.metrics["perf/loop_s"]
+    assert phases <= loop_s <= 1.15 * phases + 0.5, (loop_s, phases)

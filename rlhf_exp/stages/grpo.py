@@ -26,8 +26,9 @@ One step (`grpo.steps` of them), each a function below:
                     of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
                     aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
-  finish_step       statistics averaged over ranks; a NaN loss stops the run
-  evaluate, log (rl_steps.log_step), save_training_checkpoint
+  finish_step       statistics averaged over ranks
+The loop around them is rlhf_exp/rl_loop.py (shared with PPO): the prompt schedule, timing, the
+NaN stop (loss and gradient norm), logging, evals, training checkpoints, the final policy.
 Held-out eval (`grpo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, sampled with `grpo.generation` and a fixed seed (rl_steps.heldout_eval), the same
 numbers `stage=eval` and PPO report for the same policy and settings. Step 0 is the start.
@@ -389,7 +390,8 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def finish_step(cfg: DictConfig, stats: dict[str, float], state: State) -> dict[str, float]:
+def finish_step(cfg: DictConfig, stats: dict[str, float], state: State
+                ) -> dict[str, float]:
     """Average the step's statistics over ranks (the loop's NaN stop checks them next)."""
     return rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
 

@@ -29,7 +29,8 @@ One step (`ppo.steps` of them), each a function below:
                        approx KL exceeds `target_approx_kl`
   finish_step          metrics averaged over ranks; the KL controller updated with that global
                        KL (the same coefficient on every rank); the fp32 EMA of the actor
-  evaluate, log (rl_steps.log_step), save_training_checkpoint
+The loop around them is rlhf_exp/rl_loop.py (shared with GRPO): the prompt schedule, timing, the
+NaN stop (losses and gradient norms), logging, evals, training checkpoints, the final policy.
 Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
 `stage=eval` and the other RL stages share, so the numbers agree). Step 0 is the starting policy.
