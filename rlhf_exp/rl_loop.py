@@ -2,11 +2,17 @@
 
 A stage runner (rlhf_exp/stages/grpo.py, ppo.py) supplies its own steps and hands them over:
 
-    prompts = rl_loop.read_prompts(cfg, "grpo", "prompts_per_step")
-    steps = rl_loop.Steps(rollout=..., update=..., finish=..., evaluate=..., save=..., load=...)
-    loop = rl_loop.prompt_loop("grpo", cfg, run_dir, tokenizer, prompts, per_step, ...)
-    state = rl_loop.train(loop, steps, state, tracker, resume_from)
-    result, ckpt = rl_loop.save_result(loop, state, tracker, meta=..., ...)
+    with stage_kit.begin(cfg, run_dir, "grpo") as run:            # seed, ranks
+        prompts = rl_loop.read_prompts(cfg, "grpo", "prompts_per_step")
+        ... the starting points, the reward functions (checked before anything is written)
+        tracker = rl_loop.open_run(run, inputs)                     # run config, W&B run
+        ... models (rl_loop.load_actor, rl_loop.frozen), the stage's State
+        loop = rl_loop.prompt_loop("grpo", cfg, run_dir, tokenizer, prompts, per_step, ...)
+        steps = rl_loop.Steps(rollout=..., update=..., finish=..., evaluate=..., save=...,
+                              load=...)
+        state = rl_loop.train(loop, steps, state, tracker, run.resume_from)
+        result, ckpt = rl_loop.save_result(loop, state, tracker, actor=..., ...)
+        stage_kit.close(run, result, ...)                           # closing lines, W&B done
 
 What the stage supplies (bind its models and settings with functools.partial):
 
@@ -66,6 +72,7 @@ from rlhf_exp.nan_stop import stop_if_not_finite
 from rlhf_exp.tracking import Tracker
 
 
+# ----------------------------------------------------------------------------- what a run holds
 @dataclass
 class State:
     """Where an RL run is; a stage's own state extends it (`@dataclass(kw_only=True)`). Saved for
@@ -107,6 +114,7 @@ class Rollout:
                             for f in self.__dataclass_fields__))
 
 
+# ----------------------------------------------------------------------------- set-up
 @dataclass
 class Prompts:
     """An RL stage's prompts: the data_mix's RL share (its `ppo` share: PPO and GRPO train on
@@ -161,6 +169,7 @@ def frozen(cfg: DictConfig, path: str, tokenizer, *, reward: bool, zero_stage: i
                                zero_stage=zero_stage, offload=offload)
 
 
+# ----------------------------------------------------------------------------- the loop's parts
 @dataclass
 class Steps:
     """The stage's own steps (module docstring)."""
