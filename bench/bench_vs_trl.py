@@ -9,10 +9,14 @@
 Each framework x algorithm runs in its own child process (so peak memory is its own), one after
 the other, from the same SFT checkpoint; the parent prints one table. Per run:
   - throughput of the training loop: completions per second (GRPO; pairs per second for DPO),
-    steps x completions per step / wall seconds of the steps (model loading and evaluation
-    excluded; the whole child's wall time is printed too). DPO's includes the reference
-    log-probs: TRL computes them inside its steps (or, with precompute_ref_log_probs, in a pass
-    before them: framework `trl_precompute`), we in one pass before the steps
+    steps x completions per step / wall seconds of the steps (model loading, evaluation and
+    checkpoint writes excluded; the whole child's wall time is printed too). Ours is the run's
+    `perf/loop_s` (README's metrics table: the wall time of the training steps, rollouts
+    included, without held-out evals and checkpoint writes); TRL's is the wall time of
+    `trainer.train()`, which here evaluates nothing and saves nothing (save_strategy "no").
+    DPO's includes the reference log-probs: TRL computes them inside its steps (or, with
+    precompute_ref_log_probs, in a pass before them: framework `trl_precompute`), we in one
+    pass before the steps
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
     (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
@@ -136,6 +140,7 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
                   f"grpo.actor.lr={args.lr}", f"grpo.beta={args.beta}",
                   "grpo.loss_agg=token_mean", "grpo.scale_rewards=group", "grpo.epsilon=0.2",
                   "grpo.eval_every=0", "grpo.eval_num_prompts=1",  # evaluated here instead
+                  "grpo.save_every=0",  # as TRL's save_strategy="no"
                   "logger.log_checkpoints=false", *args.ours_set)
     tokenizer = models.load_tokenizer(args.sft, cfg.model)
     start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
@@ -143,6 +148,7 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
     del start
     actor, _, result = grpo.train(cfg, work / "ours")
     gold = heldout_gold(actor.module, tokenizer, cfg, args)
+    # perf/loop_s: the steps' wall time (rollout, experience, update), evals and saves left out
     return Result("ours", "grpo", args.steps * args.prompts * args.generations,
                   result.metrics["perf/loop_s"], time.perf_counter() - t0,
                   peak_memory_mib(args.device), init_gold, gold)

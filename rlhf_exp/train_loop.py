@@ -20,7 +20,8 @@ functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
         micro-batches and ranks of the loss and of each stat as `<stage>/loss`,
         `<stage>/<name>`, with `<stage>/lr`, `<stage>/grad_norm`, `<stage>/epoch`,
         `perf/tokens_per_s` (attention_mask tokens, or the batch's `num_tokens`) and
-        `perf/samples_per_s`.
+        `perf/samples_per_s`, per second of training steps (evals and checkpoint writes left
+        out: the definition rl_loop.py uses too).
     eval_fn(eng) -> dict[str, float]
         Held-out metrics under their full names (`<stage>/eval_loss`, ...), the same on every
         rank. Under ZeRO-3 every forward is a collective: every rank must run the same number of
@@ -30,11 +31,11 @@ functools.partial, e.g. `partial(evaluate, loader=eval_loader, device=device)`):
 
 What the loop does, in this order within an optimizer step: backward/step per micro-batch
 (`gradient_accumulation_steps` of them make one optimizer step; DeepSpeed steps the optimizer at
-the boundary), `check_finite` of the step's loss and gradient norm on all ranks (NaN/inf stops
-the run with one line, the last checkpoint kept), the log window every `log_every` steps (and
-at the last), eval every `eval_every` steps (`eval_every=0`: none during training), a resumable
-checkpoint every `save_every` steps (`tracker.flush()` first, so the W&B rows up to it survive
-a kill).
+the boundary), `nan_stop.stop_if_not_finite` of the step's loss and gradient norm on all
+ranks (NaN/inf stops the run with one line, the last checkpoint kept), the log window every
+`log_every` steps (and at the last), eval every `eval_every` steps (`eval_every=0`: none
+during training), a resumable checkpoint every `save_every` steps (`tracker.flush()` first, so
+the W&B rows up to it survive a kill).
 After the last step: one eval. `resume_from` (a checkpoint of rlhf_exp/resume.py) restores
 weights, optimizer, LR schedule, loop counters, data position and RNG first.
 """
@@ -49,11 +50,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from omegaconf import DictConfig
 
 from rlhf_exp import checkpoint, dist, resume, runtime
-from rlhf_exp.errors import NonFiniteLossError, UserError
+from rlhf_exp.errors import UserError
+from rlhf_exp.nan_stop import check_finite, stop_if_not_finite  # noqa: F401 (check_finite: re-export)
 from rlhf_exp.tracking import Tracker
 
 StepFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -103,7 +104,8 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
     state = restore(eng, sampler, resume_from, loop) if resume_from else LoopState()
     eng.module.train()
     t_window = t_loop = time.perf_counter()
-    paused = 0.0  # seconds of evals and checkpoints (left out of state.loop_s)
+    # seconds of evals and checkpoints, left out of state.loop_s and of the throughput figures
+    paused = paused_window = 0.0
     step_loss = 0.0  # this rank's loss summed over the current step's micro-batches
     with runtime.progress(loop.total_steps, loop.stage) as bar:  # closed on errors too
         bar.update(state.step)
@@ -125,13 +127,16 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
                     continue
                 state.step += 1
                 bar.update(1)
-                _stop_if_not_finite(eng, step_loss, loop, tracker, state.step)
+                stop_if_not_finite({"training loss": step_loss}, [eng], stage=loop.stage,
+                                   step=state.step, run_dir=loop.run_dir, tracker=tracker,
+                                   hint=f"lower {loop.stage}.lr or check the data")
                 step_loss = 0.0
                 last = state.step >= loop.total_steps
                 if state.step % node.log_every == 0 or last:
-                    log_window(eng, loop, state, tracker, time.perf_counter() - t_window)
+                    log_window(eng, loop, state, tracker,
+                               time.perf_counter() - t_window - paused_window)
                     bar.set_postfix(loss=f"{state.last_loss:.4f}")
-                    t_window = time.perf_counter()
+                    t_window, paused_window = time.perf_counter(), 0.0
                 t_pause = time.perf_counter()
                 if eval_fn and node.eval_every > 0 and state.step % node.eval_every == 0 \
                         and not last:
@@ -140,6 +145,7 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
                 if node.save_every > 0 and state.step % node.save_every == 0 and not last:
                     save_resumable(eng, loop, state, tracker)
                 paused += time.perf_counter() - t_pause
+                paused_window += time.perf_counter() - t_pause
                 if last:
                     break
     state.loop_s = time.perf_counter() - t_loop - paused
@@ -182,47 +188,13 @@ def log_window(eng, loop: Loop, state: LoopState, tracker: Tracker, elapsed: flo
     state.window, state.window_n, state.window_tokens = {}, 0, 0
 
 
-# ----------------------------------------------------------------------------- NaN / inf
-def check_finite(value: float | torch.Tensor, step: int, stage: str,
-                 what: str = "training loss") -> None:
-    """Raise NonFiniteLossError (one line naming the step) when `value` (the step's loss) is
-    NaN or inf on ANY rank. A collective: every rank must call it at the same point, and then
-    every rank raises together (none is left waiting in the next collective)."""
-    value = float(value)
-    bad = not math.isfinite(value)
-    if dist.world_size() > 1:
-        flag = torch.tensor([1.0 if bad else 0.0], device=_collective_device())
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-        bad = bool(flag.item())
-    if bad:
-        seen = f"{value}" if not math.isfinite(value) else "not finite on another rank"
-        raise NonFiniteLossError(f"{stage}: the {what} is {seen} at step {step}; stopped")
-
-
-def _collective_device() -> torch.device:
-    """Where a tensor for a collective lives: CUDA for nccl, CPU for gloo."""
-    if torch_dist.get_backend() == "nccl":
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
-
-
-def _stop_if_not_finite(eng, step_loss: float, loop: Loop, tracker: Tracker, step: int) -> None:
-    """check_finite of the step's loss and of the gradient norm DeepSpeed reports (ZeRO 1-3; it
-    skips an update whose gradients overflowed, so a run would go on without learning; not
-    with fp16, whose loss scaler expects overflows). On NaN/inf: end the W&B run as failed and
-    say which checkpoint is kept (the loop never saves after a bad step)."""
-    try:
-        check_finite(step_loss, step, loop.stage)
-        norm = eng.get_global_grad_norm()  # None with ZeRO 0; the same on every rank
-        if norm is not None and not eng.fp16_enabled():
-            check_finite(norm, step, loop.stage, what="gradient norm")
-    except NonFiniteLossError as exc:
-        tracker.finish(exit_code=1)
-        kept = resume.latest(loop.run_dir)
-        where = (f"The last checkpoint {kept} is kept (resume={loop.run_dir} continues from it)"
-                 if kept else f"No checkpoint to resume from ({loop.stage}.save_every)")
-        raise NonFiniteLossError(f"{exc}. {where}; lower {loop.stage}.lr or check the data") \
-            from None
+def loss_change(loop: Loop, state: LoopState) -> str:
+    """The training loss for the closing line: "loss <first> -> <last>" (window means), or the
+    one window's mean when the run logged only once (it is no longer than `log_every`)."""
+    if state.step <= loop.node.log_every:
+        return (f"loss {state.last_loss:.4f} (one log window: {state.step} step(s), "
+                f"{loop.stage}.log_every={loop.node.log_every})")
+    return f"loss {state.first_loss:.4f} -> {state.last_loss:.4f}"
 
 
 # ----------------------------------------------------------------------------- eval sharding

@@ -12,7 +12,9 @@ import torch
 
 from rlhf_exp import engine, models, ppo_math, rollout
 from rlhf_exp.errors import NonFiniteLossError
+from rlhf_exp.nan_stop import stop_if_not_finite
 from rlhf_exp.stages import ppo
+from rlhf_exp.tracking import Tracker
 from tests.conftest import compose
 
 PPO_TINY = ["stage=ppo", "data_mix.sources.0.synthetic.num_examples=600", "ppo.steps=2",
@@ -98,15 +100,16 @@ def test_kl_controller_is_updated_with_the_global_kl():
     assert out["ppo/gold_reward"] == 0.75 and "_gold_sum" not in out
 
 
-def test_a_nan_loss_stops_the_step_with_one_line():
+def test_a_nan_loss_stops_the_step_with_one_line(tmp_path):
+    """The RL loop's NaN stop (nan_stop.py, shared with train_loop) on PPO's averaged losses."""
     cfg = compose(*PPO_TINY)
-    state = ppo.fresh_state(cfg, None)
-    stats = {"ppo/kl": 0.0, "ppo/actor_loss": float("nan"), "ppo/critic_loss": 0.2,
-             "_gold_sum": 0.0, "_gold_n": 0.0}
+    stats = {"ppo/actor_loss": float("nan"), "ppo/critic_loss": 0.2}
     try:
-        ppo.finish_step(SimpleNamespace(ema=None), cfg, state, stats)
+        stop_if_not_finite(stats, [], stage="ppo", step=1, run_dir=tmp_path,
+                           tracker=Tracker(cfg, tmp_path, "ppo"), hint="lower ppo.actor.lr")
     except NonFiniteLossError as exc:
-        assert "ppo/actor_loss is nan at step 1" in str(exc) and "\n" not in str(exc)
+        assert str(exc) == ("ppo: the ppo/actor_loss is nan at step 1; stopped. No checkpoint "
+                            "to resume from (ppo.save_every); lower ppo.actor.lr")
     else:
         raise AssertionError("a NaN loss went through")
 

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, dpo_math, engine, evaluation, models, resume, runtime, train_loop
+from rlhf_exp import dist, dpo_math, engine, evaluation, models, runtime, stage_kit, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
@@ -46,7 +46,6 @@ from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
 from rlhf_exp.errors import DataError
 from rlhf_exp.ppo_math import logprobs_from_logits
-from rlhf_exp.tracking import Tracker, resolve_init
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -216,137 +215,112 @@ def as_initial(metrics: dict[str, float]) -> dict[str, float]:
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
     """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
     dc = cfg.dpo
-    runtime.set_seed(cfg.seed)
-    dist.init(cfg.hardware.device)
-    device = dist.device_for(cfg.hardware.device)
-    rank, world = dist.rank(), dist.world_size()
-    # --- inputs first: bad data stops the run here, before anything is written
-    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    unpaired = require_pairs(data, cfg.data_mix, stage="dpo")
-    gold_rows = evaluation.heldout_shard(cfg, cfg.ppo.eval_num_prompts, rank, world)
-    runtime.save_run_config(cfg, run_dir)
-    # resume: the newest training checkpoint of `resume=<run dir>` or of this run dir; None =
-    # from scratch. A resumed run continues its W&B run (same id).
-    resume_from = resume.find(cfg, run_dir, "dpo")
-    saved = resume.read_state(resume_from) if resume_from else {}
-    tracker = Tracker(cfg, run_dir, "dpo", run_id=saved.get("wandb_run_id"))
+    with stage_kit.begin(cfg, run_dir, "dpo") as run:
+        # --- inputs first: bad data stops the run here, before anything is written
+        data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
+        unpaired = require_pairs(data, cfg.data_mix, stage="dpo")
+        gold_rows = evaluation.heldout_shard(cfg, cfg.ppo.eval_num_prompts, run.rank, run.world)
+        tracker = run.open()  # run config, resume point, W&B run
 
-    # --- the policy: from the SFT output (path / artifact) or the base model; dropout off (the
-    # log-probs of a pair are then one function of the weights, as for the reference)
-    init_artifact = None
-    if dc.init_from:
-        start, init_artifact = resolve_init(dc.init_from, tracker)
-        start = str(start)
-    else:
-        start = models.resolve_base_path(cfg.model)
-    reference_path = str(resolve_init(dc.reference, tracker)[0]) if dc.reference else start
-    tracker.summary({"dpo/init_path": start, "dpo/init_artifact": init_artifact or "",
-                     "dpo/reference_path": reference_path})
-    tokenizer = models.load_tokenizer(start, cfg.model)
-    model = models.load_causal_lm(start, tokenizer, cfg.model, cfg.hardware.precision)
-    model = engine.disable_dropout(models.apply_lora(model, cfg.model.lora))
-    trainable, total = models.count_parameters(model)
+        # --- the policy: from the SFT output (path / artifact) or the base model; dropout off
+        start, init_artifact = stage_kit.start_point(dc.init_from,
+                                                     models.resolve_base_path(cfg.model), tracker)
+        reference_path = stage_kit.start_point(dc.reference, start, tracker)[0]
+        tracker.summary({"dpo/init_path": start, "dpo/init_artifact": init_artifact or "",
+                         "dpo/reference_path": reference_path})
+        tokenizer, model, trainable, total = stage_kit.load_model(cfg, start, dropout=False)
 
-    # --- features: the reward share's preference pairs, tokenized (cached on disk)
-    template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
-    train_set, dropped = tokenize_pairs(data.train, tokenizer, template, dc.max_prompt_len,
-                                        dc.max_len, cfg.data_mix.overlong, cache)
-    eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, dc.max_prompt_len,
+        # --- features: the reward share's preference pairs, tokenized (cached on disk)
+        template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
+        train_set, dropped = tokenize_pairs(data.train, tokenizer, template, dc.max_prompt_len,
                                             dc.max_len, cfg.data_mix.overlong, cache)
-    if not train_set:
-        raise DataError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
-                        f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
-                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
-    # the same global batches for any world size (rlhf_exp/data/sampler.py)
-    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=dc.micro_batch_size_per_device,
-                                 grad_accum=dc.gradient_accumulation_steps, world_size=world,
-                                 rank=rank, seed=cfg.seed)
-    total_steps = dc.max_steps if dc.max_steps > 0 else dc.epochs * sampler.steps_per_epoch
-    global_batch = sampler.global_batch_size
-    if sampler.steps_per_epoch == 0 or total_steps <= 0:
-        raise DataError(f"dpo: {len(train_set)} training pairs make no full optimizer step at "
-                        f"global batch {global_batch} (dpo.micro_batch_size_per_device x "
-                        "dpo.gradient_accumulation_steps x ranks): lower them or add data")
+        eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, dc.max_prompt_len,
+                                                dc.max_len, cfg.data_mix.overlong, cache)
+        if not train_set:
+            raise DataError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
+                            f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
+                            "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+        # the shared-prompt layout (each pair's prompt computed once) needs a KV cache in training
+        shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
+        collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+        batches = stage_kit.global_batches(run, dc, train_set, collate, "training pairs")
 
-    # batches in the shared-prompt layout (each pair's prompt computed once) unless the model
-    # has no KV cache in training
-    shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
-    collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+        # --- the reference pass: every pair the run trains on and every held-out pair, once
+        t0 = time.perf_counter()
+        used = pairs_used(batches.sampler, batches.total_steps)
+        train_set, eval_set = score_with_reference(
+            cfg, reference_path, tokenizer,
+            [(train_set, used), (eval_set, list(range(len(eval_set))))], run.device, collate)
+        reference_s = time.perf_counter() - t0
+        batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
 
-    # --- the reference pass: every pair the run trains on and every held-out pair, scored once
-    t0 = time.perf_counter()
-    used = pairs_used(sampler, total_steps)
-    train_set, eval_set = score_with_reference(
-        cfg, reference_path, tokenizer,
-        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
-    reference_s = time.perf_counter() - t0
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
-    eval_loader = DataLoader(eval_set, batch_size=dc.micro_batch_size_per_device,
-                             collate_fn=collate)
+        # --- DeepSpeed engine
+        eng = stage_kit.build_engine(model, cfg, dc, total_steps=batches.total_steps)
+        overlong = {"dpo/dropped_overlong": dropped + eval_dropped}
+        runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
+                    f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
+                    f"skipped), {batches.describe('pairs')}, loss {dc.loss_type} beta {dc.beta}; "
+                    f"reference {reference_path} scored {len(used)} + {len(eval_set)} pairs in "
+                    f"{reference_s:.1f} s; {trainable:,}/{total:,} trainable params, zero stage "
+                    f"{cfg.zero_stage.stage}")
+        tracker.summary({"dpo/global_batch_size": batches.global_batch,
+                         "dpo/train_examples": len(train_set), "dpo/eval_examples": len(eval_set),
+                         **overlong, "dpo/trainable_params": trainable,
+                         "dpo/reference_pairs": len(used), "perf/reference_s": reference_s})
+        init_gold = starting_gold(run, eng, tokenizer, gold_rows, overlong)
 
-    # --- DeepSpeed engine
-    eng = engine.build_train_engine(
-        model, cfg, lr=dc.lr, weight_decay=dc.weight_decay, betas=dc.adam_betas, eps=dc.adam_eps,
-        micro_batch_size=dc.micro_batch_size_per_device,
-        grad_accum=dc.gradient_accumulation_steps, max_grad_norm=dc.max_grad_norm,
-        scheduler=dc.lr_scheduler, warmup_steps=dc.warmup_steps, total_steps=total_steps,
-        min_lr_ratio=dc.min_lr_ratio)
-    runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
-                f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair skipped), "
-                f"{total_steps} steps, global batch {global_batch} pairs (micro "
-                f"{dc.micro_batch_size_per_device} x accum {dc.gradient_accumulation_steps} x "
-                f"{world} ranks), loss {dc.loss_type} beta {dc.beta}; reference {reference_path}"
-                f" scored {len(used)} + {len(eval_set)} pairs in {reference_s:.1f} s; "
-                f"{trainable:,}/{total:,} trainable params, zero stage {cfg.zero_stage.stage}")
-    tracker.summary({"dpo/global_batch_size": global_batch, "dpo/train_examples": len(train_set),
-                     "dpo/eval_examples": len(eval_set),
-                     "dpo/dropped_overlong": dropped + eval_dropped,
-                     "dpo/trainable_params": trainable, "dpo/reference_pairs": len(used),
-                     "perf/reference_s": reference_s})
+        # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+        loop = train_loop.Loop(stage="dpo", node=dc, total_steps=batches.total_steps,
+                               steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
+                               tokenizer=tokenizer, device=run.device,
+                               lora_save=cfg.model.lora.save,
+                               extra_state={"init_gold": init_gold})
+        eval_fn = (partial(evaluate, loader=DataLoader(eval_set, dc.micro_batch_size_per_device,
+                                                       collate_fn=collate),
+                           node=dc, device=run.device) if eval_set else None)
+        state = train_loop.train(eng, batches.loader, batches.sampler, loop,
+                                 partial(dpo_step, node=dc), eval_fn, tracker, run.resume_from)
 
-    # --- held-out gold reward of the starting policy (step 0); a resumed run logged it already
-    if resume_from is not None:
-        init_gold = saved.get("extra", {}).get("init_gold", {})
-    else:
-        init_gold = heldout_gold(eng, tokenizer, cfg, gold_rows) if gold_rows else {}
-        tracker.log({"dpo/dropped_overlong": dropped + eval_dropped, **init_gold}, 0)
-    if not gold_rows:
-        runtime.say("dpo: the ppo share has no held-out prompts (data_mix.split, eval_fraction):"
-                    " no held-out gold reward")
-
-    # --- the optimizer-step loop (rlhf_exp/train_loop.py)
-    loop = train_loop.Loop(stage="dpo", node=dc, total_steps=total_steps,
-                           steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir,
-                           tokenizer=tokenizer, device=device, lora_save=cfg.model.lora.save,
-                           extra_state={"init_gold": init_gold})
-    eval_fn = partial(evaluate, loader=eval_loader, node=dc, device=device) if eval_set else None
-    step_fn = partial(dpo_step, node=dc)
-    state = train_loop.train(eng, loader, sampler, loop, step_fn, eval_fn, tracker, resume_from)
-
-    # --- held-out gold reward after the last step; final checkpoint (HF format,
-    # AutoModelForCausalLM), marked final, logged as a `model` artifact
-    if gold_rows:
-        final_gold = heldout_gold(eng, tokenizer, cfg, gold_rows)
-        tracker.log(final_gold, state.step)
-        state.eval_metrics.update(final_gold)
-    result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
-                                   init_artifact=init_artifact,
-                                   extra_metrics={**as_initial(init_gold),
-                                                  "dpo/dropped_overlong": dropped + eval_dropped,
-                                                  "perf/reference_s": reference_s,
-                                                  "perf/loop_s": state.loop_s})
-    m = result.metrics
-    gold = (f", held-out gold reward {m['dpo/init_eval_gold_reward']:.3f} -> "
-            f"{m['dpo/eval_gold_reward']:.3f}" if "dpo/init_eval_gold_reward" in m else "")
-    runtime.say(f"dpo: done. loss {state.first_loss:.4f} -> {state.last_loss:.4f}, eval reward "
-                f"accuracy {m.get('dpo/eval_rewards/accuracies', math.nan):.3f}{gold}")
-    train_loop.finish(tracker, result)
+        # --- held-out gold reward after the last step; final checkpoint (HF format,
+        # AutoModelForCausalLM), marked final, logged as a `model` artifact
+        final_gold(run, eng, tokenizer, gold_rows, state)
+        result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
+                                       init_artifact=init_artifact,
+                                       extra_metrics={**as_initial(init_gold), **overlong,
+                                                      "perf/reference_s": reference_s,
+                                                      "perf/loop_s": state.loop_s})
+        stage_kit.close(run, result, done_line(loop, state, result.metrics))
     return eng, tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    done = resume.completed(run_dir, "dpo")  # run again in a finished run dir: nothing to do
-    if done is not None:
-        runtime.say(f"dpo: {run_dir} has already finished (checkpoints/final); not training again")
-        return done
-    return train(cfg, run_dir)[2]
+def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
+                  overlong: dict[str, int]) -> dict[str, float]:
+    """The held-out gold reward of the starting policy (step 0, logged with the data statistic
+    `overlong`); a resumed run logged it already and reads it back from its checkpoint."""
+    if not gold_rows:
+        runtime.say("dpo: the ppo share has no held-out prompts (data_mix.split, eval_fraction):"
+                    " no held-out gold reward")
+    if run.resume_from is not None:
+        return run.saved.get("extra", {}).get("init_gold", {})
+    init_gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows) if gold_rows else {}
+    run.tracker.log({**overlong, **init_gold}, 0)
+    return init_gold
+
+
+def final_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
+               state: train_loop.LoopState) -> None:
+    """The held-out gold reward after the last step, logged and kept with the eval metrics."""
+    if gold_rows:
+        gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows)
+        run.tracker.log(gold, state.step)
+        state.eval_metrics.update(gold)
+
+
+def done_line(loop: train_loop.Loop, state: train_loop.LoopState, m: dict[str, float]) -> str:
+    gold = (f", held-out gold reward {m['dpo/init_eval_gold_reward']:.3f} -> "
+            f"{m['dpo/eval_gold_reward']:.3f}" if "dpo/init_eval_gold_reward" in m else "")
+    return (f"dpo: done. {train_loop.loss_change(loop, state)}, eval reward accuracy "
+            f"{m.get('dpo/eval_rewards/accuracies', math.nan):.3f}{gold}")
+
+
+run = stage_kit.runner("dpo", train)  # the dispatcher's entry point

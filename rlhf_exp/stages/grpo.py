@@ -26,8 +26,9 @@ One step (`grpo.steps` of them), each a function below:
                     of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
                     aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
-  finish_step       statistics averaged over ranks; a NaN loss stops the run
-  evaluate, log (rl_steps.log_step), save_training_checkpoint
+  finish_step       statistics averaged over ranks
+The loop around them is rlhf_exp/rl_loop.py (shared with PPO): the prompt schedule, timing, the
+NaN stop (loss and gradient norm), logging, evals, training checkpoints, the final policy.
 Held-out eval (`grpo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, sampled with `grpo.generation` and a fixed seed (rl_steps.heldout_eval), the same
 numbers `stage=eval` and PPO report for the same policy and settings. Step 0 is the start.
@@ -44,7 +45,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,16 +59,15 @@ from rlhf_exp import (
     grpo_math,
     models,
     ppo_math,
-    resume,
     rewards,
+    rl_loop,
     rl_steps,
     rollout,
     runtime,
+    stage_kit,
     tasks,
 )
 from rlhf_exp.config import ConfigError
-from rlhf_exp.data import build_stage_data
-from rlhf_exp.data.tokenize import prompt_ids
 from rlhf_exp.rollout import Trajectory
 from rlhf_exp.tracking import Tracker, resolve_init
 
@@ -111,38 +112,20 @@ class Models:
     actor_stage: int
 
 
-@dataclass
-class State:
-    """Everything besides the engine that changes from step to step; saved for resume."""
-
-    sample_gen: torch.Generator  # this rank's sampling noise
-    shuffle_gen: torch.Generator  # this rank's minibatch order
-    step: int = 0
-    init_eval: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
-    last_stats: dict = field(default_factory=dict)
+class State(rl_loop.State):
+    """Everything besides the engine that changes from step to step (rl_loop.State: the step,
+    the generators, the evals); saved for resume."""
 
 
 @dataclass
-class Experience:
-    """One rank's rollout with what the update needs. [n, ...]; R = response columns."""
+class Experience(rl_loop.Rollout):
+    """One rank's rollout (sequences, attention_mask, position_ids, mask) with what the update
+    needs. [n, ...]; R = response columns."""
 
-    sequences: torch.Tensor  # [n, P+R]
-    attention_mask: torch.Tensor  # [n, P+R]
-    position_ids: torch.Tensor  # [n, P+R]
-    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
     old_logprobs: torch.Tensor | None  # [n, R]; None = one on-policy pass (ratio 1)
     ref_logprobs: torch.Tensor | None  # [n, R]; None = no KL term in the loss
     advantages: torch.Tensor  # [n]
     keep: torch.Tensor  # [n] float: 0 for a filtered (zero-std) group's completions
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, -self.mask.shape[1]:]
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        return Experience(*(None if getattr(self, f) is None else getattr(self, f)[idx]
-                            for f in self.__dataclass_fields__))
 
 
 # ----------------------------------------------------------------------------- set-up steps
@@ -203,41 +186,51 @@ def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
                 reward_functions: list[rewards.RewardFunction]) -> Models:
     """The actor on a training engine; the reference (beta > 0) and reward model frozen."""
-    gc, precision = cfg.grpo, cfg.hardware.precision
-    tokenizer = models.load_tokenizer(inputs.actor_init, cfg.model)
-    if inputs.reward_model is not None:
-        rm_tokenizer = models.load_tokenizer(inputs.reward_model, cfg.model)
-        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"grpo: the reward model at {inputs.reward_model} uses a different "
-                              f"tokenizer than the actor at {inputs.actor_init}; GRPO scores the "
-                              "actor's tokens directly")
-    actor_stage = cfg.zero_stage.stage if gc.actor.zero_stage is None else gc.actor.zero_stage
-    actor = models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision)
-    actor = engine.disable_dropout(models.apply_lora(actor, cfg.model.lora))
-    reference = None
-    if gc.beta > 0:
-        reference = engine.build_frozen(
-            models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision), cfg,
-            zero_stage=actor_stage, offload=gc.offload_reference)
+    gc = cfg.grpo
+    tokenizer, actor, actor_stage = rl_loop.load_actor(cfg, "grpo", inputs.actor_init,
+                                                       inputs.reward_model)
+    reference = (rl_loop.frozen(cfg, inputs.actor_init, tokenizer, reward=False,
+                                zero_stage=actor_stage, offload=gc.offload_reference)
+                 if gc.beta > 0 else None)
     reward_model = None
     if inputs.reward_model is not None:
-        reward_model = engine.build_frozen(
-            models.load_reward_model(inputs.reward_model, tokenizer, cfg.model, precision), cfg,
-            zero_stage=actor_stage, offload=gc.offload_reward_model)
-    node = gc.actor
-    actor_eng = engine.build_train_engine(
-        actor, cfg, lr=node.lr, weight_decay=node.weight_decay, micro_batch_size=geo.micro,
-        grad_accum=geo.grad_accum, max_grad_norm=node.max_grad_norm,
-        scheduler=node.lr_scheduler, warmup_steps=node.warmup_steps,
-        total_steps=geo.optimizer_steps, min_lr_ratio=node.min_lr_ratio, zero_stage=actor_stage)
+        reward_model = rl_loop.frozen(cfg, inputs.reward_model, tokenizer, reward=True,
+                                      zero_stage=actor_stage, offload=gc.offload_reward_model)
+    actor_eng = stage_kit.build_engine(actor, cfg, gc.actor, total_steps=geo.optimizer_steps,
+                                       micro_batch_size=geo.micro, grad_accum=geo.grad_accum,
+                                       zero_stage=actor_stage)
     actor_eng.train()
     return Models(tokenizer, actor_eng, reference, reward_model, reward_functions, actor_stage)
 
 
 def fresh_state(cfg: DictConfig) -> State:
-    rank = dist.rank()
-    return State(sample_gen=torch.Generator().manual_seed(cfg.seed * 7919 + rank),
-                 shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1 + rank))
+    return State(**rl_loop.seeded_generators(cfg.seed))
+
+
+def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts: int,
+             held_out: int, tracker: Tracker) -> None:
+    """The run's shape: one line on the console, the batch sizes and placements in W&B."""
+    gc, world = cfg.grpo, dist.world_size()
+    completions = gc.prompts_per_step * gc.num_generations
+    runtime.say(f"grpo: {prompts} prompts ({held_out * world} held out), "
+                f"{gc.steps} steps x {gc.prompts_per_step} prompts x {gc.num_generations} "
+                f"completions = {completions}; update {gc.num_iterations} pass(es) x "
+                f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
+                f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
+                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
+                f"{m.actor_stage}; actor {inputs.actor_init}; reward "
+                f"{inputs.reward_model or '-'}"
+                + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
+    tracker.summary({"grpo/prompts_per_step": gc.prompts_per_step,
+                     "grpo/completions_per_step": completions,
+                     "grpo/minibatch_size": geo.minibatch * world,
+                     "grpo/train_prompts": prompts,
+                     "grpo/reference_placement": engine.placement(gc.offload_reference,
+                                                                  m.actor_stage)
+                     if m.reference is not None else "none",
+                     "grpo/reward_model_placement": engine.placement(gc.offload_reward_model,
+                                                                     m.actor_stage)
+                     if m.reward_model is not None else "none"})
 
 
 # ----------------------------------------------------------------------------- one step
@@ -323,6 +316,13 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
     return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, scores, golds)
 
 
+def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, rows: list[dict],
+                 prompt_tokens: list[list[int]], state: State
+                 ) -> tuple[Experience, dict[str, float], list[list]]:
+    """This rank's prompts of the step: their groups of completions, then the experience."""
+    return make_experience(m, cfg, generate_groups(m, cfg, rows, prompt_tokens, state), geo)
+
+
 def minibatch_totals(exp: Experience, idx: torch.Tensor, device: torch.device
                      ) -> tuple[float, float]:
     """(real tokens, sequences) of one minibatch over every rank: the loss normalisers of
@@ -390,157 +390,63 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
-def finish_step(cfg: DictConfig, state: State, stats: dict[str, float]) -> dict[str, float]:
-    """Average the step's statistics over ranks; a NaN loss stops the run with one line."""
-    stats = rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
-    rl_steps.check_finite(stats, ("grpo/loss",), state.step + 1,
-                          "Lower grpo.actor.lr or check the reward scale")
-    return stats
+def finish_step(cfg: DictConfig, stats: dict[str, float], state: State
+                ) -> dict[str, float]:
+    """Average the step's statistics over ranks (the loop's NaN stop checks them next)."""
+    return rl_steps.reduce_over_ranks(stats, "grpo", dist.device_for(cfg.hardware.device))
 
 
-def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict]) -> dict[str, float]:
-    """Held-out prompts, sampled with grpo.generation and a fixed seed (module docstring)."""
-    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "grpo", eval_rows,
-                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: Path,
-                             tracker: Tracker) -> None:
-    """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
-    shared, local = rl_steps.loop_state(state, tracker)
-    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
-    resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="grpo", local=local,
-                lora_save=cfg.model.lora.save, keep_last=cfg.grpo.keep_last)
-
-
-def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
-    rl_steps.restore_loop_state(state, resume.load(m.actor, ckpt))
-    resume.restore_rng(ckpt)
+def grpo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict],
+               run_dir: Path, tracker: Tracker) -> rl_loop.Steps:
+    """GRPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
+    return rl_loop.Steps(
+        rollout=partial(rollout_step, m, cfg, geo), update=partial(grpo_step, m, cfg, geo=geo),
+        finish=partial(finish_step, cfg), evaluate=partial(rl_loop.evaluate, cfg, "grpo", m,
+                                                           eval_rows),
+        # the checkpoint holds the actor and the loop's state: nothing of GRPO's own
+        save=partial(rl_loop.save_checkpoint, cfg, "grpo", run_dir, tracker, m.actor,
+                     m.tokenizer),
+        load=lambda state, ckpt: rl_loop.load_checkpoint(m.actor, state, ckpt))
 
 
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
-    """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
-    inspect."""
+    """GRPO of `grpo.actor_init` against its reward (module docstring); returns (actor engine,
+    tokenizer, result) so callers and tests can inspect."""
     gc = cfg.grpo
-    runtime.set_seed(cfg.seed)
-    dist.init(cfg.hardware.device)
-    world, rank = dist.world_size(), dist.rank()
+    with stage_kit.begin(cfg, run_dir, "grpo") as run:
+        # --- inputs first: too few prompts, a start that points nowhere, data without a gold
+        # reward or a failing reward function stop the run before anything is written
+        prompts = rl_loop.read_prompts(cfg, "grpo", "prompts_per_step")
+        inputs = resolve_inputs(cfg)
+        check_default_reward_fits(cfg, prompts.train[:4])
+        reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
+                                        prompts.train[:4])
+        tracker = rl_loop.open_run(run, asdict(inputs))
 
-    # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
-    # stop the run here, before anything is written
-    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)  # the RL share of data_mix.split
-    if len(data.train) < gc.prompts_per_step:
-        raise ConfigError(f"grpo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
-                          f"than grpo.prompts_per_step={gc.prompts_per_step}")
-    eval_rows = evaluation.heldout_shard(cfg, gc.eval_num_prompts, rank, world)
-    inputs = resolve_inputs(cfg)
-    check_default_reward_fits(cfg, data.train[:4])
-    reward_functions = rewards.load(reward_function_nodes(cfg), "grpo.reward_functions",
-                                    data.train[:4])
-    runtime.save_run_config(cfg, run_dir)
-    resume_from = resume.find(cfg, run_dir, "grpo")
-    saved = resume.read_state(resume_from) if resume_from else {}
-    tracker = Tracker(cfg, run_dir, "grpo", run_id=saved.get("wandb_run_id"))
-    tracker.record_inputs(asdict(inputs), prefix="grpo")
+        # --- models, the step-to-step state
+        geo = batch_geometry(cfg, run.world)
+        m = load_models(cfg, inputs, geo, reward_functions)
+        state = fresh_state(cfg)
+        describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
-    # --- models, prompts, the step-to-step state
-    geo = batch_geometry(cfg, world)
-    m = load_models(cfg, inputs, geo, reward_functions)
-    prompt_tokens = [prompt_ids(m.tokenizer, row, cfg.model.prompt_template, gc.max_prompt_len)
-                     for row in data.train]
-    schedule = rollout.PromptSchedule(len(data.train), gc.prompts_per_step, seed=cfg.seed,
-                                      rank=rank, world=world)
-    state = fresh_state(cfg)
-    completions = gc.prompts_per_step * gc.num_generations
-    runtime.say(f"grpo: {len(data.train)} prompts ({len(eval_rows) * world} held out), "
-                f"{gc.steps} steps x {gc.prompts_per_step} prompts x {gc.num_generations} "
-                f"completions = {completions}; update {gc.num_iterations} pass(es) x "
-                f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
-                f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
-                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
-                f"{m.actor_stage}; actor {inputs.actor_init}; reward "
-                f"{inputs.reward_model or '-'}"
-                + "".join(f" + {f.weight} x {f.spec}" for f in reward_functions))
-    tracker.summary({"grpo/prompts_per_step": gc.prompts_per_step,
-                     "grpo/completions_per_step": completions,
-                     "grpo/minibatch_size": geo.minibatch * world,
-                     "grpo/train_prompts": len(data.train),
-                     "grpo/reference_placement": engine.placement(gc.offload_reference,
-                                                                  m.actor_stage)
-                     if m.reference is not None else "none",
-                     "grpo/reward_model_placement": engine.placement(gc.offload_reward_model,
-                                                                     m.actor_stage)
-                     if m.reward_model is not None else "none"})
-    if resume_from:
-        load_training_checkpoint(m, state, resume_from)
-        runtime.say(f"grpo: resumed from {resume_from} at step {state.step}/{gc.steps}")
-    elif eval_rows:
-        state.init_eval = state.last_eval = evaluate(m, cfg, eval_rows)
-        tracker.log(state.init_eval, 0)
+        # --- the loop (rlhf_exp/rl_loop.py) with GRPO's steps
+        loop = rl_loop.prompt_loop(
+            "grpo", cfg, run_dir, m.tokenizer, prompts, gc.prompts_per_step, engines=[m.actor],
+            loss_keys=("grpo/loss",),
+            hint="lower grpo.actor.lr or check the reward scale",
+            postfix={"gold": "grpo/gold_reward", "reward": "grpo/reward",
+                     "zero_std": "grpo/frac_zero_std"})
+        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker),
+                              state, tracker, run.resume_from)
 
-    # --- the loop
-    bar = runtime.progress(gc.steps, "grpo")
-    bar.update(state.step)
-    loop_start = time.perf_counter()
-    while state.step < gc.steps:
-        step = state.step + 1
-        t0 = time.perf_counter()
-        idx = schedule.indices(step)
-        traj = generate_groups(m, cfg, [data.train[i] for i in idx],
-                               [prompt_tokens[i] for i in idx], state)
-        exp, stats, table = make_experience(m, cfg, traj, geo)
-        t1 = time.perf_counter()
-        stats.update(grpo_step(m, cfg, exp, state, geo))
-        elapsed = time.perf_counter() - t0
-        stats.update({"perf/train_s": time.perf_counter() - t1,
-                      "grpo/actor_lr": m.actor.get_lr()[0],
-                      "perf/samples_per_s": geo.n_local * world / elapsed,
-                      "perf/tokens_per_s": float(exp.mask.sum()) * world / elapsed})
-        stats = finish_step(cfg, state, stats)
-        state.step, state.last_stats = step, stats
-        rl_steps.log_step(tracker, cfg, "grpo", step, stats, table)
-        bar.update(1)
-        bar.set_postfix(gold=f"{stats.get('grpo/gold_reward', float('nan')):.3f}",
-                        reward=f"{stats['grpo/reward']:.3f}",
-                        zero_std=f"{stats['grpo/frac_zero_std']:.2f}")
-        if eval_rows and gc.eval_every > 0 and step % gc.eval_every == 0 and step < gc.steps:
-            state.last_eval = evaluate(m, cfg, eval_rows)
-            tracker.log(state.last_eval, step)
-        if gc.save_every > 0 and step % gc.save_every == 0 and step < gc.steps:
-            save_training_checkpoint(m, cfg, state, run_dir, tracker)
-    bar.close()
-    loop_s = time.perf_counter() - loop_start
-    if eval_rows:
-        state.last_eval = evaluate(m, cfg, eval_rows)
-        tracker.log(state.last_eval, gc.steps)
-
-    # --- checkpoint, result
-    meta = {"stage": "grpo", "step": gc.steps, **asdict(inputs)}
-    ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "grpo", run_dir, tracker, meta,
-                                      state.last_eval)
-    metrics = rl_steps.final_metrics("grpo", state, FINAL_KEYS, gc.steps)
-    metrics["perf/loop_s"] = loop_s  # this process's steps (a resumed run: the rest only)
-    tracker.summary(metrics)
-    result = runtime.StageResult("grpo", str(run_dir), str(ckpt), tracker.run_id,
-                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
-    result.write()
-    if "grpo/eval_gold_reward" in state.init_eval:
-        runtime.say(f"grpo: done. held-out gold reward "
-                    f"{state.init_eval['grpo/eval_gold_reward']:.3f} -> "
-                    f"{state.last_eval['grpo/eval_gold_reward']:.3f}")
-    runtime.say(f"grpo: checkpoint {ckpt}")
-    if tracker.enabled:
-        runtime.say(tracker.where())
-    tracker.finish()
+        # --- checkpoint, result
+        result, _ = rl_loop.save_result(loop, state, tracker, actor=m.actor,
+                                        tokenizer=m.tokenizer, meta=asdict(inputs),
+                                        final_keys=FINAL_KEYS)
+        gold = rl_loop.gold_change("grpo", state)
+        stage_kit.close(run, result, *([f"grpo: done. {gold}"] if gold else []))
     return m.actor, m.tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    done = resume.completed(run_dir, "grpo")  # run again in a finished run dir: nothing to do
-    if done is not None:
-        runtime.say(f"grpo: {run_dir} has already finished (checkpoints/final); not training "
-                    "again")
-        return done
-    return train(cfg, run_dir)[2]
+run = stage_kit.runner("grpo", train)  # the dispatcher's entry point

@@ -29,7 +29,8 @@ One step (`ppo.steps` of them), each a function below:
                        approx KL exceeds `target_approx_kl`
   finish_step          metrics averaged over ranks; the KL controller updated with that global
                        KL (the same coefficient on every rank); the fp32 EMA of the actor
-  evaluate, log (rl_steps.log_step), save_training_checkpoint
+The loop around them is rlhf_exp/rl_loop.py (shared with GRPO): the prompt schedule, timing, the
+NaN stop (losses and gradient norms), logging, evals, training checkpoints, the final policy.
 Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo share's
 eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
 `stage=eval` and the other RL stages share, so the numbers agree). Step 0 is the starting policy.
@@ -52,7 +53,8 @@ import time
 import types
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,16 +69,21 @@ from rlhf_exp import (
     ppo_math,
     resume,
     rewards,
+    rl_loop,
     rl_steps,
     rollout,
     runtime,
+    stage_kit,
 )
 from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
-from rlhf_exp.data.tokenize import collate_sft, prompt_ids, tokenize_sft
+from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
 from rlhf_exp.rollout import Trajectory
 from rlhf_exp.tracking import Tracker, resolve_init
+
+FINAL_KEYS = ("ppo/gold_reward", "ppo/reward_score", "ppo/kl", "ppo/kl_coef",
+              "ppo/response_length")
 
 
 # ----------------------------------------------------------------------------- what a run holds
@@ -117,40 +124,25 @@ class Models:
     critic_stage: int
 
 
-@dataclass
-class State:
-    """Everything besides the engines that changes from step to step; saved for resume."""
+@dataclass(kw_only=True)
+class State(rl_loop.State):
+    """Everything besides the engines that changes from step to step (rl_loop.State: the step,
+    the generators, the evals); saved for resume."""
 
     kl_ctl: ppo_math.FixedKLController | ppo_math.AdaptiveKLController
     score_moments: ppo_math.RunningMoments
-    sample_gen: torch.Generator  # this rank's sampling noise
-    shuffle_gen: torch.Generator  # this rank's minibatch order
     ptx: PtxBatches | None
-    step: int = 0
-    init_eval: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
-    last_stats: dict = field(default_factory=dict)
 
 
 @dataclass
-class Experience:
-    """One rank's rollout with everything the update needs. [n, ...]; R = response columns."""
+class Experience(rl_loop.Rollout):
+    """One rank's rollout (sequences, attention_mask, position_ids, mask) with everything the
+    update needs. [n, ...]; R = response columns."""
 
-    sequences: torch.Tensor  # [n, P+R]
-    attention_mask: torch.Tensor  # [n, P+R]
-    position_ids: torch.Tensor  # [n, P+R]
-    mask: torch.Tensor  # [n, R] float, 1 up to and including EOS
     old_logprobs: torch.Tensor  # [n, R]
     old_values: torch.Tensor  # [n, R]
     advantages: torch.Tensor  # [n, R]
     returns: torch.Tensor  # [n, R]
-
-    @property
-    def responses(self) -> torch.Tensor:
-        return self.sequences[:, -self.mask.shape[1]:]
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        return Experience(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
 class PtxBatches:
@@ -223,39 +215,28 @@ def as_value_model(model: torch.nn.Module) -> torch.nn.Module:
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
                 reward_functions: list[rewards.RewardFunction]) -> Models:
     """Actor and critic on training engines, reference and reward model frozen, the EMA."""
-    pc, precision = cfg.ppo, cfg.hardware.precision
-    tokenizer = models.load_tokenizer(inputs.actor_init, cfg.model)
-    if inputs.reward_model is not None:
-        rm_tokenizer = models.load_tokenizer(inputs.reward_model, cfg.model)
-        if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(f"ppo: the reward model at {inputs.reward_model} uses a different "
-                              f"tokenizer than the actor at {inputs.actor_init}; PPO scores the "
-                              "actor's tokens directly")
-    actor_stage = cfg.zero_stage.stage if pc.actor.zero_stage is None else pc.actor.zero_stage
+    pc = cfg.ppo
+    tokenizer, actor, actor_stage = rl_loop.load_actor(cfg, "ppo", inputs.actor_init,
+                                                       inputs.reward_model)
     critic_stage = cfg.zero_stage.stage if pc.critic.zero_stage is None else pc.critic.zero_stage
-    actor = models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision)
-    actor = engine.disable_dropout(models.apply_lora(actor, cfg.model.lora))
     # the EMA is kept in fp32: in bf16, (1 - decay) * step-sized moves round away
     ema = (copy.deepcopy(actor).float().eval().requires_grad_(False)
            .to(dist.device_for(cfg.hardware.device)) if pc.ema.enabled else None)
-    reference = engine.build_frozen(
-        models.load_causal_lm(inputs.actor_init, tokenizer, cfg.model, precision), cfg,
-        zero_stage=actor_stage, offload=pc.offload_reference)
-    critic = models.load_reward_model(inputs.critic_init, tokenizer, cfg.model, precision)
+    reference = rl_loop.frozen(cfg, inputs.actor_init, tokenizer, reward=False,
+                               zero_stage=actor_stage, offload=pc.offload_reference)
+    critic = models.load_reward_model(inputs.critic_init, tokenizer, cfg.model,
+                                      cfg.hardware.precision)
     critic = as_value_model(engine.disable_dropout(
         models.apply_lora(critic, pc.critic_lora, "SEQ_CLS")))
     reward_model = None
     if inputs.reward_model is not None:
-        reward_model = engine.build_frozen(
-            models.load_reward_model(inputs.reward_model, tokenizer, cfg.model, precision), cfg,
-            zero_stage=critic_stage, offload=pc.offload_reward_model)
+        reward_model = rl_loop.frozen(cfg, inputs.reward_model, tokenizer, reward=True,
+                                      zero_stage=critic_stage, offload=pc.offload_reward_model)
 
     def trainable(node, model, stage):
-        return engine.build_train_engine(
-            model, cfg, lr=node.lr, weight_decay=node.weight_decay, micro_batch_size=geo.micro,
-            grad_accum=geo.grad_accum, max_grad_norm=node.max_grad_norm,
-            scheduler=node.lr_scheduler, warmup_steps=node.warmup_steps,
-            total_steps=geo.optimizer_steps, min_lr_ratio=node.min_lr_ratio, zero_stage=stage)
+        return stage_kit.build_engine(model, cfg, node, total_steps=geo.optimizer_steps,
+                                      micro_batch_size=geo.micro, grad_accum=geo.grad_accum,
+                                      zero_stage=stage)
 
     actor_eng = trainable(pc.actor, actor, actor_stage)
     critic_eng = trainable(pc.critic, critic, critic_stage)
@@ -279,12 +260,32 @@ def build_ptx(cfg: DictConfig, tokenizer, geo: Geometry) -> PtxBatches | None:
 
 
 def fresh_state(cfg: DictConfig, ptx: PtxBatches | None) -> State:
-    pc, rank = cfg.ppo, dist.rank()
+    pc = cfg.ppo
     kl_ctl = (ppo_math.AdaptiveKLController(pc.kl.coef, pc.kl.target, pc.kl.horizon)
               if pc.kl.adaptive else ppo_math.FixedKLController(pc.kl.coef))
-    return State(kl_ctl=kl_ctl, score_moments=ppo_math.RunningMoments(),
-                 sample_gen=torch.Generator().manual_seed(cfg.seed * 7919 + rank),
-                 shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1 + rank), ptx=ptx)
+    return State(kl_ctl=kl_ctl, score_moments=ppo_math.RunningMoments(), ptx=ptx,
+                 **rl_loop.seeded_generators(cfg.seed))
+
+
+def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts: int,
+             held_out: int, tracker: Tracker) -> None:
+    """The run's shape: one line on the console, the batch sizes and placements in W&B."""
+    pc, world = cfg.ppo, dist.world_size()
+    runtime.say(f"ppo: {prompts} prompts ({held_out * world} held out), "
+                f"{pc.steps} steps x {pc.rollout_batch_size} rollouts; update {pc.ppo_epochs} "
+                f"epoch(s) x {pc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
+                f"{geo.grad_accum} x {world} ranks; actor zero {m.actor_stage}, critic zero "
+                f"{m.critic_stage}; actor {inputs.actor_init}; critic {inputs.critic_init}; "
+                f"reward {inputs.reward_model or '-'}"
+                + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
+    tracker.summary({"ppo/rollout_batch_size": pc.rollout_batch_size,
+                     "ppo/minibatch_size": geo.minibatch * world,
+                     "ppo/train_prompts": prompts,
+                     "ppo/reference_placement": engine.placement(pc.offload_reference,
+                                                                 m.actor_stage),
+                     "ppo/reward_model_placement": engine.placement(pc.offload_reward_model,
+                                                                    m.critic_stage)
+                     if m.reward_model is not None else "none"})
 
 
 # ----------------------------------------------------------------------------- one step
@@ -296,6 +297,14 @@ def generate_trajectory(m: Models, cfg: DictConfig, rows: list[dict],
                           evaluation.generation_config(cfg.ppo.generation),
                           generator=state.sample_gen, synced_gpus=synced,
                           device=dist.device_for(cfg.hardware.device))
+
+
+def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, rows: list[dict],
+                 prompt_tokens: list[list[int]], state: State
+                 ) -> tuple[Experience, dict[str, float], list[list]]:
+    """This rank's prompts of the step: a response to each, then the experience."""
+    traj = generate_trajectory(m, cfg, rows, prompt_tokens, state)
+    return make_experience(m, cfg, traj, state, geo)
 
 
 @torch.no_grad()
@@ -430,58 +439,47 @@ def update_ema(m: Models, decay: float) -> None:
 def finish_step(m: Models, cfg: DictConfig, state: State, stats: dict[str, float]
                 ) -> dict[str, float]:
     """Average the step's statistics over ranks, then update the KL controller with the global
-    KL (so every rank holds the same coefficient) and the EMA."""
+    KL (so every rank holds the same coefficient) and the EMA. (The loop's NaN stop checks the
+    averaged losses next.)"""
     stats = rl_steps.reduce_over_ranks(stats, "ppo", dist.device_for(cfg.hardware.device))
-    rl_steps.check_finite(stats, ("ppo/actor_loss", "ppo/critic_loss"), state.step + 1,
-                          "Lower ppo.actor.lr / ppo.critic.lr or check the reward scale")
     state.kl_ctl.update(stats["ppo/kl"], cfg.ppo.rollout_batch_size)
     if m.ema is not None:
         update_ema(m, cfg.ppo.ema.decay)
     return stats
 
 
-def evaluate(m: Models, cfg: DictConfig, eval_rows: list[dict], step: int) -> dict[str, float]:
-    """Held-out prompts, sampled with ppo.generation and a fixed seed (module docstring)."""
-    return rl_steps.heldout_eval(m.actor, m.tokenizer, cfg, "ppo", eval_rows,
-                                 zero_stage=m.actor_stage, reward_model=m.reward_model)
-
-
 # ----------------------------------------------------------------------------- checkpoints
-def save_training_checkpoint(m: Models, cfg: DictConfig, state: State, run_dir: Path,
-                             tracker: Tracker) -> None:
+def save_training_checkpoint(m: Models, cfg: DictConfig, run_dir: Path, tracker: Tracker,
+                             state: State) -> None:
     """Everything `resume=` needs to continue at step state.step + 1 (module docstring)."""
-    shared, local = rl_steps.loop_state(state, tracker)
-    shared.update(kl_ctl=state.kl_ctl.state_dict(),
-                  score_moments=state.score_moments.state_dict())
-    local.update(ptx_drawn=state.ptx.drawn if state.ptx is not None else 0,
-                 kl_coef=state.kl_ctl.value)  # this rank's own (equal on every rank: tested)
-    files = {"ema": m.ema.state_dict()} if m.ema is not None else {}
-    tracker.flush()  # every row up to this step survives a kill right after the checkpoint
-    resume.save(m.actor, m.tokenizer, run_dir, state.step, shared, stage="ppo", local=local,
-                lora_save=cfg.model.lora.save, keep_last=cfg.ppo.keep_last,
-                engines={"critic": m.critic}, files=files)
+    rl_loop.save_checkpoint(
+        cfg, "ppo", run_dir, tracker, m.actor, m.tokenizer, state,
+        shared={"kl_ctl": state.kl_ctl.state_dict(),
+                "score_moments": state.score_moments.state_dict()},
+        local={"ptx_drawn": state.ptx.drawn if state.ptx is not None else 0,
+               "kl_coef": state.kl_ctl.value},  # this rank's own (equal on every rank: tested)
+        engines={"critic": m.critic},
+        files={"ema": m.ema.state_dict()} if m.ema is not None else {})
 
 
 def load_training_checkpoint(m: Models, state: State, ckpt: Path) -> None:
-    saved = resume.load(m.actor, ckpt)
     resume.load(m.critic, ckpt, name="critic")
-    rl_steps.restore_loop_state(state, saved)
+    if m.ema is not None:
+        m.ema.load_state_dict(resume.load_file(ckpt, "ema"))
+    saved = rl_loop.load_checkpoint(m.actor, state, ckpt)  # the RNG last
     state.kl_ctl.load_state_dict(saved["kl_ctl"])
     state.score_moments.load_state_dict(saved["score_moments"])
     if state.ptx is not None:
         state.ptx.drawn = saved["ptx_drawn"]
-    if m.ema is not None:
-        m.ema.load_state_dict(resume.load_file(ckpt, "ema"))
-    resume.restore_rng(ckpt)
 
 
-def save_final(m: Models, cfg: DictConfig, state: State, inputs: Inputs, run_dir: Path,
-               tracker: Tracker) -> tuple[Path, Path, Path | None]:
-    """The actor (checkpoints/final), the critic and the EMA (in the actor's dtype); artifacts."""
+def save_critic_and_ema(m: Models, cfg: DictConfig, inputs: Inputs, run_dir: Path,
+                        tracker: Tracker) -> tuple[Path, Path | None]:
+    """Besides the actor (rl_loop.save_result, after these: `final` marks a finished run): the
+    critic and the EMA (in the actor's dtype, its own `model` artifact). Returns their
+    checkpoints."""
     pc = cfg.ppo
     meta = {"stage": "ppo", "step": pc.steps, **asdict(inputs)}
-    ckpt = rl_steps.save_final_policy(m.actor, m.tokenizer, cfg, "ppo", run_dir, tracker, meta,
-                                      state.last_eval)
     critic_ckpt = checkpoint.save_hf(m.critic, m.tokenizer, run_dir / "checkpoints" / "critic",
                                      zero_stage=m.critic.zero_optimization_stage(),
                                      lora_save=pc.critic_lora.save,
@@ -498,123 +496,61 @@ def save_final(m: Models, cfg: DictConfig, state: State, inputs: Inputs, run_dir
     if cfg.logger.log_checkpoints and ema_ckpt is not None:
         tracker.log_model(ema_ckpt, ema_artifact, aliases=["final", f"step-{pc.steps}"],
                           metadata={**meta, "decay": pc.ema.decay})
-    return ckpt, critic_ckpt, ema_ckpt
+    return critic_ckpt, ema_ckpt
 
 
-def final_metrics(state: State, steps: int) -> dict[str, float]:
-    return rl_steps.final_metrics("ppo", state, ("ppo/gold_reward", "ppo/reward_score", "ppo/kl",
-                                                 "ppo/kl_coef", "ppo/response_length"), steps)
+def ppo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict], run_dir: Path,
+              tracker: Tracker) -> rl_loop.Steps:
+    """PPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
+    return rl_loop.Steps(
+        rollout=partial(rollout_step, m, cfg, geo), update=partial(ppo_step, m, cfg, geo=geo),
+        finish=lambda stats, state: finish_step(m, cfg, state, stats),
+        evaluate=partial(rl_loop.evaluate, cfg, "ppo", m, eval_rows),
+        save=partial(save_training_checkpoint, m, cfg, run_dir, tracker),
+        load=partial(load_training_checkpoint, m))
 
 
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
-    """Train and save; returns (actor engine, tokenizer, result) so callers and tests can
-    inspect."""
+    """PPO of `ppo.actor_init` with a critic from `ppo.critic_init` (module docstring); returns
+    (actor engine, tokenizer, result) so callers and tests can inspect."""
     pc = cfg.ppo
-    runtime.set_seed(cfg.seed)
-    dist.init(cfg.hardware.device)
-    world, rank = dist.world_size(), dist.rank()
+    with stage_kit.begin(cfg, run_dir, "ppo") as run:
+        # --- inputs first: bad data, a checkpoint pointing nowhere or a failing reward function
+        # stop the run here, before anything is written
+        prompts = rl_loop.read_prompts(cfg, "ppo", "rollout_batch_size")
+        inputs = resolve_inputs(cfg)
+        reward_functions = rewards.load(pc.reward_functions, "ppo.reward_functions",
+                                        prompts.train[:4])
+        tracker = rl_loop.open_run(run, asdict(inputs))
 
-    # --- inputs first: bad data, a reference pointing nowhere or a failing reward function
-    # stop the run here, before anything is written
-    data = build_stage_data(cfg.data_mix, "ppo", cfg.seed)
-    if len(data.train) < pc.rollout_batch_size:
-        raise ConfigError(f"ppo: the data_mix's ppo share has {len(data.train)} prompts, fewer "
-                          f"than ppo.rollout_batch_size={pc.rollout_batch_size}")
-    eval_rows = evaluation.heldout_shard(cfg, pc.eval_num_prompts, rank, world)
-    inputs = resolve_inputs(cfg)
-    reward_functions = rewards.load(pc.reward_functions, "ppo.reward_functions", data.train[:4])
-    runtime.save_run_config(cfg, run_dir)
-    resume_from = resume.find(cfg, run_dir, "ppo")
-    saved = resume.read_state(resume_from) if resume_from else {}
-    tracker = Tracker(cfg, run_dir, "ppo", run_id=saved.get("wandb_run_id"))
-    tracker.record_inputs(asdict(inputs), prefix="ppo")
+        # --- models, the step-to-step state
+        geo = batch_geometry(cfg, run.world)
+        m = load_models(cfg, inputs, geo, reward_functions)
+        state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
+        describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
-    # --- models, prompts, the step-to-step state
-    geo = batch_geometry(cfg, world)
-    m = load_models(cfg, inputs, geo, reward_functions)
-    prompt_tokens = [prompt_ids(m.tokenizer, row, cfg.model.prompt_template, pc.max_prompt_len)
-                     for row in data.train]
-    schedule = rollout.PromptSchedule(len(data.train), pc.rollout_batch_size, seed=cfg.seed,
-                                      rank=rank, world=world)
-    state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
-    runtime.say(f"ppo: {len(data.train)} prompts ({len(eval_rows) * world} held out), "
-                f"{pc.steps} steps x {pc.rollout_batch_size} rollouts; update {pc.ppo_epochs} "
-                f"epoch(s) x {pc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
-                f"{geo.grad_accum} x {world} ranks; actor zero {m.actor_stage}, critic zero "
-                f"{m.critic_stage}; actor {inputs.actor_init}; critic {inputs.critic_init}; "
-                f"reward {inputs.reward_model or '-'}"
-                + "".join(f" + {f.weight} x {f.spec}" for f in reward_functions))
-    tracker.summary({"ppo/rollout_batch_size": pc.rollout_batch_size,
-                     "ppo/minibatch_size": geo.minibatch * world,
-                     "ppo/train_prompts": len(data.train),
-                     "ppo/reference_placement": engine.placement(pc.offload_reference,
-                                                                 m.actor_stage),
-                     "ppo/reward_model_placement": engine.placement(pc.offload_reward_model,
-                                                                    m.critic_stage)
-                     if m.reward_model is not None else "none"})
-    if resume_from:
-        load_training_checkpoint(m, state, resume_from)
-        runtime.say(f"ppo: resumed from {resume_from} at step {state.step}/{pc.steps}")
-    elif eval_rows:
-        state.init_eval = state.last_eval = evaluate(m, cfg, eval_rows, 0)
-        tracker.log(state.init_eval, 0)
+        # --- the loop (rlhf_exp/rl_loop.py) with PPO's steps
+        loop = rl_loop.prompt_loop(
+            "ppo", cfg, run_dir, m.tokenizer, prompts, pc.rollout_batch_size,
+            engines=[m.actor, m.critic], loss_keys=("ppo/actor_loss", "ppo/critic_loss"),
+            hint="lower ppo.actor.lr / ppo.critic.lr or check the reward scale",
+            postfix={"gold": "ppo/gold_reward", "kl": "ppo/kl", "score": "ppo/reward_score"})
+        state = rl_loop.train(loop, ppo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker),
+                              state, tracker, run.resume_from)
 
-    # --- the loop
-    bar = runtime.progress(pc.steps, "ppo")
-    bar.update(state.step)
-    while state.step < pc.steps:
-        step = state.step + 1
-        t0 = time.perf_counter()
-        idx = schedule.indices(step)
-        traj = generate_trajectory(m, cfg, [data.train[i] for i in idx],
-                                   [prompt_tokens[i] for i in idx], state)
-        exp, stats, table = make_experience(m, cfg, traj, state, geo)
-        t1 = time.perf_counter()
-        stats.update(ppo_step(m, cfg, exp, state, geo))
-        stats.update({"perf/train_s": time.perf_counter() - t1,
-                      "ppo/actor_lr": m.actor.get_lr()[0],
-                      "perf/samples_per_s": pc.rollout_batch_size / (time.perf_counter() - t0)})
-        stats = finish_step(m, cfg, state, stats)
-        state.step, state.last_stats = step, stats
-        rl_steps.log_step(tracker, cfg, "ppo", step, stats, table)
-        bar.update(1)
-        bar.set_postfix(gold=f"{stats.get('ppo/gold_reward', float('nan')):.3f}",
-                        kl=f"{stats['ppo/kl']:.2f}", score=f"{stats['ppo/reward_score']:.2f}")
-        if eval_rows and pc.eval_every > 0 and step % pc.eval_every == 0 and step < pc.steps:
-            state.last_eval = evaluate(m, cfg, eval_rows, step)
-            tracker.log(state.last_eval, step)
-        if pc.save_every > 0 and step % pc.save_every == 0 and step < pc.steps:
-            save_training_checkpoint(m, cfg, state, run_dir, tracker)
-    bar.close()
-    if eval_rows:
-        state.last_eval = evaluate(m, cfg, eval_rows, pc.steps)
-        tracker.log(state.last_eval, pc.steps)
-
-    # --- checkpoints, result
-    ckpt, critic_ckpt, ema_ckpt = save_final(m, cfg, state, inputs, run_dir, tracker)
-    metrics = final_metrics(state, pc.steps)
-    tracker.summary(metrics)
-    result = runtime.StageResult("ppo", str(run_dir), str(ckpt), tracker.run_id,
-                                 str(run_dir / "wandb") if tracker.enabled else None, metrics)
-    result.write()
-    if "ppo/eval_gold_reward" in state.init_eval:
-        runtime.say(f"ppo: done. held-out gold reward "
-                    f"{state.init_eval['ppo/eval_gold_reward']:.3f} -> "
-                    f"{state.last_eval['ppo/eval_gold_reward']:.3f}, KL "
-                    f"{state.last_stats.get('ppo/kl', 0):.3f}")
-    runtime.say(f"ppo: checkpoint {ckpt}; critic {critic_ckpt}"
-                + (f"; ema {ema_ckpt}" if ema_ckpt else ""))
-    if tracker.enabled:
-        runtime.say(tracker.where())
-    tracker.finish()
+        # --- checkpoints (critic, EMA, then the actor marked final), result
+        critic_ckpt, ema_ckpt = save_critic_and_ema(m, cfg, inputs, run_dir, tracker)
+        result, ckpt = rl_loop.save_result(loop, state, tracker, actor=m.actor,
+                                           tokenizer=m.tokenizer, meta=asdict(inputs),
+                                           final_keys=FINAL_KEYS)
+        gold = rl_loop.gold_change("ppo", state)
+        stage_kit.close(run, result, *([f"ppo: done. {gold}, KL "
+                                        f"{state.last_stats.get('ppo/kl', 0):.3f}"]
+                                       if gold else []),
+                        checkpoint_line=f"ppo: checkpoint {ckpt}; critic {critic_ckpt}"
+                        + (f"; ema {ema_ckpt}" if ema_ckpt else ""))
     return m.actor, m.tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    done = resume.completed(run_dir, "ppo")  # run again in a finished run dir: nothing to do
-    if done is not None:
-        runtime.say(f"ppo: {run_dir} has already finished (checkpoints/final); not training "
-                    "again")
-        return done
-    return train(cfg, run_dir)[2]
+run = stage_kit.runner("ppo", train)  # the dispatcher's entry point

@@ -22,14 +22,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, engine, models, resume, runtime, scoring, tasks, train_loop
+from rlhf_exp import models, runtime, scoring, stage_kit, tasks, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
-from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
 from rlhf_exp.errors import DataError
-from rlhf_exp.tracking import Tracker, resolve_init
 
 
 def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,105 +112,70 @@ def evaluate(eng, loader: DataLoader, eval_set: list[dict],
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
     """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
     rc = cfg.reward
-    runtime.set_seed(cfg.seed)
-    dist.init(cfg.hardware.device)
-    device = dist.device_for(cfg.hardware.device)
-    world = dist.world_size()
-    # this stage's disjoint share of the data_mix; bad data stops the run here, before anything
-    # is written to the run dir or W&B
-    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    unpaired = require_pairs(data, cfg.data_mix)
-    runtime.save_run_config(cfg, run_dir)
-    # resume: the newest training checkpoint (every reward.save_every steps) of `resume=<run dir>`
-    # or of this run dir; None = from scratch. A resumed run continues its W&B run (same id).
-    resume_from = resume.find(cfg, run_dir, "reward")
-    saved = resume.read_state(resume_from) if resume_from else {}
-    tracker = Tracker(cfg, run_dir, "reward", run_id=saved.get("wandb_run_id"))
+    with stage_kit.begin(cfg, run_dir, "reward") as run:
+        # this stage's disjoint share of the data_mix; bad data stops the run here, before
+        # anything is written to the run dir or W&B
+        data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
+        unpaired = require_pairs(data, cfg.data_mix)
+        tracker = run.open()  # run config, resume point, W&B run
 
-    # --- model and tokenizer: from the SFT output (path / artifact) or the reward base model
-    init_artifact = None
-    if rc.init_from:
-        base, init_artifact = resolve_init(rc.init_from, tracker)
-        base = str(base)
-    else:
-        base = models.resolve_reward_base_path(cfg.model)
-    tracker.summary({"reward/init_path": base, "reward/init_artifact": init_artifact or ""})
-    tokenizer = models.load_tokenizer(base, cfg.model)
-    model = models.load_reward_model(base, tokenizer, cfg.model, cfg.hardware.precision)
-    model = models.apply_lora(model, cfg.model.lora, task_type="SEQ_CLS")
-    trainable, total = models.count_parameters(model)
+        # --- model and tokenizer: from the SFT output (path / artifact) or the reward base model
+        base, init_artifact = stage_kit.start_point(
+            rc.init_from, models.resolve_reward_base_path(cfg.model), tracker)
+        tracker.summary({"reward/init_path": base, "reward/init_artifact": init_artifact or ""})
+        tokenizer, model, trainable, total = stage_kit.load_model(cfg, base, reward=True)
 
-    # --- features: the preference pairs, tokenized (cached on disk)
-    template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
-    train_set, dropped = tokenize_pairs(data.train, tokenizer, template, rc.max_prompt_len,
-                                        rc.max_len, cfg.data_mix.overlong, cache)
-    eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template, rc.max_prompt_len,
+        # --- features: the preference pairs, tokenized (cached on disk)
+        template, cache = cfg.model.prompt_template, data_cache_dir(cfg.data_mix)
+        train_set, dropped = tokenize_pairs(data.train, tokenizer, template, rc.max_prompt_len,
                                             rc.max_len, cfg.data_mix.overlong, cache)
-    if not train_set:
-        raise DataError(f"reward: all {dropped} training pairs are longer than reward.max_len="
-                        f"{rc.max_len} / max_prompt_len={rc.max_prompt_len} and "
-                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
-    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    # the same global batches for any world size (rlhf_exp/data/sampler.py)
-    sampler = GlobalBatchSampler(len(train_set), micro_batch_size=rc.micro_batch_size_per_device,
-                                 grad_accum=rc.gradient_accumulation_steps, world_size=world,
-                                 rank=dist.rank(), seed=cfg.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
-    eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
-                             collate_fn=collate)
-    total_steps = rc.max_steps if rc.max_steps > 0 else rc.epochs * sampler.steps_per_epoch
-    global_batch = sampler.global_batch_size
-    if sampler.steps_per_epoch == 0 or total_steps <= 0:
-        raise DataError(f"reward: {len(train_set)} training pairs make no full optimizer step at "
-                        f"global batch {global_batch} (reward.micro_batch_size_per_device x "
-                        "reward.gradient_accumulation_steps x ranks): lower them or add data")
+        eval_set, eval_dropped = tokenize_pairs(data.eval, tokenizer, template,
+                                                rc.max_prompt_len, rc.max_len,
+                                                cfg.data_mix.overlong, cache)
+        if not train_set:
+            raise DataError(f"reward: all {dropped} training pairs are longer than "
+                            f"reward.max_len={rc.max_len} / max_prompt_len={rc.max_prompt_len} "
+                            "and data_mix.overlong=drop; raise the limits or use "
+                            "overlong=truncate")
+        collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+        batches = stage_kit.global_batches(run, rc, train_set, collate, "training pairs")
+        eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
+                                 collate_fn=collate)
 
-    # --- DeepSpeed engine
-    eng = engine.build_train_engine(
-        model, cfg, lr=rc.lr, weight_decay=rc.weight_decay, betas=rc.adam_betas, eps=rc.adam_eps,
-        micro_batch_size=rc.micro_batch_size_per_device,
-        grad_accum=rc.gradient_accumulation_steps, max_grad_norm=rc.max_grad_norm,
-        scheduler=rc.lr_scheduler, warmup_steps=rc.warmup_steps, total_steps=total_steps,
-        min_lr_ratio=rc.min_lr_ratio)
-    runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
-                f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair skipped), "
-                f"{total_steps} steps, global batch "
-                f"{global_batch} pairs (micro {rc.micro_batch_size_per_device} x accum "
-                f"{rc.gradient_accumulation_steps} x {world} ranks), {trainable:,}/{total:,} "
-                f"trainable params, zero stage {cfg.zero_stage.stage}")
-    tracker.summary({"reward/global_batch_size": global_batch,
-                     "reward/train_examples": len(train_set),
-                     "reward/eval_examples": len(eval_set),
-                     "reward/dropped_overlong": dropped + eval_dropped,
-                     "reward/trainable_params": trainable})
-    if resume_from is None:  # a data statistic of step 0: a resumed run has logged it already
-        tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
+        # --- DeepSpeed engine
+        eng = stage_kit.build_engine(model, cfg, rc, total_steps=batches.total_steps)
+        runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
+                    f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
+                    f"skipped), {batches.describe('pairs')}, {trainable:,}/{total:,} "
+                    f"trainable params, zero stage {cfg.zero_stage.stage}")
+        tracker.summary({"reward/global_batch_size": batches.global_batch,
+                         "reward/train_examples": len(train_set),
+                         "reward/eval_examples": len(eval_set),
+                         "reward/dropped_overlong": dropped + eval_dropped,
+                         "reward/trainable_params": trainable})
+        if run.resume_from is None:  # a data statistic of step 0: a resumed run logged it
+            tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
 
-    # --- the optimizer-step loop (rlhf_exp/train_loop.py)
-    loop = train_loop.Loop(stage="reward", node=rc, total_steps=total_steps,
-                           steps_per_epoch=sampler.steps_per_epoch, run_dir=run_dir,
-                           tokenizer=tokenizer, device=device, lora_save=cfg.model.lora.save)
-    eval_fn = (partial(evaluate, loader=eval_loader, eval_set=eval_set, device=device)
-               if eval_set else None)
-    state = train_loop.train(eng, loader, sampler, loop, pair_step, eval_fn, tracker, resume_from)
+        # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+        loop = train_loop.Loop(stage="reward", node=rc, total_steps=batches.total_steps,
+                               steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
+                               tokenizer=tokenizer, device=run.device,
+                               lora_save=cfg.model.lora.save)
+        eval_fn = (partial(evaluate, loader=eval_loader, eval_set=eval_set, device=run.device)
+                   if eval_set else None)
+        state = train_loop.train(eng, batches.loader, batches.sampler, loop, pair_step, eval_fn,
+                                 tracker, run.resume_from)
 
-    # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,
-    # logged as a `model` artifact
-    result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=rc.init_from,
-                                   init_artifact=init_artifact,
-                                   extra_metrics={"reward/dropped_overlong": dropped
-                                                  + eval_dropped})
-    acc = state.eval_metrics.get("reward/eval_accuracy", float("nan"))
-    runtime.say(f"reward: done. loss {state.first_loss:.4f} -> {state.last_loss:.4f}, eval "
-                f"accuracy {acc:.3f}")
-    train_loop.finish(tracker, result)
+        # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,
+        # logged as a `model` artifact
+        result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=rc.init_from,
+                                       init_artifact=init_artifact,
+                                       extra_metrics={"reward/dropped_overlong": dropped
+                                                      + eval_dropped})
+        acc = state.eval_metrics.get("reward/eval_accuracy", float("nan"))
+        stage_kit.close(run, result, f"reward: done. {train_loop.loss_change(loop, state)}, "
+                                     f"eval accuracy {acc:.3f}")
     return eng, tokenizer, result
 
 
-def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    done = resume.completed(run_dir, "reward")  # run again in a finished run dir: nothing to do
-    if done is not None:
-        runtime.say(f"reward: {run_dir} has already finished (checkpoints/final); not training "
-                    "again")
-        return done
-    return train(cfg, run_dir)[2]
+run = stage_kit.runner("reward", train)  # the dispatcher's entry point
