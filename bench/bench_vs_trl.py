@@ -111,10 +111,10 @@ def heldout_gold(policy, tokenizer, cfg, args: argparse.Namespace) -> float:
                                       temperature=1.0, compile="none")
     policy.eval()
     with torch.no_grad():
-        metrics = evaluation.heldout_eval(
-            policy, tokenizer, rows, gen, prefix="bench", template=cfg.model.prompt_template,
-            max_prompt_len=32, batch_size=64, seed=args.seed,
-            device=torch.device(args.device), reward_model=None)
+        settings = evaluation.EvalSettings(gen=gen, template=cfg.model.prompt_template,
+                                           max_prompt_len=32, batch_size=64, seed=args.seed,
+                                           device=torch.device(args.device))
+        metrics = evaluation.heldout_eval(policy, tokenizer, rows, settings, prefix="bench")
     return metrics["bench/eval_gold_reward"]
 
 

@@ -1,20 +1,28 @@
-"""Held-out evaluation of policies: the prompts, seeded sampling, and the three scores.
+"""The held-out evaluator: the prompts, seeded sampling, and the scores of a policy's responses.
 
-Shared by `stage=eval` and PPO's held-out eval so both report the same numbers for the same
-policy: the same rows (the PPO share's held-out slice, in order), the same prompt rendering and
-truncation, the same batches and the same seeded generator give the same responses.
+One evaluator behind every held-out number of a policy: each stage's own evals (PPO, GRPO, DPO:
+`heldout_eval`), the pipeline summary and the shoot-out (`compare_checkpoints`), and
+`stage=eval` (`compare_checkpoints` on all of a run's policies). They report the same numbers for
+the same policy and settings: the same rows (the PPO share's held-out slice, in order, sharded
+over ranks), the same prompt rendering and truncation, the same batches and the same seeded
+generator give the same responses, and every score is averaged the same way.
+
+The steps: `heldout_shard` (this rank's rows) -> `score_policy` (generate with `EvalSettings`,
+then per response: gold reward, reward-model score, length, finished, KL to a reference) ->
+`summarize` (means over all ranks' rows).
 
 Shapes: B prompts per batch, P prompt tokens (left-padded), R = max_new_tokens.
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import dist, ppo_math, scoring, tasks
+from rlhf_exp import dist, models, ppo_math, runtime, scoring, tasks
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import pad_left, pad_right, prompt_ids
 from rlhf_exp.generation import GenerationConfig, Rollout, generate
@@ -37,6 +45,29 @@ def heldout_shard(cfg: DictConfig, limit: int, rank: int, world: int) -> list[di
 def generation_config(node: DictConfig) -> GenerationConfig:
     """`ppo.generation` / `eval.generation` / `chat.generation` as a GenerationConfig."""
     return GenerationConfig(**OmegaConf.to_container(node, resolve=True))
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the held-out prompts are answered: the same rows + settings = the same responses."""
+
+    gen: GenerationConfig
+    template: str  # model.prompt_template
+    max_prompt_len: int
+    batch_size: int  # prompts per generation batch (the batching shapes the random draws)
+    seed: int  # of the one sampling generator
+    device: torch.device
+    synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank runs all decode steps
+
+
+def stage_settings(cfg: DictConfig, node: DictConfig, zero_stage: int = 0) -> EvalSettings:
+    """The held-out eval settings of a stage node with `generation`, `max_prompt_len` and
+    `eval_batch_size` (ppo, grpo) on this rank: seed + rank, as the RL stages sample."""
+    return EvalSettings(gen=generation_config(node.generation),
+                        template=cfg.model.prompt_template, max_prompt_len=node.max_prompt_len,
+                        batch_size=node.eval_batch_size, seed=cfg.seed + dist.rank(),
+                        device=dist.device_for(cfg.hardware.device),
+                        synced_gpus=zero_stage == 3 and dist.world_size() > 1)
 
 
 def encode_prompts(tokenizer, rows: list[dict], template: str,
@@ -134,28 +165,110 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mas
     return ppo_math.masked_sum(per_token, response_mask.to(per_token.dtype), dim=-1)
 
 
-def heldout_eval(policy, tokenizer, rows: list[dict], gen: GenerationConfig, *, prefix: str,
-                 template: str, max_prompt_len: int, batch_size: int, seed: int,
-                 device: torch.device, synced_gpus: bool = False,
-                 reward_model=None) -> dict[str, float]:
-    """The RL stages' held-out evaluation of a policy on this rank's rows (`heldout_shard`),
-    averaged over ranks: `<prefix>/eval_gold_reward` (where the rows have a gold reward),
-    `<prefix>/eval_reward_score` (with a reward model), `<prefix>/eval_response_length`.
-    Sampled with `gen` from a generator seeded with `seed`: the same policy gives the same
-    numbers in PPO, GRPO, DPO and `stage=eval`."""
-    samples = sample_responses(policy, tokenizer, rows, gen, template=template,
-                               max_prompt_len=max_prompt_len, batch_size=batch_size, seed=seed,
-                               device=device, synced_gpus=synced_gpus)
-    golds = [g for g in gold_scores(rows, samples.texts) if g is not None]
-    rm = [] if reward_model is None else reward_scores(
-        reward_model, tokenizer, rows, samples.texts, samples.finished, template=template,
-        max_prompt_len=max_prompt_len, batch_size=batch_size, device=device)
-    sums = dist.all_reduce_mean([sum(golds), len(golds), float(sum(rm)), len(rows),
-                                 float(sum(samples.lengths))], device)
-    n = max(sums[3], 1e-9)
-    metrics = {f"{prefix}/eval_response_length": sums[4] / n}
-    if reward_model is not None:
-        metrics[f"{prefix}/eval_reward_score"] = sums[2] / n
-    if sums[1] > 0:
-        metrics[f"{prefix}/eval_gold_reward"] = sums[0] / sums[1]
+@dataclass
+class PolicyScores:
+    """One policy's responses to this rank's held-out rows, and each response's scores."""
+
+    samples: Samples
+    gold: list[float | None]  # the task's gold reward; None where the row's source has none
+    reward: list[float] | None  # the reward model's score; None: no reward model
+    kl: list[float] | None  # KL(policy || reference) of the response; None: no reference
+
+
+@torch.no_grad()
+def score_policy(policy, tokenizer, rows: list[dict], settings: EvalSettings, *,
+                 reward_model=None, reward_tokenizer=None, reference=None,
+                 kl_estimator: str = "k1") -> PolicyScores:
+    """Generate for every row (`sample_responses`), then score each response: gold reward,
+    the reward model's score (encoded with `reward_tokenizer`, default the policy's), and the
+    KL to `reference` (a model with the policy's vocabulary; the policy itself: 0)."""
+    s = settings
+    samples = sample_responses(policy, tokenizer, rows, s.gen, template=s.template,
+                               max_prompt_len=s.max_prompt_len, batch_size=s.batch_size,
+                               seed=s.seed, device=s.device, synced_gpus=s.synced_gpus)
+    reward = None if reward_model is None else reward_scores(
+        reward_model, reward_tokenizer or tokenizer, rows, samples.texts, samples.finished,
+        template=s.template, max_prompt_len=s.max_prompt_len, batch_size=s.batch_size,
+        device=s.device)
+    kl = None
+    if reference is policy:
+        kl = [0.0] * len(rows)
+    elif reference is not None:
+        kl = []
+        for rollout in samples.rollouts:
+            kl += sequence_kl(response_logprobs(policy, rollout),
+                              response_logprobs(reference, rollout),
+                              rollout.response_mask.cpu(), kl_estimator).tolist()
+    return PolicyScores(samples, gold_scores(rows, samples.texts), reward, kl)
+
+
+def summarize(scores: PolicyScores, device: torch.device) -> dict[str, float]:
+    """The means over every rank's rows (each rank passes its own PolicyScores; all must call):
+    `response_length`, `finished` (the share of responses that ended with EOS), `reward_score`
+    (with a reward model), `gold_reward` (over the rows that have one, where any does) and
+    `kl_to_sft` (KL to the reference, where there is one)."""
+    golds = [g for g in scores.gold if g is not None]
+    s = dist.all_reduce_mean([sum(golds), len(golds), float(sum(scores.reward or [])),
+                              len(scores.gold), float(sum(scores.samples.lengths)),
+                              float(sum(scores.samples.finished)), float(sum(scores.kl or []))],
+                             device)
+    n = max(s[3], 1e-9)
+    metrics = {"response_length": s[4] / n, "finished": s[5] / n}
+    if scores.reward is not None:
+        metrics["reward_score"] = s[2] / n
+    if s[1] > 0:
+        metrics["gold_reward"] = s[0] / s[1]
+    if scores.kl is not None:
+        metrics["kl_to_sft"] = s[6] / n
     return metrics
+
+
+def heldout_eval(policy, tokenizer, rows: list[dict], settings: EvalSettings, *, prefix: str,
+                 reward_model=None) -> dict[str, float]:
+    """A training stage's held-out evaluation of its policy on this rank's rows
+    (`heldout_shard`), averaged over ranks: `<prefix>/eval_response_length`,
+    `<prefix>/eval_reward_score` (with a reward model), `<prefix>/eval_gold_reward` (where the
+    rows have a gold reward): the same numbers as `stage=eval` and the pipeline summary give
+    for the same policy and settings."""
+    m = summarize(score_policy(policy, tokenizer, rows, settings, reward_model=reward_model),
+                  settings.device)
+    return {f"{prefix}/eval_{key}": m[key]
+            for key in ("response_length", "reward_score", "gold_reward") if key in m}
+
+
+def compare_checkpoints(policies: dict[str, str], rows: list[dict], settings: EvalSettings, *,
+                        model_cfg: DictConfig, precision: str, reward_model: str | None = None,
+                        reference: str | None = None, kl_estimator: str = "k1"
+                        ) -> dict[str, PolicyScores]:
+    """Each policy checkpoint (name -> local path), one at a time, through `score_policy` on
+    the same rows with the same settings. Frozen scorers are loaded once: the reward model
+    (with its own tokenizer, so a policy with another tokenizer is scored fairly) and the KL
+    reference (a policy at the reference's path is the reference itself: KL 0; a policy with
+    another vocabulary gets no KL)."""
+    rm = rm_tok = ref_model = ref_tok = None
+    if reward_model:
+        rm_tok = models.load_tokenizer(reward_model, model_cfg)
+        rm = models.load_reward_model(reward_model, rm_tok, model_cfg, precision)
+        rm = rm.to(settings.device).eval()
+    if reference:
+        ref_tok = models.load_tokenizer(reference, model_cfg)
+        ref_model = models.load_causal_lm(reference, ref_tok, model_cfg, precision)
+        ref_model = ref_model.to(settings.device).eval()
+    out: dict[str, PolicyScores] = {}
+    for name, path in policies.items():
+        if ref_model is not None and path == reference:
+            tok, model = ref_tok, ref_model
+        else:
+            tok = models.load_tokenizer(path, model_cfg)
+            model = models.load_causal_lm(path, tok, model_cfg, precision)
+            model = model.to(settings.device).eval()
+        same_vocab = ref_model is not None and tok.get_vocab() == ref_tok.get_vocab()
+        if ref_model is not None and not same_vocab:
+            runtime.say(f"eval: {name} has another vocabulary than the reference; no KL for it")
+        out[name] = score_policy(model, tok, rows, settings, reward_model=rm,
+                                 reward_tokenizer=rm_tok,
+                                 reference=ref_model if same_vocab else None,
+                                 kl_estimator=kl_estimator)
+        del model
+        gc.collect()
+    return out

@@ -94,13 +94,9 @@ def heldout_eval(policy, tokenizer, cfg: DictConfig, stage: str, rows: list[dict
     """`<stage>/eval_*` on this rank's held-out rows, sampled with `<stage>.generation` from a
     generator seeded with seed + rank (evaluation.heldout_eval: the same numbers as
     `stage=eval` and the other RL stages for the same policy and settings)."""
-    node = cfg[stage]
-    return evaluation.heldout_eval(
-        policy, tokenizer, rows, evaluation.generation_config(node.generation),
-        prefix=stage, template=cfg.model.prompt_template, max_prompt_len=node.max_prompt_len,
-        batch_size=node.eval_batch_size, seed=cfg.seed + dist.rank(),
-        device=dist.device_for(cfg.hardware.device),
-        synced_gpus=zero_stage == 3 and dist.world_size() > 1, reward_model=reward_model)
+    return evaluation.heldout_eval(policy, tokenizer, rows,
+                                   evaluation.stage_settings(cfg, cfg[stage], zero_stage),
+                                   prefix=stage, reward_model=reward_model)
 
 
 def log_step(tracker: Tracker, cfg: DictConfig, stage: str, step: int, stats: dict[str, float],

@@ -91,6 +91,95 @@ def sft_run(tmp_path_factory):
             "result": result}
 
 
+# A user's project: its own model, data mix and experiment options beside the built-in ones.
+USER_MODEL = """\
+# the built-in tiny Llama, smaller
+defaults:
+  - tiny
+name: mytiny
+tiny:
+  hidden_size: 64
+  intermediate_size: 192
+"""
+USER_DATA = """\
+defaults:
+  - synthetic
+name: mysort
+sources:
+  - name: sort_digits
+    kind: synthetic
+    synthetic:
+      num_examples: 600
+      max_digits: 5
+"""
+USER_EXPERIMENT = """\
+# @package _global_
+defaults:
+  - override /model: mytiny
+  - override /data_mix: mysort
+  - override /stage: sft
+  - override /logger: none
+experiment_name: myexp
+seed: 4242
+sft:
+  max_steps: 4
+  micro_batch_size_per_device: 8
+  log_every: 2
+  eval_every: 0
+"""
+
+
+def make_user_conf(root: Path) -> Path:
+    """<root>/conf/{model,data_mix,experiment}/... as the README's "own project" layout."""
+    conf = root / "conf"
+    for rel, text in (("model/mytiny.yaml", USER_MODEL), ("data_mix/mysort.yaml", USER_DATA),
+                      ("experiment/myexp.yaml", USER_EXPERIMENT)):
+        (conf / rel).parent.mkdir(parents=True, exist_ok=True)
+        (conf / rel).write_text(text)
+    return conf
+
+
+# ----------------------------------------------------------------------------- kill and resume
+def kill_after_checkpoint(run_dir: Path, step: int, args: list[str]) -> None:
+    """Start `rlhf-exp ARGS` as a user would and SIGKILL it once checkpoint `step` is complete."""
+    import signal
+    import time
+
+    marker = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}  # see cli()
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_exp", *args, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 600
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before checkpoint {step}: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint within 600 s")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def wandb_ids(run_dir: Path) -> list[str]:
+    """The run id of each offline W&B log in `run_dir`/wandb (a resumed run adds one log)."""
+    return sorted(p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+def logged_steps(run, metric: str, stage: str) -> list[int]:
+    """The steps at which `metric` was logged, in history order (a repeat would show twice)."""
+    return [int(row[f"{stage}/step"]) for row in run.history if metric in row]
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and every entry's mtime under `run_dir`: equal = nothing touched."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes() if p.is_file() else b"",
+                                          p.lstat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*"))}
+
+
 # Tiny per-job budget for sweep tests: each job is a few optimizer steps on a small data slice.
 SWEEP_FAST = [
     "stage=sft", "data_mix.sources.0.synthetic.num_examples=600",

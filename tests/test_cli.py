@@ -15,54 +15,7 @@ import pytest
 from omegaconf import open_dict
 
 from rlhf_exp import cli, composition
-from tests.conftest import CHILD_DROP_ENV
-
-# A user's project: its own model, data mix and experiment options beside the built-in ones.
-USER_MODEL = """\
-# the built-in tiny Llama, smaller
-defaults:
-  - tiny
-name: mytiny
-tiny:
-  hidden_size: 64
-  intermediate_size: 192
-"""
-USER_DATA = """\
-defaults:
-  - synthetic
-name: mysort
-sources:
-  - name: sort_digits
-    kind: synthetic
-    synthetic:
-      num_examples: 600
-      max_digits: 5
-"""
-USER_EXPERIMENT = """\
-# @package _global_
-defaults:
-  - override /model: mytiny
-  - override /data_mix: mysort
-  - override /stage: sft
-  - override /logger: none
-experiment_name: myexp
-seed: 4242
-sft:
-  max_steps: 4
-  micro_batch_size_per_device: 8
-  log_every: 2
-  eval_every: 0
-"""
-
-
-def make_user_conf(root: Path) -> Path:
-    """<root>/conf/{model,data_mix,experiment}/... as the README's "own project" layout."""
-    conf = root / "conf"
-    for rel, text in (("model/mytiny.yaml", USER_MODEL), ("data_mix/mysort.yaml", USER_DATA),
-                      ("experiment/myexp.yaml", USER_EXPERIMENT)):
-        (conf / rel).parent.mkdir(parents=True, exist_ok=True)
-        (conf / rel).write_text(text)
-    return conf
+from tests.conftest import CHILD_DROP_ENV, make_user_conf
 
 
 @pytest.fixture

@@ -152,6 +152,41 @@ def test_sampling_is_seeded(sft_run):
     assert a.texts != c.texts
 
 
+def test_summarize_averages_each_score_over_its_rows():
+    """Gold reward over the rows that have one; everything else over all rows; a score not
+    computed (no reward model, no reference, no gold anywhere) is not reported."""
+    samples = evaluation.Samples(["12", "3", "456"], [3, 6, 1], [True, False, True], [])
+    full = evaluation.PolicyScores(samples, [1.0, None, 0.25], [0.5, -1.0, 2.0], [0.1, 0.2, 0.6])
+    m = evaluation.summarize(full, torch.device("cpu"))
+    assert m == pytest.approx({"response_length": 10 / 3, "finished": 2 / 3,
+                               "reward_score": 1.5 / 3, "gold_reward": 1.25 / 2,
+                               "kl_to_sft": 0.9 / 3})
+    bare = evaluation.PolicyScores(samples, [None, None, None], None, None)
+    assert set(evaluation.summarize(bare, torch.device("cpu"))) == {"response_length",
+                                                                   "finished"}
+
+
+def test_stage_evals_and_checkpoint_comparisons_share_one_evaluator(tmp_path):
+    """A stage's own held-out eval of a policy and the pipeline's comparison of its checkpoint
+    give the same numbers: the same code on the same weights (both loaded from one file), rows,
+    settings and seed. The policy at the reference's path is the reference: KL exactly 0."""
+    from rlhf_exp.stages import pipeline
+
+    cfg = compose("stage=eval", "data_mix.sources.0.synthetic.num_examples=600",
+                  "ppo.eval_num_prompts=6", "ppo.eval_batch_size=4",
+                  "ppo.generation.max_new_tokens=6")
+    base = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(base, cfg.model)
+    policy = models.load_causal_lm(base, tok, cfg.model).eval()
+    rows = evaluation.heldout_shard(cfg, 6, 0, 1)
+    own = evaluation.heldout_eval(policy, tok, rows, evaluation.stage_settings(cfg, cfg.ppo),
+                                  prefix="ppo")
+    compared = pipeline.compare_policies(cfg, {"sft": base}, base, None, stage="ppo")["sft"]
+    assert compared["kl_to_sft"] == 0.0
+    assert own == {f"ppo/eval_{k}": v for k, v in compared.items() if k != "kl_to_sft"}
+    assert set(own) == {"ppo/eval_response_length", "ppo/eval_gold_reward"}
+
+
 def test_from_run_finds_policies_and_reward_model(sft_run, reward_dir, tmp_path):
     """A pipeline run dir: sft/, reward/, ppo/ (with an EMA checkpoint) found by result.json."""
     sft_final = checkpoint.final_checkpoint(sft_run["run_dir"])

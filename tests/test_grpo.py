@@ -1,6 +1,6 @@
 """The GRPO stage: W&B metrics, table and artifact, the checkpoint, the reward model as the
-reward, config checks, the pipeline hand-off, eval/resume knowing `grpo`, and a SIGKILL then
-resume that ends like an uninterrupted run.
+reward, config checks, the pipeline hand-off and eval/resume knowing `grpo` (kill-then-resume:
+tests/test_resume.py, for every stage).
 
 Real parts throughout (DeepSpeed on CPU, W&B offline, the tiny model); budgets are a few steps
 on 16 completions, so nothing here says GRPO learns: docs/grpo.md has those figures.
@@ -25,7 +25,6 @@ from rlhf_exp.stages import grpo, pipeline
 from rlhf_exp.tasks import sort_digits
 from rlhf_exp.wandb_reader import read_runs
 from tests.conftest import FAST, compose
-from tests.test_resume import _kill_after_checkpoint, _wandb_ids
 
 # 4 prompts x 4 completions, two passes x two minibatches, the reference loaded (beta > 0),
 # clip-higher, zero-std groups filtered: every optional path of the update runs
@@ -346,43 +345,3 @@ def test_pipeline_sft_then_grpo_compares_the_first_and_last_policy(tmp_path, rlh
                     "chat.generation.do_sample=false", f"hydra.run.dir={tmp_path / 'chat'}")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip().isdigit(), (chat.stdout, chat.stderr[-2000:])
-
-
-RESUME_ARGS = ["stage=grpo", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
-               "grpo.steps=4", "grpo.prompts_per_step=2", "grpo.num_generations=4",
-               "grpo.micro_batch_size_per_device=2", "grpo.num_iterations=2",
-               "grpo.num_minibatches=2", "grpo.beta=0.1", "grpo.kl_in_reward=true",
-               "grpo.eval_every=2",
-               "grpo.eval_num_prompts=8", "grpo.eval_batch_size=8", "grpo.save_every=2",
-               "grpo.keep_last=1", "logger.log_checkpoints=false", "logger.table_every=0"]
-
-
-@pytest.mark.slow
-def test_grpo_sigkill_then_resume_matches_uninterrupted_run(tmp_path, rlhf_exp):
-    from rlhf_exp.compare import load_runs
-
-    killed = tmp_path / "killed"
-    _kill_after_checkpoint(killed, 2, RESUME_ARGS)
-    assert not (killed / "result.json").exists(), "the run finished before it was killed"
-    (id_before,) = set(_wandb_ids(killed))
-    proc = rlhf_exp(f"resume={killed}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "grpo: resumed from" in proc.stdout and "at step 2/4" in proc.stdout
-    resumed = json.loads((killed / "result.json").read_text())
-    assert set(_wandb_ids(killed)) == {id_before} == {resumed["wandb_run_id"]}
-
-    _, _, ref = grpo.train(compose(*RESUME_ARGS), tmp_path / "reference")
-    for key in ("grpo/eval_gold_reward", "grpo/init_eval_gold_reward", "grpo/kl",
-                "grpo/reward", "grpo/gold_reward", "grpo/response_length"):
-        assert abs(resumed["metrics"][key] - ref.metrics[key]) < 1e-5, key
-    a = checkpoint.final_checkpoint(killed)
-    b = checkpoint.final_checkpoint(tmp_path / "reference")
-    wa = AutoModelForCausalLM.from_pretrained(a).state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(b).state_dict()
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
-    (run,) = load_runs([str(killed)])
-    (ref_run,) = load_runs([str(tmp_path / "reference")])
-    for key in ("grpo/loss", "grpo/kl", "grpo/reward"):
-        want, got = dict(ref_run.series(key)), dict(run.series(key))
-        assert set(want) == {1, 2, 3, 4} and {3, 4} <= set(got), key
-        assert max(abs(got[s] - want[s]) for s in got) < 1e-5, key

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CHILD_DROP_ENV, ROOT
-from tests.test_cli import make_user_conf
+from tests.conftest import CHILD_DROP_ENV, ROOT, make_user_conf
 
 SHIPPED = ("rlhf_exp/conf/config.yaml", "rlhf_exp/conf/experiment/demo.yaml",
            "rlhf_exp/conf/hydra/sweeper/optuna.yaml", "rlhf_exp/data/examples/sort_pairs.jsonl",

@@ -196,13 +196,8 @@ def heldout_gold(eng, tokenizer, cfg: DictConfig, rows: list[dict]) -> dict[str,
     """The held-out gold reward of the policy: `dpo/eval_gold_reward` and
     `dpo/eval_response_length`, computed exactly as PPO's held-out eval (ppo.generation,
     ppo.eval_batch_size, ppo.max_prompt_len, seed + rank; evaluation.heldout_eval)."""
-    pc = cfg.ppo
-    return evaluation.heldout_eval(
-        eng, tokenizer, rows, evaluation.generation_config(pc.generation), prefix="dpo",
-        template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
-        batch_size=pc.eval_batch_size, seed=cfg.seed + dist.rank(),
-        device=dist.device_for(cfg.hardware.device),
-        synced_gpus=eng.zero_optimization_stage() == 3 and dist.world_size() > 1)
+    settings = evaluation.stage_settings(cfg, cfg.ppo, eng.zero_optimization_stage())
+    return evaluation.heldout_eval(eng, tokenizer, rows, settings, prefix="dpo")
 
 
 def as_initial(metrics: dict[str, float]) -> dict[str, float]:

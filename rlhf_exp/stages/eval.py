@@ -243,61 +243,25 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
                 f"{ref_name or '(none)'}; generation "
                 f"{OmegaConf.to_container(ev.generation, resolve=True)}")
 
-    # --- frozen scorers, loaded once: the reward model and the KL reference
-    reward_model = reward_tok = None
-    if reward_path:
-        reward_tok = models.load_tokenizer(reward_path, cfg.model)
-        reward_model = models.load_reward_model(reward_path, reward_tok, cfg.model,
-                                                precision).to(device).eval()
-    ref_model = ref_tok = None
-    if ref_path:
-        ref_tok = models.load_tokenizer(ref_path, cfg.model)
-        ref_model = models.load_causal_lm(ref_path, ref_tok, cfg.model, precision).to(device)
-
-    # --- each policy in turn: generate, score, KL to the reference
+    # --- each policy in turn: generate, score, KL to the reference (rlhf_exp/evaluation.py, the
+    # evaluator of the stages' own held-out evals and of the pipeline summary)
+    settings = evaluation.EvalSettings(gen=gen, template=template, max_prompt_len=ev.max_prompt_len,
+                                       batch_size=ev.batch_size, seed=cfg.seed, device=device)
+    evaluated = evaluation.compare_checkpoints(
+        {name: policies[name] for name in order}, rows, settings, model_cfg=cfg.model,
+        precision=precision, reward_model=reward_path, reference=ref_path,
+        kl_estimator=ev.kl_estimator)
     metrics: dict[str, float] = {}
     per_policy: dict[str, dict[str, list]] = {}
     for name in order:
-        path = policies[name]
-        tok = models.load_tokenizer(path, cfg.model)
-        model = models.load_causal_lm(path, tok, cfg.model, precision).to(device).eval()
-        samples = evaluation.sample_responses(
-            model, tok, rows, gen, template=template, max_prompt_len=ev.max_prompt_len,
-            batch_size=ev.batch_size, seed=cfg.seed, device=device)
-        gold = evaluation.gold_scores(rows, samples.texts)
-        rewards = evaluation.reward_scores(
-            reward_model, reward_tok, rows, samples.texts,
-            samples.finished, template=template, max_prompt_len=ev.max_prompt_len,
-            batch_size=ev.batch_size, device=device) if reward_model is not None else \
-            [None] * len(rows)
-        kl = None
-        if ref_model is not None and path == ref_path:
-            kl = [0.0] * len(rows)  # the reference itself
-        elif ref_model is not None and tok.get_vocab() == ref_tok.get_vocab():
-            kl = []
-            for rollout in samples.rollouts:
-                kl += evaluation.sequence_kl(
-                    evaluation.response_logprobs(model, rollout),
-                    evaluation.response_logprobs(ref_model, rollout),
-                    rollout.response_mask.cpu(), ev.kl_estimator).tolist()
-        elif ref_model is not None:
-            runtime.say(f"eval: {name} has another vocabulary than the reference; no KL for it")
-        per_policy[name] = {"response": samples.texts, "reward": rewards, "gold": gold,
-                            "length": samples.lengths}
-        m = {f"eval/{name}/response_length": _mean(samples.lengths),
-             f"eval/{name}/finished": _mean([float(f) for f in samples.finished])}
-        if reward_model is not None:
-            m[f"eval/{name}/reward_score"] = _mean(rewards)
-        if any(g is not None for g in gold):
-            m[f"eval/{name}/gold_reward"] = _mean(gold)
-        if kl is not None:
-            m[f"eval/{name}/kl_to_sft"] = _mean(kl)
+        s = evaluated[name]
+        per_policy[name] = {"response": s.samples.texts, "gold": s.gold,
+                            "reward": s.reward or [None] * len(rows)}
+        m = {f"eval/{name}/{key}": value
+             for key, value in evaluation.summarize(s, device).items()}
         metrics.update(m)
         runtime.say(f"eval: {name:<8} " + "  ".join(
             f"{k.rsplit('/', 1)[1]} {v:.4f}" for k, v in m.items()))
-        del model
-        gc.collect()
-    del ref_model
 
     # --- one table row per prompt, one column group per policy
     columns = ["prompt", "source"]
@@ -316,7 +280,10 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     tracker.log_table("eval/samples", columns, table, 0)
 
     # --- the reward model on the reward share's held-out preference pairs
-    if reward_model is not None:
+    if reward_path:
+        reward_tok = models.load_tokenizer(reward_path, cfg.model)
+        reward_model = models.load_reward_model(reward_path, reward_tok, cfg.model,
+                                                precision).to(device).eval()
         pair_rows = [r for r in build_stage_data(cfg.data_mix, "reward", cfg.seed).eval
                      if r.get("chosen") and r.get("rejected")][:ev.num_pairs]
         feats, _ = tokenize_pairs(pair_rows, reward_tok, template, cfg.reward.max_prompt_len,
@@ -342,8 +309,8 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
                         f"{acc:.4f}, margin {metrics['eval/rm_margin']:.4f}  ({png})")
         else:
             runtime.say("eval: the reward share has no held-out preference pairs; no RM eval")
-    del reward_model
-    gc.collect()
+        del reward_model
+        gc.collect()
 
     tracker.log({k: v for k, v in metrics.items() if not math.isnan(v)}, 0)
     tracker.summary(metrics)

@@ -29,7 +29,6 @@ import copy
 import importlib
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import checkpoint, dist, evaluation, models, registry, runtime
@@ -63,56 +62,22 @@ def eval_node(cfg: DictConfig, stage: str) -> tuple[DictConfig, str]:
     return (node if has_eval else cfg.ppo), "k1"
 
 
-@torch.no_grad()
 def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
                      reward_model: str | None, stage: str = "ppo"
                      ) -> dict[str, dict[str, float]]:
     """Held-out metrics of each policy checkpoint, with `stage`'s held-out eval settings: the
-    same rows (sharded over ranks, seed + rank), generation, batch size and seed. Returns
+    same rows (sharded over ranks, seed + rank), generation, batch size and seed
+    (evaluation.compare_checkpoints, as stage=eval). Returns
     {policy name: {gold_reward, reward_score, response_length, kl_to_sft}}."""
-    pc, kl_estimator = eval_node(cfg, stage)
-    device = dist.device_for(cfg.hardware.device)
-    rank, world = dist.rank(), dist.world_size()
-    rows = evaluation.heldout_shard(cfg, pc.eval_num_prompts, rank, world)
-    gen = evaluation.generation_config(pc.generation)
-    precision = cfg.hardware.precision
-    tokenizer = models.load_tokenizer(reference, cfg.model)
-    ref_model = models.load_causal_lm(reference, tokenizer, cfg.model, precision).to(device).eval()
-    rm = None
-    if reward_model:
-        rm = models.load_reward_model(reward_model, tokenizer, cfg.model, precision)
-        rm = rm.to(device).eval()
-    out = {}
-    for name, path in policies.items():
-        model = (ref_model if path == reference else
-                 models.load_causal_lm(path, tokenizer, cfg.model, precision).to(device).eval())
-        samples = evaluation.sample_responses(
-            model, tokenizer, rows, gen, template=cfg.model.prompt_template,
-            max_prompt_len=pc.max_prompt_len, batch_size=pc.eval_batch_size,
-            seed=cfg.seed + rank, device=device)
-        golds = [g for g in evaluation.gold_scores(rows, samples.texts) if g is not None]
-        kl = 0.0
-        for rollout in samples.rollouts:
-            kl += float(evaluation.sequence_kl(
-                evaluation.response_logprobs(model, rollout),
-                evaluation.response_logprobs(ref_model, rollout),
-                rollout.response_mask, kl_estimator).sum())
-        score = 0.0
-        if rm is not None:
-            score = sum(evaluation.reward_scores(
-                rm, tokenizer, rows, samples.texts, samples.finished,
-                template=cfg.model.prompt_template, max_prompt_len=pc.max_prompt_len,
-                batch_size=pc.eval_batch_size, device=device))
-        n = len(rows)
-        s = dist.all_reduce_mean([sum(golds), len(golds), score, float(sum(samples.lengths)),
-                                  kl, n], device)
-        metrics = {"response_length": s[3] / s[5], "kl_to_sft": s[4] / s[5]}
-        if rm is not None:
-            metrics["reward_score"] = s[2] / s[5]
-        if s[1] > 0:
-            metrics["gold_reward"] = s[0] / s[1]
-        out[name] = metrics
-    return out
+    node, kl_estimator = eval_node(cfg, stage)
+    settings = evaluation.stage_settings(cfg, node)
+    rows = evaluation.heldout_shard(cfg, node.eval_num_prompts, dist.rank(), dist.world_size())
+    scores = evaluation.compare_checkpoints(
+        policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
+        reward_model=reward_model, reference=reference, kl_estimator=kl_estimator)
+    shown = ("response_length", "kl_to_sft", "reward_score", "gold_reward")
+    return {name: {k: v for k, v in evaluation.summarize(s, settings.device).items()
+                   if k in shown} for name, s in scores.items()}
 
 
 def reward_model_of(stage_cfg: DictConfig, stage: str) -> str | None:
