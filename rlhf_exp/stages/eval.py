@@ -187,27 +187,22 @@ def margin_histogram(margins: list[float], path: Path, accuracy: float) -> Path:
     return path
 
 
-def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
-    if not any(cfg.eval.policies.values()) and not cfg.eval.from_run \
-            and not cfg.eval.include_base:
-        raise UserError("stage=eval has no policy to evaluate: set eval.from_run=<pipeline run "
-                        "dir>, eval.policies.<name>=<path or artifact>, or eval.include_base=true")
-    found = discover_run(cfg.eval.from_run) if cfg.eval.from_run else FoundRun()
-    if found.config is not None and cfg.eval.match_run:
-        cfg = match_run(cfg, found.config, found.rl_stage)
-    ev = cfg.eval
-    runtime.set_seed(cfg.seed)
-    device = dist.device_for(cfg.hardware.device)
-    precision = cfg.hardware.precision
-    template = cfg.model.prompt_template
-    # Online, artifact names are fetched through the W&B run (which records the lineage), so it
-    # starts first; offline, inputs are resolved before it starts, so a bad reference leaves no
-    # run behind.
-    online = cfg.logger.name == "wandb" and \
-        os.environ.get("WANDB_MODE", cfg.logger.mode) == "online"
-    tracker = Tracker(cfg, run_dir, "eval") if online else None
+@dataclass
+class Inputs:
+    """What stage=eval compares: the policies (name -> checkpoint dir, in table order), their
+    W&B artifacts, the reward model and the KL reference."""
 
-    # --- what to evaluate: from a finished run, then explicit entries (which win)
+    policies: dict[str, str]
+    artifacts: dict[str, str | None]
+    reward_path: str | None
+    ref_name: str | None
+    ref_path: str | None
+
+
+def resolve_inputs(cfg: DictConfig, found: FoundRun, tracker: Tracker | None) -> Inputs:
+    """The policies from a finished run, then explicit entries (which win); the reward model
+    and the KL reference (eval.reference, else the SFT policy)."""
+    ev = cfg.eval
     refs = {**found.policies, **{str(k): str(v) for k, v in ev.policies.items() if v}}
     policies: dict[str, str] = {}
     artifacts: dict[str, str | None] = {}
@@ -227,33 +222,26 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
         ref_path = policies[ref_name]
     else:
         ref_path = _resolve(ref_name, f"eval.reference={ref_name}", tracker)[0]
-    rows = evaluation.heldout_rows(cfg, ev.num_prompts)
-    if not rows:
-        raise UserError("eval: the PPO share's held-out slice is empty; raise "
-                        "data_mix.eval_fraction or the ppo share in data_mix.split")
-    gen = evaluation.generation_config(ev.generation)
+    return Inputs({n: policies[n] for n in order}, artifacts, reward_path, ref_name, ref_path)
 
-    runtime.save_run_config(cfg, run_dir)
-    tracker = tracker or Tracker(cfg, run_dir, "eval")
-    tracker.summary({"eval/policies": {n: policies[n] for n in order},
-                     "eval/policy_artifacts": {n: a for n, a in artifacts.items() if a},
-                     "eval/reward_model": reward_path or "", "eval/reference": ref_path or ""})
-    runtime.say(f"eval: {len(order)} policies ({', '.join(order)}) on {len(rows)} held-out "
-                f"prompts, reward model {reward_path or '(none)'}, KL reference "
-                f"{ref_name or '(none)'}; generation "
-                f"{OmegaConf.to_container(ev.generation, resolve=True)}")
 
-    # --- each policy in turn: generate, score, KL to the reference (rlhf_exp/evaluation.py, the
-    # evaluator of the stages' own held-out evals and of the pipeline summary)
-    settings = evaluation.EvalSettings(gen=gen, template=template, max_prompt_len=ev.max_prompt_len,
-                                       batch_size=ev.batch_size, seed=cfg.seed, device=device)
+def score_policies(cfg: DictConfig, inputs: Inputs, rows: list[dict],
+                   device: torch.device) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+    """Each policy in turn: generate, score, KL to the reference (rlhf_exp/evaluation.py, the
+    evaluator of the stages' own held-out evals and of the pipeline summary). Returns the
+    eval/<policy>/* metrics and each policy's responses, rewards and gold rewards."""
+    ev = cfg.eval
+    settings = evaluation.EvalSettings(
+        gen=evaluation.generation_config(ev.generation), template=cfg.model.prompt_template,
+        max_prompt_len=ev.max_prompt_len, batch_size=ev.batch_size, seed=cfg.seed,
+        device=device)
     evaluated = evaluation.compare_checkpoints(
-        {name: policies[name] for name in order}, rows, settings, model_cfg=cfg.model,
-        precision=precision, reward_model=reward_path, reference=ref_path,
+        inputs.policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
+        reward_model=inputs.reward_path, reference=inputs.ref_path,
         kl_estimator=ev.kl_estimator)
     metrics: dict[str, float] = {}
     per_policy: dict[str, dict[str, list]] = {}
-    for name in order:
+    for name in inputs.policies:
         s = evaluated[name]
         per_policy[name] = {"response": s.samples.texts, "gold": s.gold,
                             "reward": s.reward or [None] * len(rows)}
@@ -262,55 +250,111 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
         metrics.update(m)
         runtime.say(f"eval: {name:<8} " + "  ".join(
             f"{k.rsplit('/', 1)[1]} {v:.4f}" for k, v in m.items()))
+    return metrics, per_policy
 
-    # --- one table row per prompt, one column group per policy
+
+def write_samples(rows: list[dict], per_policy: dict[str, dict[str, list]], run_dir: Path,
+                  tracker: Tracker) -> Path:
+    """One table row per prompt, one column group per policy: eval_samples.jsonl and the
+    eval/samples W&B Table."""
     columns = ["prompt", "source"]
-    for name in order:
+    for name in per_policy:
         columns += [f"{name}/response", f"{name}/reward", f"{name}/gold"]
     table = []
     for i, row in enumerate(rows):
         line = [row["prompt"], row.get("source")]
-        for name in order:
-            p = per_policy[name]
+        for p in per_policy.values():
             line += [p["response"][i], p["reward"][i], p["gold"][i]]
         table.append(line)
     samples_file = run_dir / "eval_samples.jsonl"
     samples_file.write_text("".join(json.dumps(dict(zip(columns, line))) + "\n"
                                     for line in table))
     tracker.log_table("eval/samples", columns, table, 0)
+    return samples_file
 
-    # --- the reward model on the reward share's held-out preference pairs
-    if reward_path:
-        reward_tok = models.load_tokenizer(reward_path, cfg.model)
-        reward_model = models.load_reward_model(reward_path, reward_tok, cfg.model,
-                                                precision).to(device).eval()
-        pair_rows = [r for r in build_stage_data(cfg.data_mix, "reward", cfg.seed).eval
-                     if r.get("chosen") and r.get("rejected")][:ev.num_pairs]
-        feats, _ = tokenize_pairs(pair_rows, reward_tok, template, cfg.reward.max_prompt_len,
-                                  cfg.reward.max_len, cfg.data_mix.overlong)
-        margins: list[float] = []
-        with torch.no_grad():
-            for lo in range(0, len(feats), ev.batch_size):
-                batch = collate_pairs(feats[lo:lo + ev.batch_size], reward_tok.pad_token_id)
-                scores = sequence_scores(reward_model, batch["input_ids"].to(device),
-                                         batch["attention_mask"].to(device)).float().cpu()
-                half = scores.shape[0] // 2
-                margins += (scores[:half] - scores[half:]).tolist()
-        if margins:
-            acc = sum(m > 0 for m in margins) / len(margins)
-            metrics.update({"eval/rm_accuracy": acc, "eval/rm_margin": _mean(margins),
-                            "eval/rm_pairs": len(margins)})
-            png = margin_histogram(margins, run_dir / "rm_margin_hist.png", acc)
-            if tracker.enabled:
-                import wandb
 
-                tracker.log({"eval/rm_margin_hist": wandb.Image(str(png))}, 0)
-            runtime.say(f"eval: reward model on {len(margins)} held-out pairs: accuracy "
-                        f"{acc:.4f}, margin {metrics['eval/rm_margin']:.4f}  ({png})")
-        else:
-            runtime.say("eval: the reward share has no held-out preference pairs; no RM eval")
-        del reward_model
-        gc.collect()
+def reward_model_margins(cfg: DictConfig, reward_path: str, device: torch.device) -> list[float]:
+    """score(chosen) - score(rejected) of the reward model on up to eval.num_pairs of the reward
+    share's held-out preference pairs."""
+    ev = cfg.eval
+    reward_tok = models.load_tokenizer(reward_path, cfg.model)
+    reward_model = models.load_reward_model(reward_path, reward_tok, cfg.model,
+                                            cfg.hardware.precision).to(device).eval()
+    pair_rows = [r for r in build_stage_data(cfg.data_mix, "reward", cfg.seed).eval
+                 if r.get("chosen") and r.get("rejected")][:ev.num_pairs]
+    feats, _ = tokenize_pairs(pair_rows, reward_tok, cfg.model.prompt_template,
+                              cfg.reward.max_prompt_len, cfg.reward.max_len,
+                              cfg.data_mix.overlong)
+    margins: list[float] = []
+    with torch.no_grad():
+        for lo in range(0, len(feats), ev.batch_size):
+            batch = collate_pairs(feats[lo:lo + ev.batch_size], reward_tok.pad_token_id)
+            scores = sequence_scores(reward_model, batch["input_ids"].to(device),
+                                     batch["attention_mask"].to(device)).float().cpu()
+            half = scores.shape[0] // 2
+            margins += (scores[:half] - scores[half:]).tolist()
+    del reward_model
+    gc.collect()
+    return margins
+
+
+def evaluate_reward_model(cfg: DictConfig, reward_path: str, device: torch.device,
+                          run_dir: Path, tracker: Tracker) -> dict[str, float]:
+    """eval/rm_accuracy, eval/rm_margin, eval/rm_pairs and the margin histogram."""
+    margins = reward_model_margins(cfg, reward_path, device)
+    if not margins:
+        runtime.say("eval: the reward share has no held-out preference pairs; no RM eval")
+        return {}
+    acc = sum(m > 0 for m in margins) / len(margins)
+    metrics = {"eval/rm_accuracy": acc, "eval/rm_margin": _mean(margins),
+               "eval/rm_pairs": len(margins)}
+    png = margin_histogram(margins, run_dir / "rm_margin_hist.png", acc)
+    if tracker.enabled:
+        import wandb
+
+        tracker.log({"eval/rm_margin_hist": wandb.Image(str(png))}, 0)
+    runtime.say(f"eval: reward model on {len(margins)} held-out pairs: accuracy "
+                f"{acc:.4f}, margin {metrics['eval/rm_margin']:.4f}  ({png})")
+    return metrics
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
+    if not any(cfg.eval.policies.values()) and not cfg.eval.from_run \
+            and not cfg.eval.include_base:
+        raise UserError("stage=eval has no policy to evaluate: set eval.from_run=<pipeline run "
+                        "dir>, eval.policies.<name>=<path or artifact>, or eval.include_base=true")
+    found = discover_run(cfg.eval.from_run) if cfg.eval.from_run else FoundRun()
+    if found.config is not None and cfg.eval.match_run:
+        cfg = match_run(cfg, found.config, found.rl_stage)
+    runtime.set_seed(cfg.seed)
+    device = dist.device_for(cfg.hardware.device)
+    # Online, artifact names are fetched through the W&B run (which records the lineage), so it
+    # starts first; offline, inputs are resolved before it starts, so a bad reference leaves no
+    # run behind.
+    online = cfg.logger.name == "wandb" and \
+        os.environ.get("WANDB_MODE", cfg.logger.mode) == "online"
+    tracker = Tracker(cfg, run_dir, "eval") if online else None
+    inputs = resolve_inputs(cfg, found, tracker)
+    rows = evaluation.heldout_rows(cfg, cfg.eval.num_prompts)
+    if not rows:
+        raise UserError("eval: the PPO share's held-out slice is empty; raise "
+                        "data_mix.eval_fraction or the ppo share in data_mix.split")
+
+    runtime.save_run_config(cfg, run_dir)
+    tracker = tracker or Tracker(cfg, run_dir, "eval")
+    tracker.summary({"eval/policies": inputs.policies,
+                     "eval/policy_artifacts": {n: a for n, a in inputs.artifacts.items() if a},
+                     "eval/reward_model": inputs.reward_path or "",
+                     "eval/reference": inputs.ref_path or ""})
+    runtime.say(f"eval: {len(inputs.policies)} policies ({', '.join(inputs.policies)}) on "
+                f"{len(rows)} held-out prompts, reward model {inputs.reward_path or '(none)'}, "
+                f"KL reference {inputs.ref_name or '(none)'}; generation "
+                f"{OmegaConf.to_container(cfg.eval.generation, resolve=True)}")
+
+    metrics, per_policy = score_policies(cfg, inputs, rows, device)
+    samples_file = write_samples(rows, per_policy, run_dir, tracker)
+    if inputs.reward_path:
+        metrics.update(evaluate_reward_model(cfg, inputs.reward_path, device, run_dir, tracker))
 
     tracker.log({k: v for k, v in metrics.items() if not math.isnan(v)}, 0)
     tracker.summary(metrics)
