@@ -35,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from rlhf_exp.errors import ConfigError, UserError
@@ -51,6 +51,7 @@ class Settings:
     n_prompts: int = 200
     n_heldout: int = 64
     samples: int = 4
+    heldout_samples: int = 4  # answers per held-out prompt, for `base_score` (0 = none)
     seed: int = 0
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -61,11 +62,12 @@ class Settings:
 
     def check(self) -> None:
         """One ConfigError naming the flag, before anything loads."""
-        for flag, value, low in (("--n-prompts", self.n_prompts, 1), ("--n-heldout", self.n_heldout, 0),
-                                 ("--samples", self.samples, 2), ("--max-new-tokens",
-                                                                  self.max_new_tokens, 1),
-                                 ("--batch-prompts", self.batch_prompts, 1),
-                                 ("--max-prompt-len", self.max_prompt_len, 16)):
+        minimums = (("--n-prompts", self.n_prompts, 1), ("--n-heldout", self.n_heldout, 0),
+                    ("--samples", self.samples, 2), ("--heldout-samples", self.heldout_samples, 0),
+                    ("--max-new-tokens", self.max_new_tokens, 1),
+                    ("--batch-prompts", self.batch_prompts, 1),
+                    ("--max-prompt-len", self.max_prompt_len, 16))
+        for flag, value, low in minimums:
             if value < low:
                 raise ConfigError(f"{flag}={value} must be >= {low}"
                                   + (" (a pair needs two answers)" if flag == "--samples" else ""))
@@ -103,6 +105,7 @@ def model_node(model: str):
     from hydra.core.global_hydra import GlobalHydra
 
     from rlhf_exp.composition import CONF_DIR
+    from rlhf_exp.config import register_configs
 
     path = Path(model).expanduser()
     if path.is_dir():
@@ -116,6 +119,7 @@ def model_node(model: str):
             raise ConfigError(f"--model={model!r}: neither a model directory nor a model preset; "
                               f"presets: {', '.join(presets)}")
         override = f"model={model}"
+    register_configs()  # the schema, `base_config`, that conf/config.yaml starts from
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[override]).model
@@ -143,8 +147,8 @@ def settings_hash(settings: Settings, fingerprint: str) -> str:
 
 # ----------------------------------------------------------------------------- sampling
 def sample_answers(policy, tokenizer, template: str, prompts: list[str], settings: Settings,
-                   desc: str) -> list[list[str]]:
-    """`settings.samples` answers per prompt, `batch_prompts` prompts per generate call."""
+                   k: int, desc: str) -> list[list[str]]:
+    """`k` answers per prompt, `batch_prompts` prompts per generate call."""
     import torch
     from tqdm import tqdm
 
@@ -157,7 +161,7 @@ def sample_answers(policy, tokenizer, template: str, prompts: list[str], setting
                            use_static_cache=False, compile="none")
     device = next(policy.parameters()).device
     generator = torch.Generator().manual_seed(settings.seed)
-    k, out = settings.samples, []
+    out: list[list[str]] = []
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr) as bar:
         for lo in range(0, len(prompts), settings.batch_prompts):
             batch = prompts[lo:lo + settings.batch_prompts]
@@ -225,10 +229,14 @@ def build(settings: Settings, out: Path, force: bool = False, threads: int | Non
     train = instructions.make_prompts("train", settings.n_prompts, settings.seed)
     heldout = instructions.make_prompts("heldout", settings.n_heldout, settings.seed)
     train_answers = sample_answers(policy, tokenizer, template, [r["prompt"] for r in train],
-                                   settings, "train prompts")
+                                   settings, settings.samples, "train prompts")
     heldout_answers = (sample_answers(policy, tokenizer, template,
                                       [r["prompt"] for r in heldout], settings,
-                                      "held-out prompts") if heldout else [])
+                                      settings.heldout_samples, "held-out prompts")
+                       if heldout and settings.heldout_samples else [[] for _ in heldout])
+
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
 
     samples, sft, pairs, both, heldout_rows = [], [], [], [], []
     train_scores, heldout_scores = [], []
@@ -243,8 +251,7 @@ def build(settings: Settings, out: Path, force: bool = False, threads: int | Non
             if split == "heldout":
                 heldout_scores += scores
                 heldout_rows.append({"messages": [{"role": "user", "content": row["prompt"]}],
-                                     "topic": row["topic"],
-                                     "base_score": sum(scores) / len(scores)})
+                                     "topic": row["topic"], "base_score": mean(scores)})
                 continue
             train_scores += scores
             demo, pair = select(row["prompt"], texts, scores, settings.threshold)
@@ -252,9 +259,6 @@ def build(settings: Settings, out: Path, force: bool = False, threads: int | Non
             pairs += [pair] if pair else []
             if demo and pair:
                 both.append(pair)
-
-    def mean(xs: list[float]) -> float | None:
-        return round(sum(xs) / len(xs), 4) if xs else None
 
     manifest = {
         "settings_hash": digest, "settings": asdict(settings), "model_path": path,
@@ -287,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool, int
     ap.add_argument("--n-prompts", type=int, default=d.n_prompts, help="train prompts")
     ap.add_argument("--n-heldout", type=int, default=d.n_heldout, help="held-out prompts")
     ap.add_argument("--samples", type=int, default=d.samples, help="answers per prompt")
+    ap.add_argument("--heldout-samples", type=int, default=d.heldout_samples,
+                    help="answers per held-out prompt for the base score (0 = none)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     ap.add_argument("--temperature", type=float, default=d.temperature)
@@ -299,10 +305,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, Path, bool, int
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
     a = ap.parse_args(argv)
-    settings = Settings(model=a.model, n_prompts=a.n_prompts, n_heldout=a.n_heldout,
-                        samples=a.samples, seed=a.seed, max_new_tokens=a.max_new_tokens,
-                        temperature=a.temperature, top_p=a.top_p, threshold=a.threshold,
-                        batch_prompts=a.batch_prompts, max_prompt_len=a.max_prompt_len)
+    settings = Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)})
     return settings, a.out, a.force, a.threads
 
 
