@@ -205,16 +205,16 @@ def test_build_on_tiny_model(tmp_path, capsys):
     seeded (a forced rebuild writes the same files), cached (a rerun leaves them alone), and a
     changed setting rebuilds."""
     out = tmp_path / "data"
-    args = ["--model", "tiny", "--out", str(out), "--n-prompts", "5", "--n-heldout", "3",
-            "--samples", "3", "--heldout-samples", "2", "--max-new-tokens", "16",
-            "--batch-prompts", "4", "--seed", "5"]
+    args = ["--model", "tiny", "--out", str(out), "--n-prompts", "4", "--n-heldout", "2",
+            "--samples", "2", "--heldout-samples", "2", "--max-new-tokens", "8",
+            "--batch-prompts", "3", "--seed", "5"]
     assert builder.main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     files = {f: (out / f).read_text() for f in builder.FILES}
     lines = {f: [json.loads(x) for x in text.splitlines()] for f, text in files.items()}
     samples = lines["samples.jsonl"]
-    assert len(samples) == 5 * 3 + 3 * 2
-    assert manifest["counts"] == {"train_prompts": 5, "heldout_prompts": 3, "samples": 21,
+    assert len(samples) == 4 * 2 + 2 * 2
+    assert manifest["counts"] == {"train_prompts": 4, "heldout_prompts": 2, "samples": 12,
                                   "sft": len(lines["sft.jsonl"]),
                                   "pairs": len(lines["pairs.jsonl"]),
                                   "train": len(lines["train.jsonl"])}
@@ -224,12 +224,12 @@ def test_build_on_tiny_model(tmp_path, capsys):
     assert {ins.parse_prompt(s["prompt"]).topic for s in samples if s["split"] == "train"} <= \
         set(train_topics)
     assert [r["topic"] for r in lines["heldout.jsonl"]] == \
-        [r["topic"] for r in ins.make_prompts("heldout", 3, 5)]
+        [r["topic"] for r in ins.make_prompts("heldout", 2, 5)]
     by_prompt: dict[str, list[float]] = {}
     for s in samples:
         by_prompt.setdefault(s["prompt"], []).append(s["score"])
     # a prompt has a pair exactly when its answers do not all tie, a demo when one passes
-    train_prompts = [r["prompt"] for r in ins.make_prompts("train", 5, 5)]
+    train_prompts = [r["prompt"] for r in ins.make_prompts("train", 4, 5)]
     assert [r["prompt"] for r in lines["pairs.jsonl"]] == [
         p for p in train_prompts if max(by_prompt[p]) > min(by_prompt[p])]
     assert [r["prompt"] for r in lines["sft.jsonl"]] == [

@@ -139,6 +139,15 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def provenance(path: str) -> dict | None:
+    """Where the weights came from, when the model folder says (`rlhf-exp-fetch` writes a
+    provenance.json beside a converted copy)."""
+    try:
+        return json.loads((Path(path) / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def settings_hash(settings: Settings, fingerprint: str) -> str:
     blob = json.dumps({"v": BUILD_VERSION, "settings": asdict(settings), "model": fingerprint},
                       sort_keys=True)
@@ -262,6 +271,7 @@ def build(settings: Settings, out: Path, force: bool = False, threads: int | Non
 
     manifest = {
         "settings_hash": digest, "settings": asdict(settings), "model_path": path,
+        "model_provenance": provenance(path),
         "build_version": BUILD_VERSION, "wall_s": round(time.time() - t0, 1),
         "torch_threads": torch.get_num_threads(),
         "train_topics": instructions.split_topics(settings.seed)[0],
