@@ -257,13 +257,22 @@ def test_shipped_data_agrees_with_the_checker():
     seed, threshold = manifest["settings"]["seed"], manifest["settings"]["threshold"]
     train_topics, heldout_topics = ins.split_topics(seed)
     assert manifest["train_topics"] == train_topics
-    pairs = [json.loads(x) for x in (SHIPPED / "train.jsonl").read_text().splitlines()]
-    assert len(pairs) == manifest["counts"]["train"] >= 10
+    def rows(name: str) -> list[dict]:
+        return [json.loads(x) for x in (SHIPPED / name).read_text().splitlines()]
+
+    pairs, demos, both = rows("pairs.jsonl"), rows("sft.jsonl"), rows("train.jsonl")
+    assert (len(pairs), len(demos), len(both)) == (manifest["counts"]["pairs"],
+                                                   manifest["counts"]["sft"],
+                                                   manifest["counts"]["train"])
+    assert len(pairs) >= 50 and len(both) >= 20
     for row in pairs:
         good = ins.gold_reward(row["prompt"], row["chosen"])
-        assert good == row["chosen_score"] >= threshold
+        assert good == row["chosen_score"] and row["response"] == row["chosen"]
         assert ins.gold_reward(row["prompt"], row["rejected"]) == row["rejected_score"] < good
         assert ins.parse_prompt(row["prompt"]).topic in train_topics
+    for row in demos:
+        assert ins.gold_reward(row["prompt"], row["response"]) == row["score"] >= threshold
+    assert both == [r for r in pairs if r["chosen_score"] >= threshold]
     held = [json.loads(x) for x in (SHIPPED / "heldout.jsonl").read_text().splitlines()]
     assert held and all(r["topic"] in heldout_topics for r in held)
 
@@ -274,7 +283,7 @@ def test_data_mix_preset():
     from rlhf_exp.data.mix import build_stage_data
 
     cfg = compose("data_mix=instructions")
-    assert cfg.data_mix.sources[0].path.startswith("pkg://rlhf_exp/data/examples/instructions/")
+    assert cfg.data_mix.sources[0].path == "pkg://rlhf_exp/data/examples/instructions/pairs.jsonl"
     seen: set[str] = set()
     for stage in ("sft", "reward", "ppo"):
         data = build_stage_data(cfg.data_mix, stage, cfg.seed)

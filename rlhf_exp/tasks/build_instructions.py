@@ -12,10 +12,10 @@ to `--out`:
     sft.jsonl        prompt, response: best-of-n rejection sampling, the best answer when it
                      scores >= --threshold                        (format prompt_response)
     pairs.jsonl      prompt, chosen, rejected: the best and the worst answer of a prompt whose
-                     answers do not all tie; response = chosen        (format preference)
-    train.jsonl      the prompts in both: a passing demonstration and a ranked pair per row, so
-                     every stage of a data_mix split gets what it needs (format preference;
+                     answers do not all tie; response = chosen        (format preference;
                      conf/data_mix/instructions.yaml reads it)
+    train.jsonl      the prompts in both: a passing demonstration and a ranked pair per row
+                     (format preference; purer SFT rows, fewer of them)
     heldout.jsonl    the held-out prompts (held-out topics), messages only (format chat), with
                      the model's mean score over its samples (`base_score`)
     samples.jsonl    every sampled answer with its verdict (score, constraints met, reason)
