@@ -27,7 +27,7 @@ SHIPPED = ("rlhf_exp/conf/config.yaml", "rlhf_exp/conf/experiment/demo.yaml",
            "rlhf_exp/data/examples/hub_samples/rm_static/data/train-00000-of-00001.parquet",
            "rlhf_exp/data/examples/hub_samples/ultrafeedback_binarized/dataset_dict.json",
            "rlhf_exp/data/examples/hub_samples/ultrafeedback_binarized/train_prefs/"
-           "data-00000-of-00001.arrow")
+           "data-00000-of-00001.arrow", "rlhf_exp/data/examples/instructions/pairs.jsonl")
 
 
 def clean_copy(dest: Path) -> Path:

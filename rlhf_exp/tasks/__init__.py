@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rlhf_exp.tasks import sort_digits
+from rlhf_exp.tasks import instructions, sort_digits
 
-GOLD_REWARDS: dict[str, Callable[[str, str], float]] = {"sort_digits": sort_digits.gold_reward}
+GOLD_REWARDS: dict[str, Callable[[str, str], float]] = {
+    "sort_digits": sort_digits.gold_reward,
+    "instructions": instructions.gold_reward,  # constraint following (tasks/instructions.py)
+}
 
 
 def gold_reward(task: str | None, prompt: str, response: str) -> float | None:
