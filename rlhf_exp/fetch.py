@@ -105,20 +105,30 @@ def _hub_cached(hub_id: str) -> bool:
     return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
 
 
-@functools.cache
-def _hub_reachable(hub_id: str) -> bool:
-    """One request (no retries), once per process; False when the hub is switched off."""
-    from huggingface_hub import HfApi, constants
+def _hub_off() -> bool:
+    from huggingface_hub import constants
 
     flags = [os.environ.get(k, "").upper() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
-    if constants.HF_HUB_OFFLINE or any(f in ("1", "ON", "YES", "TRUE") for f in flags):
-        return False
+    return constants.HF_HUB_OFFLINE or any(f in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+@functools.cache
+def _hub_answers(hub_id: str) -> bool:
+    """One request (no retries), once per process."""
+    from huggingface_hub import HfApi
 
     try:
         HfApi().model_info(hub_id, timeout=HUB_TIMEOUT_S)
     except Exception:  # network, or no such repo: either way not a source
         return False
     return True
+
+
+@functools.cache
+def _say_once(msg: str) -> None:
+    from rlhf_exp import runtime
+
+    runtime.say(msg)
 
 
 def resolve(hub_id: str, name: str) -> str:
@@ -130,8 +140,10 @@ def resolve(hub_id: str, name: str) -> str:
         return hub_id
     local = fetched(name)
     if local is not None:
+        _say_once(f"model.path={hub_id}: not in the Hugging Face cache; using the copy "
+                  f"`rlhf-exp-fetch {name}` converted ({local}; dequantised 4-bit weights)")
         return str(local)
-    if _hub_reachable(hub_id):
+    if not _hub_off() and _hub_answers(hub_id):
         return hub_id
     raise UserError(f"model.path={hub_id}: not in the Hugging Face cache, the hub is not "
                     f"reachable, and no converted copy in {model_dir(name)}: run "

@@ -244,12 +244,16 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
         (cfg.stage.name == "chat" and not cfg.chat.policy)
     reward = ("reward" in stages and not cfg.reward.init_from and "sft" not in stages) or \
         ("ppo" in stages and not cfg.ppo.critic_init and "reward" not in stages)
-    refs = []
-    if policy and m.path:
-        refs.append(("model.path", str(m.path)))
-    if reward and (m.reward_path or m.path):
+    refs, path = [], m.path
+    if path and m.get("fetch") and (policy or (reward and not m.reward_path)):
+        from rlhf_exp.models import resolve_base_path  # hub or fetched copy; neither: names fetch
+
+        path = resolve_base_path(m)
+    if policy and path:
+        refs.append(("model.path", str(path)))
+    if reward and (m.reward_path or path):
         refs.append(("model.reward_path", str(m.reward_path)) if m.reward_path
-                    else ("model.path", str(m.path)))
+                    else ("model.path", str(path)))
     return list(dict.fromkeys(refs))
 
 
