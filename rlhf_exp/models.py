@@ -100,8 +100,13 @@ def tiny_model_dir(spec: DictConfig | dict) -> Path:
 
 
 def resolve_base_path(model_cfg: DictConfig) -> str:
-    """The policy base: model.path, or the cached tiny model."""
+    """The policy base: model.path (with model.fetch: the copy fetch.resolve picks, hub or
+    fetched), or the cached tiny model."""
     if model_cfg.path:
+        if model_cfg.get("fetch"):
+            from rlhf_exp import fetch
+
+            return fetch.resolve(str(model_cfg.path), str(model_cfg.fetch))
         return str(model_cfg.path)
     return str(tiny_model_dir(model_cfg.tiny))
 

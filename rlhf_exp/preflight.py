@@ -245,12 +245,16 @@ def base_models(cfg: DictConfig) -> list[tuple[str, str]]:
     bases = {base for name, key, base in _unset_starts(cfg, stages) if base}
     policy = "policy" in bases or (cfg.stage.name == "eval" and cfg.eval.include_base)
     reward = "reward" in bases
-    refs = []
-    if policy and m.path:
-        refs.append(("model.path", str(m.path)))
-    if reward and (m.reward_path or m.path):
+    refs, path = [], m.path
+    if path and m.get("fetch") and (policy or (reward and not m.reward_path)):
+        from rlhf_exp.models import resolve_base_path  # hub or fetched copy; neither: names fetch
+
+        path = resolve_base_path(m)
+    if policy and path:
+        refs.append(("model.path", str(path)))
+    if reward and (m.reward_path or path):
         refs.append(("model.reward_path", str(m.reward_path)) if m.reward_path
-                    else ("model.path", str(m.path)))
+                    else ("model.path", str(path)))
     return list(dict.fromkeys(refs))
 
 

@@ -57,6 +57,9 @@ class ModelConfig:
     # hub id or local directory; null with `tiny` set = build the tiny model in the cache
     path: str | None = None
     tokenizer_path: str | None = None  # null = same as path
+    # an `rlhf-exp-fetch` recipe that gives a local copy of the hub id `path` (rlhf_exp/fetch.py):
+    # used where the hub copy is neither cached nor reachable; null = path as it is
+    fetch: str | None = None
     # base of the reward model and critic (DeepSpeed-Chat uses a smaller one); null = path
     reward_path: str | None = None
     tiny: TinyModelConfig | None = None

@@ -53,6 +53,15 @@ def _check_model(cfg: DictConfig) -> None:
         if m[key] is not None and not str(m[key]).strip():
             raise ConfigError(f"model.{key} is empty; give a hub id or a local directory, or "
                               "null")
+    if m.get("fetch") is not None:
+        from rlhf_exp.fetch import RECIPES  # torch-free
+
+        if str(m.fetch) not in RECIPES:
+            raise ConfigError(f"model.fetch={m.fetch!r} is not a fetch recipe; allowed: "
+                              f"{', '.join(sorted(RECIPES))} (or null)")
+        if not m.path:
+            raise ConfigError(f"model.fetch={m.fetch} needs model.path: the hub id it is a "
+                              "copy of")
     if m.tiny is not None:
         t = m.tiny
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
