@@ -20,13 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import tiny_models
+from rlhf_exp.model_cache import cache_root  # noqa: F401  (models.cache_root, as before)
 
 PAD = tiny_models.PAD
-
-
-def cache_root() -> Path:
-    """`RLHF_EXP_CACHE`, else ~/.cache/rlhf_exp."""
-    return Path(os.environ.get("RLHF_EXP_CACHE", Path.home() / ".cache" / "rlhf_exp"))
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -100,13 +96,13 @@ def tiny_model_dir(spec: DictConfig | dict) -> Path:
 
 
 def resolve_base_path(model_cfg: DictConfig) -> str:
-    """The policy base: model.path (with model.fetch: the copy fetch.resolve picks, hub or
+    """The policy base: model.path (with model.fetch: the copy model_cache.resolve picks, hub or
     fetched), or the cached tiny model."""
     if model_cfg.path:
         if model_cfg.get("fetch"):
-            from rlhf_exp import fetch
+            from rlhf_exp import model_cache
 
-            return fetch.resolve(str(model_cfg.path), str(model_cfg.fetch))
+            return model_cache.resolve(str(model_cfg.path), str(model_cfg.fetch))
         return str(model_cfg.path)
     return str(tiny_model_dir(model_cfg.tiny))
 

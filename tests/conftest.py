@@ -180,6 +180,25 @@ def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(run_dir.rglob("*"))}
 
 
+def assert_one_line_exit_2(proc, needle: str) -> None:
+    """A refused command: exit 2, one stderr line `rlhf-exp: error: ...` holding `needle`, no
+    traceback."""
+    assert proc.returncode == 2, proc.stderr[-2000:] or proc.stdout[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("rlhf-exp: error: "), lines[0]
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# A short SFT run that checkpoints every 2 steps (kill/interrupt-then-resume tests)
+SFT_CHECKPOINTING = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+                     "sft.micro_batch_size_per_device=8", "sft.max_steps=6", "sft.log_every=1",
+                     "sft.eval_every=2", "sft.save_every=2", "sft.keep_last=1",
+                     "sft.keep_best_metric=sft/eval_loss", "sft.keep_best_mode=max",
+                     "logger.log_checkpoints=false"]
+
+
 # Tiny per-job budget for sweep tests: each job is a few optimizer steps on a small data slice.
 SWEEP_FAST = [
     "stage=sft", "data_mix.sources.0.synthetic.num_examples=600",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose
+from tests.conftest import assert_one_line_exit_2, compose
 
 SMALL = "data_mix.sources.0.synthetic.num_examples=400"  # cases that reach the data check
 
@@ -72,15 +72,6 @@ def existing_run(tmp_path_factory) -> Path:
         {"stage": "sft", "step": 40, "world_size": 1}))
     (run / "result.json").write_text(json.dumps({"stage": "sft", "metrics": {}}))
     return run
-
-
-def assert_one_line_exit_2(proc, needle: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-2000:] or proc.stdout[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr[-2000:]
-    assert lines[0].startswith("rlhf-exp: error: "), lines[0]
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def _cases():

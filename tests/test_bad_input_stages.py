@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose
-from tests.test_bad_input import assert_one_line_exit_2
+from tests.conftest import assert_one_line_exit_2, compose
 
 
 def _checkpoint(root: Path, name: str, spec: dict, meta: dict | None,
@@ -210,7 +209,7 @@ def test_a_run_dir_holding_another_run_of_the_stage_is_refused(tmp_path, rlhf_ex
     from omegaconf import OmegaConf
 
     from rlhf_exp import preflight_checks
-    from tests.test_bad_input import snapshot
+    from tests.conftest import snapshot
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_DROP_ENV, ROOT, cli
-from tests.test_resume import ARGS
+from tests.conftest import CHILD_DROP_ENV, ROOT, SFT_CHECKPOINTING, cli
 
 
 def _interrupt_after_checkpoint(run_dir: Path, step: int, args: list[str]
@@ -58,7 +57,7 @@ def _check_one_line(proc: subprocess.CompletedProcess, run_dir: Path, stage: str
 @pytest.mark.slow
 def test_ctrl_c_says_one_line_and_its_resume_command_continues(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _interrupt_after_checkpoint(run_dir, 2, ARGS)
+    proc = _interrupt_after_checkpoint(run_dir, 2, SFT_CHECKPOINTING)
     line = _check_one_line(proc, run_dir, "sft")
     state = json.loads(next(run_dir.glob("checkpoints/step_*/trainer_state.json")).read_text())
     assert f"(sft step {state['step']})" in line
@@ -74,7 +73,7 @@ def test_ctrl_c_says_one_line_and_its_resume_command_continues(tmp_path):
 def test_ctrl_c_of_a_two_rank_run_says_one_line(tmp_path):
     """torchrun and both ranks get the signal; only the launching process speaks."""
     run_dir = tmp_path / "run"
-    proc = _interrupt_after_checkpoint(run_dir, 2, [*ARGS, "hardware.nproc_per_node=2",
+    proc = _interrupt_after_checkpoint(run_dir, 2, [*SFT_CHECKPOINTING, "hardware.nproc_per_node=2",
                                                     "sft.micro_batch_size_per_device=4"])
     _check_one_line(proc, run_dir, "sft")
 

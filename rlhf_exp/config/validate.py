@@ -54,7 +54,7 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key} is empty; give a hub id or a local directory, or "
                               "null")
     if m.get("fetch") is not None:
-        from rlhf_exp.fetch import RECIPES  # torch-free
+        from rlhf_exp.model_cache import RECIPES  # torch-free
 
         if str(m.fetch) not in RECIPES:
             raise ConfigError(f"model.fetch={m.fetch!r} is not a fetch recipe; allowed: "
