@@ -106,7 +106,7 @@ def test_chat_pairs_and_conversations(tmp_path):
 
 
 def test_chat_template_renders_the_turns(tmp_path):
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     row = {"prompt": "ignored", "messages": [{"role": "user", "content": "Hi"},
@@ -189,7 +189,7 @@ def test_stage_slices_are_disjoint_reproducible_and_held_out(two_files):
 
 
 def test_tokenized_features_are_cached_by_tokenizer_and_settings(tmp_path):
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     rows = [{"prompt": "sort:321=", "response": "123", "chosen": "123", "rejected": "132"}]
@@ -208,7 +208,7 @@ def test_tokenized_features_are_cached_by_tokenizer_and_settings(tmp_path):
 
 
 def test_overlong_pairs_are_dropped_or_truncated():
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     rows = [{"prompt": "sort:321=", "chosen": "123", "rejected": "1" * 40},
@@ -256,7 +256,7 @@ def test_bad_data_exits_2_with_one_line_naming_the_problem(tmp_path):
 
 def test_missing_local_file_fails_in_preflight(tmp_path):
     """What the config points at is preflight's to check (validation judges the config)."""
-    from rlhf_exp import preflight
+    from rlhf_exp.command import preflight
     from rlhf_exp.config import ConfigError
     from rlhf_exp.errors import UserError
 

@@ -81,7 +81,7 @@ def test_ctrl_c_of_a_two_rank_run_says_one_line(tmp_path):
 def test_the_line_names_the_newest_checkpoint_of_a_pipeline_stage(tmp_path):
     """A pipeline's checkpoints sit in its stages' sub-dirs: the newest one is named; with none
     the line says so (and how often they are written)."""
-    from rlhf_exp import interrupt
+    from rlhf_exp.training import interrupt
 
     assert "no training checkpoint yet (written every sft.save_every steps" in \
         interrupt.message("sft", tmp_path)
