@@ -155,6 +155,9 @@ class SourceConfig:
     max_examples: int | None = None  # cap on rows read from the source (null = all)
     # gold reward of this source's rows (a name in rlhf_exp.tasks, e.g. sort_digits); null = none
     task: str | None = None
+    # true: evaluation only (e.g. prompts of held-out topics): its rows, up to its weight share of
+    # max_eval_examples, go to every stage's held-out eval and none to training
+    eval_only: bool = False
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 

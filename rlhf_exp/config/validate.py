@@ -343,6 +343,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data_mix.max_eval_examples < 0:
         raise ConfigError(f"data_mix.max_eval_examples={cfg.data_mix.max_eval_examples} must "
                           "be >= 0")
+    if all(src.eval_only for src in cfg.data_mix.sources):
+        raise ConfigError("every data_mix.sources[i] sets eval_only: true, so no stage has rows "
+                          "to train on; give at least one source eval_only: false")
     _check_objective(cfg)
     _check_stage_nodes(cfg)
 
