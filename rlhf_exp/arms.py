@@ -20,6 +20,13 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def active_arms(cfg: DictConfig) -> dict[str, DictConfig]:
+    """stage.arms without the arms set to null: a preset drops a built-in arm with
+    `stage.arms.ppo: null` (a merge cannot delete a key), the command line with `~stage.arms.ppo`
+    or `stage.arms.ppo=null`."""
+    return {str(name): arm for name, arm in cfg.stage.arms.items() if arm is not None}
+
+
 def arm_overrides(cfg: DictConfig, overrides: list[str]) -> dict[str, list[str]]:
     """Arm name -> the overrides that compose its config: the run's own (without its stage
     choice and stage.* keys), the arm's chain as a pipeline, then the arm's overrides."""
@@ -27,7 +34,7 @@ def arm_overrides(cfg: DictConfig, overrides: list[str]) -> dict[str, list[str]]
     return {str(name): [*base, "stage=pipeline",
                         f"stage.stages=[{','.join(str(s) for s in arm.stages)}]",
                         *[str(o) for o in arm.get("overrides", [])]]
-            for name, arm in cfg.stage.arms.items()}
+            for name, arm in active_arms(cfg).items()}
 
 
 def _outside(cfg: DictConfig, stage: str) -> dict:

@@ -83,6 +83,9 @@ class StageConfig:
     # once, and command-line overrides of that stage's keys (conf/stage/algorithms.yaml).
     # Untyped so that `+stage.arms.x={stages:[sft,grpo]}` adds one; _check_algorithms checks it
     arms: dict[str, Any] = field(default_factory=dict)
+    # algorithms only: also compare the base model (model.path, untrained) on the held-out
+    # prompts, and measure every policy's KL to it (kl_to_base) instead of to the SFT policy
+    compare_base: bool = False
 
 
 # ----------------------------------------------------------------------------- zero

@@ -13,6 +13,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf_exp import registry
+from rlhf_exp.arms import active_arms
 from rlhf_exp.config.checks import (
     _allowed,
     _check_finite,
@@ -40,7 +41,7 @@ def run_stages(cfg: DictConfig) -> list[str]:
     if cfg.stage.name == "pipeline":
         return list(cfg.stage.stages)
     if cfg.stage.name == "algorithms":
-        return list(dict.fromkeys(s for arm in cfg.stage.arms.values() for s in arm.stages))
+        return list(dict.fromkeys(s for arm in active_arms(cfg).values() for s in arm.stages))
     return [cfg.stage.name]
 
 
@@ -222,10 +223,10 @@ def _check_algorithms(cfg: DictConfig) -> None:
     if cfg.stage.name != "algorithms":
         return
     shared, policy_start = registry.shared_stages(), registry.policy_start_key()
-    if not cfg.stage.arms:
+    if not active_arms(cfg):
         raise ConfigError("stage=algorithms has no arms: give stage.arms.<name>.stages, e.g. "
                           "'+stage.arms.grpo.stages=[sft,grpo]' (conf/stage/algorithms.yaml)")
-    for name, arm in cfg.stage.arms.items():
+    for name, arm in active_arms(cfg).items():
         key = f"stage.arms.{name}"
         if not set(str(name)) <= NAME_CHARS or name in shared:
             raise ConfigError(f"{key}: an arm's name is its folder and W&B run name: letters, "
