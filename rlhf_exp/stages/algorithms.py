@@ -16,13 +16,16 @@ checked by the dispatcher before anything runs. The steps, in order:
                      its own W&B run (job_type = its stage, name <experiment>-<stage>-<arm>)
     compare_heldout  the SFT policy and every arm's policy on the same held-out prompts with the
                      same settings (PPO's held-out eval: ppo.generation, ppo.eval_num_prompts):
-                     gold reward, reward-model score, response length, KL to SFT
+                     gold reward, reward-model score, response length, KL to SFT; with
+                     stage.compare_base the base model too, KL to it (kl_to_base); and the
+                     first held-out prompts' answers side by side (samples_side_by_side)
     compare_runs     the compare tool's table of the arms' own held-out gold reward
                      (`{stage}/eval_gold_reward`, logged every eval_every steps) and a PNG of it
                      against each arm's wall time: <run_dir>/algorithms.png
 
-<run_dir>/summary.md holds the three tables; result.json the metrics `algorithms/<arm>_<metric>`
-(gold_reward, gold_gain over SFT, reward_score, response_length, kl_to_sft, wall_s).
+<run_dir>/summary.md holds the three tables and the answers; result.json the metrics
+`algorithms/<arm>_<metric>` (gold_reward, gold_gain over SFT, reward_score, response_length,
+kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base).
 
 `rlhf-exp resume=<run_dir>` continues a cut shoot-out as it does a pipeline: every stage runs
 again in its own folder, a finished one returns its result without training, the one that was
