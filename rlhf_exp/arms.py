@@ -13,18 +13,12 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.config.validate import active_arms
 from rlhf_exp.errors import ConfigError, UserError
 
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
-
-
-def active_arms(cfg: DictConfig) -> dict[str, DictConfig]:
-    """stage.arms without the arms set to null: a preset drops a built-in arm with
-    `stage.arms.ppo: null` (a merge cannot delete a key), the command line with `~stage.arms.ppo`
-    or `stage.arms.ppo=null`."""
-    return {str(name): arm for name, arm in cfg.stage.arms.items() if arm is not None}
 
 
 def arm_overrides(cfg: DictConfig, overrides: list[str]) -> dict[str, list[str]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf_exp import registry
-from rlhf_exp.arms import active_arms
 from rlhf_exp.config.checks import (
     _allowed,
     _check_finite,
@@ -33,6 +32,13 @@ from rlhf_exp.config.choices import (
     SOURCE_KINDS,
 )
 from rlhf_exp.errors import ConfigError
+
+
+def active_arms(cfg: DictConfig) -> dict[str, DictConfig]:
+    """stage.arms without the arms set to null: a preset drops a built-in arm with
+    `stage.arms.ppo: null` (a merge cannot delete a key), the command line with `~stage.arms.ppo`
+    or `stage.arms.ppo=null`."""
+    return {str(name): arm for name, arm in cfg.stage.arms.items() if arm is not None}
 
 
 def run_stages(cfg: DictConfig) -> list[str]:
