@@ -1,4 +1,4 @@
-"""Generation throughput: rlhf_exp.generation versus plain HF `generate`, new tokens per second.
+"""Generation throughput: rlhf_exp.rl.generation versus plain HF `generate`, new tokens per second.
 
     python bench/bench_generation.py --model tiny
     python bench/bench_generation.py --model llama --hidden 2048 --layers 22 --heads 32 \
@@ -8,8 +8,8 @@
 Random weights (the shape is what matters for speed). Every method samples (temperature 1) exactly
 `--new-tokens` tokens per row: ours never sees its EOS id, HF gets min_new_tokens = max_new_tokens.
 Methods:
-  ours-static    rlhf_exp.generation.generate, StaticCache (CUDA graphs on cuda, eager on cpu)
-  ours-dynamic   rlhf_exp.generation.generate, DynamicCache, eager
+  ours-static    rlhf_exp.rl.generation.generate, StaticCache (CUDA graphs on cuda, eager on cpu)
+  ours-dynamic   rlhf_exp.rl.generation.generate, DynamicCache, eager
   hf-dynamic     model.generate(), default DynamicCache
   hf-static      model.generate(cache_implementation="static")
 Prints one row per method: new tokens/s (batch * new tokens / wall time), ms per decode step.
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rlhf_exp.generation import GenerationConfig, generate  # noqa: E402
+from rlhf_exp.rl.generation import GenerationConfig, generate  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

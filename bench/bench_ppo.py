@@ -38,7 +38,7 @@ def build_model_dir(args: argparse.Namespace, out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf_exp.models import build_tiny_tokenizer
+    from rlhf_exp.modeling.models import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     config = LlamaConfig(
@@ -82,7 +82,7 @@ def main() -> None:
 
     from rlhf_exp.cli import CONF_DIR, check
     from rlhf_exp.stages import ppo
-    from rlhf_exp.wandb_reader import read_runs
+    from rlhf_exp.training.wandb_reader import read_runs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +139,7 @@ def _load_shape(cfg):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_exp.models import resolve_base_path
+    from rlhf_exp.modeling.models import resolve_base_path
 
     config = AutoConfig.from_pretrained(resolve_base_path(cfg.model))
     with torch.device("meta"):

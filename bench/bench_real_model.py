@@ -61,7 +61,6 @@ def child(stage: str, overrides: list[str], out: str) -> None:
     """One stage run in this process; writes {wall_s, base_mb, peak_mb} to `out`."""
     import torch  # noqa: F401  (the imports' RSS is the baseline)
 
-    from rlhf_exp import stages  # noqa: F401
     from tests.conftest import compose
 
     mod = __import__(f"rlhf_exp.stages.{stage}", fromlist=["train"])

@@ -19,7 +19,7 @@ the other, from the same SFT checkpoint; the parent prints one table. Per run:
     pass before the steps
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
-    (rlhf_exp.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
+    (rlhf_exp.rl.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
     generator seeded with --seed, batch 64), and the starting policy's on the same prompts.
 
 GRPO settings shared by both (TRL's names): num_generations, per-step prompts
@@ -104,7 +104,7 @@ def heldout_gold(policy, tokenizer, cfg, args: argparse.Namespace) -> float:
     """The held-out gold reward of `policy`, computed identically for every framework."""
     import torch
 
-    from rlhf_exp import evaluation
+    from rlhf_exp.rl import evaluation
 
     rows = evaluation.heldout_rows(cfg, args.eval_prompts)
     gen = evaluation.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True,
@@ -128,7 +128,7 @@ def peak_memory_mib(device: str) -> float:
 
 # ----------------------------------------------------------------------------- GRPO
 def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
     from rlhf_exp.stages import grpo
 
     t0 = time.perf_counter()
@@ -158,8 +158,9 @@ def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlhf_exp import models, tasks
+    from rlhf_exp import tasks
     from rlhf_exp.data import build_stage_data
+    from rlhf_exp.modeling import models
 
     t0 = time.perf_counter()
     cfg = compose(args, "stage=grpo")
@@ -193,7 +194,7 @@ def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
 
 # ----------------------------------------------------------------------------- DPO
 def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
     from rlhf_exp.stages import dpo
 
     t0 = time.perf_counter()
@@ -221,8 +222,8 @@ def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Resu
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_exp import models
     from rlhf_exp.data import build_stage_data
+    from rlhf_exp.modeling import models
 
     t0 = time.perf_counter()
     cfg = compose(args, "stage=dpo")
@@ -327,7 +328,7 @@ def main() -> None:
     for key, value in DEFAULTS[args.algo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    from rlhf_exp.tracking import resolve_init
+    from rlhf_exp.training.tracking import resolve_init
 
     args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
     if args.child:

@@ -2,10 +2,11 @@
 
     rlhf-exp stage=ppo model=opt-1.3b zero_stage=zero3 hardware=1gpu ppo.kl.coef=0.05
 
-`main()` rewrites `resume=` (rlhf_exp/resume_argv.py) and settles the command line before Hydra
-runs the app (rlhf_exp/settle.py: `--help`, one-line errors, validation, preflight). Then, in
-`app()`: check() -> start the ranks (rlhf_exp/launch.py) or run the stage here (its runner, from
-the stage registry, rlhf_exp/registry.py) -> the objective for sweepers (rlhf_exp/objective.py).
+`main()` rewrites `resume=` (rlhf_exp/command/resume_argv.py) and settles the command line before
+Hydra runs the app (rlhf_exp/command/settle.py: `--help`, one-line errors, validation, preflight).
+Then, in `app()`: check() -> start the ranks (rlhf_exp/command/launch.py) or run the stage here
+(its runner, from the stage registry, rlhf_exp/registry.py) -> the objective for sweepers
+(rlhf_exp/command/objective.py).
 
 Nothing here imports torch or DeepSpeed at module level: `--help` and `--cfg job` stay fast.
 """
@@ -23,18 +24,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_exp import composition, dist, interrupt, preflight, registry, run_token
-from rlhf_exp.composition import CONF_DIR
+from rlhf_exp import registry
+from rlhf_exp.command import composition, preflight, run_token
+from rlhf_exp.command.composition import CONF_DIR
+from rlhf_exp.command.launch import CONFIG_DIGEST_ENV, RanksFailed, launch_command, rank_argv
+from rlhf_exp.command.launch import relaunch as _relaunch
+from rlhf_exp.command.launch import same_config_as_launcher as _same_config_as_launcher
+from rlhf_exp.command.objective import objective_key, objective_value
+from rlhf_exp.command.quoting import quote_text_values
+from rlhf_exp.command.resume_argv import resume_argv
+from rlhf_exp.command.settle import fail as _fail
+from rlhf_exp.command.settle import settle as _settle
 from rlhf_exp.config import check, register_configs
 from rlhf_exp.errors import UserError
-from rlhf_exp.launch import CONFIG_DIGEST_ENV, RanksFailed, launch_command, rank_argv
-from rlhf_exp.launch import relaunch as _relaunch
-from rlhf_exp.launch import same_config_as_launcher as _same_config_as_launcher
-from rlhf_exp.objective import objective_key, objective_value
-from rlhf_exp.quoting import quote_text_values
-from rlhf_exp.resume_argv import resume_argv
-from rlhf_exp.settle import fail as _fail
-from rlhf_exp.settle import settle as _settle
+from rlhf_exp.training import dist, interrupt
 
 __all__ = ["CONFIG_DIGEST_ENV", "CONF_DIR", "app", "check", "launch_command", "main"]
 
@@ -80,7 +83,7 @@ def _finish_wandb() -> str | None:
 def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
     """One job of a multirun. A failure is reported and recorded (job_status.json), never
     raised: the other jobs still run, and the end-of-sweep table shows it."""
-    from rlhf_exp import sweep
+    from rlhf_exp.command import sweep
 
     key = objective_key(cfg)
     try:
@@ -110,7 +113,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, ctx: dict) -> float | None:
 def app(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from rlhf_exp import sweep
+    from rlhf_exp.command import sweep
 
     composition.fill_option_names(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -7,7 +7,8 @@ before any W&B run exists wherever the problem can be known that early.
 The classes also derive from the built-in error a caller would expect (ValueError for a bad
 value, FileNotFoundError for a missing starting point), so `except ValueError` keeps working.
 The modules that used to define them re-export them (`rlhf_exp.config.ConfigError`,
-`rlhf_exp.data.DataError`, `rlhf_exp.tracking.InitError`, `rlhf_exp.compare.CompareError`).
+`rlhf_exp.data.DataError`, `rlhf_exp.training.tracking.InitError`,
+`rlhf_exp.command.compare.CompareError`).
 """
 
 

@@ -36,7 +36,7 @@ class StartKey:
     handoff: str | None = None
     base: str | None = None
     # what the checkpoint must hold: "policy" (a causal LM), "reward" (a score head), None =
-    # either; preflight refuses the other kind (rlhf_exp/preflight_checks.py)
+    # either; preflight refuses the other kind (rlhf_exp/command/preflight_checks.py)
     kind: str | None = None
     # the stage feeds this model its policy's token ids: it must share the policy's tokenizer
     same_tokenizer: bool = False
@@ -108,7 +108,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "eval_examples", "dropped_overlong",
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_sft",
-        input_check="rlhf_exp.preflight:check_loop_data"),
+        input_check="rlhf_exp.command.preflight:check_loop_data"),
     StageSpec(
         name="reward", runner="rlhf_exp.stages.reward", node="reward",
         help="reward stage keys (reward.*)",
@@ -123,7 +123,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "train_examples", "eval_examples", "dropped_overlong",
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_reward",
-        input_check="rlhf_exp.preflight:check_loop_data"),
+        input_check="rlhf_exp.command.preflight:check_loop_data"),
     StageSpec(
         name="ppo", runner="rlhf_exp.stages.ppo", node="ppo",
         help="PPO stage keys (ppo.*)",
@@ -142,7 +142,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "value_explained_var", "ptx_loss", "reward_model_score", "reward_fn/*",
             "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
         node_check="rlhf_exp.config.stage_checks:check_ppo",
-        input_check="rlhf_exp.preflight:check_ppo_data"),
+        input_check="rlhf_exp.command.preflight:check_ppo_data"),
     StageSpec(
         name="grpo", runner="rlhf_exp.stages.grpo", node="grpo",
         help="GRPO, RLOO, Dr. GRPO keys (grpo.*)",
@@ -162,7 +162,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "eos_rate", "skipped_minibatches", "reward_model_score", "reward_fn/*", "actor_lr",
             "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
         node_check="rlhf_exp.config.stage_checks:check_grpo",
-        input_check="rlhf_exp.preflight:check_grpo_data"),
+        input_check="rlhf_exp.command.preflight:check_grpo_data"),
     StageSpec(
         name="dpo", runner="rlhf_exp.stages.dpo", node="dpo",
         help="DPO stage keys (dpo.*)",
@@ -180,7 +180,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "train_examples", "eval_examples", "dropped_overlong",
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_dpo",
-        input_check="rlhf_exp.preflight:check_loop_data",
+        input_check="rlhf_exp.command.preflight:check_loop_data",
         # its held-out gold reward samples with PPO's eval settings (numbers comparable)
         also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
                     "ppo.max_prompt_len")),
@@ -198,7 +198,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         shares=("ppo",),
         metrics=("eval/*",),
         node_check="rlhf_exp.config.stage_checks:check_eval",
-        input_check="rlhf_exp.preflight:check_eval_data"),
+        input_check="rlhf_exp.command.preflight:check_eval_data"),
     StageSpec(
         name="chat", runner="rlhf_exp.stages.chat", node="chat",
         help="stage=chat keys (chat.*)",

@@ -1,7 +1,7 @@
 """Shared test fixtures. Tests run the real parts: DeepSpeed on CPU, W&B offline, Hydra compose.
 
 Environment: W&B offline, the tiny model built into a per-session cache. DeepSpeed compiles
-nothing (rlhf_exp/dist.py skips its CPU shm comm op), so no extensions cache is set up.
+nothing (rlhf_exp/training/dist.py skips its CPU shm comm op), so no extensions cache is set up.
 
 Two tiers. `make test-fast` (`-m "not slow"`) is the unit tier: no training run and no
 subprocess (no CLI launch, no torchrun, no W&B service, no `wandb leet` read). A test that
@@ -250,7 +250,7 @@ def rlhf_exp(capfd, monkeypatch):
     from types import SimpleNamespace
 
     from rlhf_exp import cli as app_cli
-    from rlhf_exp import dist
+    from rlhf_exp.training import dist
 
     def run(*args: str) -> SimpleNamespace:
         from hydra.core.hydra_config import HydraConfig
@@ -334,7 +334,7 @@ def _unit_tier_guard(item):
             raise UnitTierViolation(seen[-1])
         return fail
 
-    from rlhf_exp import engine
+    from rlhf_exp.training import engine
 
     try:
         with mock.patch.object(subprocess.Popen, "__init__", refuse("starts a subprocess")), \

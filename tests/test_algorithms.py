@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from rlhf_exp import composition, config
-from rlhf_exp.arms import compose_arms
+from rlhf_exp import config
+from rlhf_exp.command import composition
+from rlhf_exp.command.arms import compose_arms
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.stages.eval import discover_run
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training.wandb_reader import read_runs
 
 # the preset on a tiny budget: each arm a step or two, 16 held-out prompts for every eval
 TINY = ["experiment=algorithms", "data_mix.sources.0.synthetic.num_examples=3000",
@@ -194,7 +195,7 @@ def test_an_arm_set_to_null_is_dropped():
 
 
 def test_the_summary_shows_the_base_row_and_answers_side_by_side():
-    from rlhf_exp.evaluation import PolicyScores, Samples
+    from rlhf_exp.rl.evaluation import PolicyScores, Samples
     from rlhf_exp.stages import algorithms
 
     rows = [{"prompt": f"Tell me about owls. Use at most {n} words."} for n in (12, 15)]

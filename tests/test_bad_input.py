@@ -228,8 +228,8 @@ def test_hub_id_without_network_fails_at_once(existing_run, rlhf_exp, monkeypatc
 
 def test_utf8_bom_is_accepted(tmp_path):
     """A byte-order mark at the start of a JSONL or JSON file is harmless."""
+    from rlhf_exp.command.preflight import check_data
     from rlhf_exp.data import load_source
-    from rlhf_exp.preflight import check_data
 
     rows = [{"prompt": f"sort:{i}=", "chosen": "".join(sorted(str(i))), "rejected": str(i)}
             for i in range(100, 160)]
@@ -257,11 +257,11 @@ def test_free_text_is_taken_as_typed(rlhf_exp):
 
 
 def test_quoted_text_resolves_to_exactly_what_was_typed():
-    """rlhf_exp/quoting.py: whatever the text, Hydra's parser and OmegaConf give it back."""
+    """rlhf_exp/command/quoting.py: whatever the text, Hydra's parser and OmegaConf give it back."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from rlhf_exp.quoting import quote_text_values
+    from rlhf_exp.command.quoting import quote_text_values
 
     texts = ["sort:52813=", "Hi! a, b = c?", "{prompt}\n=>", "it's", "say \"hi\"", "back\\",
              "a\\'b", "${x} and \\${y}", "[1, 2]", "null-ish", "tail\\\\", "日本語 ünï"]

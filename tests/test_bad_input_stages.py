@@ -19,7 +19,7 @@ def _checkpoint(root: Path, name: str, spec: dict, meta: dict | None,
                 architecture: str | None = None) -> Path:
     """A copy of the tiny model `spec` as a checkpoint dir, with the stage metadata `meta`
     (None: a plain HF dir, as from the hub) and optionally another architecture."""
-    from rlhf_exp.models import tiny_model_dir
+    from rlhf_exp.modeling.models import tiny_model_dir
 
     out = root / name
     shutil.copytree(tiny_model_dir(spec), out)
@@ -113,7 +113,7 @@ def test_wrong_checkpoint_or_tokenizer_exits_2_before_the_run(args, needle, ckpt
 ], ids=["grpo", "grpo_hub", "ppo_critic", "dpo", "chat", "reward_from_sft"])
 def test_right_kinds_pass_the_checks(args, ckpts):
     """The same checks on the right kinds (and on plain hub dirs) raise nothing."""
-    from rlhf_exp import preflight, preflight_checks
+    from rlhf_exp.command import preflight, preflight_checks
 
     for name, path in ckpts.items():
         args = [a.replace(f"@{name}@", str(path)) for a in args]
@@ -124,7 +124,7 @@ def test_right_kinds_pass_the_checks(args, ckpts):
 
 def test_dpo_lengths_counted_as_the_stage_counts(ckpts):
     """Limits that keep some pairs pass; the count is that of the stage's tokenization."""
-    from rlhf_exp import preflight_checks
+    from rlhf_exp.command import preflight_checks
 
     cfg = compose("stage=dpo", "data_mix.overlong=drop", "dpo.max_len=64",
                   "dpo.max_prompt_len=32", "data_mix.sources.0.synthetic.num_examples=400")
@@ -185,7 +185,7 @@ def test_the_algorithms_example_parses_as_typed(rlhf_exp):
 
     from omegaconf import OmegaConf
 
-    from rlhf_exp.composition import CONF_DIR
+    from rlhf_exp.command.composition import CONF_DIR
 
     header = (Path(CONF_DIR) / "stage" / "algorithms.yaml").read_text().split("\nname:")[0]
     lines = [ln.lstrip("#").strip() for ln in header.splitlines()]
@@ -208,7 +208,7 @@ def test_a_run_dir_holding_another_run_of_the_stage_is_refused(tmp_path, rlhf_ex
     writes into it; the same run again (longer: resume's rule) passes."""
     from omegaconf import OmegaConf
 
-    from rlhf_exp import preflight_checks
+    from rlhf_exp.command import preflight_checks
     from tests.conftest import snapshot
 
     run_dir = tmp_path / "run"
@@ -229,7 +229,7 @@ def test_the_default_run_dir_is_unique_per_launch():
     the dispatcher and the app (one process) resolve the same dir."""
     import re
 
-    from rlhf_exp import composition, run_token
+    from rlhf_exp.command import composition, run_token
 
     first = composition.compose(composition.parse(["stage=sft"]))
     again = composition.compose(composition.parse(["stage=sft"]))
@@ -275,7 +275,8 @@ def test_trained_checkpoints_record_their_kind(sft_run, reward_run, rlhf_exp, tm
     """With the checkpoints real runs write (final and training ones): an SFT run as a reward
     model and a reward run as a policy are refused in one line; each the right way round
     passes the kind check."""
-    from rlhf_exp import checkpoint, preflight_checks
+    from rlhf_exp.command import preflight_checks
+    from rlhf_exp.training import checkpoint
 
     sft_dir, rm_dir = sft_run["run_dir"], reward_run["run_dir"]
     for final, kind in ((checkpoint.final_checkpoint(sft_dir), preflight_checks.POLICY),

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from rlhf_exp import cli, composition
+from rlhf_exp import cli
+from rlhf_exp.command import composition
 from tests.conftest import CHILD_DROP_ENV, make_user_conf
 
 

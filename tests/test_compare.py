@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_exp.compare import Run, differing_keys, final_and_best, flatten, main
+from rlhf_exp.command.compare import Run, differing_keys, final_and_best, flatten, main
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_compare_sweep_dir(sft_sweep, tmp_path, compare):
 
 def test_stage_placeholder_and_wall_time_axis(tmp_path):
     """`{stage}` names each run's own metric; x="time" uses W&B's `_runtime`."""
-    from rlhf_exp.compare import Run, final_and_best, plot, table
+    from rlhf_exp.command.compare import Run, final_and_best, plot, table
 
     history = [{"_runtime": 2.0, "ppo/step": 0, "ppo/eval_gold_reward": 0.5},
                {"_runtime": 9.5, "ppo/step": 10, "ppo/eval_gold_reward": 0.8}]

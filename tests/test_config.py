@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlhf_exp.config import ConfigError
-from rlhf_exp.engine import deepspeed_config
+from rlhf_exp.training.engine import deepspeed_config
 from tests.conftest import ROOT, cli, compose
 
 GROUPS = ["model", "stage", "zero_stage", "hardware", "data_mix", "logger", "experiment"]

@@ -10,6 +10,7 @@ checked.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -157,10 +158,10 @@ def test_drift_check_sees_a_changed_default():
 
 @pytest.mark.parametrize("name", ["GenerationSettings", "GenerationConfig"])
 def test_generation_settings_are_declared_once(name):
-    from rlhf_exp import generation
+    from rlhf_exp.rl import generation
 
     assert schema.GenerationSettings is getattr(generation, name)
-    assert schema.KL_ESTIMATORS is __import__("rlhf_exp.ppo_math").ppo_math.KL_ESTIMATORS
+    assert schema.KL_ESTIMATORS is importlib.import_module("rlhf_exp.rl.ppo_math").KL_ESTIMATORS
 
 
 def test_the_walk_covers_every_node_of_the_schema():

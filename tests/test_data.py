@@ -107,7 +107,7 @@ def test_chat_pairs_and_conversations(tmp_path):
 
 
 def test_chat_template_renders_the_turns(tmp_path):
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     row = {"prompt": "ignored", "messages": [{"role": "user", "content": "Hi"},
@@ -224,7 +224,7 @@ def test_eval_only_source_is_every_stages_eval_and_never_trained_on(two_files, t
 
 
 def test_tokenized_features_are_cached_by_tokenizer_and_settings(tmp_path):
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     rows = [{"prompt": "sort:321=", "response": "123", "chosen": "123", "rejected": "132"}]
@@ -243,7 +243,7 @@ def test_tokenized_features_are_cached_by_tokenizer_and_settings(tmp_path):
 
 
 def test_overlong_pairs_are_dropped_or_truncated():
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     tok = models.build_tiny_tokenizer()
     rows = [{"prompt": "sort:321=", "chosen": "123", "rejected": "1" * 40},
@@ -291,7 +291,7 @@ def test_bad_data_exits_2_with_one_line_naming_the_problem(tmp_path):
 
 def test_missing_local_file_fails_in_preflight(tmp_path):
     """What the config points at is preflight's to check (validation judges the config)."""
-    from rlhf_exp import preflight
+    from rlhf_exp.command import preflight
     from rlhf_exp.config import ConfigError
     from rlhf_exp.errors import UserError
 

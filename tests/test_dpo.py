@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint
 from rlhf_exp.config import ConfigError
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.stages import pipeline
 from rlhf_exp.stages.chat import Chat
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import compose
 
 SMALL = ["data_mix.sources.0.synthetic.num_examples=1000",
@@ -183,8 +183,8 @@ def test_resume_check_knows_dpo_and_the_ppo_eval_settings_it_reads(tmp_path):
     do not matter to it."""
     from omegaconf import OmegaConf
 
-    from rlhf_exp import resume
     from rlhf_exp.errors import UserError
+    from rlhf_exp.training import resume
 
     run_dir = tmp_path / "dpo_run"
     run_dir.mkdir()

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from rlhf_exp import dpo_math
 from rlhf_exp.config import DPO_LOSS_TYPES
+from rlhf_exp.rl import dpo_math
 
 
 def _logsig(x: float) -> float:
@@ -144,9 +144,9 @@ def parity_setup():
     pytest.importorskip("trl")
     from omegaconf import OmegaConf
 
-    from rlhf_exp import models
     from rlhf_exp.config import ModelConfig, TinyModelConfig
     from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
+    from rlhf_exp.modeling import models
     from rlhf_exp.stages.dpo import pair_logps
     from rlhf_exp.tasks import sort_digits
 

@@ -16,14 +16,16 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_exp import checkpoint, evaluation, models, runtime
 from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import render_prompt
 from rlhf_exp.errors import UserError
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.tasks import sort_digits
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint, runtime
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import FAST, cli, compose
 
 N_PROMPTS = 16

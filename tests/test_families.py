@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_exp import checkpoint, evaluation, models, rollout, scoring
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import (
     collate_pairs,
@@ -25,9 +24,12 @@ from rlhf_exp.data.tokenize import (
     tokenize_pairs,
     tokenize_sft,
 )
-from rlhf_exp.generation import GenerationConfig, generate
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation, rollout, scoring
+from rlhf_exp.rl.generation import GenerationConfig, generate
 from rlhf_exp.stages.chat import Chat
 from rlhf_exp.stages.reward import pair_scores
+from rlhf_exp.training import checkpoint
 from tests.conftest import compose
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-opt", "tiny-gpt2"]

@@ -26,12 +26,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf_exp import checkpoint, scoring
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import collate_pairs, prompt_ids, tokenize_pairs
+from rlhf_exp.rl import scoring
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.stages import grpo, ppo, reward, sft
 from rlhf_exp.stages.chat import Chat
+from rlhf_exp.training import checkpoint
 from tests.conftest import compose
 
 SAMPLES = "pkg://rlhf_exp/data/examples/hub_samples"

@@ -1,4 +1,4 @@
-"""rlhf_exp.generation on CPU with tiny random models (Llama, OPT, Qwen2)."""
+"""rlhf_exp.rl.generation on CPU with tiny random models (Llama, OPT, Qwen2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from rlhf_exp.generation import GenerationConfig, _sample, _StaticDecoder, generate
+from rlhf_exp.rl.generation import GenerationConfig, _sample, _StaticDecoder, generate
 
 PAD, EOS, VOCAB = 0, 2, 50
 PROMPT_LENS = [7, 3, 5, 1]  # real tokens per row; left-padded to 7

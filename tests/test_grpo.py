@@ -16,14 +16,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint, engine, models, ppo_math, resume, rollout, runtime
 from rlhf_exp.config import ConfigError
 from rlhf_exp.errors import UserError
-from rlhf_exp.generation import GenerationConfig
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import ppo_math, rollout
+from rlhf_exp.rl.generation import GenerationConfig
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.stages import grpo, pipeline
 from rlhf_exp.tasks import sort_digits
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint, engine, resume, runtime
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import FAST, compose
 
 # 4 prompts x 4 completions, two passes x two minibatches, the reference loaded (beta > 0),

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_exp import evaluation, grpo_math
+from rlhf_exp.rl import evaluation, grpo_math
 
 EPS = grpo_math.STD_EPS
 # two groups of G = 3: one with spread rewards, one where every completion scored the same

@@ -117,7 +117,7 @@ def test_hub_layouts_gzip_and_parquet_shards(tmp_path):
 
 
 def test_a_missing_local_copy_is_a_preflight_error(tmp_path, rlhf_exp):
-    from rlhf_exp import preflight
+    from rlhf_exp.command import preflight
     from rlhf_exp.errors import UserError
 
     cfg = compose("data_mix=hh_rlhf", f"data_mix.sources.0.path={tmp_path / 'nope'}")
@@ -138,7 +138,7 @@ def test_hub_data_problems_stop_before_any_model_loads(preset, override, needle,
                                                        rlhf_exp, monkeypatch):
     """A local copy without the split, or a row without the column, is one line and exit 2 from
     the preflight: no model loads, no run dir is written."""
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded before the data was checked")

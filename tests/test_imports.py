@@ -12,9 +12,9 @@ from tests.conftest import ROOT
 
 PACKAGE = ROOT / "rlhf_exp"
 # the modules that settle the command line, launch ranks and run the app
-COMMAND_LINE = ("rlhf_exp.cli", "rlhf_exp.settle", "rlhf_exp.launch", "rlhf_exp.preflight",
-                "rlhf_exp.usage", "rlhf_exp.resume_argv", "rlhf_exp.objective",
-                "rlhf_exp.__main__")
+COMMAND_LINE = ("rlhf_exp.cli", "rlhf_exp.command.settle", "rlhf_exp.command.launch",
+                "rlhf_exp.command.preflight", "rlhf_exp.command.usage",
+                "rlhf_exp.command.resume_argv", "rlhf_exp.command.objective", "rlhf_exp.__main__")
 
 
 def _module_name(path: Path) -> str:
@@ -89,7 +89,7 @@ def test_the_graph_sees_the_imports():
     can fail."""
     graph = import_graph()
     assert "rlhf_exp.registry" in graph["rlhf_exp.config.choices"]
-    assert "rlhf_exp.stages.eval" in graph["rlhf_exp.preflight"]  # inside a function
+    assert "rlhf_exp.stages.eval" in graph["rlhf_exp.command.preflight"]  # inside a function
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
@@ -104,6 +104,23 @@ def test_stages_do_not_import_the_command_line_layer():
     upward = {(m, t) for m, targets in graph.items() if m.startswith("rlhf_exp.stages")
               for t in targets if t in COMMAND_LINE}
     assert not upward, f"stages import the command-line layer: {sorted(upward)}"
+
+
+# the layers below the command line; tasks/build_instructions.py is a command of its own (it
+# composes a model preset), so it may use the command layer
+LOWER = ("rlhf_exp.training", "rlhf_exp.rl", "rlhf_exp.modeling", "rlhf_exp.data",
+         "rlhf_exp.tasks", "rlhf_exp.config", "rlhf_exp.registry", "rlhf_exp.errors")
+TOOLS = ("rlhf_exp.tasks.build_instructions",)
+
+
+def test_lower_layers_do_not_import_the_command_layer_or_the_stages():
+    """training/, rl/, modeling/, data/, tasks/ and config/ never reach up into command/, the
+    app or a stage runner (function-level imports included)."""
+    graph = import_graph()
+    upward = {(m, t) for m, targets in graph.items()
+              if m.startswith(LOWER) and m not in TOOLS for t in targets
+              if t.startswith(("rlhf_exp.command", "rlhf_exp.stages")) or t == "rlhf_exp.cli"}
+    assert not upward, f"a lower layer imports the command layer or a stage: {sorted(upward)}"
 
 
 def test_the_registry_and_config_stay_torch_free():

@@ -145,7 +145,7 @@ def test_checker_details():
 def test_reward_function_and_gold_metric():
     """`rlhf_exp.tasks:gold_reward_fn` as the RL stages call it (rewards.call), and the held-out
     gold metric (evaluation.gold_scores) on rows of task instructions next to another task."""
-    from rlhf_exp import evaluation, rewards
+    from rlhf_exp.rl import evaluation, rewards
 
     rows = [{"prompt": OWLS, "task": "instructions", "id": "a"},
             {"prompt": CATS, "task": "instructions", "id": "b"},

@@ -69,7 +69,7 @@ def _layer_calls_per_step(engine) -> int:
 
 # ----------------------------------------------------------------------------- ZeRO-3 offload
 def test_zero3_offload_config_block():
-    from rlhf_exp import engine
+    from rlhf_exp.training import engine
 
     cfg = compose("stage=sft", "zero_stage=zero3_offload")
     ds = engine.deepspeed_config(cfg, micro_batch_size=2, grad_accum=1, max_grad_norm=1.0,
@@ -118,7 +118,7 @@ def _expected_lora_params(run) -> int:
     (all but the output head)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     cfg = run["cfg"]
     assert list(cfg.model.lora.target_modules) == ["all-linear"]
@@ -129,7 +129,7 @@ def _expected_lora_params(run) -> int:
 
 
 def test_lora_trains_only_the_adapter(lora_adapter):
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     module = lora_adapter["engine"].module
     trainable, total = models.count_parameters(module)
@@ -142,7 +142,7 @@ def test_lora_trains_only_the_adapter(lora_adapter):
 def test_lora_merged_checkpoint_is_plain_hf(lora_merged):
     from transformers import AutoModelForCausalLM
 
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     ckpt = Path(lora_merged["result"].checkpoint)
     files = {p.name for p in ckpt.iterdir()}
@@ -163,8 +163,9 @@ def test_lora_merged_checkpoint_is_plain_hf(lora_merged):
 def test_lora_adapter_checkpoint_holds_only_the_adapter(lora_adapter, lora_merged):
     from safetensors.torch import load_file
 
-    from rlhf_exp import checkpoint, models
-    from rlhf_exp.tracking import resolve_init
+    from rlhf_exp.modeling import models
+    from rlhf_exp.training import checkpoint
+    from rlhf_exp.training.tracking import resolve_init
 
     ckpt = Path(lora_adapter["result"].checkpoint)
     files = {p.name for p in ckpt.iterdir()}
@@ -201,8 +202,8 @@ def test_ppo_offloads_reference_and_reward_model(tmp_path, monkeypatch):
     """ppo.offload_reference / ppo.offload_reward_model: the frozen models PPO actually uses sit
     on a ZeRO-3 engine whose parameter partitions are offloaded to CPU, while the run's own
     ZeRO stage is 2. (The real `engine.build_frozen` runs; it is only observed.)"""
-    from rlhf_exp import engine
     from rlhf_exp.stages import ppo
+    from rlhf_exp.training import engine
 
     placed = []
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import cli
 
 # The demo preset (conf/experiment/demo.yaml) with half the PPO steps and no intermediate evals.

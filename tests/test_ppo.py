@@ -15,11 +15,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint, engine, models, rollout, scoring
 from rlhf_exp.config import ConfigError
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import rollout, scoring
 from rlhf_exp.stages import ppo
 from rlhf_exp.tasks import sort_digits
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint, engine
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import FAST, cli, compose
 
 # a few steps on 16 rollouts, two epochs x two minibatches, everything optional switched on

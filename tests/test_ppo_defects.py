@@ -10,11 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_exp import engine, models, ppo_math, rollout
 from rlhf_exp.errors import NonFiniteLossError
-from rlhf_exp.nan_stop import stop_if_not_finite
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import ppo_math, rollout
 from rlhf_exp.stages import ppo
-from rlhf_exp.tracking import Tracker
+from rlhf_exp.training import engine
+from rlhf_exp.training.nan_stop import stop_if_not_finite
+from rlhf_exp.training.tracking import Tracker
 from tests.conftest import compose
 
 PPO_TINY = ["stage=ppo", "data_mix.sources.0.synthetic.num_examples=600", "ppo.steps=2",

@@ -1,11 +1,11 @@
-"""Unit tests for rlhf_exp.ppo_math against numbers derived by hand in the comments."""
+"""Unit tests for rlhf_exp.rl.ppo_math against numbers derived by hand in the comments."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf_exp.ppo_math import (
+from rlhf_exp.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rlhf_exp import checkpoint
+from rlhf_exp.training import checkpoint
 from tests.conftest import cli, compose
 
 # everything stateful switched on: adaptive KL, reward normalisation, EMA, ptx, two epochs x two
@@ -67,7 +67,7 @@ def test_finish_step_feeds_the_controller_the_global_kl_on_every_rank(tmp_path):
     global KL (on target: unchanged), not of their own (which would move them apart)."""
     import torch.multiprocessing as mp
 
-    from rlhf_exp.dist import free_port
+    from rlhf_exp.training.dist import free_port
 
     mp.spawn(_finish_step_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     values = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

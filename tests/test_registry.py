@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_exp import composition, config, preflight, registry, usage
+from rlhf_exp import config, registry
+from rlhf_exp.command import composition, preflight, usage
 from rlhf_exp.errors import ConfigError, UserError
 from tests.conftest import compose
 
@@ -136,7 +137,7 @@ def test_the_hostfile_is_checked_once_in_preflight_with_one_path_rule(tmp_path, 
     """Three checks with two path rules: `~/hostfile` passed preflight (expanded) but not
     check_rendezvous (not expanded). Now validation and the launch command leave the file to
     preflight, which expands `~`, and the launch command passes the expanded path."""
-    from rlhf_exp.launch import launch_command
+    from rlhf_exp.command.launch import launch_command
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "hostfile").write_text("node-0 slots=8\nnode-1 slots=8\n")
@@ -158,7 +159,8 @@ DUMMY = '''
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_exp import registry, runtime
+from rlhf_exp import registry
+from rlhf_exp.training import runtime
 from rlhf_exp.errors import ConfigError, UserError
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_exp import checkpoint
-from rlhf_exp.wandb_reader import read_merged, read_run, run_files
+from rlhf_exp.training import checkpoint
+from rlhf_exp.training.wandb_reader import read_merged, read_run, run_files
 from tests.conftest import compose, kill_after_checkpoint, logged_steps, snapshot, wandb_ids
 
 CHECKPOINT = 2  # the killed run dies once this step's checkpoint is complete
@@ -196,8 +196,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(stage, tmp_path, rlhf_exp
 
 
 def test_resume_needs_a_run_dir(tmp_path):
+    from rlhf_exp.command.resume_argv import resume_argv
     from rlhf_exp.errors import UserError
-    from rlhf_exp.resume_argv import resume_argv
 
     with pytest.raises(UserError, match=r"^resume=.*not a run dir"):
         resume_argv([f"resume={tmp_path / 'nope'}"])
@@ -206,7 +206,7 @@ def test_resume_needs_a_run_dir(tmp_path):
 
 
 def test_resume_argv_reuses_the_runs_overrides(tmp_path):
-    from rlhf_exp.resume_argv import resume_argv as _resume_argv
+    from rlhf_exp.command.resume_argv import resume_argv as _resume_argv
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text(
@@ -266,7 +266,7 @@ def test_resume_of_another_stage_or_config_stops_before_touching_the_run(tmp_pat
 
 
 def test_resume_may_change_length_intervals_logger_and_tags(tmp_path):
-    from rlhf_exp import resume
+    from rlhf_exp.training import resume
 
     run_dir = _finished_sft_run_dir(tmp_path, "sft.max_steps=10")
     cfg = compose("stage=sft", "sft.max_steps=20", "sft.save_every=5", "sft.eval_every=3",

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from rlhf_exp import checkpoint
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
-from rlhf_exp.scoring import last_index, sequence_scores, token_values
+from rlhf_exp.rl.scoring import last_index, sequence_scores, token_values
 from rlhf_exp.stages.reward import bradley_terry_loss, pair_scores, spearman
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import FAST, cli
 
 METRICS = ("reward/loss", "reward/accuracy", "reward/chosen_score", "reward/rejected_score",

@@ -1,4 +1,4 @@
-"""Rewards from Python functions (rlhf_exp/rewards.py): named `module:function`, called on
+"""Rewards from Python functions (rlhf_exp/rl/rewards.py): named `module:function`, called on
 batches, checked on real rows before any model loads, weighted and summed."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf_exp import rewards, tasks
+from rlhf_exp import tasks
 from rlhf_exp.errors import RewardFunctionError, UserError
+from rlhf_exp.rl import rewards
 from rlhf_exp.tasks import sort_digits
 
 ROWS = [{"prompt": "sort:321=", "response": "123", "task": "sort_digits", "id": "a"},

@@ -74,7 +74,7 @@ RANKS = [*FAST, "stage=sft", "sft.max_steps=6", "sft.log_every=1", "sft.warmup_s
 
 
 def _one_wandb_run(run_dir: Path):
-    from rlhf_exp.wandb_reader import read_runs
+    from rlhf_exp.training.wandb_reader import read_runs
 
     runs = read_runs(Path(run_dir) / "wandb")
     assert len(runs) == 1, f"{run_dir}: expected exactly one W&B run, found {len(runs)}"
@@ -143,7 +143,7 @@ def test_zero3_checkpoint_is_consolidated(one_rank, two_ranks_zero3):
     loads every weight (nothing missing or empty) and they equal the 1-rank ZeRO-2 run's."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_exp import checkpoint
+    from rlhf_exp.training import checkpoint
 
     final = checkpoint.final_checkpoint(two_ranks_zero3 / "sft")
     assert final is not None and (final / "model.safetensors").is_file()
@@ -164,7 +164,7 @@ def test_reward_and_ppo_run_on_two_ranks(two_ranks_zero3):
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_exp import checkpoint
+    from rlhf_exp.training import checkpoint
 
     reward = _one_wandb_run(two_ranks_zero3 / "reward")
     ppo = _one_wandb_run(two_ranks_zero3 / "ppo")

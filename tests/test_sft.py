@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_exp import checkpoint
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import checkpoint
+from rlhf_exp.training.wandb_reader import read_runs
 
 
 def _only_run(run_dir: Path):

@@ -1,7 +1,8 @@
-"""The training stages' shared kit: one prologue/epilogue (rlhf_exp/stage_kit.py), one RL loop
-(rlhf_exp/rl_loop.py), one NaN stop (rlhf_exp/nan_stop.py). Stage runners stay short reads;
-a run that fails is recorded as failed with its error line last; the RL NaN stop also watches
-the gradient norm; the closing line says honestly what was measured."""
+"""The training stages' shared kit: one prologue/epilogue (rlhf_exp/training/stage_kit.py), one RL
+loop (rlhf_exp/rl/rl_loop.py), one NaN stop (rlhf_exp/training/nan_stop.py). Stage runners
+stay short reads; a run that fails is recorded as failed with its error line last; the RL NaN stop
+also watches the gradient norm; the closing line says honestly what was measured.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_exp import train_loop
-from rlhf_exp.wandb_reader import read_runs
+from rlhf_exp.training import train_loop
+from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import ROOT, cli, compose
 
 STAGES = ROOT / "rlhf_exp" / "stages"

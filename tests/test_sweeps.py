@@ -58,7 +58,7 @@ def _param_values(spec: dict) -> list:
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.sh")), ids=lambda p: p.name)
 def test_hydra_multirun_examples_are_valid(path: Path):
-    from rlhf_exp.settle import sweep_samples as _sweep_samples
+    from rlhf_exp.command.settle import sweep_samples as _sweep_samples
 
     commands = _shell_commands(path)
     assert commands, f"{path.name}: no rlhf-exp command"
@@ -142,7 +142,7 @@ def test_experiment_presets_compose(name: str):
 def test_multirun_2x2(sft_sweep):
     """4 jobs -> 4 run dirs and 4 W&B runs in one group named after the sweep, each tagged with
     its seed and lr; the table at the end lists all four."""
-    from rlhf_exp.wandb_reader import read_runs
+    from rlhf_exp.training.wandb_reader import read_runs
 
     proc, sweep_dir = sft_sweep["proc"], sft_sweep["sweep_dir"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,7 +187,7 @@ def test_multirun_failing_job_is_reported_and_others_run(tmp_path, rlhf_exp):
     assert (sweep_dir / "1" / "checkpoints" / "final").exists()
     # the bad starting point stopped job 0 in its preflight, before a W&B run existed; job 1
     # logged into a run of its own
-    from rlhf_exp.wandb_reader import read_runs
+    from rlhf_exp.training.wandb_reader import read_runs
 
     assert read_runs(sweep_dir / "0") == [] and failed["wandb_run_id"] is None
     (run1,) = read_runs(sweep_dir / "1")

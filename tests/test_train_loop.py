@@ -1,6 +1,7 @@
-"""The shared training loop's pieces (rlhf_exp/train_loop.py) and what it relies on: the NaN/inf
-stop (on one rank and agreed across two), equal eval shares per rank, atomic checkpoint pruning,
-and the merged W&B history of a resumed run."""
+"""The shared training loop's pieces (rlhf_exp/training/train_loop.py) and what it relies on: the
+NaN/inf stop (on one rank and agreed across two), equal eval shares per rank, atomic checkpoint
+pruning, and the merged W&B history of a resumed run.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_exp import checkpoint, resume, train_loop
 from rlhf_exp.errors import NonFiniteLossError, UserError
-from rlhf_exp.wandb_reader import LocalRun, merge_parts
+from rlhf_exp.training import checkpoint, resume, train_loop
+from rlhf_exp.training.wandb_reader import LocalRun, merge_parts
 
 
 # ----------------------------------------------------------------------------- NaN / inf

@@ -15,7 +15,7 @@ def sft_run():
 
 SAMPLES = """
 import subprocess
-from rlhf_exp import engine
+from rlhf_exp.training import engine
 
 def test_starts_a_subprocess():
     subprocess.run(["true"], check=True)

@@ -14,8 +14,8 @@ Other overrides are passed to every trial unchanged. A trial's value is what the
 (the `objective` metric); a job that fails or returns nothing is told to Optuna as FAILED, and
 the search goes on. The best trial is printed and saved in `<sweep dir>/optimization_results.yaml`.
 A bad search space (low > high, log with low <= 0, an unknown key, a value the config rejects)
-or n_trials < 1 stops `rlhf-exp` before the first trial: rlhf_exp/preflight.py checks it with
-this module's `search_space`.
+or n_trials < 1 stops `rlhf-exp` before the first trial: rlhf_exp/command/preflight.py checks it
+with this module's `search_space`.
 """
 
 from __future__ import annotations

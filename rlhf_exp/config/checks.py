@@ -123,7 +123,7 @@ def function_spec(item: DictConfig, key: str) -> str:
 
 def check_rewards(cfg: DictConfig, node: str) -> None:
     """`<node>.reward_model_weight` / `reward_functions`: at least one reward, well-formed names
-    (importing and calling them happens before training: rlhf_exp/rewards.py)."""
+    (importing and calling them happens before training: rlhf_exp/rl/rewards.py)."""
     sc = cfg[node]
     if sc.reward_model_weight < 0:
         raise ConfigError(f"{node}.reward_model_weight={sc.reward_model_weight} must be >= 0 "

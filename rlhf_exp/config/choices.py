@@ -1,6 +1,6 @@
 """The allowed values of the config's choice keys, and the stage facts older code imports from
 `rlhf_exp.config` (read from the stage registry, rlhf_exp/registry.py, which is where a stage is
-declared). Torch-free: rlhf_exp/ppo_math.py, grpo_math.py and dpo_math.py import their tuples
+declared). Torch-free: rlhf_exp/rl/ppo_math.py, grpo_math.py and dpo_math.py import their tuples
 from here, and `--help` / `--cfg job` stay fast."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 GRPO_BASELINES = ("group_mean", "leave_one_out")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
-# the DPO losses of rlhf_exp/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
+# the DPO losses of rlhf_exp/rl/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")
 # a name that is safe as a folder name and inside W&B artifact names (<experiment_name>-sft-model)

@@ -37,7 +37,7 @@ class LoraConfig:
 @dataclass
 class TinyModelConfig:
     """A model built locally on first use (no download): `model=tiny` and `model=tiny-<family>`
-    (rlhf_exp/tiny_models.py)."""
+    (rlhf_exp/modeling/tiny_models.py)."""
 
     family: str = "llama"  # llama | qwen2 | opt | gpt2
     # char: one token per character (llama only, model=tiny); bpe: the family's subword tokenizer
@@ -57,8 +57,9 @@ class ModelConfig:
     # hub id or local directory; null with `tiny` set = build the tiny model in the cache
     path: str | None = None
     tokenizer_path: str | None = None  # null = same as path
-    # an `rlhf-exp-fetch` recipe that gives a local copy of the hub id `path` (rlhf_exp/fetch.py):
-    # used where the hub copy is neither cached nor reachable; null = path as it is
+    # an `rlhf-exp-fetch` recipe that gives a local copy of the hub id `path`
+    # (rlhf_exp/modeling/fetch.py): used where the hub copy is neither cached nor reachable; null =
+    # path as it is
     fetch: str | None = None
     # base of the reward model and critic (DeepSpeed-Chat uses a smaller one); null = path
     reward_path: str | None = None
@@ -193,7 +194,7 @@ class LoggerConfig:
 # ----------------------------------------------------------------------------- training
 @dataclass
 class TrainLoopConfig:
-    """Keys shared by the SFT and reward stages (rlhf_exp/train_loop.py). Batch sizes:
+    """Keys shared by the SFT and reward stages (rlhf_exp/training/train_loop.py). Batch sizes:
     `micro_batch_size_per_device` is per device per forward; one optimizer step sees the
     *global* batch micro_batch_size_per_device * gradient_accumulation_steps * world_size.
     Defaults are conf/sft/default.yaml's; RewardConfig sets the ones its YAML changes
@@ -267,7 +268,7 @@ class RewardConfig(TrainLoopConfig):
 @dataclass
 class GenerationSettings:
     """Sampling settings: the schema of `ppo.generation`, `eval.generation` and `chat.generation`,
-    and the object `rlhf_exp.generation.generate` takes (imported there as GenerationConfig).
+    and the object `rlhf_exp.rl.generation.generate` takes (imported there as GenerationConfig).
     Declared once; chat's node overrides the defaults its YAML changes (ChatConfig below)."""
 
     max_new_tokens: int = 12  # max response tokens; stops at EOS
@@ -312,7 +313,7 @@ class EMAConfig:
 
 @dataclass
 class RewardFunctionConfig:
-    """One reward function of an RL stage (rlhf_exp/rewards.py)."""
+    """One reward function of an RL stage (rlhf_exp/rl/rewards.py)."""
 
     fn: str = MISSING  # "package.module:function", e.g. rlhf_exp.tasks:gold_reward_fn
     weight: float = 1.0
@@ -424,7 +425,7 @@ class EvalConfig:
     reward_model: str | None = None  # path or artifact; null = the from_run reward model
     # KL reference: a policy name from `policies`, or a path/artifact; null = the policy `sft`
     reference: str | None = None
-    kl_estimator: str = "k1"  # k1 | k2 | k3 (rlhf_exp/ppo_math.py)
+    kl_estimator: str = "k1"  # k1 | k2 | k3 (rlhf_exp/rl/ppo_math.py)
     # the defaults below follow PPO's held-out eval (conf/eval/default.yaml interpolates them)
     num_prompts: int | None = 256  # first N held-out prompts; null = the whole slice
     num_pairs: int | None = None  # first N held-out preference pairs; null = all

@@ -5,7 +5,7 @@ logger, the run's names) always; a stage's own node (sft.*, ppo.*, grpo.*, eval.
 when the run goes through that stage (`run_stages`: the stage, a pipeline's chain, every arm's
 chain of stage=algorithms), with the keys of other nodes it reads (StageSpec.also_reads). So a
 bad `grpo.*` or `ppo.*` key never stops `stage=sft`, and is refused by any run that trains
-GRPO or PPO. Filesystem checks (paths, files) are preflight's (rlhf_exp/preflight.py).
+GRPO or PPO. Filesystem checks (paths, files) are preflight's (rlhf_exp/command/preflight.py).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key} is empty; give a hub id or a local directory, or "
                               "null")
     if m.get("fetch") is not None:
-        from rlhf_exp.model_cache import RECIPES  # torch-free
+        from rlhf_exp.modeling.model_cache import RECIPES  # torch-free
 
         if str(m.fetch) not in RECIPES:
             raise ConfigError(f"model.fetch={m.fetch!r} is not a fetch recipe; allowed: "
@@ -96,7 +96,7 @@ def _check_model(cfg: DictConfig) -> None:
 
 
 def _check_tiny(cfg: DictConfig) -> None:
-    from rlhf_exp.tiny_models import FAMILIES, TOKENIZERS
+    from rlhf_exp.modeling.tiny_models import FAMILIES, TOKENIZERS
 
     _allowed(cfg, "model.tiny.family", FAMILIES)
     _allowed(cfg, "model.tiny.tokenizer", TOKENIZERS)

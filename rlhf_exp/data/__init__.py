@@ -25,7 +25,7 @@ def cache_dir(data_mix: DictConfig) -> Path | None:
         return None
     if data_mix.cache_dir:
         return resolve_path(str(data_mix.cache_dir))
-    from rlhf_exp.models import cache_root
+    from rlhf_exp.modeling.model_cache import cache_root
 
     return cache_root() / "data"
 

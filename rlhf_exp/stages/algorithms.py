@@ -7,8 +7,8 @@ Run: rlhf-exp experiment=algorithms
      rlhf-exp experiment=algorithms '~stage.arms.ppo' grpo.steps=50    (drop an arm, fewer steps)
 
 An arm is a pipeline (conf/stage/algorithms.yaml): its config is what `rlhf-exp stage=pipeline
-stage.stages=<its stages> <this run's overrides> <its overrides>` composes (rlhf_exp/arms.py),
-checked by the dispatcher before anything runs. The steps, in order:
+stage.stages=<its stages> <this run's overrides> <its overrides>` composes
+(rlhf_exp/command/arms.py), checked by the dispatcher before anything runs. The steps, in order:
 
     arm_configs      each arm's config, composed from this run's command line
     train_shared     the stages the arms share (sft, reward), once: <run_dir>/sft, /reward
@@ -41,10 +41,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from rlhf_exp import arms, checkpoint, composition, dist, evaluation, models, runtime
+from rlhf_exp.command import arms, composition
 from rlhf_exp.errors import ConfigError
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation
 from rlhf_exp.stages import pipeline
-from rlhf_exp.tracking import resolve_init
+from rlhf_exp.training import checkpoint, dist, runtime
+from rlhf_exp.training.tracking import resolve_init
 
 HELDOUT_COLUMNS = ("gold_reward", "gold_gain", "gold_gain_over_base", "reward_score",
                    "response_length", "kl_to_sft", "kl_to_base", "wall_s")
@@ -155,7 +158,7 @@ def _cell(text: str) -> str:
 def compare_runs(run_dir: Path, names: list[str]) -> tuple[str, Path | None]:
     """The compare tool on the arms' W&B runs: a table of each arm's own held-out gold reward
     (final and best) and a PNG of it against wall time (rank 0 only)."""
-    from rlhf_exp import compare
+    from rlhf_exp.command import compare
 
     if not dist.is_main():
         return "", None

@@ -4,7 +4,7 @@ Run: rlhf-exp stage=chat chat.policy=<run dir, checkpoint or artifact>     (inte
      rlhf-exp stage=chat chat.policy=<...> chat.prompt="sort:52813="     (one answer, exit 0)
      echo "sort:52813=" | rlhf-exp stage=chat chat.policy=<...>          (stdin not a terminal)
 
-chat.prompt takes the text as typed (rlhf_exp/quoting.py). Piped stdin must be UTF-8 text
+chat.prompt takes the text as typed (rlhf_exp/command/quoting.py). Piped stdin must be UTF-8 text
 without control characters; anything else stops with one line before the model loads.
 
 Reads `cfg.chat` (conf/chat/default.yaml); no policy = the base model. The conversation is
@@ -28,10 +28,12 @@ import torch
 from omegaconf import DictConfig
 from transformers.generation.streamers import BaseStreamer
 
-from rlhf_exp import dist, models, runtime, stdin_prompt
+from rlhf_exp.command import stdin_prompt
 from rlhf_exp.data.tokenize import cut_prompt, messages_ids
 from rlhf_exp.errors import UserError
-from rlhf_exp.tracking import resolve_init
+from rlhf_exp.modeling import models
+from rlhf_exp.training import dist, runtime
+from rlhf_exp.training.tracking import resolve_init
 
 HELP = "commands: /reset clears the history, /quit exits (also Ctrl-D); Ctrl-C stops a reply"
 

@@ -7,7 +7,7 @@ Reads `cfg.dpo` (conf/dpo/default.yaml). The data are the preference pairs of th
 reward share (as the reward stage reads them); batch sizes count pairs, each pair being two
 sequences (chosen, rejected) in one forward. The loss, its variants (`dpo.loss_type`: sigmoid,
 hinge, ipo, robust; `dpo.label_smoothing`; `dpo.rpo_alpha`) and the metrics are TRL's
-(rlhf_exp/dpo_math.py, docs/dpo.md).
+(rlhf_exp/rl/dpo_math.py, docs/dpo.md).
 
 The steps, in order:
   data       the reward share's pairs, tokenized (prompt length kept: only response tokens count)
@@ -21,8 +21,9 @@ The steps, in order:
   gold       the held-out gold reward of the starting policy (`dpo/eval_gold_reward` at step 0):
              the ppo share's held-out prompts sampled with PPO's eval settings and seed
              (evaluation.heldout_eval, shared with PPO and stage=eval: the numbers compare)
-  loop       rlhf_exp/train_loop.py with `dpo_step` and `evaluate` (held-out pair metrics every
-             `dpo.eval_every` steps and after the last): logging, checkpoints, resume, NaN stop
+  loop       rlhf_exp/training/train_loop.py with `dpo_step` and `evaluate` (held-out pair
+             metrics every `dpo.eval_every` steps and after the last): logging, checkpoints,
+             resume, NaN stop
   gold       the held-out gold reward after the last step, then the final checkpoint (HF format,
              AutoModelForCausalLM) and its `model` artifact
 """
@@ -38,14 +39,16 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, dpo_math, engine, evaluation, models, runtime, stage_kit, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
 from rlhf_exp.errors import DataError
-from rlhf_exp.ppo_math import logprobs_from_logits
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import dpo_math, evaluation
+from rlhf_exp.rl.ppo_math import logprobs_from_logits
+from rlhf_exp.training import dist, engine, runtime, stage_kit, train_loop
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -264,7 +267,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                          "dpo/reference_pairs": len(used), "perf/reference_s": reference_s})
         init_gold = starting_gold(run, eng, tokenizer, gold_rows, overlong)
 
-        # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+        # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
         loop = train_loop.Loop(stage="dpo", node=dc, total_steps=batches.total_steps,
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,

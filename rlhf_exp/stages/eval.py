@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import checkpoint, dist, evaluation, models, registry, runtime
+from rlhf_exp import registry
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
 from rlhf_exp.errors import UserError
-from rlhf_exp.scoring import sequence_scores
-from rlhf_exp.tracking import Tracker, resolve_init
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation
+from rlhf_exp.rl.scoring import sequence_scores
+from rlhf_exp.training import checkpoint, dist, runtime
+from rlhf_exp.training.tracking import Tracker, resolve_init
 
 # table columns first, others after: the base model, then each policy stage (and its EMA)
 POLICY_ORDER = ("base", *(n for s in registry.policy_stages() for n in (s, f"{s}_ema")))
@@ -227,7 +230,7 @@ def resolve_inputs(cfg: DictConfig, found: FoundRun, tracker: Tracker | None) ->
 
 def score_policies(cfg: DictConfig, inputs: Inputs, rows: list[dict],
                    device: torch.device) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
-    """Each policy in turn: generate, score, KL to the reference (rlhf_exp/evaluation.py, the
+    """Each policy in turn: generate, score, KL to the reference (rlhf_exp/rl/evaluation.py, the
     evaluator of the stages' own held-out evals and of the pipeline summary). Returns the
     eval/<policy>/* metrics and each policy's responses, rewards and gold rewards."""
     ev = cfg.eval

@@ -8,16 +8,17 @@ Models:
   actor      trainable, from `grpo.actor_init` (the SFT policy; null = the base model), LoRA per
              `model.lora`, ZeRO stage `grpo.actor.zero_stage` (null = `zero_stage.stage`)
   reference  frozen copy of the starting policy, loaded only when `grpo.beta` > 0
-  reward     `grpo.reward_model` (frozen, optional) and/or reward functions (rlhf_exp/rewards.py);
+  reward     `grpo.reward_model` (frozen, optional) and/or reward functions
+  (rlhf_exp/rl/rewards.py);
              `grpo.reward_functions: null` means the task's gold reward when there is no reward
              model, none when there is one
 No critic: each completion's advantage is its reward against the other completions of the same
-prompt (rlhf_exp/grpo_math.py has the formulas). Dropout is off in every model.
+prompt (rlhf_exp/rl/grpo_math.py has the formulas). Dropout is off in every model.
 
 One step (`grpo.steps` of them), each a function below:
   generate_groups   `prompts_per_step` prompts (global; each rank its slice, so a prompt's group
                     stays on one rank), `num_generations` sampled completions of each
-                    (rlhf_exp/rollout.py, shared with PPO)
+                    (rlhf_exp/rl/rollout.py, shared with PPO)
   make_experience   old log-probs (only when the update is not one on-policy pass, or beta > 0),
                     reference log-probs (beta > 0), the scores; the KL folded into the reward
                     (`kl_in_reward`); group baselines and advantages over the global batch
@@ -27,17 +28,16 @@ One step (`grpo.steps` of them), each a function below:
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
                     aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
   finish_step       statistics averaged over ranks
-The loop around them is rlhf_exp/rl_loop.py (shared with PPO): the prompt schedule, timing, the
-NaN stop (loss and gradient norm), logging, evals, training checkpoints, the final policy.
-Held-out eval (`grpo.eval_every`, and before the first / after the last step): the ppo share's
-eval slice, sampled with `grpo.generation` and a fixed seed (rl_steps.heldout_eval), the same
-numbers `stage=eval` and PPO report for the same policy and settings. Step 0 is the start.
+The loop around them is rlhf_exp/rl/rl_loop.py (shared with PPO): the prompt schedule,
+timing, the NaN stop (loss and gradient norm), logging, evals, training checkpoints, the final
+policy. Held-out eval (`grpo.eval_every`, and before the first / after the last step): the ppo
+share's eval slice, sampled with `grpo.generation` and a fixed seed (rl_steps.heldout_eval), the
+same numbers `stage=eval` and PPO report for the same policy and settings. Step 0 is the start.
 
-Resume: `grpo.save_every=N` writes a training checkpoint every N steps (rlhf_exp/resume.py): the
-actor's HF checkpoint and DeepSpeed state, every rank's RNG and generators. The prompts of step
-s are a function of s (rollout.PromptSchedule), so `resume=<run dir>` continues exactly.
-
-Outputs: checkpoints/step_N (the policy, HF format, `final`); W&B artifact
+Resume: `grpo.save_every=N` writes a training checkpoint every N steps
+(rlhf_exp/training/resume.py): the actor's HF checkpoint and DeepSpeed state, every rank's RNG and
+generators. The prompts of step s are a function of s (rollout.PromptSchedule), so `resume=<run
+dir>` continues exactly. Outputs: checkpoints/step_N (the policy, HF format, `final`); W&B artifact
 <experiment_name>-grpo-model; the config and summary record where the run started from.
 """
 
@@ -52,24 +52,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import (
-    dist,
-    engine,
-    evaluation,
-    grpo_math,
-    models,
-    ppo_math,
-    rewards,
-    rl_loop,
-    rl_steps,
-    rollout,
-    runtime,
-    stage_kit,
-    tasks,
-)
+from rlhf_exp import tasks
 from rlhf_exp.config import ConfigError
-from rlhf_exp.rollout import Trajectory
-from rlhf_exp.tracking import Tracker, resolve_init
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation, grpo_math, ppo_math, rewards, rl_loop, rl_steps, rollout
+from rlhf_exp.rl.rollout import Trajectory
+from rlhf_exp.training import dist, engine, runtime, stage_kit
+from rlhf_exp.training.tracking import Tracker, resolve_init
 
 GOLD_FUNCTION = "rlhf_exp.tasks:gold_reward_fn"
 FINAL_KEYS = ("grpo/gold_reward", "grpo/reward", "grpo/kl", "grpo/response_length",
@@ -398,7 +387,7 @@ def finish_step(cfg: DictConfig, stats: dict[str, float], state: State
 
 def grpo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict],
                run_dir: Path, tracker: Tracker) -> rl_loop.Steps:
-    """GRPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
+    """GRPO's steps, for the loop (rlhf_exp/rl/rl_loop.py)."""
     return rl_loop.Steps(
         rollout=partial(rollout_step, m, cfg, geo), update=partial(grpo_step, m, cfg, geo=geo),
         finish=partial(finish_step, cfg), evaluate=partial(rl_loop.evaluate, cfg, "grpo", m,
@@ -430,7 +419,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         state = fresh_state(cfg)
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
-        # --- the loop (rlhf_exp/rl_loop.py) with GRPO's steps
+        # --- the loop (rlhf_exp/rl/rl_loop.py) with GRPO's steps
         loop = rl_loop.prompt_loop(
             "grpo", cfg, run_dir, m.tokenizer, prompts, gc.prompts_per_step, engines=[m.actor],
             loss_keys=("grpo/loss",),

@@ -15,7 +15,7 @@ and `grpo.actor_init` and `dpo.init_from` = the latest policy (SFT's, or an earl
 
 At the end the first and the last policy are reloaded from their checkpoints and compared on the
 same held-out prompts with the same generation settings as the last stage's held-out eval
-(rlhf_exp/evaluation.py): mean gold reward, reward-model score, response length, and the KL of
+(rlhf_exp/rl/evaluation.py): mean gold reward, reward-model score, response length, and the KL of
 each policy to the first. The first policy is named `sft` (the policy the first RL stage
 started from), the last one by its stage (`ppo`, `grpo`; with `ppo.ema.enabled` also
 `ppo_ema`). The comparison and a table of the stages are printed and written to
@@ -32,8 +32,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_exp import checkpoint, dist, evaluation, models, registry, runtime
-from rlhf_exp.tracking import resolve_init
+from rlhf_exp import registry
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation
+from rlhf_exp.training import checkpoint, dist, runtime
+from rlhf_exp.training.tracking import resolve_init
 
 
 def stage_config(cfg: DictConfig, name: str, results: dict[str, runtime.StageResult]) -> DictConfig:

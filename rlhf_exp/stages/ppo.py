@@ -9,7 +9,7 @@ Four models, each on its own engine:
   critic     trainable, from `ppo.critic_init` (the reward model; its score head applied at every
              position gives per-token values), LoRA per `ppo.critic_lora`
   reward     frozen, `ppo.reward_model` (null = the critic's starting checkpoint); with
-             `ppo.reward_functions` the score is a weighted sum (rlhf_exp/rewards.py), and
+             `ppo.reward_functions` the score is a weighted sum (rlhf_exp/rl/rewards.py), and
              `ppo.reward_model_weight=0` loads no reward model at all
 Frozen models are inference-only (engine.build_frozen); `ppo.offload_reference` /
 `ppo.offload_reward_model` put them on a ZeRO-3 engine with `offload_param: cpu`, as
@@ -18,7 +18,7 @@ rollout and again during the update must come from the same function.
 
 One step (`ppo.steps` of them), each a function below:
   generate_trajectory  sample `rollout_batch_size` prompts (global; each rank its slice) and a
-                       response to each with `ppo.generation` (rlhf_exp/rollout.py, shared with
+                       response to each with `ppo.generation` (rlhf_exp/rl/rollout.py, shared with
                        GRPO)
   make_experience      old log-probs (actor), reference log-probs, values (critic), the score;
                        per-token reward = -kl_coef * KL_t plus the clipped (optionally
@@ -29,21 +29,20 @@ One step (`ppo.steps` of them), each a function below:
                        approx KL exceeds `target_approx_kl`
   finish_step          metrics averaged over ranks; the KL controller updated with that global
                        KL (the same coefficient on every rank); the fp32 EMA of the actor
-The loop around them is rlhf_exp/rl_loop.py (shared with GRPO): the prompt schedule, timing, the
-NaN stop (losses and gradient norms), logging, evals, training checkpoints, the final policy.
-Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo share's
-eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
+The loop around them is rlhf_exp/rl/rl_loop.py (shared with GRPO): the prompt schedule,
+timing, the NaN stop (losses and gradient norms), logging, evals, training checkpoints, the final
+policy. Held-out eval (`ppo.eval_every`, and before the first / after the last step): the ppo
+share's eval slice, SAMPLED with `ppo.generation` and a fixed seed (evaluation.heldout_eval, which
 `stage=eval` and the other RL stages share, so the numbers agree). Step 0 is the starting policy.
 
-Resume: `ppo.save_every=N` writes a training checkpoint every N steps (rlhf_exp/resume.py): the
-actor's HF checkpoint and DeepSpeed state, the critic's DeepSpeed state, the fp32 EMA, the KL
-controller, the running reward statistics, every rank's RNG and generators. The prompts of step s
-are a function of s (rollout.PromptSchedule), so `resume=<run dir>` continues exactly where the
-run stopped, into the same W&B run.
-
-Outputs: checkpoints/step_N (actor, HF format, `final`), checkpoints/critic, checkpoints/ema;
-W&B artifacts <experiment_name>-ppo-model and -ppo-ema-model. The W&B config and summary record
-the checkpoints and artifacts the run started from (`inputs`, ppo/*_init*).
+Resume: `ppo.save_every=N` writes a training checkpoint every N steps
+(rlhf_exp/training/resume.py): the actor's HF checkpoint and DeepSpeed state, the critic's
+DeepSpeed state, the fp32 EMA, the KL controller, the running reward statistics, every rank's RNG
+and generators. The prompts of step s are a function of s (rollout.PromptSchedule), so `resume=<run
+dir>` continues exactly where the run stopped, into the same W&B run. Outputs: checkpoints/step_N
+(actor, HF format, `final`), checkpoints/critic, checkpoints/ema; W&B artifacts
+<experiment_name>-ppo-model and -ppo-ema-model. The W&B config and summary record the checkpoints
+and artifacts the run started from (`inputs`, ppo/*_init*).
 """
 
 from __future__ import annotations
@@ -60,27 +59,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rlhf_exp import (
-    checkpoint,
-    dist,
-    engine,
-    evaluation,
-    models,
-    ppo_math,
-    resume,
-    rewards,
-    rl_loop,
-    rl_steps,
-    rollout,
-    runtime,
-    stage_kit,
-)
 from rlhf_exp.config import ConfigError
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
-from rlhf_exp.rollout import Trajectory
-from rlhf_exp.tracking import Tracker, resolve_init
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation, ppo_math, rewards, rl_loop, rl_steps, rollout
+from rlhf_exp.rl.rollout import Trajectory
+from rlhf_exp.training import checkpoint, dist, engine, resume, runtime, stage_kit
+from rlhf_exp.training.tracking import Tracker, resolve_init
 
 FINAL_KEYS = ("ppo/gold_reward", "ppo/reward_score", "ppo/kl", "ppo/kl_coef",
               "ppo/response_length")
@@ -501,7 +488,7 @@ def save_critic_and_ema(m: Models, cfg: DictConfig, inputs: Inputs, run_dir: Pat
 
 def ppo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict], run_dir: Path,
               tracker: Tracker) -> rl_loop.Steps:
-    """PPO's steps, for the loop (rlhf_exp/rl_loop.py)."""
+    """PPO's steps, for the loop (rlhf_exp/rl/rl_loop.py)."""
     return rl_loop.Steps(
         rollout=partial(rollout_step, m, cfg, geo), update=partial(ppo_step, m, cfg, geo=geo),
         finish=lambda stats, state: finish_step(m, cfg, state, stats),
@@ -530,7 +517,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
-        # --- the loop (rlhf_exp/rl_loop.py) with PPO's steps
+        # --- the loop (rlhf_exp/rl/rl_loop.py) with PPO's steps
         loop = rl_loop.prompt_loop(
             "ppo", cfg, run_dir, m.tokenizer, prompts, pc.rollout_batch_size,
             engines=[m.actor, m.critic], loss_keys=("ppo/actor_loss", "ppo/critic_loss"),

@@ -7,9 +7,9 @@ Reads `cfg.reward` (conf/reward/default.yaml). The model is a plain HF
 the SFT checkpoint (`reward.init_from`) or the base model (`model.reward_path`, else `model.path`).
 Each pair is scored in one forward (chosen rows then rejected rows, right-padded); the score of a
 sequence is the head's output at its last non-pad token, the EOS closing the response - the same
-place HF's own pooling reads it (rlhf_exp/scoring.py). Loss: -log sigmoid(s_chosen - s_rejected).
+place HF's own pooling reads it (rlhf_exp/rl/scoring.py). Loss: -log sigmoid(s_chosen - s_rejected).
 Batch sizes count pairs: `reward.micro_batch_size_per_device` pairs per device per forward.
-The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/train_loop.py.
+The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/training/train_loop.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import models, runtime, scoring, stage_kit, tasks, train_loop
+from rlhf_exp import tasks
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
 from rlhf_exp.errors import DataError
+from rlhf_exp.modeling import models
+from rlhf_exp.rl import scoring
+from rlhf_exp.training import runtime, stage_kit, train_loop
 
 
 def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +159,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         if run.resume_from is None:  # a data statistic of step 0: a resumed run logged it
             tracker.log({"reward/dropped_overlong": dropped + eval_dropped}, 0)
 
-        # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+        # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
         loop = train_loop.Loop(stage="reward", node=rc, total_steps=batches.total_steps,
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,

@@ -6,7 +6,7 @@ Reads `cfg.sft` (conf/sft/default.yaml). The loss covers response tokens only (p
 labelled -100), every response ends with EOS, and EOS is distinct from the pad token.
 Batch sizes: `sft.micro_batch_size_per_device` per device per forward; one optimizer step sees
 micro * gradient_accumulation_steps * world_size sequences (logged as sft/global_batch_size).
-The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/train_loop.py.
+The optimizer-step loop (logging, eval, checkpoints, resume) is rlhf_exp/training/train_loop.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rlhf_exp import dist, models, runtime, stage_kit, train_loop
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
 from rlhf_exp.errors import DataError
+from rlhf_exp.modeling import models
+from rlhf_exp.training import dist, runtime, stage_kit, train_loop
 
 
 def lm_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -96,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                          "sft/eval_examples": len(eval_set), "sft/dropped_overlong": dropped,
                          "sft/trainable_params": trainable})
 
-        # --- the optimizer-step loop (rlhf_exp/train_loop.py)
+        # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
         loop = train_loop.Loop(stage="sft", node=sc, total_steps=batches.total_steps,
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,

@@ -21,7 +21,7 @@ def gold_reward(task: str | None, prompt: str, response: str) -> float | None:
 def gold_reward_fn(prompts: list[str], responses: list[str], task: list[str | None] | None = None,
                    **_) -> list[float]:
     """The gold reward as a reward function for the RL stages (`rlhf_exp.tasks:gold_reward_fn`,
-    rlhf_exp/rewards.py): rows whose source names no task have no gold reward, an error."""
+    rlhf_exp/rl/rewards.py): rows whose source names no task have no gold reward, an error."""
     tasks = task if task is not None else [None] * len(prompts)
     out = []
     for name, prompt, response in zip(tasks, prompts, responses):

@@ -106,7 +106,7 @@ def model_node(model: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rlhf_exp.composition import CONF_DIR
+    from rlhf_exp.command.composition import CONF_DIR
     from rlhf_exp.config import register_configs
 
     path = Path(model).expanduser()
@@ -164,8 +164,8 @@ def sample_answers(policy, tokenizer, template: str, prompts: list[str], setting
     from tqdm import tqdm
 
     from rlhf_exp.data.tokenize import prompt_ids
-    from rlhf_exp.generation import GenerationConfig
-    from rlhf_exp.rollout import sample
+    from rlhf_exp.rl.generation import GenerationConfig
+    from rlhf_exp.rl.rollout import sample
 
     gen = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=True,
                            temperature=settings.temperature, top_p=settings.top_p,
@@ -217,7 +217,7 @@ def build(settings: Settings, out: Path, force: bool = False, threads: int | Non
         raise ConfigError(f"--out={out}: exists and is not a folder")
     node = model_node(settings.model)
 
-    from rlhf_exp import models
+    from rlhf_exp.modeling import models
 
     path = models.resolve_base_path(node)
     digest = settings_hash(settings, model_fingerprint(path))

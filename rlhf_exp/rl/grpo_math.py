@@ -1,0 +1,180 @@
+"""Model-free GRPO math: group baselines, advantages, the clipped token loss and how it is
+aggregated. Pure functions of tensors, unit-tested against hand-derived values (and against
+TRL 1.16's GRPOTrainer where the options match: tests/test_grpo_math.py).
+
+Conventions
+-----------
+A rollout holds N = P * G sequences: P prompts, G = `num_generations` completions each, laid
+out group by group (rows g*G .. g*G+G-1 answer prompt g). Token tensors are [N, T] over the
+RESPONSE tokens only; `mask` is 1 for real response tokens (EOS included), 0 after EOS.
+Masked positions never influence an output (torch.where, not x * mask, as in ppo_math).
+
+Advantages (one per sequence, the same at each of its tokens):
+
+    A_i = (r_i - b_i) / s_i
+    b_i = mean of the group                        baseline=group_mean (GRPO)
+        = mean of the group without i              baseline=leave_one_out (RLOO)
+    s_i = std of i's group + eps                   scale_rewards=group (GRPO, TRL's default)
+        = std of the whole batch + eps             scale_rewards=batch
+        = 1                                        scale_rewards=none (Dr. GRPO; usual for RLOO)
+
+stds are unbiased (n - 1) and eps = 1e-4, as TRL.
+
+Token loss, with ratio rho_t = exp(logp_t - old_logp_t) and clip bounds (1 - eps_lo, 1 + eps_hi):
+
+    l_t = -min(rho_t * A, clip(rho_t, 1 - eps_lo, 1 + eps_hi) * A) + beta * KL_t - c_H * H_t
+
+(KL_t the per-token estimate of KL(pi || pi_ref) from ppo_math.kl_per_token, present only when
+the KL is a loss term; H_t the entropy, present only with an entropy coefficient.) One loss for a
+batch is sum_t w_t * l_t with the weights of `loss_agg`:
+
+    token_mean      w_t = 1 / (tokens in the batch)               (DAPO; TRL loss_type="dapo")
+    sequence_mean   w_t = 1 / (len_i * sequences in the batch)    (GRPO paper; TRL "grpo")
+    dr_grpo         w_t = 1 / (max_new_tokens * sequences)        (Dr. GRPO; TRL "dr_grpo")
+
+The counts are those of the whole optimizer batch (every micro-batch on every rank), passed in
+by the caller; with none given, the batch at hand is the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# the allowed values are declared once, in the torch-free config (checked before torch loads)
+from rlhf_exp.config import GRPO_BASELINES as BASELINES
+from rlhf_exp.config import GRPO_LOSS_AGG as LOSS_AGG
+from rlhf_exp.config import GRPO_SCALE_REWARDS as SCALE_REWARDS
+from rlhf_exp.rl.ppo_math import kl_per_token, masked_mean
+
+STD_EPS = 1e-4  # added to the std before dividing (TRL's value)
+
+
+# ----------------------------------------------------------------------------- advantages
+def group_view(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N] -> [N / G, G]; the N rewards must be whole groups, group by group."""
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"{tuple(rewards.shape)} rewards are not whole groups of {group_size}")
+    return rewards.view(-1, group_size)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N / G] bool: groups whose rewards are all equal (no learning signal from the baseline).
+    An exact tie: a relative tolerance would call a group near |r| = 100 whose rewards differ by
+    5e-4 tied, though its scaled advantages reach ~1.4."""
+    grouped = group_view(rewards, group_size)
+    return grouped.max(-1).values == grouped.min(-1).values
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, baseline: str = "group_mean",
+                     scale_rewards: str = "group", eps: float = STD_EPS) -> torch.Tensor:
+    """[N] sequence rewards -> [N] advantages (module docstring). fp32, no gradient."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; expected one of {BASELINES}")
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of "
+                         f"{SCALE_REWARDS}")
+    if group_size < 2:
+        raise ValueError("a group baseline needs at least 2 completions per prompt")
+    r = group_view(rewards.detach().float(), group_size)  # [P, G]
+    total = r.sum(-1, keepdim=True)
+    if baseline == "group_mean":
+        base = total / group_size
+    else:  # leave one out: the mean of the other G - 1
+        base = (total - r) / (group_size - 1)
+    adv = r - base
+    if scale_rewards == "group":
+        adv = adv / (r.std(-1, keepdim=True) + eps)
+    elif scale_rewards == "batch":
+        std = r.std() if r.numel() > 1 else r.new_zeros(())
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- the token loss
+def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                       advantages: torch.Tensor, mask: torch.Tensor, epsilon: float,
+                       epsilon_high: float | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped surrogate -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A), [N, T]
+    (0 at padding); advantages [N] (one per sequence) or [N, T]. epsilon_high None = epsilon.
+
+    stats (detached [N, T] bool): clipped_low (rho < 1 - eps with A < 0: the clip bound holds
+    the loss) and clipped_high (rho > 1 + eps_high with A > 0), as TRL's clip_ratio metrics."""
+    eps_hi = epsilon if epsilon_high is None else epsilon_high
+    m = mask.bool()
+    adv = advantages[:, None] if advantages.ndim == 1 else advantages
+    # zero the log-ratio at padding before exp (garbage there could overflow; ppo_math does too)
+    ratio = torch.exp(torch.where(m, logprobs - old_logprobs, 0.0))
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_hi)
+    loss = -torch.minimum(ratio * adv, clipped * adv)
+    loss = torch.where(m, loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        stats = {"clipped_low": m & (ratio < 1.0 - epsilon) & (adv < 0),
+                 "clipped_high": m & (ratio > 1.0 + eps_hi) & (adv > 0)}
+    return loss, stats
+
+
+def aggregation_weights(mask: torch.Tensor, loss_agg: str, *, max_new_tokens: int,
+                        total_tokens: float | None = None,
+                        total_sequences: float | None = None) -> torch.Tensor:
+    """[N, T] weights w_t of `loss_agg` (module docstring); 0 at padding. `total_tokens` /
+    `total_sequences`: the whole optimizer batch's real tokens and sequences (None = this
+    batch's own). A sequence with no real token (all masked) weighs nothing."""
+    if loss_agg not in LOSS_AGG:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG}")
+    m = mask.float()
+    lengths = m.sum(-1, keepdim=True)  # [N, 1]
+    if total_tokens is None:
+        total_tokens = float(m.sum())
+    if total_sequences is None:
+        total_sequences = float((lengths > 0).sum())
+    if loss_agg == "token_mean":
+        w = m / max(total_tokens, 1.0)
+    elif loss_agg == "sequence_mean":
+        w = m / (lengths.clamp(min=1.0) * max(total_sequences, 1.0))
+    else:  # dr_grpo: a constant normaliser, no length bias
+        w = m / (max_new_tokens * max(total_sequences, 1.0))
+    return w
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, epsilon: float, epsilon_high: float | None = None,
+              loss_agg: str = "token_mean", max_new_tokens: int | None = None,
+              ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
+              kl_estimator: str = "k3", entropy: torch.Tensor | None = None,
+              entropy_coef: float = 0.0, total_tokens: float | None = None,
+              total_sequences: float | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss of a batch (module docstring) -> (0-dim loss, stats).
+
+    ref_logprobs with beta > 0: beta * KL_t(pi || ref) joins every token's loss (the KL as a loss
+    term; for the KL in the reward, fold it into the rewards before `group_advantages` and pass
+    no ref_logprobs). entropy [N, T] with entropy_coef > 0: - entropy_coef * H_t joins it.
+    max_new_tokens: dr_grpo's normaliser (default: T). stats (detached 0-dim, token means over
+    the batch): pg_loss (the surrogate alone, aggregated like the loss), kl, clipfrac,
+    clipfrac_low, clipfrac_high, approx_kl (k3 of KL(old || new))."""
+    m = mask.bool()
+    per_token, clip = clipped_token_loss(logprobs, old_logprobs, advantages, m, epsilon,
+                                         epsilon_high)
+    weights = aggregation_weights(m, loss_agg, max_new_tokens=max_new_tokens or m.shape[-1],
+                                  total_tokens=total_tokens, total_sequences=total_sequences)
+    pg_loss = (weights * per_token).sum()
+    total = per_token
+    kl = None
+    if ref_logprobs is not None and beta > 0:
+        kl = torch.where(m, kl_per_token(logprobs, ref_logprobs, kl_estimator), 0.0)
+        total = total + beta * kl
+    if entropy is not None and entropy_coef > 0:
+        total = total - entropy_coef * torch.where(m, entropy, 0.0)
+    loss = (weights * total).sum()
+    with torch.no_grad():
+        stats = {
+            "pg_loss": pg_loss.detach(),
+            "clipfrac": masked_mean((clip["clipped_low"] | clip["clipped_high"]).float(), m),
+            "clipfrac_low": masked_mean(clip["clipped_low"].float(), m),
+            "clipfrac_high": masked_mean(clip["clipped_high"].float(), m),
+            "approx_kl": masked_mean(kl_per_token(old_logprobs, logprobs.detach(), "k3"), m),
+        }
+        if kl is not None:
+            stats["kl"] = masked_mean(kl.detach(), m)
+    return loss, stats
