@@ -157,3 +157,65 @@ def test_a_killed_shoot_out_resumes_without_training_a_finished_stage_again(tmp_
     assert {"algorithms/grpo_gold_gold_reward", "algorithms/dpo_gold_reward"} <= set(m)
     (run,) = read_runs(run_dir / "dpo" / "wandb")
     assert run.group == "algorithms"
+
+
+def test_the_smollm2_instructions_preset_composes_and_every_arm_is_valid():
+    """experiment=smollm2_instructions: the shoot-out on SmolLM2 and the instructions task with
+    the base model compared, the reward-model arms dropped (set to null), and each remaining arm
+    a valid pipeline (every arm's config passes config.validate, as the dispatcher checks)."""
+    inv = composition.parse(["experiment=smollm2_instructions"])
+    cfg = composition.compose(inv)
+    config.validate(cfg)
+    assert cfg.stage.name == "algorithms" and cfg.stage.compare_base
+    assert (cfg.model.name, cfg.data_mix.name) == ("smollm2-135m", "instructions")
+    heldout = [s for s in cfg.data_mix.sources if s.eval_only]
+    assert [s.path for s in heldout] == ["pkg://rlhf_exp/data/examples/instructions/heldout.jsonl"]
+    assert cfg.data_mix.eval_fraction == 0
+    arms = compose_arms(cfg, inv.overrides, lambda o: composition.compose(inv, o))
+    assert {n: list(a.stage.stages) for n, a in arms.items()} == {
+        "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "dpo": ["sft", "dpo"]}
+    for name, arm in arms.items():
+        config.validate(arm)
+        assert arm.model.lora.enabled and arm.experiment_name == "smollm2_instructions", name
+    for name in ("grpo_gold", "rloo"):  # the checker as the reward, no reward model
+        assert arms[name].grpo.reward_model is None
+        assert [f.fn for f in arms[name].grpo.reward_functions] == ["rlhf_exp.tasks:gold_reward_fn"]
+    assert (arms["rloo"].grpo.baseline, arms["rloo"].grpo.kl_in_reward) == ("leave_one_out", True)
+    assert (arms["grpo_gold"].grpo.baseline, arms["grpo_gold"].grpo.kl_in_reward) == (
+        "group_mean", False)
+    # the held-out comparison: 64 prompts, all of them held-out topics
+    assert cfg.ppo.eval_num_prompts == 64
+
+
+def test_an_arm_set_to_null_is_dropped():
+    arms = _arms("stage.arms.ppo=null", "stage.arms.grpo_rm=null")
+    assert set(arms) == {"grpo_gold", "rloo", "dpo"}
+    with pytest.raises(ConfigError, match="no arms"):
+        _arms(*[f"stage.arms.{a}=null" for a in ("ppo", "grpo_rm", "grpo_gold", "rloo", "dpo")])
+
+
+def test_the_summary_shows_the_base_row_and_answers_side_by_side():
+    from rlhf_exp.rl.evaluation import PolicyScores, Samples
+    from rlhf_exp.stages import algorithms
+
+    rows = [{"prompt": f"Tell me about owls. Use at most {n} words."} for n in (12, 15)]
+
+    def scores(texts: list[str], gold: list[float]) -> PolicyScores:
+        return PolicyScores(Samples(texts, [5] * len(texts), [True] * len(texts), []), gold,
+                            None, [0.0] * len(texts))
+
+    table = algorithms.samples_side_by_side(rows, {
+        "base": scores(["Owls | hunt at night.", ""], [1.0, 0.0]),
+        "sft": scores(["Owls\nare birds.", "Owls fly."], [1.0, 0.5])}, n=1)
+    assert table.splitlines() == [
+        "**1.** Tell me about owls. Use at most 12 words.", "", "| policy | gold | answer |",
+        "|---|---:|---|", r"| base | 1.00 | Owls \| hunt at night. |",
+        "| sft | 1.00 | Owls are birds. |"]
+    heldout = {"base": {"gold_reward": 0.25, "kl_to_base": 0.0},
+               "sft": {"gold_reward": 0.3, "kl_to_base": 1.5},
+               "grpo_gold": {"gold_reward": 0.5, "gold_gain": 0.2, "kl_to_base": 3.0}}
+    algorithms.add_base_gain(heldout)
+    assert heldout["grpo_gold"]["gold_gain_over_base"] == pytest.approx(0.25)
+    assert "gold_gain_over_base" not in heldout["base"]
+    assert algorithms.heldout_columns(heldout) == [
+        "gold_reward", "gold_gain", "gold_gain_over_base", "kl_to_base"]

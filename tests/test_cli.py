@@ -35,7 +35,8 @@ def one_error_line(proc) -> str:
 # ----------------------------------------------------------------------------- mistakes
 @pytest.mark.parametrize("args, needle", [
     (["experiment=demoo"], "experiment=demoo is not an option of group 'experiment'; "
-                           "available: algorithms, demo, dschat_opt1.3b, llama1b_8gpu"),
+                           "available: algorithms, demo, dschat_opt1.3b, llama1b_8gpu, "
+                           "smollm2_instructions"),
     (["-m", "hparams_search=sft_optunaa"], "hparams_search=sft_optunaa is not an option of "
                                            "group 'hparams_search'; available: reward_optuna"),
     (["hparams_search=sft_optunaa"], "hparams_search=sft_optunaa is not an option"),

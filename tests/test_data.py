@@ -16,6 +16,7 @@ from rlhf_exp.config import SourceConfig
 from rlhf_exp.data import DataError, build_stage_data, cache_dir, load_source
 from rlhf_exp.data.sources import resolve_path
 from rlhf_exp.data.tokenize import render_row, tokenize_pairs, tokenize_sft
+from rlhf_exp.errors import ConfigError
 from tests.conftest import cli, compose
 
 HH = [
@@ -186,6 +187,40 @@ def test_stage_slices_are_disjoint_reproducible_and_held_out(two_files):
     assert len(ids["ppo"]) == pytest.approx(2 * len(ids["sft"]), rel=0.02)
     other = build_stage_data(data_mix, "sft", seed=8)
     assert {r["id"] for r in other.train} != ids["sft"] - {r["id"] for r in other.eval}
+
+
+def test_eval_only_source_is_every_stages_eval_and_never_trained_on(two_files, tmp_path):
+    """An `eval_only: true` source (held-out topics) fills every stage's eval slice, up to its
+    weight share of max_eval_examples, gives no stage a training row, and leaves the training
+    blend to the other sources; a mix of eval-only sources alone is refused."""
+    a, _ = two_files
+    held = write_jsonl(tmp_path / "held.jsonl", [{"messages": [{"role": "user",
+                                                                "content": f"h{i}"}]}
+                                                 for i in range(300)])
+    train_src = {"name": "a", "kind": "local", "path": str(a), "format": "preference"}
+    held_src = {"name": "held", "kind": "local", "path": str(held), "format": "chat",
+                "eval_only": True}
+    data_mix = compose(sources_override(train_src, held_src), "data_mix.eval_fraction=0",
+                       "data_mix.max_eval_examples=400").data_mix
+    alone = compose(sources_override(train_src), "data_mix.eval_fraction=0").data_mix
+    evals = []
+    for stage in ("sft", "reward", "ppo"):
+        data = build_stage_data(data_mix, stage, seed=7)
+        assert {r["source"] for r in data.train} == {"a"}, stage
+        # the training rows are exactly what the train source alone gives
+        assert [r["id"] for r in data.train] == \
+            [r["id"] for r in build_stage_data(alone, stage, seed=7).train], stage
+        # 400 x weight share 1/2: 200 of the 300 held-out rows, the same ones for every stage
+        assert len(data.eval) == 200 and {r["source"] for r in data.eval} == {"held"}, stage
+        evals.append([r["id"] for r in data.eval])
+    assert evals[0] == evals[1] == evals[2]
+    # with eval_fraction > 0 the train source's own eval slice comes on top, still disjoint
+    mixed = build_stage_data(compose(sources_override(train_src, held_src),
+                                     "data_mix.eval_fraction=0.1").data_mix, "ppo", seed=7)
+    assert {r["source"] for r in mixed.eval} == {"a", "held"}
+    assert not {r["id"] for r in mixed.train} & {r["id"] for r in mixed.eval}
+    with pytest.raises(ConfigError, match="eval_only"):
+        compose(sources_override({**train_src, "eval_only": True}, held_src))
 
 
 def test_tokenized_features_are_cached_by_tokenizer_and_settings(tmp_path):

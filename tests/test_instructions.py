@@ -279,18 +279,22 @@ def test_shipped_data_agrees_with_the_checker():
 
 def test_data_mix_preset():
     """`data_mix=instructions` reads the shipped copy: every stage's rows carry the task, so the
-    gold reward applies (reward functions, eval_gold_reward); stage slices are disjoint."""
+    gold reward applies (reward functions, eval_gold_reward); training slices are disjoint and
+    every stage's eval slice is the held-out topics' prompts (an eval_only source)."""
     from rlhf_exp.data.mix import build_stage_data
 
     cfg = compose("data_mix=instructions")
     assert cfg.data_mix.sources[0].path == "pkg://rlhf_exp/data/examples/instructions/pairs.jsonl"
+    _, heldout_topics = ins.split_topics(0)
     seen: set[str] = set()
     for stage in ("sft", "reward", "ppo"):
         data = build_stage_data(cfg.data_mix, stage, cfg.seed)
-        rows = data.train + data.eval
-        assert rows and all(r["task"] == "instructions" for r in rows)
+        rows = data.train
+        assert rows and all(r["task"] == "instructions" for r in rows + data.eval)
         assert all(tasks.gold_reward(r["task"], r["prompt"], r["chosen"]) >
                    tasks.gold_reward(r["task"], r["prompt"], r["rejected"]) for r in rows)
         ids = {r["id"] for r in rows}
         assert not ids & seen
         seen |= ids
+        assert len(data.eval) == 64 and all(
+            ins.parse_prompt(r["prompt"]).topic in heldout_topics for r in data.eval), stage

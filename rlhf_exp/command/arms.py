@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_exp.config.validate import active_arms
 from rlhf_exp.errors import ConfigError, UserError
 
 
@@ -27,7 +28,7 @@ def arm_overrides(cfg: DictConfig, overrides: list[str]) -> dict[str, list[str]]
     return {str(name): [*base, "stage=pipeline",
                         f"stage.stages=[{','.join(str(s) for s in arm.stages)}]",
                         *[str(o) for o in arm.get("overrides", [])]]
-            for name, arm in cfg.stage.arms.items()}
+            for name, arm in active_arms(cfg).items()}
 
 
 def _outside(cfg: DictConfig, stage: str) -> dict:

@@ -84,6 +84,9 @@ class StageConfig:
     # once, and command-line overrides of that stage's keys (conf/stage/algorithms.yaml).
     # Untyped so that `+stage.arms.x={stages:[sft,grpo]}` adds one; _check_algorithms checks it
     arms: dict[str, Any] = field(default_factory=dict)
+    # algorithms only: also compare the base model (model.path, untrained) on the held-out
+    # prompts, and measure every policy's KL to it (kl_to_base) instead of to the SFT policy
+    compare_base: bool = False
 
 
 # ----------------------------------------------------------------------------- zero
@@ -156,6 +159,9 @@ class SourceConfig:
     max_examples: int | None = None  # cap on rows read from the source (null = all)
     # gold reward of this source's rows (a name in rlhf_exp.tasks, e.g. sort_digits); null = none
     task: str | None = None
+    # true: evaluation only (e.g. prompts of held-out topics): its rows, up to its weight share of
+    # max_eval_examples, go to every stage's held-out eval and none to training
+    eval_only: bool = False
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
 
 

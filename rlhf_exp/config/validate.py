@@ -34,13 +34,20 @@ from rlhf_exp.config.choices import (
 from rlhf_exp.errors import ConfigError
 
 
+def active_arms(cfg: DictConfig) -> dict[str, DictConfig]:
+    """stage.arms without the arms set to null: a preset drops a built-in arm with
+    `stage.arms.ppo: null` (a merge cannot delete a key), the command line with `~stage.arms.ppo`
+    or `stage.arms.ppo=null`."""
+    return {str(name): arm for name, arm in cfg.stage.arms.items() if arm is not None}
+
+
 def run_stages(cfg: DictConfig) -> list[str]:
     """The training stages a run goes through: a pipeline's chain, the union of the arms'
     chains of stage=algorithms (shared stages once), else the stage itself."""
     if cfg.stage.name == "pipeline":
         return list(cfg.stage.stages)
     if cfg.stage.name == "algorithms":
-        return list(dict.fromkeys(s for arm in cfg.stage.arms.values() for s in arm.stages))
+        return list(dict.fromkeys(s for arm in active_arms(cfg).values() for s in arm.stages))
     return [cfg.stage.name]
 
 
@@ -222,10 +229,10 @@ def _check_algorithms(cfg: DictConfig) -> None:
     if cfg.stage.name != "algorithms":
         return
     shared, policy_start = registry.shared_stages(), registry.policy_start_key()
-    if not cfg.stage.arms:
+    if not active_arms(cfg):
         raise ConfigError("stage=algorithms has no arms: give stage.arms.<name>.stages, e.g. "
                           "'+stage.arms.grpo.stages=[sft,grpo]' (conf/stage/algorithms.yaml)")
-    for name, arm in cfg.stage.arms.items():
+    for name, arm in active_arms(cfg).items():
         key = f"stage.arms.{name}"
         if not set(str(name)) <= NAME_CHARS or name in shared:
             raise ConfigError(f"{key}: an arm's name is its folder and W&B run name: letters, "
@@ -343,6 +350,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data_mix.max_eval_examples < 0:
         raise ConfigError(f"data_mix.max_eval_examples={cfg.data_mix.max_eval_examples} must "
                           "be >= 0")
+    if all(src.eval_only for src in cfg.data_mix.sources):
+        raise ConfigError("every data_mix.sources[i] sets eval_only: true, so no stage has rows "
+                          "to train on; give at least one source eval_only: false")
     _check_objective(cfg)
     _check_stage_nodes(cfg)
 

@@ -9,6 +9,9 @@ For every source (shuffled once by seed and its name, the same for every stage):
        slices together, and source i supplies weight_i / sum(weights) of them - a source with
        more rows than its share is subsampled, one with fewer is repeated (its slice cycles;
        repetition stays inside the stage).
+A source with `eval_only: true` (e.g. prompts of held-out topics) skips all three: its rows, up
+to its weight share of `max_eval_examples`, go to every stage's held-out eval, none to training;
+its weight does not count in the training blend.
 """
 
 from __future__ import annotations
@@ -65,25 +68,29 @@ def build_stage_data(data_mix: DictConfig, stage: str, seed: int) -> StageData:
     split = [float(s) for s in data_mix.split]
     weights = [float(src.weight) for src in data_mix.sources]
     wsum = sum(weights)
-    trains, held_out = [], []
+    trains, held_out, train_sources = [], [], []
     for i, src in enumerate(data_mix.sources):
         rows = load_source(src, seed=seed + 1000 * i)
         random.Random(f"{seed}:{src.name}").shuffle(rows)
+        cap = int(data_mix.max_eval_examples * weights[i] / wsum)
+        if src.get("eval_only", False):  # evaluated by every stage, trained on by none
+            held_out += rows[:cap]
+            continue
         lo, hi = stage_slice(len(rows), split, stage)
         part = rows[lo:hi]
         if not part and split[STAGE_INDEX[stage]] > 0:
             raise DataError(f"source {src.name!r} has {len(rows)} rows: too few to give the "
                             f"{stage} stage its share of data_mix.split={split}")
-        cap = int(data_mix.max_eval_examples * weights[i] / wsum)
         n_eval = min(int(len(part) * data_mix.eval_fraction), cap)
         held_out += part[:n_eval]
         trains.append(part[n_eval:])
+        train_sources.append(src)
     train: list[dict] = []
     if len(trains) == 1:  # a single source: all of its slice, as it is
         train = trains[0]
     else:
-        for src, rows, k in zip(data_mix.sources, trains,
-                                quotas([len(t) for t in trains], weights)):
+        for src, rows, k in zip(train_sources, trains, quotas(
+                [len(t) for t in trains], [float(src.weight) for src in train_sources])):
             if k and not rows:
                 raise DataError(f"source {src.name!r} has no {stage} rows left after the eval "
                                 "slice; add rows or lower data_mix.eval_fraction")

@@ -16,13 +16,16 @@ stage.stages=<its stages> <this run's overrides> <its overrides>` composes
                      its own W&B run (job_type = its stage, name <experiment>-<stage>-<arm>)
     compare_heldout  the SFT policy and every arm's policy on the same held-out prompts with the
                      same settings (PPO's held-out eval: ppo.generation, ppo.eval_num_prompts):
-                     gold reward, reward-model score, response length, KL to SFT
+                     gold reward, reward-model score, response length, KL to SFT; with
+                     stage.compare_base the base model too, KL to it (kl_to_base); and the
+                     first held-out prompts' answers side by side (samples_side_by_side)
     compare_runs     the compare tool's table of the arms' own held-out gold reward
                      (`{stage}/eval_gold_reward`, logged every eval_every steps) and a PNG of it
                      against each arm's wall time: <run_dir>/algorithms.png
 
-<run_dir>/summary.md holds the three tables; result.json the metrics `algorithms/<arm>_<metric>`
-(gold_reward, gold_gain over SFT, reward_score, response_length, kl_to_sft, wall_s).
+<run_dir>/summary.md holds the three tables and the answers; result.json the metrics
+`algorithms/<arm>_<metric>` (gold_reward, gold_gain over SFT, reward_score, response_length,
+kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base).
 
 `rlhf-exp resume=<run_dir>` continues a cut shoot-out as it does a pipeline: every stage runs
 again in its own folder, a finished one returns its result without training, the one that was
@@ -41,12 +44,14 @@ from omegaconf import DictConfig, open_dict
 from rlhf_exp.command import arms, composition
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.modeling import models
+from rlhf_exp.rl import evaluation
 from rlhf_exp.stages import pipeline
 from rlhf_exp.training import checkpoint, dist, runtime
 from rlhf_exp.training.tracking import resolve_init
 
-HELDOUT_COLUMNS = ("gold_reward", "gold_gain", "reward_score", "response_length", "kl_to_sft",
-                   "wall_s")
+HELDOUT_COLUMNS = ("gold_reward", "gold_gain", "gold_gain_over_base", "reward_score",
+                   "response_length", "kl_to_sft", "kl_to_base", "wall_s")
+SAMPLES_SHOWN = 5  # held-out prompts whose answers the summary shows side by side
 
 
 def arm_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -100,12 +105,18 @@ def train_arm(name: str, arm_cfg: DictConfig, shared: dict[str, runtime.StageRes
 
 
 def compare_heldout(cfg: DictConfig, shared: dict[str, runtime.StageResult],
-                    results: dict[str, runtime.StageResult]) -> dict[str, dict[str, float]]:
-    """The SFT policy and every arm's final policy, with the same held-out prompts, generation
-    settings and seed (pipeline.compare_policies with PPO's held-out eval settings)."""
+                    results: dict[str, runtime.StageResult]
+                    ) -> tuple[dict[str, dict[str, float]], str]:
+    """The SFT policy and every arm's final policy (and, with stage.compare_base, the base model
+    first), with the same held-out prompts, generation settings and seed (PPO's held-out eval
+    settings, as pipeline.compare_policies). KL is to the SFT policy, or to the base model with
+    stage.compare_base (`kl_to_base`). Returns the metrics and the side-by-side samples."""
     start = (str(resolve_init(shared["sft"].run_dir)[0]) if "sft" in shared
              else models.resolve_base_path(cfg.model))
-    policies = {"sft": start}
+    policies, reference = {"sft": start}, start
+    if cfg.stage.get("compare_base", False):
+        reference = models.resolve_base_path(cfg.model)
+        policies = {"base": reference, **policies}
     for name, res in results.items():
         policies[name] = res.checkpoint
         ema = Path(res.run_dir) / "checkpoints" / "ema"
@@ -113,7 +124,35 @@ def compare_heldout(cfg: DictConfig, shared: dict[str, runtime.StageResult],
             policies[f"{name}_ema"] = str(ema)
     reward_model = (str(resolve_init(shared["reward"].run_dir)[0]) if "reward" in shared
                     else None)
-    return pipeline.compare_policies(cfg, policies, start, reward_model, stage="ppo")
+    rows, scores, device = pipeline.score_policies(cfg, policies, reference, reward_model,
+                                                   stage="ppo")
+    heldout = pipeline.summarize_scores(scores, device)
+    if reference != start:  # the KL of each policy is to the base model
+        for m in heldout.values():
+            if "kl_to_sft" in m:
+                m["kl_to_base"] = m.pop("kl_to_sft")
+    return heldout, samples_side_by_side(rows, scores)
+
+
+def samples_side_by_side(rows: list[dict], scores: dict[str, evaluation.PolicyScores],
+                         n: int = SAMPLES_SHOWN) -> str:
+    """Markdown: the first `n` held-out prompts (this rank's), each policy's answer to it with
+    its gold reward, one table per prompt."""
+    blocks = []
+    for i, row in enumerate(rows[:n]):
+        lines = [f"**{i + 1}.** {_cell(row['prompt'])}", "", "| policy | gold | answer |",
+                 "|---|---:|---|"]
+        for name, s in scores.items():
+            gold = s.gold[i]
+            lines.append(f"| {name} | {'-' if gold is None else f'{gold:.2f}'} | "
+                         f"{_cell(s.samples.texts[i])} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _cell(text: str) -> str:
+    """Text inside a markdown table cell: one line, pipes escaped, empty shown as such."""
+    return " ".join(text.replace("|", "\\|").split()) or "(empty)"
 
 
 def compare_runs(run_dir: Path, names: list[str]) -> tuple[str, Path | None]:
@@ -134,23 +173,43 @@ def compare_runs(run_dir: Path, names: list[str]) -> tuple[str, Path | None]:
 
 def summary_text(shared: dict[str, runtime.StageResult], results: dict[str, runtime.StageResult],
                  wall: dict[str, float], heldout: dict[str, dict[str, float]],
-                 runs_table: str) -> str:
-    """Markdown: the stages and their W&B runs, the held-out comparison, the compare table."""
+                 runs_table: str, samples: str = "") -> str:
+    """Markdown: the stages and their W&B runs, the held-out comparison (only the columns some
+    policy has), the compare table, the side-by-side samples."""
     lines = ["| run | stage | run dir | W&B run | wall s |", "|---|---|---|---|---:|"]
     for name, res in {**shared, **results}.items():
         lines.append(f"| {name} | {res.stage} | {res.run_dir} | {res.wandb_run_id or '-'} | "
                      f"{wall.get(name, float('nan')):.1f} |")
+    columns = heldout_columns(heldout)
     lines += ["", "Every policy on the same held-out prompts, generation settings and seed "
               "(PPO's held-out eval); wall_s: the arm's own stage, from the shared SFT policy:",
-              "", "| policy | " + " | ".join(HELDOUT_COLUMNS) + " |",
-              "|---|" + "---|" * len(HELDOUT_COLUMNS)]
+              "", "| policy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, m in heldout.items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{m[c]:.4g}" if c in m else "-" for c in HELDOUT_COLUMNS) + " |")
+            f"{m[c]:.4g}" if c in m else "-" for c in columns) + " |")
     if runs_table:
         lines += ["", "The arms' own held-out eval over training (rlhf-exp-compare):", "",
                   "```", runs_table, "```"]
+    if samples:
+        lines += ["", "Answers side by side (the first held-out prompts, gold reward):", "",
+                  samples]
     return "\n".join(lines) + "\n"
+
+
+def add_base_gain(heldout: dict[str, dict[str, float]]) -> None:
+    """With a base-model row: each other policy's `gold_gain_over_base` (its gold reward minus
+    the base model's, on the same prompts)."""
+    base = heldout.get("base", {}).get("gold_reward")
+    if base is None:
+        return
+    for name, m in heldout.items():
+        if name != "base" and "gold_reward" in m:
+            m["gold_gain_over_base"] = m["gold_reward"] - base
+
+
+def heldout_columns(heldout: dict[str, dict[str, float]]) -> list[str]:
+    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both)."""
+    return [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
@@ -164,16 +223,17 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     for name, arm_cfg in arm_cfgs.items():
         results[name], wall[name] = train_arm(name, arm_cfg, shared, run_dir)
 
-    heldout = compare_heldout(cfg, shared, results)
+    heldout, samples = compare_heldout(cfg, shared, results)
     base = heldout["sft"].get("gold_reward")
     for name, m in heldout.items():
         if name in wall:
             m["wall_s"] = wall[name]
-        if base is not None and "gold_reward" in m and name != "sft":
+        if base is not None and "gold_reward" in m and name not in ("sft", "base"):
             m["gold_gain"] = m["gold_reward"] - base
+    add_base_gain(heldout)
     runs_table, png = compare_runs(run_dir, list(results))
 
-    text = summary_text(shared, results, wall, heldout, runs_table)
+    text = summary_text(shared, results, wall, heldout, runs_table, samples)
     if dist.is_main():
         (run_dir / "summary.md").write_text(text)
     runtime.say("\nalgorithms summary\n" + text + (f"plot: {png}" if png else ""))

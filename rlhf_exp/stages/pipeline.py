@@ -29,6 +29,7 @@ import copy
 import importlib
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_exp import registry
@@ -72,14 +73,29 @@ def compare_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
     same rows (sharded over ranks, seed + rank), generation, batch size and seed
     (evaluation.compare_checkpoints, as stage=eval). Returns
     {policy name: {gold_reward, reward_score, response_length, kl_to_sft}}."""
+    _, scores, device = score_policies(cfg, policies, reference, reward_model, stage)
+    return summarize_scores(scores, device)
+
+
+def score_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
+                   reward_model: str | None, stage: str = "ppo"
+                   ) -> tuple[list[dict], dict[str, evaluation.PolicyScores], torch.device]:
+    """compare_policies before the means: this rank's held-out rows, each policy's responses
+    and scores on them, and the device to average them on."""
     node, kl_estimator = eval_node(cfg, stage)
     settings = evaluation.stage_settings(cfg, node)
     rows = evaluation.heldout_shard(cfg, node.eval_num_prompts, dist.rank(), dist.world_size())
     scores = evaluation.compare_checkpoints(
         policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
         reward_model=reward_model, reference=reference, kl_estimator=kl_estimator)
+    return rows, scores, settings.device
+
+
+def summarize_scores(scores: dict[str, evaluation.PolicyScores], device: torch.device
+                     ) -> dict[str, dict[str, float]]:
+    """{policy: {gold_reward, reward_score, response_length, kl_to_sft}}, averaged over ranks."""
     shown = ("response_length", "kl_to_sft", "reward_score", "gold_reward")
-    return {name: {k: v for k, v in evaluation.summarize(s, settings.device).items()
+    return {name: {k: v for k, v in evaluation.summarize(s, device).items()
                    if k in shown} for name, s in scores.items()}
 
 
