@@ -376,23 +376,16 @@ def test_every_stage_on_smollm2(smollm2, tmp_path):
     _assert_renders_chatml(tok, row, "ppo")
     del eng
 
-    # --- GRPO, rewarded by the reward model, LoRA
-    cfg = _cfg("grpo", f"grpo.actor_init={tmp_path / 'sft'}",
-               f"grpo.reward_model={tmp_path / 'reward'}")
-    eng, tok, result = timed("grpo", grpo.train, cfg, tmp_path / "grpo")
-    for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
-        assert math.isfinite(result.metrics[key]), key
-    _assert_renders_chatml(tok, row, "grpo")
-    del eng
-
-    # --- RLOO (the grpo=rloo preset) on the same inputs: leave-one-out baseline, KL in reward
-    cfg = _cfg("grpo", "grpo=rloo", f"grpo.actor_init={tmp_path / 'sft'}",
-               f"grpo.reward_model={tmp_path / 'reward'}")
-    eng, tok, result = timed("rloo", grpo.train, cfg, tmp_path / "rloo")
-    for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
-        assert math.isfinite(result.metrics[key]), key
-    _assert_renders_chatml(tok, row, "rloo")
-    del eng
+    # --- GRPO and RLOO (the grpo=rloo preset: leave-one-out baseline, KL in the reward),
+    # rewarded by the reward model, LoRA
+    for name, preset in (("grpo", []), ("rloo", ["grpo=rloo"])):
+        cfg = _cfg("grpo", *preset, f"grpo.actor_init={tmp_path / 'sft'}",
+                   f"grpo.reward_model={tmp_path / 'reward'}")
+        eng, tok, result = timed(name, grpo.train, cfg, tmp_path / name)
+        for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
+            assert math.isfinite(result.metrics[key]), key
+        _assert_renders_chatml(tok, row, name)
+        del eng
 
     # --- DPO from SFT, LoRA
     cfg = _cfg("dpo", f"dpo.init_from={tmp_path / 'sft'}")
