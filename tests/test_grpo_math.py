@@ -198,7 +198,7 @@ TRL_LOSS = {"token_mean": "dapo", "sequence_mean": "grpo", "dr_grpo": "dr_grpo"}
 
 
 def _trl_loss(loss_type: str, logp, old, ref, adv, mask, *, epsilon, epsilon_high, beta,
-              max_len):
+              max_len, importance_sampling_level: str = "token"):
     """TRL's own GRPOTrainer._compute_loss on a fixed rollout: its trainer state is replaced by
     the few attributes the loss reads (one process, no accumulation), the model's log-probs by
     ours."""
@@ -208,7 +208,8 @@ def _trl_loss(loss_type: str, logp, old, ref, adv, mask, *, epsilon, epsilon_hig
     this = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
         aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=epsilon,
+        importance_sampling_level=importance_sampling_level, beta=beta, loss_type=loss_type,
+        epsilon_low=epsilon,
         epsilon_high=epsilon_high, use_vllm=False, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1, max_completion_length=max_len,
         _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)}, accelerator=acc,

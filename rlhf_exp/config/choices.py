@@ -20,6 +20,10 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 GRPO_BASELINES = ("group_mean", "leave_one_out")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 GRPO_LOSS_AGG = ("token_mean", "sequence_mean", "dr_grpo")
+# group: baseline/scale_rewards per sequence; reinforce(_baseline): REINFORCE++ token returns
+GRPO_ADVANTAGE_ESTIMATORS = ("group", "reinforce", "reinforce_baseline")
+GRPO_IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # sequence = GSPO
+GRPO_OVERLONG = ("none", "soft", "mask")  # DAPO overlong shaping
 # the DPO losses of rlhf_exp/rl/dpo_math.py (TRL's DPOTrainer names; docs/dpo.md has the formulas)
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 COMPILE_MODES = ("auto", "none", "cuda_graphs", "compile")

@@ -388,6 +388,13 @@ class GRPOConfig:
     loss_agg: str = "token_mean"  # token_mean (DAPO) | sequence_mean (GRPO) | dr_grpo
     entropy_coef: float = 0.0  # entropy bonus
     filter_zero_std: bool = False  # leave groups whose rewards are all equal out of the update
+    # group (baseline/scale_rewards) | reinforce | reinforce_baseline (REINFORCE++, OpenRLHF)
+    advantage_estimator: str = "group"
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    refill_max_rounds: int = 0  # DAPO dynamic sampling: extra generation rounds per step; 0 = off
+    overlong: str = "none"  # none | soft (DAPO's length penalty) | mask (truncated out of the loss)
+    overlong_buffer: int = 4  # soft: the last tokens before max_new_tokens the penalty ramps over
+    overlong_penalty: float = 1.0  # soft: the penalty at max_new_tokens
     # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
     # groups and no gradient checkpointing, else off)
     shared_prompt: bool = True

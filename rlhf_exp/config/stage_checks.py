@@ -22,8 +22,11 @@ from rlhf_exp.config.checks import (
 )
 from rlhf_exp.config.choices import (
     DPO_LOSS_TYPES,
+    GRPO_ADVANTAGE_ESTIMATORS,
     GRPO_BASELINES,
+    GRPO_IMPORTANCE_SAMPLING_LEVELS,
     GRPO_LOSS_AGG,
+    GRPO_OVERLONG,
     GRPO_SCALE_REWARDS,
     KL_ESTIMATORS,
     SCHEDULERS,
@@ -227,6 +230,7 @@ def check_grpo(cfg: DictConfig) -> None:
     for key in ("beta", "entropy_coef", "eval_every", "save_every", "keep_last"):
         if gc[key] < 0:
             raise ConfigError(f"grpo.{key}={gc[key]} must be >= 0")
+    _check_grpo_arms(cfg)
     if gc.kl_in_reward and gc.beta == 0:
         raise ConfigError("grpo.kl_in_reward=true folds beta * KL into the reward, but "
                           "grpo.beta=0; set grpo.beta > 0 or grpo.kl_in_reward=false")
@@ -244,3 +248,29 @@ def check_grpo(cfg: DictConfig) -> None:
     if gc.reward_functions is not None and not gc.reward_functions and not has_rm:
         raise ConfigError("grpo: no reward: grpo.reward_functions is empty and there is no "
                           "reward model (grpo.reward_model null or grpo.reward_model_weight 0)")
+
+
+def _check_grpo_arms(cfg: DictConfig) -> None:
+    """The REINFORCE++, GSPO and DAPO keys of the grpo node (docs/grpo.md)."""
+    gc = cfg.grpo
+    _allowed(cfg, "grpo.advantage_estimator", GRPO_ADVANTAGE_ESTIMATORS)
+    _allowed(cfg, "grpo.importance_sampling_level", GRPO_IMPORTANCE_SAMPLING_LEVELS)
+    _allowed(cfg, "grpo.overlong", GRPO_OVERLONG)
+    if gc.advantage_estimator != "group" and (gc.baseline != "group_mean"
+                                              or gc.scale_rewards != "group"):
+        raise ConfigError(f"grpo.advantage_estimator={gc.advantage_estimator} whitens token "
+                          "returns over the batch itself; grpo.baseline and grpo.scale_rewards "
+                          "apply only to advantage_estimator=group (leave them at group_mean, "
+                          "group)")
+    if gc.refill_max_rounds < 0:
+        raise ConfigError(f"grpo.refill_max_rounds={gc.refill_max_rounds} must be >= 0")
+    if gc.refill_max_rounds > 0 and not gc.filter_zero_std:
+        raise ConfigError("grpo.refill_max_rounds > 0 refills the step with groups that have a "
+                          "reward spread; set grpo.filter_zero_std=true so that the zero-spread "
+                          "groups left after the last round stay out of the update")
+    if gc.overlong == "soft":
+        if not 0 < gc.overlong_buffer <= gc.generation.max_new_tokens:
+            raise ConfigError(f"grpo.overlong_buffer={gc.overlong_buffer} must be in [1, "
+                              f"grpo.generation.max_new_tokens={gc.generation.max_new_tokens}]")
+        if gc.overlong_penalty < 0:
+            raise ConfigError(f"grpo.overlong_penalty={gc.overlong_penalty} must be >= 0")

