@@ -8,6 +8,8 @@ DAPO's dynamic sampling on a real tiny model (slow)."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -197,3 +199,46 @@ def test_reinforce_refuses_group_keys_and_soft_needs_a_buffer():
         validate(compose("stage=grpo", "grpo.overlong=soft", "grpo.overlong_buffer=99"))
     for preset in ("reinforce_pp", "reinforce_pp_baseline", "gspo", "dapo"):
         validate(compose("stage=grpo", f"grpo={preset}"))  # every preset is valid
+
+
+# ----------------------------------------------------------------------------- DAPO refill
+def _tied(prompt: str) -> bool:
+    return zlib.crc32(prompt.encode()) % 2 == 0
+
+
+def half_tied_reward(prompts: list[str], responses: list[str], **_) -> list[float]:
+    """A reward that ties every group of about half the prompts (0 for all their answers) and
+    spreads the others' (the answer's length): a refill test's reward function."""
+    return [0.0 if _tied(p) else float(len(r)) for p, r in zip(prompts, responses)]
+
+
+@pytest.mark.slow
+def test_refill_fills_the_step_with_groups_that_have_a_spread(tmp_path):
+    """Each step ends with prompts_per_step groups, every one with a reward spread, though about
+    half the prompts sampled have none: the refill rounds replaced them (and say so)."""
+    from rlhf_exp.stages import grpo
+    from rlhf_exp.training.wandb_reader import read_runs
+    from tests.conftest import FAST, compose
+
+    cfg = compose(*FAST, "stage=grpo", "grpo.steps=2", "grpo.prompts_per_step=4",
+                  "grpo.num_generations=4", "grpo.micro_batch_size_per_device=16",
+                  "grpo.beta=0", "grpo.filter_zero_std=true", "grpo.refill_max_rounds=4",
+                  "grpo.eval_num_prompts=8", "grpo.eval_batch_size=8", "logger.table_every=1",
+                  "grpo.reward_functions=[{fn: 'tests.test_grpo_arms:half_tied_reward', "
+                  "weight: 1.0}]")
+    grpo.train(cfg, tmp_path)
+    (run,) = read_runs(tmp_path / "wandb")
+    assert run.metric("grpo/frac_zero_std") == [0.0, 0.0]  # the batch: no tied group left
+    assert run.metric("grpo/groups_short") == [0.0, 0.0]
+    generated, dropped = run.metric("grpo/groups_generated"), run.metric("grpo/groups_dropped")
+    rounds = run.metric("grpo/refill_rounds")
+    assert all(g == 4 * (r + 1) for g, r in zip(generated, rounds))
+    assert sum(dropped) > 0 and max(rounds) >= 1  # tied groups were sampled and replaced
+    import json
+    for table in sorted((tmp_path / "wandb").glob("offline-run-*/files/media/table/grpo/*")):
+        data = json.loads(table.read_text())["data"]
+        assert len(data) == 16  # 4 groups of 4
+        for g in range(4):
+            group = data[4 * g:4 * g + 4]
+            assert len({row[0] for row in group}) == 1 and not _tied(group[0][0])
+            assert len({row[2] for row in group}) > 1  # the rewards differ

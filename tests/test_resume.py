@@ -71,6 +71,16 @@ def _dpo_gold_once(killed: Path, reference: Path, resumed: dict) -> None:
     assert logged_steps(run, "dpo/eval_gold_reward", "dpo") == [0, 6]
 
 
+def _grpo_refilled(killed: Path, reference: Path, resumed: dict) -> None:
+    """The refill ran on both sides of the kill (tied groups dropped, new ones sampled) and
+    counted alike."""
+    (run,) = read_merged(killed / "wandb")
+    (ref,) = read_merged(reference / "wandb")
+    dropped = run.metric("grpo/groups_dropped")
+    assert len(dropped) == 4 and sum(dropped[:2]) > 0 and sum(dropped[2:]) > 0
+    assert dropped == ref.metric("grpo/groups_dropped")
+
+
 SMALL = ["seed=7", "data_mix.sources.0.synthetic.num_examples=600", "logger.log_checkpoints=false"]
 CASES = {
     # keep_best_mode=max makes the "best" checkpoint the oldest one (eval loss falls), so the
@@ -109,11 +119,16 @@ CASES = {
          "grpo.num_generations=4", "grpo.micro_batch_size_per_device=2",
          "grpo.num_iterations=2", "grpo.num_minibatches=2", "grpo.beta=0.1",
          "grpo.kl_in_reward=true", "grpo.eval_every=2", "grpo.eval_num_prompts=8",
+         # DAPO's refill resumes too: a reward that ties about half the groups, so that steps
+         # drop and refill groups (the base model's gold reward alone ties nearly all)
+         "grpo.filter_zero_std=true", "grpo.refill_max_rounds=2",
+         "grpo.reward_functions=[{fn: 'rlhf_exp.tasks:gold_reward_fn', weight: 1.0}, "
+         "{fn: 'tests.test_grpo_arms:half_tied_reward', weight: 0.1}]",
          "grpo.eval_batch_size=8", "grpo.save_every=2", "grpo.keep_last=1", "grpo.log_every=1",
          "logger.table_every=0"],
         4, ("grpo/eval_gold_reward", "grpo/init_eval_gold_reward", "grpo/kl", "grpo/reward",
             "grpo/gold_reward", "grpo/response_length"), ("grpo/loss", "grpo/kl", "grpo/reward"),
-        "grpo/eval_gold_reward", [0, 2, 4]),
+        "grpo/eval_gold_reward", [0, 2, 4], extra=_grpo_refilled),
     "dpo": Case(
         ["stage=dpo", *SMALL, "dpo.micro_batch_size_per_device=8", "dpo.max_steps=6",
          "dpo.log_every=1", "dpo.eval_every=2", "dpo.save_every=2", "dpo.keep_last=1",
