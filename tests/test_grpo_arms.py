@@ -242,3 +242,70 @@ def test_refill_fills_the_step_with_groups_that_have_a_spread(tmp_path):
             group = data[4 * g:4 * g + 4]
             assert len({row[0] for row in group}) == 1 and not _tied(group[0][0])
             assert len({row[2] for row in group}) > 1  # the rewards differ
+
+
+def test_concat_groups_pads_without_moving_real_tokens():
+    """Groups from rounds of different widths: each row keeps its real tokens, in order, at
+    the same positions (position_ids), with padding out of the attention."""
+    from rlhf_exp.rl.rollout import Trajectory
+    from rlhf_exp.stages.grpo import concat_groups
+
+    def traj(P, R, seed):
+        g = torch.Generator().manual_seed(seed)
+        seqs = torch.randint(3, 50, (2, P + R), generator=g)
+        attn = torch.ones(2, P + R, dtype=torch.long)
+        attn[1, :1] = 0  # row 1: one left-pad token
+        seqs[1, 0] = 0
+        rmask = torch.ones(2, R)
+        rmask[0, R - 1:] = 0  # row 0 ended early (pad after EOS)
+        attn[0, -1] = 0
+        seqs[0, -1] = 0
+        return Trajectory(rows=[{"prompt": f"p{seed}"}] * 2, sequences=seqs, attention_mask=attn,
+                          position_ids=(attn.cumsum(-1) - 1).clamp_min(0), response_mask=rmask,
+                          texts=["a", "b"], gen_s=1.0)
+
+    a, b = traj(3, 4, 0), traj(5, 2, 1)
+    out = concat_groups([(a, 0), (b, 0)], 2, pad_id=0)
+    assert out.sequences.shape == (4, 5 + 4) and out.response_mask.shape == (4, 4)
+    assert out.gen_s == 2.0 and [r["prompt"] for r in out.rows] == ["p0"] * 2 + ["p1"] * 2
+    for src, rows in ((a, slice(0, 2)), (b, slice(2, 4))):
+        for i, j in zip(range(2), range(rows.start, rows.stop)):
+            real_src = src.sequences[i][src.attention_mask[i].bool()]
+            real_out = out.sequences[j][out.attention_mask[j].bool()]
+            assert torch.equal(real_src, real_out)
+            assert torch.equal(src.position_ids[i][src.attention_mask[i].bool()],
+                               out.position_ids[j][out.attention_mask[j].bool()])
+            r = src.response_mask.shape[1]
+            assert torch.equal(out.response_mask[j, :r], src.response_mask[i])
+            assert not out.response_mask[j, r:].any()
+            # the response columns line up: response token t of the source at column P' + t
+            assert torch.equal(out.responses[j, :r][src.response_mask[i].bool()],
+                               src.responses[i][src.response_mask[i].bool()])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,extra", [
+    ("reinforce_pp", ["grpo.overlong=mask"]), ("reinforce_pp_baseline", []), ("gspo", []),
+    ("dapo", [])])
+def test_each_preset_trains(preset, extra, tmp_path):
+    """Each new preset runs a real (tiny) GRPO stage end to end, its own metrics logged."""
+    import math
+
+    from rlhf_exp.stages import grpo
+    from rlhf_exp.training.wandb_reader import read_runs
+    from tests.conftest import FAST, compose
+
+    cfg = compose(*FAST, "stage=grpo", f"grpo={preset}", "grpo.steps=2",
+                  "grpo.prompts_per_step=4", "grpo.num_generations=4",
+                  "grpo.micro_batch_size_per_device=8", "grpo.eval_num_prompts=8",
+                  "grpo.eval_batch_size=8", "grpo.generation.max_new_tokens=8",
+                  "grpo.reward_functions=[{fn: 'tests.test_grpo_arms:half_tied_reward', "
+                  "weight: 1.0}]", *extra)
+    grpo.train(cfg, tmp_path)
+    (run,) = read_runs(tmp_path / "wandb")
+    assert all(math.isfinite(v) for v in run.metric("grpo/pg_loss"))
+    if preset.startswith("reinforce"):
+        assert len(run.metric("grpo/kl")) == 2  # beta 0.01: the reference is loaded
+    if preset == "dapo":
+        assert all(p <= 0 for p in run.metric("grpo/overlong_penalty"))
+        assert len(run.metric("grpo/groups_generated")) == 2
