@@ -1,4 +1,5 @@
-"""GRPO: critic-free policy gradient with group baselines (GRPO, RLOO, Dr. GRPO, DAPO options).
+"""GRPO: critic-free policy gradient with group baselines (GRPO, RLOO, Dr. GRPO, DAPO, GSPO,
+REINFORCE++ options; docs/grpo.md).
 
 Run: rlhf-exp stage=grpo grpo.actor_init=<sft run dir|artifact>            (gold-reward function)
      rlhf-exp stage=grpo grpo.actor_init=<sft> grpo.reward_model=<reward run dir>
@@ -18,11 +19,15 @@ prompt (rlhf_exp/rl/grpo_math.py has the formulas). Dropout is off in every mode
 One step (`grpo.steps` of them), each a function below:
   generate_groups   `prompts_per_step` prompts (global; each rank its slice, so a prompt's group
                     stays on one rank), `num_generations` sampled completions of each
-                    (rlhf_exp/rl/rollout.py, shared with PPO)
+                    (rlhf_exp/rl/rollout.py, shared with PPO); with `refill_max_rounds`,
+                    refill_groups samples rounds of new prompts until enough groups have a
+                    reward spread (DAPO dynamic sampling)
   make_experience   old log-probs (only when the update is not one on-policy pass, or beta > 0),
                     reference log-probs (beta > 0), the scores; the KL folded into the reward
                     (`kl_in_reward`); group baselines and advantages over the global batch
-                    (`baseline`, `scale_rewards`), zero-std groups counted and optionally left out
+                    (`baseline`, `scale_rewards`) or REINFORCE++'s whitened token returns
+                    (`advantage_estimator`), DAPO's overlong shaping (`overlong`), zero-std
+                    groups counted and optionally left out
   grpo_step         `num_iterations` passes, `num_minibatches` optimizer steps each, micro-batches
                     of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
@@ -206,7 +211,9 @@ def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts:
                 f"completions = {completions}; update {gc.num_iterations} pass(es) x "
                 f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
                 f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
-                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
+                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}, advantages "
+                f"{gc.advantage_estimator}, ratio per {gc.importance_sampling_level}, refill "
+                f"{gc.refill_max_rounds} rounds, overlong {gc.overlong}; actor zero "
                 f"{m.actor_stage}; actor {inputs.actor_init}; reward "
                 f"{inputs.reward_model or '-'}"
                 + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
