@@ -39,12 +39,18 @@ def test_each_arm_composes_as_its_pipeline_with_the_run_overrides():
     assert {n: list(a.stage.stages) for n, a in arms.items()} == {
         "ppo": ["sft", "reward", "ppo"], "grpo_rm": ["sft", "reward", "grpo"],
         "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "dpo": ["sft", "dpo"],
-        "clip_hi": ["sft", "grpo"]}
+        "reinforce_pp": ["sft", "grpo"], "reinforce_pp_baseline": ["sft", "grpo"],
+        "gspo": ["sft", "grpo"], "dapo": ["sft", "grpo"], "clip_hi": ["sft", "grpo"]}
     assert all(a.stage.name == "pipeline" and a.grpo.steps == 7 for a in arms.values())
     assert arms["rloo"].grpo.baseline == "leave_one_out"  # the grpo=rloo option, composed
     assert arms["grpo_gold"].grpo.baseline == "group_mean"
     assert arms["clip_hi"].grpo.epsilon_high == 0.28 and arms["rloo"].grpo.epsilon_high is None
     assert arms["ppo"].experiment_name == "algorithms"
+    # the new policy-gradient arms: each its grpo preset, composed
+    assert arms["reinforce_pp"].grpo.advantage_estimator == "reinforce"
+    assert arms["reinforce_pp_baseline"].grpo.advantage_estimator == "reinforce_baseline"
+    assert arms["gspo"].grpo.importance_sampling_level == "sequence"
+    assert arms["dapo"].grpo.refill_max_rounds > 0 and arms["dapo"].grpo.overlong == "soft"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -78,7 +84,8 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     run_dir = tmp_path / "alg"
     proc = rlhf_exp(*TINY, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    arms = ["ppo", "grpo_rm", "grpo_gold", "rloo", "dpo"]
+    arms = ["ppo", "grpo_rm", "grpo_gold", "rloo", "reinforce_pp", "reinforce_pp_baseline",
+            "gspo", "dapo", "dpo"]
     # shared stages once: one SFT and one reward W&B run; every run in the group `algorithms`
     runs = {}
     for name in ["sft", "reward", *arms]:
@@ -87,7 +94,8 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
         runs[name] = run
     assert {n: r.job_type for n, r in runs.items()} == {
         "sft": "sft", "reward": "reward", "ppo": "ppo", "grpo_rm": "grpo", "grpo_gold": "grpo",
-        "rloo": "grpo", "dpo": "dpo"}
+        "rloo": "grpo", "reinforce_pp": "grpo", "reinforce_pp_baseline": "grpo",
+        "gspo": "grpo", "dapo": "grpo", "dpo": "dpo"}
     assert not any((run_dir / arm / "sft").exists() for arm in arms)
     # each arm started from the shared outputs its chain names
     sft, reward = str(run_dir / "sft"), str(run_dir / "reward")
@@ -189,9 +197,12 @@ def test_the_smollm2_instructions_preset_composes_and_every_arm_is_valid():
 
 def test_an_arm_set_to_null_is_dropped():
     arms = _arms("stage.arms.ppo=null", "stage.arms.grpo_rm=null")
-    assert set(arms) == {"grpo_gold", "rloo", "dpo"}
+    assert set(arms) == {"grpo_gold", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo",
+                         "dapo", "dpo"}
     with pytest.raises(ConfigError, match="no arms"):
-        _arms(*[f"stage.arms.{a}=null" for a in ("ppo", "grpo_rm", "grpo_gold", "rloo", "dpo")])
+        _arms(*[f"stage.arms.{a}=null" for a in ("ppo", "grpo_rm", "grpo_gold", "rloo", "dpo",
+                                                 "reinforce_pp", "reinforce_pp_baseline",
+                                                 "gspo", "dapo")])
 
 
 def test_the_summary_shows_the_base_row_and_answers_side_by_side():

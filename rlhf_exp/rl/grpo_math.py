@@ -20,6 +20,13 @@ Advantages (one per sequence, the same at each of its tokens):
 
 stds are unbiased (n - 1) and eps = 1e-4, as TRL.
 
+REINFORCE++ (advantage_estimator reinforce / reinforce_baseline) has per-token advantages
+instead: the returns (gamma 1) of token rewards that put the (group-mean-subtracted, for the
+baseline variant) reward on the last token and -beta * KL_t on every token, whitened over the
+batch's real tokens (`reinforce_advantages`, OpenRLHF's estimator). GSPO replaces the token ratio
+by one ratio per sequence (`importance_sampling_level`); DAPO's soft overlong penalty is
+`soft_overlong_penalty`.
+
 Token loss, with ratio rho_t = exp(logp_t - old_logp_t) and clip bounds (1 - eps_lo, 1 + eps_hi):
 
     l_t = -min(rho_t * A, clip(rho_t, 1 - eps_lo, 1 + eps_hi) * A) + beta * KL_t - c_H * H_t
