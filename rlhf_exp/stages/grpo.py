@@ -261,6 +261,16 @@ def needs_old_logprobs(cfg: DictConfig) -> bool:
     return gc.num_iterations > 1 or gc.num_minibatches > 1 or gc.beta > 0
 
 
+def shaped_scores(cfg: DictConfig, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The scores the advantages (and the refill's spread) see: with DAPO's soft overlong
+    penalty when `overlong: soft` (lengths count the EOS)."""
+    gc = cfg.grpo
+    if gc.overlong != "soft":
+        return scores
+    return scores + grpo_math.soft_overlong_penalty(
+        mask.sum(-1), gc.generation.max_new_tokens, gc.overlong_buffer, gc.overlong_penalty)
+
+
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` summed (the same on every rank)."""
     return dist.all_gather_cat(t.reshape(1, -1)).sum(0).reshape(t.shape)
@@ -313,11 +323,8 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
                                          gc.reward_model_weight, micro=geo.micro, stage="grpo")
     seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
               if ref_logp is not None else None)  # [n] KL(policy || reference) per response
-    lengths, eos = mask.sum(-1), (traj.responses == m.tokenizer.eos_token_id).any(-1)
-    shaped = scores  # the score the advantages see: with DAPO's overlong penalty (soft)
-    if gc.overlong == "soft":
-        shaped = scores + grpo_math.soft_overlong_penalty(
-            lengths, gc.generation.max_new_tokens, gc.overlong_buffer, gc.overlong_penalty)
+    eos = (traj.responses == m.tokenizer.eos_token_id).any(-1)
+    shaped = shaped_scores(cfg, scores, mask)
     advantages, keep, zero_std, all_rewards = advantages_and_keep(
         cfg, shaped, mask, old_logp, ref_logp, seq_kl)
     if gc.overlong == "mask":  # truncated answers (no EOS within max_new_tokens) out of the loss
@@ -418,7 +425,8 @@ def refill_groups(m: Models, cfg: DictConfig, geo: Geometry, refill: Refill, row
         traj = generate_groups(m, cfg, rows, prompt_tokens, state)
         scores, _ = rl_steps.score(traj, m.reward_model, m.reward_functions,
                                    gc.reward_model_weight, micro=geo.micro, stage="grpo")
-        for g, zero in enumerate(grpo_math.zero_std_groups(scores, G).tolist()):
+        shaped = shaped_scores(cfg, scores, traj.response_mask)
+        for g, zero in enumerate(grpo_math.zero_std_groups(shaped, G).tolist()):
             (tied if zero else spread).append((traj, g))
         short = torch.tensor([float(max(geo.prompts_local - len(spread), 0))])
         if dist.all_gather_cat(short.to(scores.device)).max().item() == 0:
