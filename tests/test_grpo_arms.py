@@ -309,3 +309,32 @@ def test_each_preset_trains(preset, extra, tmp_path):
     if preset == "dapo":
         assert all(p <= 0 for p in run.metric("grpo/overlong_penalty"))
         assert len(run.metric("grpo/groups_generated")) == 2
+
+
+@pytest.mark.slow
+def test_refill_on_two_ranks_with_zero3_stays_in_lockstep(tmp_path):
+    """2 ranks under ZeRO-3 (every decode step a collective): each rank refills its own groups,
+    the ranks run the same rounds (a rank that stopped early would hang the other), with
+    REINFORCE++-baseline's whitening and GSPO's ratio on top; every step logs its counts."""
+    from rlhf_exp.training.wandb_reader import read_runs
+    from tests.conftest import ROOT, cli
+
+    run_dir = tmp_path / "run"
+    proc = cli("stage=grpo", "grpo=dapo", "hardware.nproc_per_node=2", "zero_stage=zero3",
+               "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+               "logger.log_checkpoints=false", "grpo.steps=3", "grpo.prompts_per_step=4",
+               "grpo.num_generations=4", "grpo.micro_batch_size_per_device=8",
+               "grpo.eval_num_prompts=8", "grpo.eval_batch_size=8", "grpo.refill_max_rounds=3",
+               "grpo.advantage_estimator=reinforce_baseline",
+               "grpo.importance_sampling_level=sequence",
+               "grpo.reward_functions=[{fn: 'tests.test_grpo_arms:half_tied_reward', "
+               "weight: 1.0}]", f"hydra.run.dir={run_dir}", timeout=900,
+               env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launching 2 ranks" in proc.stdout
+    (run,) = read_runs(run_dir / "wandb")
+    rounds, generated = run.metric("grpo/refill_rounds"), run.metric("grpo/groups_generated")
+    assert len(rounds) == 3 and all(g == 4 * (r + 1) for g, r in zip(generated, rounds))
+    assert sum(run.metric("grpo/groups_dropped")) > 0
+    short = run.metric("grpo/groups_short")
+    assert all(f == 0 for f, s in zip(run.metric("grpo/frac_zero_std"), short) if s == 0)
