@@ -94,6 +94,7 @@ _REWARD_STATS = ("accuracy", "chosen_score", "rejected_score", "margin")
 _DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss")
 _PERF = ("perf/*",)
+_ALARM = ("alarm/*",)  # the RL stages' reward-hacking alarm (rlhf_exp/rl/alarm.py)
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -140,7 +141,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "reward_score", "gold_reward", "kl", "kl_coef", "actor_loss", "critic_loss",
             "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "response_length", "eos_rate",
             "value_explained_var", "ptx_loss", "reward_model_score", "reward_fn/*",
-            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
+            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF + _ALARM,
         node_check="rlhf_exp.config.stage_checks:check_ppo",
         input_check="rlhf_exp.command.preflight:check_ppo_data"),
     StageSpec(
@@ -160,7 +161,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "advantage_abs", "kl", "non_score_reward", "loss", "pg_loss", "clipfrac",
             "clipfrac_low", "clipfrac_high", "approx_kl", "entropy", "response_length",
             "eos_rate", "skipped_minibatches", "reward_model_score", "reward_fn/*", "actor_lr",
-            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
+            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF + _ALARM,
         node_check="rlhf_exp.config.stage_checks:check_grpo",
         input_check="rlhf_exp.command.preflight:check_grpo_data"),
     StageSpec(

@@ -320,6 +320,25 @@ class RewardFunctionConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """`<stage>.alarm` of the RL stages (ppo, grpo): the reward-hacking alarm
+    (rlhf_exp/rl/alarm.py, docs/alarm.md). A threshold of null turns that alarm off."""
+
+    enabled: bool = True
+    action: str = "warn"  # warn | stop (end training; keep the best eval's checkpoint)
+    keep_best: str = "gold"  # gold | proxy: what `stop` keeps the best checkpoint by
+    gold_drop: float | None = 0.05  # proxy_gold: gold below its best eval by more than this
+    proxy_rise: float | None = 0.0  # ... while the proxy rose more than this since that eval
+    patience: int = 2  # ... on this many held-out evals in a row
+    window: int = 5  # steps of the rolling means (and of the start) the step alarms compare
+    length_ratio: float | None = 2.0  # response length / start outside [1/x, x]
+    entropy_ratio: float | None = 0.2  # entropy / start below this
+    kl_budget: float | None = 10.0  # sequence KL to the reference (nats) above this
+    ngram: int = 3  # repeat_ngrams: the n of the n-grams
+    repeat_share: float | None = 0.5  # share of repeated n-grams in a response above this
+
+
+@dataclass
 class PPOConfig:
     actor_init: str | None = None  # SFT output (path or artifact); null = model base
     critic_init: str | None = None  # reward-model output (path or artifact)
@@ -358,6 +377,7 @@ class PPOConfig:
     eval_batch_size: int = 64
     save_every: int = 0
     keep_last: int = 2
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass
@@ -405,6 +425,7 @@ class GRPOConfig:
     eval_batch_size: int = 64
     save_every: int = 0
     keep_last: int = 2
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass

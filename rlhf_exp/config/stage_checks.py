@@ -187,6 +187,7 @@ def check_ppo(cfg: DictConfig) -> None:
         check_optimizer_node(cfg, f"ppo.{model}")
     check_rewards(cfg, "ppo")
     _check_lora(cfg, "ppo.critic_lora")
+    check_alarm(cfg, "ppo")
 
 
 def check_grpo(cfg: DictConfig) -> None:
@@ -231,6 +232,7 @@ def check_grpo(cfg: DictConfig) -> None:
         raise ConfigError("grpo.kl_in_reward=true folds beta * KL into the reward, but "
                           "grpo.beta=0; set grpo.beta > 0 or grpo.kl_in_reward=false")
     check_optimizer_node(cfg, "grpo.actor")
+    check_alarm(cfg, "grpo")
     if gc.reward_model_weight < 0:
         raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
     functions = gc.reward_functions if gc.reward_functions is not None else []
@@ -244,3 +246,23 @@ def check_grpo(cfg: DictConfig) -> None:
     if gc.reward_functions is not None and not gc.reward_functions and not has_rm:
         raise ConfigError("grpo: no reward: grpo.reward_functions is empty and there is no "
                           "reward model (grpo.reward_model null or grpo.reward_model_weight 0)")
+
+
+def check_alarm(cfg: DictConfig, node: str) -> None:
+    """`<node>.alarm` of an RL stage (rlhf_exp/rl/alarm.py): allowed values and ranges."""
+    a = f"{node}.alarm"
+    _allowed(cfg, f"{a}.action", ("warn", "stop"))
+    _allowed(cfg, f"{a}.keep_best", ("gold", "proxy"))
+    for key in ("patience", "window", "ngram"):
+        _positive(cfg, f"{a}.{key}")
+    al = cfg[node].alarm
+    ranges = {"gold_drop": (al.gold_drop, "must be >= 0", lambda v: v >= 0),
+              "proxy_rise": (al.proxy_rise, "must be >= 0", lambda v: v >= 0),
+              "length_ratio": (al.length_ratio, "must be > 1 (a factor either way)",
+                               lambda v: v > 1),
+              "entropy_ratio": (al.entropy_ratio, "must be in (0, 1)", lambda v: 0 < v < 1),
+              "kl_budget": (al.kl_budget, "must be > 0 (nats)", lambda v: v > 0),
+              "repeat_share": (al.repeat_share, "must be in [0, 1)", lambda v: 0 <= v < 1)}
+    for key, (value, rule, ok) in ranges.items():
+        if value is not None and not ok(value):
+            raise ConfigError(f"{a}.{key}={value} {rule}, or null (that alarm off)")
