@@ -32,10 +32,12 @@ What the loop does, per step s = 1 .. `<stage>.steps`: the prompts of step s
 (rollout.PromptSchedule: a function of s, so a resumed run continues exactly), rollout, update,
 timing (`perf/train_s`, `perf/samples_per_s`, `perf/tokens_per_s`, `<stage>/actor_lr`), finish,
 the NaN stop (nan_stop.py: the loss keys and the gradient norm of every trainable engine, the W&B
-run ended as failed), the log (rl_steps.log_step), the progress bar, the held-out eval every
-`eval_every` steps, a training checkpoint every `save_every` steps. Before the first step (not
-on resume) and after the last: the held-out eval. Then `save_result`: the final policy, the
-run's metrics (with `perf/loop_s`) and result.json.
+run ended as failed), the reward-hacking alarm on the step's statistics (alarm.py), the log
+(rl_steps.log_step), the progress bar, the held-out eval every `eval_every` steps (and the alarm
+on it), a training checkpoint every `save_every` steps (and, with `<stage>.alarm.action=stop`, at
+every eval that is the best so far). Before the first step (not on resume) and after the last:
+the held-out eval. The loop ends early when the alarm fires with `action=stop`. Then
+`save_result`: the final policy, the run's metrics (with `perf/loop_s`) and result.json.
 
 Time, as in train_loop.py: `perf/samples_per_s` and `perf/tokens_per_s` are the sequences
 (completions) and their real tokens (prompt + response, attention mask; all ranks) per second of
