@@ -208,8 +208,11 @@ def add_base_gain(heldout: dict[str, dict[str, float]]) -> None:
 
 
 def heldout_columns(heldout: dict[str, dict[str, float]]) -> list[str]:
-    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both)."""
-    return [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both), then
+    pass@<k> and mean@<N> (eval.num_samples samples per prompt) where measured."""
+    columns = [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    return columns + [k for k in dict.fromkeys(k for m in heldout.values() for k in m)
+                      if pipeline.pass_metric(k)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:

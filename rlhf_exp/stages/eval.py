@@ -237,7 +237,7 @@ def score_policies(cfg: DictConfig, inputs: Inputs, rows: list[dict],
     settings = evaluation.EvalSettings(
         gen=evaluation.generation_config(ev.generation), template=cfg.model.prompt_template,
         max_prompt_len=ev.max_prompt_len, batch_size=ev.batch_size, seed=cfg.seed,
-        device=device)
+        device=device, pass_k=evaluation.pass_at_k_settings(ev))
     evaluated = evaluation.compare_checkpoints(
         inputs.policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
         reward_model=inputs.reward_path, reference=inputs.ref_path,
