@@ -32,8 +32,8 @@ from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import pad_left, pad_right, prompt_ids
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import ppo_math, scoring
-from rlhf_exp.rl.pass_at_k import PassAtK, prompt_sums
 from rlhf_exp.rl.generation import GenerationConfig, Rollout, generate
+from rlhf_exp.rl.pass_at_k import PassAtK, prompt_sums
 from rlhf_exp.training import dist, runtime
 
 

@@ -25,7 +25,8 @@ stage.stages=<its stages> <this run's overrides> <its overrides>` composes
 
 <run_dir>/summary.md holds the three tables and the answers; result.json the metrics
 `algorithms/<arm>_<metric>` (gold_reward, gold_gain over SFT, reward_score, response_length,
-kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base).
+kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base; pass@<k>
+and mean@<N> from eval.num_samples samples per prompt, rlhf_exp/rl/pass_at_k.py).
 
 `rlhf-exp resume=<run_dir>` continues a cut shoot-out as it does a pipeline: every stage runs
 again in its own folder, a finished one returns its result without training, the one that was

@@ -6,7 +6,8 @@ Run: rlhf-exp stage=eval eval.from_run=<pipeline run dir>
 Reads `cfg.eval` (conf/eval/default.yaml). Every policy (base, SFT, PPO, PPO-EMA, or any named
 path/artifact) answers the PPO share's held-out prompts with the settings PPO's held-out eval
 uses (so the PPO policy's gold reward here reproduces ppo/eval_gold_reward). Each response is
-scored by the reward model and, where the task has one, by the gold reward; each policy's KL to
+scored by the reward model and, where the task has one, by the gold reward (and, with
+`eval.num_samples` N > 1, pass@k and mean@N over N samples per prompt); each policy's KL to
 the reference (the SFT policy) is measured on its own responses. The reward model is also
 scored on the reward share's held-out preference pairs (accuracy, margin, margin histogram).
 Output: a W&B Table (one row per prompt, columns per policy), eval/* metrics, and in the run dir

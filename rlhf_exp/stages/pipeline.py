@@ -21,6 +21,8 @@ started from), the last one by its stage (`ppo`, `grpo`; with `ppo.ema.enabled` 
 `ppo_ema`). The comparison and a table of the stages are printed and written to
 <run_dir>/summary.md; <run_dir>/result.json holds every stage's metrics plus
 `pipeline/<policy>_<metric>` and `pipeline/gold_reward_gain` (last minus first).
+With `eval.num_samples` N samples per prompt the comparison also has pass@k and mean@N
+(`eval.pass_k`, `eval.pass_threshold`; rlhf_exp/rl/pass_at_k.py).
 """
 
 from __future__ import annotations
