@@ -226,7 +226,8 @@ def score_policy(policy, tokenizer, rows: list[dict], settings: EvalSettings, *,
                  kl_estimator: str = "k1") -> PolicyScores:
     """Generate for every row (`sample_responses`), then score each response: gold reward,
     the reward model's score (encoded with `reward_tokenizer`, default the policy's), and the
-    KL to `reference` (a model with the policy's vocabulary; the policy itself: 0)."""
+    KL to `reference` (a model with the policy's vocabulary; the policy itself: 0). With
+    `settings.pass_k`: the gold rewards of N-1 more samples of each row (`extra_golds`)."""
     s = settings
     samples = sample_responses(policy, tokenizer, rows, s.gen, template=s.template,
                                max_prompt_len=s.max_prompt_len, batch_size=s.batch_size,
