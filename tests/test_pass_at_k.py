@@ -16,7 +16,7 @@ from rlhf_exp.config.validate import check
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.rl import evaluation
 from rlhf_exp.rl.pass_at_k import PassAtK, pass_at_k, prompt_sums
-from rlhf_exp.stages import algorithms
+from rlhf_exp.stages import algorithms, pipeline
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.training.wandb_reader import read_runs
 from tests.conftest import FAST, assert_one_line_exit_2, compose
@@ -84,6 +84,10 @@ def test_the_eval_node_gives_the_settings_and_the_shoot_out_shows_them():
     text = algorithms.summary_text({}, {}, {}, heldout, "")
     assert "| policy | gold_reward | gold_gain | pass@1 | pass@4 | mean@4 |" in text
     assert "| ppo | 0.5 | 0.2 | 0.3 | 0.5 | 0.4 |" in text
+    piped = pipeline.summary_text({}, {"sft": {"gold_reward": 0.25, "pass@1": 0.125,
+                                               "mean@1": 0.25}})
+    assert "| policy | gold_reward | reward_score | response_length | kl_to_sft | pass@1 | " \
+           "mean@1 |" in piped and "| sft | 0.2500 | - | - | - | 0.1250 | 0.2500 |" in piped
 
 
 @pytest.mark.parametrize("args, needle", [
