@@ -108,8 +108,14 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
         assert m[f"algorithms/{arm}_gold_gain"] == pytest.approx(
             m[f"algorithms/{arm}_gold_reward"] - m["algorithms/sft_gold_reward"])
         assert m[f"algorithms/{arm}_wall_s"] > 0
+    # pass@k and mean@N from the preset's 4 samples per prompt (the first the usual one: the
+    # gold reward above still equals each arm's own 1-sample eval)
+    for name in ["sft", *arms]:
+        p1, p4 = m[f"algorithms/{name}_pass@1"], m[f"algorithms/{name}_pass@4"]
+        assert 0.0 <= p1 <= p4 <= 1.0 and 0.0 <= m[f"algorithms/{name}_mean@4"] <= 1.0
     summary = (run_dir / "summary.md").read_text()
     assert all(f"| {arm} |" in summary for arm in arms) and "eval_gold_reward" in summary
+    assert "| pass@1 | pass@4 | mean@4 |" in summary
     assert (run_dir / "algorithms.png").stat().st_size > 0
     # stage=eval finds every arm's policy by its folder
     found = discover_run(str(run_dir))

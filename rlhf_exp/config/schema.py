@@ -453,6 +453,11 @@ class EvalConfig:
     batch_size: int = 64
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # pass@k and mean@N on the prompts with a gold reward (docs/eval_chat.md), also in the
+    # pipeline summary and the shoot-out: N samples per prompt, the first the usual one
+    num_samples: int = 1  # N >= 1
+    pass_k: list[int] | None = None  # each k in [1, N]; null = [1, N]
+    pass_threshold: float = 1.0  # a sample passes when its gold reward >= this; in (0, 1]
 
 
 @dataclass

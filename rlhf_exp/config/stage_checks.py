@@ -112,6 +112,25 @@ def check_eval(cfg: DictConfig) -> None:
         if ev[key] is not None:
             _positive(cfg, f"eval.{key}")
     _check_generation(cfg, "eval.generation")
+    check_pass_at_k(cfg)
+
+
+def check_pass_at_k(cfg: DictConfig) -> None:
+    """eval.num_samples, eval.pass_k, eval.pass_threshold: read by stage=eval, the pipeline
+    summary and the shoot-out."""
+    ev = cfg.eval
+    _positive(cfg, "eval.num_samples")
+    for k in ev.pass_k or []:
+        if not 1 <= k <= ev.num_samples:
+            raise ConfigError(f"eval.pass_k={list(ev.pass_k)} has k={k}; each k must be in "
+                              f"[1, eval.num_samples={ev.num_samples}] (pass@k needs k of the N "
+                              "samples per prompt)")
+    if ev.pass_k is not None and not ev.pass_k:
+        raise ConfigError("eval.pass_k=[] is empty; give k values (e.g. [1, 4]) or null "
+                          "(= [1, eval.num_samples])")
+    if not 0.0 < ev.pass_threshold <= 1.0:
+        raise ConfigError(f"eval.pass_threshold={ev.pass_threshold} must be in (0, 1]: a "
+                          "sample passes when its gold reward (in [0, 1]) is >= it")
 
 
 def check_chat(cfg: DictConfig) -> None:

@@ -25,7 +25,8 @@ stage.stages=<its stages> <this run's overrides> <its overrides>` composes
 
 <run_dir>/summary.md holds the three tables and the answers; result.json the metrics
 `algorithms/<arm>_<metric>` (gold_reward, gold_gain over SFT, reward_score, response_length,
-kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base), and
+kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base; pass@<k>
+and mean@<N> from eval.num_samples samples per prompt, rlhf_exp/rl/pass_at_k.py), and
 `algorithms/<arm>_alarm` (1: the arm tripped a reward-hacking alarm, rlhf_exp/rl/alarm.py; the
 runs table's `alarm` column names them with their steps).
 
@@ -216,8 +217,11 @@ def add_base_gain(heldout: dict[str, dict[str, float]]) -> None:
 
 
 def heldout_columns(heldout: dict[str, dict[str, float]]) -> list[str]:
-    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both)."""
-    return [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both), then
+    pass@<k> and mean@<N> (eval.num_samples samples per prompt) where measured."""
+    columns = [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    return columns + [k for k in dict.fromkeys(k for m in heldout.values() for k in m)
+                      if pipeline.pass_metric(k)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
