@@ -240,15 +240,39 @@ class DPOConfig(TrainLoopConfig):
     # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
     reference: str | None = None
     beta: float = 0.1  # strength of the pull to the reference (IPO: its tau); TRL's default
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust | simpo (no reference)
     # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
-    # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
+    # flip rate of rDPO; simpo: as sigmoid's; all in [0, 0.5). hinge / ipo: must be 0
     label_smoothing: float = 0.0
+    # simpo only: the target reward margin gamma (SimPO, Meng et al. 2024; TRL CPOConfig's
+    # simpo_gamma, its default 0.5); must stay 0.5 with the other losses
+    simpo_gamma: float = 0.5
     # weight of the NLL of the chosen response (RPO; its paper's 1.0): it anchors the policy to
     # the chosen answers; without it DPO drifts off on the demo (docs/dpo.md); 0 = plain DPO
     rpo_alpha: float = 1.0
     # compute each pair's prompt once for its two responses (KV cache repeated; the same
     # numbers, fewer tokens); off with model.gradient_checkpointing (no cache in training)
+    shared_prompt: bool = True
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
+
+
+@dataclass
+class KTOConfig(TrainLoopConfig):
+    """`stage=kto` (rlhf_exp/stages/kto.py, docs/kto.md): the train-loop keys, counted in
+    unpaired rows (a preference pair gives two), plus the KTO loss (TRL 1.16's KTOTrainer,
+    loss_type="kto"). Its held-out gold reward uses PPO's eval settings, as DPO's."""
+
+    # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
+    reference: str | None = None
+    beta: float = 0.1  # strength of the pull to the reference (TRL's default)
+    # weights of the desirable / undesirable rows' losses (TRL's; both 1.0 for balanced data,
+    # as a preference share gives); > 0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # score each row's prompt once for its completion and its KL sequence (as dpo.shared_prompt)
     shared_prompt: bool = True
     epochs: int = 1
     lr: float = 1e-3
@@ -465,6 +489,7 @@ class RootConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 
