@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_exp.rl import dpo_math
+from rlhf_exp.rl import dpo_math, kto_math
 
 BETA, GAMMA, ALPHA = 2.0, 0.7, 0.5  # SimPO-like beta (its paper uses 2-2.5), gamma, cpo_alpha
 
@@ -118,3 +118,124 @@ def test_simpo_by_hand():
     # implicit rewards: beta x the average log-prob (TRL CPO's chosen_rewards)
     assert terms["rewards/chosen"].item() == pytest.approx(BETA * -0.75)
     assert terms["rewards/rejected"].item() == pytest.approx(BETA * -0.8)
+
+
+# ----------------------------------------------------------------------------- KTO
+KTO = {"beta": 0.3, "desirable_weight": 1.0, "undesirable_weight": 1.5}
+
+
+def _kto_batch(tiny, chunk: int, shared: bool = False):
+    """Our KTO batch of the 4 pairs (8 unpaired rows, KL partners within chunks of `chunk`),
+    with the reference's log-probabilities of the rows and of their KL sequences."""
+    from rlhf_exp.data.unpaired import collate_kto, tokenize_unpaired, unpaired_rows
+    from rlhf_exp.stages.dpo import pair_logps
+
+    feats, _ = tokenize_unpaired(unpaired_rows(tiny.rows), tiny.tokenizer, "{prompt}", 32, 48,
+                                 "truncate", chunk)
+    plain = collate_kto(feats, tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref, ref_kl = pair_logps(tiny.policy.eval(), plain).halves("logps")
+    tiny.policy.train()
+    batch = collate_kto(feats, tiny.tokenizer.pad_token_id, shared_prompt=shared)
+    return feats, {**batch, "ref_chosen_logps": ref, "ref_rejected_logps": ref_kl}
+
+
+@pytest.fixture(scope="module", params=[8, 3])
+def trl_kto(request, tiny, tmp_path_factory):
+    """TRL 1.16's KTOTrainer on the same 4 pairs (it unpairs them itself), its reference model
+    scored live (not precomputed); per_device_train_batch_size 8 (one KL chunk) or 3 (chunks
+    of 3, 3, 2: the rotation inside each). All 8 rows are then collated as one batch."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    args = trl.KTOConfig(output_dir=str(tmp_path_factory.mktemp("trl_kto")), report_to=[],
+                         use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         per_device_train_batch_size=request.param, max_length=None,
+                         save_strategy="no", logging_strategy="no", **KTO)
+    # the roles swapped (the perturbed model is the reference): its KL estimate is > 0 here, so
+    # z0 enters the loss instead of being clamped to 0
+    return trl.KTOTrainer(model=copy.deepcopy(tiny.reference).train(),
+                          ref_model=copy.deepcopy(tiny.policy).eval(), args=args,
+                          train_dataset=Dataset.from_list(tiny.rows),
+                          processing_class=tiny.tokenizer)
+
+
+def test_kto_loss_and_gradient_equal_trls_kto_trainer(tiny, trl_kto):
+    """TRL's own compute_loss (KTOTrainer._compute_loss: its KL rotation, z0 clamp, weights) on
+    its collated batch, against our features, collate and loss: the same tokens, rows, KL
+    sequences, loss and gradient (fp32; 1e-5)."""
+    from rlhf_exp.stages.kto import batch_loss
+
+    examples = [trl_kto.train_dataset[i] for i in range(len(trl_kto.train_dataset))]
+    t_batch = trl_kto.data_collator(examples)
+    trl_kto.model.train()
+    trl_kto.model.zero_grad()
+    t_loss = trl_kto.compute_loss(trl_kto.model, t_batch)
+    t_loss.backward()
+    t_kl = trl_kto._metrics["train"]["kl"][-1]
+
+    feats, batch = _kto_batch(tiny, chunk=trl_kto.args.per_device_train_batch_size)
+    # the same unpaired rows in TRL's order, the same tokens and KL sequences
+    assert [f["label"] for f in feats] == [bool(x) for x in t_batch["label"]]
+    for ours, theirs in (("input_ids", "input_ids"), ("completion_mask", "completion_mask")):
+        half = batch[ours][:8]
+        assert torch.equal(half[:, :t_batch[theirs].shape[1]], t_batch[theirs]), ours
+    kl_ids = batch["input_ids"][8:]
+    assert torch.equal(kl_ids[:, :t_batch["KL_input_ids"].shape[1]], t_batch["KL_input_ids"])
+
+    policy = copy.deepcopy(tiny.reference).train()
+    loss, terms = batch_loss(policy, batch, SimpleNamespace(**KTO))
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(t_loss.detach()), abs=1e-5)
+    assert float(terms["kl"][0]) == pytest.approx(t_kl, abs=1e-5)
+    assert t_kl > 0  # the estimate is not clamped away: z0 enters the loss
+    # the shared-prompt layout (each prompt once for its row and its KL sequence): same loss
+    _, shared = _kto_batch(tiny, chunk=trl_kto.args.per_device_train_batch_size, shared=True)
+    loss2, _ = batch_loss(copy.deepcopy(tiny.reference).train(), shared, SimpleNamespace(**KTO))
+    assert float(loss2.detach()) == pytest.approx(float(t_loss.detach()), abs=1e-5)
+    _assert_grads_close(_grads(policy), _grads(trl_kto.model))
+
+
+def test_kto_by_hand_z0_clamped_and_weighted():
+    """Two rows by hand: log-ratios 0.4 (desirable) and -0.2 (undesirable); a negative KL
+    estimate is clamped to 0; the undesirable row's loss carries its weight."""
+    beta, uw = 0.5, 2.0
+    kl = kto_math.kl_estimate(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]))
+    assert float(kl) == 0.0  # mean log-ratio (0.5 - 1.0) / 2 < 0
+    kl_pos = kto_math.kl_estimate(torch.tensor([-1.0, -0.5]), torch.tensor([-1.5, -1.0]))
+    assert float(kl_pos) == pytest.approx(0.5)
+    logps = torch.tensor([-2.0, -3.0], requires_grad=True)
+    loss, terms = kto_math.kto_loss(logps, torch.tensor([-2.4, -2.8]),
+                                    torch.tensor([True, False]), kl_pos, beta=beta,
+                                    undesirable_weight=uw)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [1 - sig(beta * (0.4 - 0.5)), uw * (1 - sig(beta * (0.5 + 0.2)))]
+    assert terms["row_loss"].tolist() == pytest.approx(want, abs=1e-6)
+    assert float(loss) == pytest.approx(sum(want) / 2, abs=1e-6)
+    m = kto_math.kto_metrics(terms)
+    assert m["rewards/chosen"] == pytest.approx(0.2)
+    assert m["rewards/rejected"] == pytest.approx(-0.1)
+    assert m["kl"] == pytest.approx(0.5) and m["desirable_fraction"] == 0.5
+
+
+def test_unpaired_rows_and_kl_partners_follow_trl():
+    """unpair_preference_dataset's layout (chosen block, then rejected block) and the KL
+    rotation by one inside each chunk, against TRL's own functions."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    from rlhf_exp.data.unpaired import kl_partners, unpaired_rows
+
+    rows = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(5)]
+    theirs = unpair_preference_dataset(Dataset.from_list(rows)).to_list()
+    ours = unpaired_rows(rows)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in ours] == \
+        [(r["prompt"], r["completion"], r["label"]) for r in theirs]
+    # TRL KTOTrainer._prepare_dataset: [last] + completions[:-1] per chunk of the batch size
+    completions = [r["completion"] for r in ours]
+    want = []
+    for lo in range(0, 10, 4):
+        chunk = completions[lo:lo + 4]
+        want += [chunk[-1]] + chunk[:-1]
+    assert [completions[j] for j in kl_partners(10, 4)] == want
