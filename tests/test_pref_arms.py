@@ -11,13 +11,16 @@ of 1.16), not a callable of its own: `_trl_kto_loss` below is a line-by-line tra
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rlhf_exp.rl import dpo_math, kto_math
+from tests.conftest import assert_one_line_exit_2, compose
 
 BETA, GAMMA, ALPHA = 2.0, 0.7, 0.5  # SimPO-like beta (its paper uses 2-2.5), gamma, cpo_alpha
 
@@ -239,3 +242,123 @@ def test_unpaired_rows_and_kl_partners_follow_trl():
         chunk = completions[lo:lo + 4]
         want += [chunk[-1]] + chunk[:-1]
     assert [completions[j] for j in kl_partners(10, 4)] == want
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,needle", [
+    (["stage=dpo", "dpo.loss_type=nope"], "dpo.loss_type='nope' is not allowed; choose one of: "
+                                          "sigmoid, hinge, ipo, robust, simpo"),
+    (["stage=dpo", "dpo.loss_type=simpo", "dpo.reference=some/model"],
+     "dpo.reference=some/model is set but dpo.loss_type=simpo uses no reference model"),
+    (["stage=dpo", "dpo.simpo_gamma=1.0"], "dpo.simpo_gamma=1.0 only applies to "
+                                           "dpo.loss_type=simpo"),
+    (["stage=dpo", "dpo.loss_type=simpo", "dpo.simpo_gamma=-0.5"],
+     "dpo.simpo_gamma=-0.5 must be a finite number >= 0"),
+    (["stage=kto", "kto.desirable_weight=0"], "kto.desirable_weight=0.0 must be > 0"),
+    (["stage=kto", "kto.undesirable_weight=-1"], "kto.undesirable_weight=-1.0 must be > 0"),
+    (["stage=kto", "kto.beta=0"], "kto.beta=0.0 must be > 0"),
+    (["stage=kto", "kto.micro_batch_size_per_device=1"],
+     "kto.micro_batch_size_per_device=1 must be >= 2"),
+    (["stage=pipeline", "stage.stages=[sft,kto]", "kto.max_steps=0"],
+     "kto.max_steps=0 must be >= 1"),
+], ids=["unknown_loss_type", "simpo_with_reference", "gamma_without_simpo", "negative_gamma",
+        "kto_desirable_weight_0", "kto_undesirable_weight_negative", "kto_beta_0",
+        "kto_micro_batch_1", "kto_in_a_pipeline"])
+def test_bad_keys_exit_2_before_any_model_loads(args, needle, tmp_path, rlhf_exp, monkeypatch):
+    from rlhf_exp.modeling import models
+
+    loads = []
+    original = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a) or original(
+        *a, **k))
+    run_dir = tmp_path / "run"
+    proc = rlhf_exp(*args, f"hydra.run.dir={run_dir}")
+    assert_one_line_exit_2(proc, needle)
+    assert not run_dir.exists() and not loads
+
+
+def test_simpo_and_kto_defaults_compose():
+    cfg = compose("stage=dpo", "dpo.loss_type=simpo", "dpo.simpo_gamma=0.3", "dpo.beta=2.0")
+    assert cfg.dpo.simpo_gamma == 0.3 and cfg.dpo.reference is None
+    cfg = compose("stage=kto")
+    assert (cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight) == (0.1, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- end to end
+SMALL = ["data_mix.sources.0.synthetic.num_examples=1000",
+         "sft.max_steps=20", "sft.eval_every=0", "sft.log_every=5",
+         "ppo.eval_num_prompts=16", "ppo.eval_batch_size=16"]
+KTO_SMALL = ["kto.max_steps=16", "kto.micro_batch_size_per_device=8", "kto.log_every=2",
+             "kto.eval_every=4", "kto.warmup_steps=2"]
+SIMPO_SMALL = ["dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.5", "dpo.max_steps=8",
+               "dpo.micro_batch_size_per_device=8", "dpo.log_every=2", "dpo.eval_every=4",
+               "dpo.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def sft_kto(tmp_path_factory):
+    """`stage=pipeline stage.stages=[sft,kto]`: SFT, then KTO from its output."""
+    from rlhf_exp.stages import pipeline
+
+    run_dir = tmp_path_factory.mktemp("sft_kto")
+    cfg = compose("stage=pipeline", "stage.stages=[sft,kto]", *SMALL, *KTO_SMALL)
+    pipeline.run(cfg, run_dir)
+    return run_dir
+
+
+def _reloads(run_dir: Path, stage: str, start: Path) -> None:
+    """The final checkpoint loads with the Auto class, moved away from its start, and two loads
+    give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_exp.training import checkpoint
+
+    final = checkpoint.final_checkpoint(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        begin = AutoModelForCausalLM.from_pretrained(start).eval()(input_ids=ids).logits
+        again = AutoModelForCausalLM.from_pretrained(final).eval()(input_ids=ids).logits
+    assert not torch.allclose(logits, begin)
+    torch.testing.assert_close(logits, again, rtol=1e-5, atol=1e-6)
+    assert json.loads((final / "rlhf_exp.json").read_text())["stage"] == stage
+
+
+@pytest.mark.slow
+def test_kto_stage_trains_and_its_checkpoint_reloads(sft_kto):
+    from rlhf_exp.training import checkpoint
+
+    m = json.loads((sft_kto / "kto" / "result.json").read_text())["metrics"]
+    assert m["kto/loss"] < m["kto/first_loss"]
+    assert m["kto/steps"] == 16
+    for key in ("kto/init_eval_gold_reward", "kto/eval_gold_reward", "kto/eval_kl",
+                "kto/eval_rewards/chosen", "kto/eval_rewards/rejected", "kto/eval_loss"):
+        assert math.isfinite(m[key]), key
+    # trained toward the labels: desirable rows' implicit reward above the undesirable ones'
+    assert m["kto/eval_rewards/margins"] > 0
+    _reloads(sft_kto / "kto", "kto", checkpoint.final_checkpoint(sft_kto / "sft"))
+
+
+@pytest.mark.slow
+def test_simpo_trains_without_a_reference_model(sft_kto, tmp_path, monkeypatch):
+    """dpo.loss_type=simpo from the same SFT policy: one causal LM loaded (the policy), no
+    reference pass; the loss falls and the checkpoint reloads."""
+    from rlhf_exp.modeling import models
+    from rlhf_exp.stages import dpo
+    from rlhf_exp.training import checkpoint
+
+    loads = []
+    original = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or original(
+        *a, **k))
+    monkeypatch.setattr(dpo, "score_with_reference", None)  # a call would fail the run
+    sft = checkpoint.final_checkpoint(sft_kto / "sft")
+    cfg = compose("stage=dpo", f"dpo.init_from={sft}", *SMALL, *SIMPO_SMALL)
+    _, _, result = dpo.train(cfg, tmp_path / "simpo")
+    assert loads == [str(sft)]
+    m = result.metrics
+    assert m["dpo/loss"] < m["dpo/first_loss"]
+    assert m["perf/reference_s"] < 1.0
+    assert math.isfinite(m["dpo/eval_gold_reward"])
+    _reloads(tmp_path / "simpo", "dpo", sft)
