@@ -182,6 +182,19 @@ def with_reference(features: list[dict], indices: list[int], values: torch.Tenso
     return out
 
 
+def reference_pass(cfg: DictConfig, reference_path: str, tokenizer, batches, train_set: list,
+                   eval_set: list, device: torch.device, collate) -> tuple[list, list, list]:
+    """(train features, eval features, the training pairs scored): the reference's pass over
+    the pairs the run draws and every held-out pair; none with no reference (simpo)."""
+    if not reference_path:
+        return without_reference(train_set), without_reference(eval_set), []
+    used = pairs_used(batches.sampler, batches.total_steps)
+    train_set, eval_set = score_with_reference(
+        cfg, reference_path, tokenizer,
+        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
+    return train_set, eval_set, used
+
+
 def without_reference(features: list[dict]) -> list[dict]:
     """The features for a reference-free loss (simpo): reference log-probabilities 0, which
     dpo_math.dpo_loss does not read (collate_dpo batches them as for every loss)."""
@@ -258,11 +271,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- the reference pass: every pair the run trains on and every held-out pair, once
         # (none for a reference-free loss: simpo loads and scores no reference model)
         t0 = time.perf_counter()
-        used = pairs_used(batches.sampler, batches.total_steps) if reference_path else []
-        train_set, eval_set = (score_with_reference(
-            cfg, reference_path, tokenizer,
-            [(train_set, used), (eval_set, list(range(len(eval_set))))], run.device, collate)
-            if reference_path else (without_reference(train_set), without_reference(eval_set)))
+        train_set, eval_set, used = reference_pass(cfg, reference_path, tokenizer, batches,
+                                                   train_set, eval_set, run.device, collate)
         reference_s = time.perf_counter() - t0
         batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
 
