@@ -244,6 +244,31 @@ def test_unpaired_rows_and_kl_partners_follow_trl():
     assert [completions[j] for j in kl_partners(10, 4)] == want
 
 
+def test_an_unpaired_source_gives_kto_rows_and_a_bad_label_is_a_data_error(tmp_path):
+    """format unpaired (TRL's prompt/completion/label): read as KTO rows next to a preference
+    source's pairs; a label that is not a boolean names the file, line and column."""
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data.sources import DataError, load_source
+    from rlhf_exp.data.unpaired import unpaired_rows
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text('{"prompt": "sort:31=", "completion": "13", "label": true}\n'
+                    '{"prompt": "sort:21=", "completion": "21", "label": false}\n')
+    src = OmegaConf.create({"name": "mine", "kind": "local", "path": str(path),
+                            "format": "unpaired", "columns": {}, "max_examples": None,
+                            "task": None})
+    rows = load_source(src, seed=0)
+    pairs = [{"prompt": "sort:54=", "chosen": "45", "rejected": "54"}]
+    got = unpaired_rows(pairs + rows)
+    assert [(r["prompt"], r["completion"], r["label"]) for r in got] == [
+        ("sort:54=", "45", True), ("sort:54=", "54", False), ("sort:31=", "13", True),
+        ("sort:21=", "21", False)]
+    path.write_text('{"prompt": "sort:31=", "completion": "13", "label": "yes"}\n')
+    with pytest.raises(DataError, match=r"kto.jsonl:1: column 'label' must be a bool"):
+        load_source(src, seed=0)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args,needle", [
     (["stage=dpo", "dpo.loss_type=nope"], "dpo.loss_type='nope' is not allowed; choose one of: "

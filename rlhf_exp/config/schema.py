@@ -149,7 +149,7 @@ class SourceConfig:
     name: str = MISSING
     kind: str = "synthetic"  # synthetic | local | hub
     path: str | None = None  # local file/folder (.jsonl/.json/.parquet), or hub dataset id
-    format: str = "preference"  # prompt_response | preference | hh | chat
+    format: str = "preference"  # prompt_response | preference | hh | chat | unpaired (kto)
     # internal field -> column name in the source (prompt, response, chosen, rejected, messages)
     columns: dict[str, str] = field(default_factory=dict)
     # share of the blended examples of every stage: weight / sum of the sources' weights
