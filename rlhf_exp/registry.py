@@ -93,6 +93,8 @@ def _train_loop_metrics(stage: str, *names: str) -> tuple[str, ...]:
 _REWARD_STATS = ("accuracy", "chosen_score", "rejected_score", "margin")
 _DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss")
+_KTO_STATS = ("kl", "desirable_fraction", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "logps/chosen", "logps/rejected")
 _PERF = ("perf/*",)
 _ALARM = ("alarm/*",)  # the RL stages' reward-hacking alarm (rlhf_exp/rl/alarm.py)
 
@@ -182,6 +184,26 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_dpo",
         input_check="rlhf_exp.command.preflight:check_loop_data",
+        # its held-out gold reward samples with PPO's eval settings (numbers comparable)
+        also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
+                    "ppo.max_prompt_len")),
+    StageSpec(
+        name="kto", runner="rlhf_exp.stages.kto", node="kto",
+        help="KTO stage keys (kto.*)",
+        shares=("reward",), chainable=True, trains_policy=True, resumable=True,
+        starts=(StartKey("kto.init_from", "policy", "policy", kind="policy"),
+                StartKey("kto.reference", kind="policy", same_tokenizer=True)),
+        objective="kto/eval_gold_reward",
+        summary_metrics=("kto/init_eval_gold_reward", "kto/eval_gold_reward", "kto/eval_kl"),
+        compare_metrics=("kto/loss", "kto/eval_kl", "kto/eval_gold_reward"),
+        metrics=(*_train_loop_metrics("kto", "kl", "desirable_fraction", "eval_loss",
+                                      *(f"eval_{s}" for s in _KTO_STATS), "eval_gold_reward",
+                                      "eval_response_length", "init_eval_gold_reward",
+                                      "init_eval_response_length", "global_batch_size",
+                                      "train_examples", "eval_examples", "desirable_examples",
+                                      "dropped_overlong", "trainable_params"), *_PERF),
+        node_check="rlhf_exp.config.stage_checks:check_kto",
+        input_check="rlhf_exp.data.unpaired:check_kto_data",
         # its held-out gold reward samples with PPO's eval settings (numbers comparable)
         also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
                     "ppo.max_prompt_len")),

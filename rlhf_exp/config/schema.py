@@ -149,7 +149,7 @@ class SourceConfig:
     name: str = MISSING
     kind: str = "synthetic"  # synthetic | local | hub
     path: str | None = None  # local file/folder (.jsonl/.json/.parquet), or hub dataset id
-    format: str = "preference"  # prompt_response | preference | hh | chat
+    format: str = "preference"  # prompt_response | preference | hh | chat | unpaired (kto)
     # internal field -> column name in the source (prompt, response, chosen, rejected, messages)
     columns: dict[str, str] = field(default_factory=dict)
     # share of the blended examples of every stage: weight / sum of the sources' weights
@@ -240,10 +240,13 @@ class DPOConfig(TrainLoopConfig):
     # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
     reference: str | None = None
     beta: float = 0.1  # strength of the pull to the reference (IPO: its tau); TRL's default
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust | simpo (no reference)
     # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
-    # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
+    # flip rate of rDPO; simpo: as sigmoid's; all in [0, 0.5). hinge / ipo: must be 0
     label_smoothing: float = 0.0
+    # simpo only: the target reward margin gamma (SimPO, Meng et al. 2024; TRL CPOConfig's
+    # simpo_gamma, its default 0.5); must stay 0.5 with the other losses
+    simpo_gamma: float = 0.5
     # weight of the NLL of the chosen response (RPO; its paper's 1.0): it anchors the policy to
     # the chosen answers; without it DPO drifts off on the demo (docs/dpo.md); 0 = plain DPO
     rpo_alpha: float = 1.0
@@ -252,6 +255,28 @@ class DPOConfig(TrainLoopConfig):
     shared_prompt: bool = True
     epochs: int = 1
     lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
+
+
+@dataclass
+class KTOConfig(TrainLoopConfig):
+    """`stage=kto` (rlhf_exp/stages/kto.py, docs/kto.md): the train-loop keys, counted in
+    unpaired rows (a preference pair gives two), plus the KTO loss (TRL 1.16's KTOTrainer,
+    loss_type="kto"). Its held-out gold reward uses PPO's eval settings, as DPO's."""
+
+    # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
+    reference: str | None = None
+    beta: float = 0.1  # strength of the pull to the reference (TRL's default)
+    # weights of the desirable / undesirable rows' losses (TRL's; both 1.0 for balanced data,
+    # as a preference share gives); > 0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # score each row's prompt once for its completion and its KL sequence (as dpo.shared_prompt)
+    shared_prompt: bool = True
+    epochs: int = 1
+    # 1e-3 (DPO's) drifts off on the demo: both sides' log-probs fall, held-out gold too
+    lr: float = 1e-4
     warmup_steps: int = 10
     eval_every: int = 50
 
@@ -491,6 +516,7 @@ class RootConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 

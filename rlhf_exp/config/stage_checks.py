@@ -26,6 +26,7 @@ from rlhf_exp.config.choices import (
     GRPO_LOSS_AGG,
     GRPO_SCALE_REWARDS,
     KL_ESTIMATORS,
+    REFERENCE_FREE_LOSSES,
     SCHEDULERS,
 )
 from rlhf_exp.errors import ConfigError
@@ -157,12 +158,50 @@ def check_dpo(cfg: DictConfig) -> None:
     if not 0.0 <= dc.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} must be in [0, 0.5) (the "
                           "share of preference labels taken as flipped)")
-    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust"):
+    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust", "simpo"):
         raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} only applies to "
-                          f"dpo.loss_type=sigmoid (cDPO) or robust (rDPO), not "
+                          f"dpo.loss_type=sigmoid (cDPO), robust (rDPO) or simpo, not "
                           f"{dc.loss_type}; set it to 0")
+    _check_simpo(dc)
     if dc.rpo_alpha < 0:
         raise ConfigError(f"dpo.rpo_alpha={dc.rpo_alpha} must be >= 0 (0 = no NLL term)")
+
+
+def check_kto(cfg: DictConfig) -> None:
+    """KTO keys: the train-loop keys, beta, the two weights, the reference, and a micro-batch of
+    at least 2 rows (the KL estimate pairs each row with another row's completion)."""
+    _check_train_loop(cfg, "kto")
+    kc = cfg.kto
+    if kc.reference is not None and not str(kc.reference).strip():
+        raise ConfigError("kto.reference is empty; give a path, run dir or artifact, or null "
+                          "(the starting policy)")
+    if not 0.0 < kc.beta < float("inf"):
+        raise ConfigError(f"kto.beta={kc.beta} must be > 0")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if not 0.0 < kc[key] < float("inf"):
+            raise ConfigError(f"kto.{key}={kc[key]} must be > 0 (the weight of those rows' "
+                              "loss; 1.0 for balanced data)")
+    if kc.micro_batch_size_per_device < 2:
+        raise ConfigError(f"kto.micro_batch_size_per_device={kc.micro_batch_size_per_device} "
+                          "must be >= 2: the KL estimate pairs each row's prompt with another "
+                          "row's completion in its chunk (TRL's rule)")
+
+
+def _check_simpo(dc: DictConfig) -> None:
+    """SimPO (dpo.loss_type=simpo) is reference-free: no dpo.reference; simpo_gamma (its target
+    margin) is >= 0 and is left at its default with the other losses, which ignore it."""
+    from rlhf_exp.config.schema import DPOConfig
+
+    if dc.loss_type in REFERENCE_FREE_LOSSES:
+        if dc.reference is not None:
+            raise ConfigError(f"dpo.reference={dc.reference} is set but dpo.loss_type="
+                              f"{dc.loss_type} uses no reference model; set dpo.reference=null")
+        if not 0.0 <= dc.simpo_gamma < float("inf"):
+            raise ConfigError(f"dpo.simpo_gamma={dc.simpo_gamma} must be a finite number >= 0 "
+                              "(SimPO's target reward margin)")
+    elif dc.simpo_gamma != DPOConfig.simpo_gamma:
+        raise ConfigError(f"dpo.simpo_gamma={dc.simpo_gamma} only applies to dpo.loss_type="
+                          f"simpo, not {dc.loss_type}; leave it at {DPOConfig.simpo_gamma}")
 
 
 def check_ppo(cfg: DictConfig) -> None:
