@@ -93,7 +93,10 @@ def _train_loop_metrics(stage: str, *names: str) -> tuple[str, ...]:
 _REWARD_STATS = ("accuracy", "chosen_score", "rejected_score", "margin")
 _DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss")
+_KTO_STATS = ("kl", "desirable_fraction", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "logps/chosen", "logps/rejected")
 _PERF = ("perf/*",)
+_ALARM = ("alarm/*",)  # the RL stages' reward-hacking alarm (rlhf_exp/rl/alarm.py)
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(
@@ -140,7 +143,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "reward_score", "gold_reward", "kl", "kl_coef", "actor_loss", "critic_loss",
             "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "response_length", "eos_rate",
             "value_explained_var", "ptx_loss", "reward_model_score", "reward_fn/*",
-            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
+            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF + _ALARM,
         node_check="rlhf_exp.config.stage_checks:check_ppo",
         input_check="rlhf_exp.command.preflight:check_ppo_data"),
     StageSpec(
@@ -160,7 +163,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
             "advantage_abs", "kl", "non_score_reward", "loss", "pg_loss", "clipfrac",
             "clipfrac_low", "clipfrac_high", "approx_kl", "entropy", "response_length",
             "eos_rate", "skipped_minibatches", "reward_model_score", "reward_fn/*", "actor_lr",
-            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF,
+            "eval_*", "init_eval_*", "samples", "step", "steps")) + _PERF + _ALARM,
         node_check="rlhf_exp.config.stage_checks:check_grpo",
         input_check="rlhf_exp.command.preflight:check_grpo_data"),
     StageSpec(
@@ -181,6 +184,26 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_dpo",
         input_check="rlhf_exp.command.preflight:check_loop_data",
+        # its held-out gold reward samples with PPO's eval settings (numbers comparable)
+        also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
+                    "ppo.max_prompt_len")),
+    StageSpec(
+        name="kto", runner="rlhf_exp.stages.kto", node="kto",
+        help="KTO stage keys (kto.*)",
+        shares=("reward",), chainable=True, trains_policy=True, resumable=True,
+        starts=(StartKey("kto.init_from", "policy", "policy", kind="policy"),
+                StartKey("kto.reference", kind="policy", same_tokenizer=True)),
+        objective="kto/eval_gold_reward",
+        summary_metrics=("kto/init_eval_gold_reward", "kto/eval_gold_reward", "kto/eval_kl"),
+        compare_metrics=("kto/loss", "kto/eval_kl", "kto/eval_gold_reward"),
+        metrics=(*_train_loop_metrics("kto", "kl", "desirable_fraction", "eval_loss",
+                                      *(f"eval_{s}" for s in _KTO_STATS), "eval_gold_reward",
+                                      "eval_response_length", "init_eval_gold_reward",
+                                      "init_eval_response_length", "global_batch_size",
+                                      "train_examples", "eval_examples", "desirable_examples",
+                                      "dropped_overlong", "trainable_params"), *_PERF),
+        node_check="rlhf_exp.config.stage_checks:check_kto",
+        input_check="rlhf_exp.data.unpaired:check_kto_data",
         # its held-out gold reward samples with PPO's eval settings (numbers comparable)
         also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
                     "ppo.max_prompt_len")),

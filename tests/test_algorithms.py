@@ -23,7 +23,11 @@ TINY = ["experiment=algorithms", "data_mix.sources.0.synthetic.num_examples=3000
         "grpo.steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
         "grpo.eval_every=1", "grpo.eval_num_prompts=16", "grpo.eval_batch_size=16",
         "dpo.max_steps=4", "dpo.micro_batch_size_per_device=8", "dpo.eval_every=2",
-        "dpo.warmup_steps=1", "logger.table_every=0"]
+        "dpo.warmup_steps=1", "kto.max_steps=4", "kto.micro_batch_size_per_device=8",
+        "kto.eval_every=2", "kto.warmup_steps=1", "logger.table_every=0"]
+
+
+KTO_ON = "stage.arms.kto={stages:[sft,kto]}"  # the kto arm is off by default (docs/algorithms.md)
 
 
 def _arms(*overrides: str):
@@ -35,17 +39,20 @@ def _arms(*overrides: str):
 
 def test_each_arm_composes_as_its_pipeline_with_the_run_overrides():
     arms = _arms("grpo.steps=7", "+stage.arms.clip_hi={stages:[sft,grpo],"
-                 "overrides:['grpo.epsilon_high=0.28']}")
+                 "overrides:['grpo.epsilon_high=0.28']}", KTO_ON)
     assert {n: list(a.stage.stages) for n, a in arms.items()} == {
         "ppo": ["sft", "reward", "ppo"], "grpo_rm": ["sft", "reward", "grpo"],
         "grpo_gold": ["sft", "grpo"], "rloo": ["sft", "grpo"], "dpo": ["sft", "dpo"],
         "reinforce_pp": ["sft", "grpo"], "reinforce_pp_baseline": ["sft", "grpo"],
-        "gspo": ["sft", "grpo"], "dapo": ["sft", "grpo"], "clip_hi": ["sft", "grpo"]}
+        "gspo": ["sft", "grpo"], "dapo": ["sft", "grpo"],
+        "simpo": ["sft", "dpo"], "kto": ["sft", "kto"], "clip_hi": ["sft", "grpo"]}
     assert all(a.stage.name == "pipeline" and a.grpo.steps == 7 for a in arms.values())
     assert arms["rloo"].grpo.baseline == "leave_one_out"  # the grpo=rloo option, composed
     assert arms["grpo_gold"].grpo.baseline == "group_mean"
     assert arms["clip_hi"].grpo.epsilon_high == 0.28 and arms["rloo"].grpo.epsilon_high is None
     assert arms["ppo"].experiment_name == "algorithms"
+    assert (arms["simpo"].dpo.loss_type, arms["simpo"].dpo.beta) == ("simpo", 2.0)
+    assert arms["dpo"].dpo.loss_type == "sigmoid" and arms["simpo"].dpo.reference is None
     # the new policy-gradient arms: each its grpo preset, composed
     assert arms["reinforce_pp"].grpo.advantage_estimator == "reinforce"
     assert arms["reinforce_pp_baseline"].grpo.advantage_estimator == "reinforce_baseline"
@@ -82,10 +89,10 @@ def test_a_bad_arm_stops_the_cli_before_anything_is_written(rlhf_exp, tmp_path):
 @pytest.mark.slow
 def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp, tmp_path):
     run_dir = tmp_path / "alg"
-    proc = rlhf_exp(*TINY, f"hydra.run.dir={run_dir}")
+    proc = rlhf_exp(*TINY, KTO_ON, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = ["ppo", "grpo_rm", "grpo_gold", "rloo", "reinforce_pp", "reinforce_pp_baseline",
-            "gspo", "dapo", "dpo"]
+            "gspo", "dapo", "dpo", "simpo", "kto"]
     # shared stages once: one SFT and one reward W&B run; every run in the group `algorithms`
     runs = {}
     for name in ["sft", "reward", *arms]:
@@ -95,7 +102,7 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     assert {n: r.job_type for n, r in runs.items()} == {
         "sft": "sft", "reward": "reward", "ppo": "ppo", "grpo_rm": "grpo", "grpo_gold": "grpo",
         "rloo": "grpo", "reinforce_pp": "grpo", "reinforce_pp_baseline": "grpo",
-        "gspo": "grpo", "dapo": "grpo", "dpo": "dpo"}
+        "gspo": "grpo", "dapo": "grpo", "dpo": "dpo", "simpo": "dpo", "kto": "kto"}
     assert not any((run_dir / arm / "sft").exists() for arm in arms)
     # each arm started from the shared outputs its chain names
     sft, reward = str(run_dir / "sft"), str(run_dir / "reward")
@@ -106,6 +113,8 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
     assert runs["rloo"].config["grpo"]["baseline"] == "leave_one_out"
     assert runs["grpo_gold"].config["grpo"]["actor_init"] == sft
     assert runs["dpo"].config["dpo"]["init_from"] == sft
+    assert runs["kto"].config["kto"]["init_from"] == sft
+    assert runs["simpo"].config["dpo"]["loss_type"] == "simpo"
     # one held-out comparison with the same prompts and settings: it reproduces each arm's own
     # final held-out eval and the SFT policy's (every arm's step-0 eval)
     m = json.loads((run_dir / "result.json").read_text())["metrics"]
@@ -116,8 +125,14 @@ def test_the_shoot_out_trains_shared_stages_once_and_compares_every_arm(rlhf_exp
         assert m[f"algorithms/{arm}_gold_gain"] == pytest.approx(
             m[f"algorithms/{arm}_gold_reward"] - m["algorithms/sft_gold_reward"])
         assert m[f"algorithms/{arm}_wall_s"] > 0
+    # pass@k and mean@N from the preset's 4 samples per prompt (the first the usual one: the
+    # gold reward above still equals each arm's own 1-sample eval)
+    for name in ["sft", *arms]:
+        p1, p4 = m[f"algorithms/{name}_pass@1"], m[f"algorithms/{name}_pass@4"]
+        assert 0.0 <= p1 <= p4 <= 1.0 and 0.0 <= m[f"algorithms/{name}_mean@4"] <= 1.0
     summary = (run_dir / "summary.md").read_text()
     assert all(f"| {arm} |" in summary for arm in arms) and "eval_gold_reward" in summary
+    assert "| pass@1 | pass@4 | mean@4 |" in summary
     assert (run_dir / "algorithms.png").stat().st_size > 0
     # stage=eval finds every arm's policy by its folder
     found = discover_run(str(run_dir))
@@ -139,6 +154,7 @@ def test_a_killed_shoot_out_resumes_without_training_a_finished_stage_again(tmp_
 
     run_dir = tmp_path / "alg"
     args = [*TINY, "~stage.arms.ppo", "~stage.arms.grpo_rm", "~stage.arms.rloo",
+            "~stage.arms.simpo",
             "grpo.steps=3", "grpo.save_every=1", f"hydra.run.dir={run_dir}"]
     marker = run_dir / "grpo_gold" / "checkpoints" / "step_000001" / "trainer_state.json"
     env = {k: v for k, v in os.environ.items() if k not in CHILD_DROP_ENV}
@@ -198,11 +214,11 @@ def test_the_smollm2_instructions_preset_composes_and_every_arm_is_valid():
 def test_an_arm_set_to_null_is_dropped():
     arms = _arms("stage.arms.ppo=null", "stage.arms.grpo_rm=null")
     assert set(arms) == {"grpo_gold", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo",
-                         "dapo", "dpo"}
+                         "dapo", "dpo", "simpo"}
     with pytest.raises(ConfigError, match="no arms"):
         _arms(*[f"stage.arms.{a}=null" for a in ("ppo", "grpo_rm", "grpo_gold", "rloo", "dpo",
-                                                 "reinforce_pp", "reinforce_pp_baseline",
-                                                 "gspo", "dapo")])
+                                                 "simpo", "kto", "reinforce_pp",
+                                                 "reinforce_pp_baseline", "gspo", "dapo")])
 
 
 def test_the_summary_shows_the_base_row_and_answers_side_by_side():

@@ -167,7 +167,7 @@ def test_generation_settings_are_declared_once(name):
 def test_the_walk_covers_every_node_of_the_schema():
     """The nodes are the schema's own, not a hand-written list (one missed grpo)."""
     assert set(GROUPS) == {"model", "stage", "zero_stage", "hardware", "data_mix", "logger"}
-    assert set(NODES) == {"sft", "reward", "ppo", "grpo", "dpo", "eval", "chat"}
+    assert set(NODES) == {"sft", "reward", "ppo", "grpo", "dpo", "kto", "eval", "chat"}
     for node in NODES:
         assert (CONF / node / "default.yaml").is_file(), node
 

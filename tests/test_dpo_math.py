@@ -105,7 +105,7 @@ def test_pair_metrics_are_trls_definitions():
 def test_an_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="sigmoid, hinge, ipo, robust"):
         dpo_math.preference_loss(torch.zeros(1), torch.zeros(1), loss_type="kto", beta=0.1)
-    assert DPO_LOSS_TYPES == ("sigmoid", "hinge", "ipo", "robust")
+    assert DPO_LOSS_TYPES == ("sigmoid", "hinge", "ipo", "robust", "simpo")
 
 
 def test_sequence_logps_count_only_response_tokens():

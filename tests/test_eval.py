@@ -185,7 +185,10 @@ def test_stage_evals_and_checkpoint_comparisons_share_one_evaluator(tmp_path):
                                   prefix="ppo")
     compared = pipeline.compare_policies(cfg, {"sft": base}, base, None, stage="ppo")["sft"]
     assert compared["kl_to_sft"] == 0.0
-    assert own == {f"ppo/eval_{k}": v for k, v in compared.items() if k != "kl_to_sft"}
+    # pass@1 and mean@1 (eval.num_samples=1): the comparison's own columns, from the same sample
+    assert compared.pop("mean@1") == pytest.approx(compared["gold_reward"]) and "pass@1" in compared
+    assert own == {f"ppo/eval_{k}": v for k, v in compared.items()
+                   if k not in ("kl_to_sft", "pass@1")}
     assert set(own) == {"ppo/eval_response_length", "ppo/eval_gold_reward"}
 
 

@@ -26,12 +26,12 @@ def test_the_old_stage_lists_are_the_registrys():
         "sft": {}, "reward": {"reward.init_from": "sft"},
         "ppo": {"ppo.actor_init": "policy", "ppo.critic_init": "reward"},
         "grpo": {"grpo.actor_init": "policy", "grpo.reward_model": "reward"},
-        "dpo": {"dpo.init_from": "policy"}}
-    assert config.POLICY_STAGES == ("sft", "ppo", "grpo", "dpo")
+        "dpo": {"dpo.init_from": "policy"}, "kto": {"kto.init_from": "policy"}}
+    assert config.POLICY_STAGES == ("sft", "ppo", "grpo", "dpo", "kto")
     assert config.SHARED_STAGES == ("sft", "reward")
     assert registry.rl_stages() == ("ppo", "grpo")
     assert registry.reward_model_stages() == ("reward",)
-    assert set(registry.resumable()) == {"sft", "reward", "ppo", "grpo", "dpo"}
+    assert set(registry.resumable()) == {"sft", "reward", "ppo", "grpo", "dpo", "kto"}
     # every hook and schema a stage names can be loaded
     for spec in registry.STAGES.values():
         for hook in (spec.node_check, spec.input_check, spec.schema):

@@ -111,7 +111,9 @@ CASES = {
         4, ("ppo/eval_gold_reward", "ppo/eval_reward_score", "ppo/init_eval_gold_reward",
             "ppo/kl", "ppo/kl_coef", "ppo/reward_score", "ppo/gold_reward",
             "ppo/response_length"),
-        ("ppo/kl", "ppo/actor_loss", "ppo/critic_loss", "ppo/kl_coef"),
+        # alarm/kl_value: a rolling mean over steps on both sides of the kill (the alarm's state
+        # travels in the checkpoint)
+        ("ppo/kl", "ppo/actor_loss", "ppo/critic_loss", "ppo/kl_coef", "alarm/kl_value"),
         "ppo/eval_gold_reward", [0, 2, 4], weights=("final", "critic", "ema"),
         extra=_ppo_controller_moved),
     "grpo": Case(

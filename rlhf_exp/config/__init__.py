@@ -36,6 +36,7 @@ from rlhf_exp.config.choices import (
     STAGES,
 )
 from rlhf_exp.config.schema import (
+    AlarmConfig,
     ChatConfig,
     DataMixConfig,
     DPOConfig,
@@ -70,7 +71,8 @@ __all__ = [
     "COMPILE_MODES", "DEVICES", "DPO_LOSS_TYPES", "FORMATS", "GRPO_BASELINES", "GRPO_LOSS_AGG",
     "GRPO_SCALE_REWARDS", "KL_ESTIMATORS", "LAUNCHERS", "NAME_CHARS", "OFFLOAD", "OVERLONG",
     "PIPELINE_HANDOFF", "POLICY_STAGES", "POLICY_START_KEY", "PRECISIONS", "SCHEDULERS",
-    "SHARED_STAGES", "SOURCE_KINDS", "STAGES", "STAGE_SHARES", "ChatConfig", "ConfigError",
+    "SHARED_STAGES", "SOURCE_KINDS", "STAGES", "STAGE_SHARES", "AlarmConfig", "ChatConfig",
+    "ConfigError",
     "DPOConfig", "DataMixConfig", "EMAConfig", "EvalConfig", "GRPOConfig", "GenerationSettings",
     "HardwareConfig", "KLConfig", "LoggerConfig", "LoraConfig", "ModelConfig", "PPOConfig",
     "PPOModelOptim", "RewardConfig", "RewardFunctionConfig", "RootConfig", "SFTConfig",

@@ -149,7 +149,7 @@ class SourceConfig:
     name: str = MISSING
     kind: str = "synthetic"  # synthetic | local | hub
     path: str | None = None  # local file/folder (.jsonl/.json/.parquet), or hub dataset id
-    format: str = "preference"  # prompt_response | preference | hh | chat
+    format: str = "preference"  # prompt_response | preference | hh | chat | unpaired (kto)
     # internal field -> column name in the source (prompt, response, chosen, rejected, messages)
     columns: dict[str, str] = field(default_factory=dict)
     # share of the blended examples of every stage: weight / sum of the sources' weights
@@ -240,10 +240,13 @@ class DPOConfig(TrainLoopConfig):
     # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
     reference: str | None = None
     beta: float = 0.1  # strength of the pull to the reference (IPO: its tau); TRL's default
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge | ipo | robust | simpo (no reference)
     # sigmoid: conservative DPO (cDPO), the share of labels taken as flipped; robust: the
-    # flip rate of rDPO; both in [0, 0.5). hinge / ipo: must be 0
+    # flip rate of rDPO; simpo: as sigmoid's; all in [0, 0.5). hinge / ipo: must be 0
     label_smoothing: float = 0.0
+    # simpo only: the target reward margin gamma (SimPO, Meng et al. 2024; TRL CPOConfig's
+    # simpo_gamma, its default 0.5); must stay 0.5 with the other losses
+    simpo_gamma: float = 0.5
     # weight of the NLL of the chosen response (RPO; its paper's 1.0): it anchors the policy to
     # the chosen answers; without it DPO drifts off on the demo (docs/dpo.md); 0 = plain DPO
     rpo_alpha: float = 1.0
@@ -252,6 +255,28 @@ class DPOConfig(TrainLoopConfig):
     shared_prompt: bool = True
     epochs: int = 1
     lr: float = 1e-3
+    warmup_steps: int = 10
+    eval_every: int = 50
+
+
+@dataclass
+class KTOConfig(TrainLoopConfig):
+    """`stage=kto` (rlhf_exp/stages/kto.py, docs/kto.md): the train-loop keys, counted in
+    unpaired rows (a preference pair gives two), plus the KTO loss (TRL 1.16's KTOTrainer,
+    loss_type="kto"). Its held-out gold reward uses PPO's eval settings, as DPO's."""
+
+    # frozen reference policy (path, run dir or artifact); null = the starting policy (init_from)
+    reference: str | None = None
+    beta: float = 0.1  # strength of the pull to the reference (TRL's default)
+    # weights of the desirable / undesirable rows' losses (TRL's; both 1.0 for balanced data,
+    # as a preference share gives); > 0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # score each row's prompt once for its completion and its KL sequence (as dpo.shared_prompt)
+    shared_prompt: bool = True
+    epochs: int = 1
+    # 1e-3 (DPO's) drifts off on the demo: both sides' log-probs fall, held-out gold too
+    lr: float = 1e-4
     warmup_steps: int = 10
     eval_every: int = 50
 
@@ -320,6 +345,25 @@ class RewardFunctionConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """`<stage>.alarm` of the RL stages (ppo, grpo): the reward-hacking alarm
+    (rlhf_exp/rl/alarm.py, docs/alarm.md). A threshold of null turns that alarm off."""
+
+    enabled: bool = True
+    action: str = "warn"  # warn | stop (end training; keep the best eval's checkpoint)
+    keep_best: str = "gold"  # gold | proxy: what `stop` keeps the best checkpoint by
+    gold_drop: float | None = 0.05  # proxy_gold: gold below its best eval by more than this
+    proxy_rise: float | None = 0.0  # ... while the proxy rose more than this since that eval
+    patience: int = 2  # ... on this many held-out evals in a row
+    window: int = 5  # steps of the rolling means (and of the start) the step alarms compare
+    length_ratio: float | None = 2.0  # response length / start outside [1/x, x]
+    entropy_ratio: float | None = 0.2  # entropy / start below this
+    kl_budget: float | None = 10.0  # sequence KL to the reference (nats) above this
+    ngram: int = 3  # repeat_ngrams: the n of the n-grams
+    repeat_share: float | None = 0.5  # share of repeated n-grams in a response above this
+
+
+@dataclass
 class PPOConfig:
     actor_init: str | None = None  # SFT output (path or artifact); null = model base
     critic_init: str | None = None  # reward-model output (path or artifact)
@@ -358,6 +402,7 @@ class PPOConfig:
     eval_batch_size: int = 64
     save_every: int = 0
     keep_last: int = 2
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass
@@ -412,6 +457,7 @@ class GRPOConfig:
     eval_batch_size: int = 64
     save_every: int = 0
     keep_last: int = 2
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass
@@ -439,6 +485,11 @@ class EvalConfig:
     batch_size: int = 64
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    # pass@k and mean@N on the prompts with a gold reward (docs/eval_chat.md), also in the
+    # pipeline summary and the shoot-out: N samples per prompt, the first the usual one
+    num_samples: int = 1  # N >= 1
+    pass_k: list[int] | None = None  # each k in [1, N]; null = [1, N]
+    pass_threshold: float = 1.0  # a sample passes when its gold reward >= this; in (0, 1]
 
 
 @dataclass
@@ -472,6 +523,7 @@ class RootConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
 

@@ -29,6 +29,7 @@ from rlhf_exp.config.choices import (
     GRPO_OVERLONG,
     GRPO_SCALE_REWARDS,
     KL_ESTIMATORS,
+    REFERENCE_FREE_LOSSES,
     SCHEDULERS,
 )
 from rlhf_exp.errors import ConfigError
@@ -115,6 +116,25 @@ def check_eval(cfg: DictConfig) -> None:
         if ev[key] is not None:
             _positive(cfg, f"eval.{key}")
     _check_generation(cfg, "eval.generation")
+    check_pass_at_k(cfg)
+
+
+def check_pass_at_k(cfg: DictConfig) -> None:
+    """eval.num_samples, eval.pass_k, eval.pass_threshold: read by stage=eval, the pipeline
+    summary and the shoot-out."""
+    ev = cfg.eval
+    _positive(cfg, "eval.num_samples")
+    for k in ev.pass_k or []:
+        if not 1 <= k <= ev.num_samples:
+            raise ConfigError(f"eval.pass_k={list(ev.pass_k)} has k={k}; each k must be in "
+                              f"[1, eval.num_samples={ev.num_samples}] (pass@k needs k of the N "
+                              "samples per prompt)")
+    if ev.pass_k is not None and not ev.pass_k:
+        raise ConfigError("eval.pass_k=[] is empty; give k values (e.g. [1, 4]) or null "
+                          "(= [1, eval.num_samples])")
+    if not 0.0 < ev.pass_threshold <= 1.0:
+        raise ConfigError(f"eval.pass_threshold={ev.pass_threshold} must be in (0, 1]: a "
+                          "sample passes when its gold reward (in [0, 1]) is >= it")
 
 
 def check_chat(cfg: DictConfig) -> None:
@@ -141,12 +161,50 @@ def check_dpo(cfg: DictConfig) -> None:
     if not 0.0 <= dc.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} must be in [0, 0.5) (the "
                           "share of preference labels taken as flipped)")
-    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust"):
+    if dc.label_smoothing > 0 and dc.loss_type not in ("sigmoid", "robust", "simpo"):
         raise ConfigError(f"dpo.label_smoothing={dc.label_smoothing} only applies to "
-                          f"dpo.loss_type=sigmoid (cDPO) or robust (rDPO), not "
+                          f"dpo.loss_type=sigmoid (cDPO), robust (rDPO) or simpo, not "
                           f"{dc.loss_type}; set it to 0")
+    _check_simpo(dc)
     if dc.rpo_alpha < 0:
         raise ConfigError(f"dpo.rpo_alpha={dc.rpo_alpha} must be >= 0 (0 = no NLL term)")
+
+
+def check_kto(cfg: DictConfig) -> None:
+    """KTO keys: the train-loop keys, beta, the two weights, the reference, and a micro-batch of
+    at least 2 rows (the KL estimate pairs each row with another row's completion)."""
+    _check_train_loop(cfg, "kto")
+    kc = cfg.kto
+    if kc.reference is not None and not str(kc.reference).strip():
+        raise ConfigError("kto.reference is empty; give a path, run dir or artifact, or null "
+                          "(the starting policy)")
+    if not 0.0 < kc.beta < float("inf"):
+        raise ConfigError(f"kto.beta={kc.beta} must be > 0")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if not 0.0 < kc[key] < float("inf"):
+            raise ConfigError(f"kto.{key}={kc[key]} must be > 0 (the weight of those rows' "
+                              "loss; 1.0 for balanced data)")
+    if kc.micro_batch_size_per_device < 2:
+        raise ConfigError(f"kto.micro_batch_size_per_device={kc.micro_batch_size_per_device} "
+                          "must be >= 2: the KL estimate pairs each row's prompt with another "
+                          "row's completion in its chunk (TRL's rule)")
+
+
+def _check_simpo(dc: DictConfig) -> None:
+    """SimPO (dpo.loss_type=simpo) is reference-free: no dpo.reference; simpo_gamma (its target
+    margin) is >= 0 and is left at its default with the other losses, which ignore it."""
+    from rlhf_exp.config.schema import DPOConfig
+
+    if dc.loss_type in REFERENCE_FREE_LOSSES:
+        if dc.reference is not None:
+            raise ConfigError(f"dpo.reference={dc.reference} is set but dpo.loss_type="
+                              f"{dc.loss_type} uses no reference model; set dpo.reference=null")
+        if not 0.0 <= dc.simpo_gamma < float("inf"):
+            raise ConfigError(f"dpo.simpo_gamma={dc.simpo_gamma} must be a finite number >= 0 "
+                              "(SimPO's target reward margin)")
+    elif dc.simpo_gamma != DPOConfig.simpo_gamma:
+        raise ConfigError(f"dpo.simpo_gamma={dc.simpo_gamma} only applies to dpo.loss_type="
+                          f"simpo, not {dc.loss_type}; leave it at {DPOConfig.simpo_gamma}")
 
 
 def check_ppo(cfg: DictConfig) -> None:
@@ -190,6 +248,7 @@ def check_ppo(cfg: DictConfig) -> None:
         check_optimizer_node(cfg, f"ppo.{model}")
     check_rewards(cfg, "ppo")
     _check_lora(cfg, "ppo.critic_lora")
+    check_alarm(cfg, "ppo")
 
 
 def check_grpo(cfg: DictConfig) -> None:
@@ -235,6 +294,7 @@ def check_grpo(cfg: DictConfig) -> None:
         raise ConfigError("grpo.kl_in_reward=true folds beta * KL into the reward, but "
                           "grpo.beta=0; set grpo.beta > 0 or grpo.kl_in_reward=false")
     check_optimizer_node(cfg, "grpo.actor")
+    check_alarm(cfg, "grpo")
     if gc.reward_model_weight < 0:
         raise ConfigError(f"grpo.reward_model_weight={gc.reward_model_weight} must be >= 0")
     functions = gc.reward_functions if gc.reward_functions is not None else []
@@ -274,3 +334,23 @@ def _check_grpo_arms(cfg: DictConfig) -> None:
                               f"grpo.generation.max_new_tokens={gc.generation.max_new_tokens}]")
         if gc.overlong_penalty < 0:
             raise ConfigError(f"grpo.overlong_penalty={gc.overlong_penalty} must be >= 0")
+
+
+def check_alarm(cfg: DictConfig, node: str) -> None:
+    """`<node>.alarm` of an RL stage (rlhf_exp/rl/alarm.py): allowed values and ranges."""
+    a = f"{node}.alarm"
+    _allowed(cfg, f"{a}.action", ("warn", "stop"))
+    _allowed(cfg, f"{a}.keep_best", ("gold", "proxy"))
+    for key in ("patience", "window", "ngram"):
+        _positive(cfg, f"{a}.{key}")
+    al = cfg[node].alarm
+    ranges = {"gold_drop": (al.gold_drop, "must be >= 0", lambda v: v >= 0),
+              "proxy_rise": (al.proxy_rise, "must be >= 0", lambda v: v >= 0),
+              "length_ratio": (al.length_ratio, "must be > 1 (a factor either way)",
+                               lambda v: v > 1),
+              "entropy_ratio": (al.entropy_ratio, "must be in (0, 1)", lambda v: 0 < v < 1),
+              "kl_budget": (al.kl_budget, "must be > 0 (nats)", lambda v: v > 0),
+              "repeat_share": (al.repeat_share, "must be in [0, 1)", lambda v: 0 <= v < 1)}
+    for key, (value, rule, ok) in ranges.items():
+        if value is not None and not ok(value):
+            raise ConfigError(f"{a}.{key}={value} {rule}, or null (that alarm off)")

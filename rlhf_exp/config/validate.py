@@ -31,6 +31,7 @@ from rlhf_exp.config.choices import (
     SHARES,
     SOURCE_KINDS,
 )
+from rlhf_exp.config.stage_checks import check_pass_at_k
 from rlhf_exp.errors import ConfigError
 
 
@@ -355,6 +356,8 @@ def validate(cfg: DictConfig) -> None:
                           "to train on; give at least one source eval_only: false")
     _check_objective(cfg)
     _check_stage_nodes(cfg)
+    if cfg.stage.name in ("pipeline", "algorithms"):  # their summary reads eval.num_samples, ...
+        check_pass_at_k(cfg)
 
 
 def _check_stage_nodes(cfg: DictConfig) -> None:

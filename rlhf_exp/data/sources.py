@@ -13,6 +13,8 @@ task, a `local` .jsonl/.json/.parquet file or a folder of them, or a `hub` datas
                      last message is the assistant reply), with the prompt's turns in front of it
                      or as a message list in column prompt (TRL's conversational format), or
                      messages (one conversation)
+    unpaired         columns prompt, completion, label (bool: desirable or not): TRL's unpaired
+                     preference format, for stage=kto (rlhf_exp/data/unpaired.py)
 
 A hub source's `path` is a dataset id, or a local copy of one (see _read_hub_local).
 
@@ -316,6 +318,7 @@ REQUIRED = {
     "prompt_response": ("prompt", "response"),
     "preference": ("prompt", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
 }
 
 
@@ -440,6 +443,13 @@ def to_row(rec: dict, src: SimpleNamespace, where: str) -> dict:
             else:  # prompt only (PPO prompts)
                 context = msgs
         row.update(prompt=messages_text(context), messages=context)
+    elif fmt == "unpaired":  # KTO's rows; no pair, no demonstration
+        row["prompt"] = _get(rec, "prompt", src, where)
+        row["completion"] = _get(rec, "completion", src, where)
+        row["label"] = _get(rec, "label", src, where, kind=bool)
+        if not row["completion"].strip():
+            raise DataError(f"{where}: empty completion (column "
+                            f"{col.get('completion', 'completion')!r})")
     else:
         raise DataError(f"source {src.name!r}: unknown format {fmt!r}")
     if not row["prompt"] or not row["prompt"].strip():

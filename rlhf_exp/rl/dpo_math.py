@@ -15,6 +15,10 @@ give the implicit rewards beta * logratio and, per pair, the loss (`loss_type`):
     ipo       (c / |c| - r / |r| - 1 / (2 beta))^2, c and r the log-ratios,     IPO (TRL: per
               |c| and |r| the response lengths in tokens                        token, as here)
     robust    (-(1 - eps) log sigmoid(beta d) + eps log sigmoid(-beta d)) / (1 - 2 eps)   rDPO
+    simpo     -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m),         SimPO (Meng et
+              m = c / |c| - r / |r| - gamma / beta, where c and r are the       al. 2024; TRL's
+              policy's OWN log-probabilities (no reference: its log-ratios     CPOTrainer,
+              are taken against 0), |c|, |r| the response lengths in tokens    loss_type=simpo)
 The batch loss is the mean over pairs, plus `rpo_alpha` x the mean negative log-likelihood per
 token of the chosen responses (RPO; TRL 1.16 writes it loss_type=[<loss>, "sft"], loss_weights=
 [1, rpo_alpha]). TRL 1.16's sigmoid has no label smoothing; cDPO's form is its (1 - eps, eps)
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_exp.config import DPO_LOSS_TYPES  # declared once, in the torch-free config
+from rlhf_exp.config.choices import REFERENCE_FREE_LOSSES
 from rlhf_exp.rl.ppo_math import logprobs_from_logits
 
 
@@ -61,8 +66,10 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor,
 def preference_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, *,
                     loss_type: str, beta: float, label_smoothing: float = 0.0,
                     chosen_tokens: torch.Tensor | None = None,
-                    rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """[B] the loss of each pair (module docstring). ipo needs the response lengths."""
+                    rejected_tokens: torch.Tensor | None = None,
+                    simpo_gamma: float = 0.5) -> torch.Tensor:
+    """[B] the loss of each pair (module docstring). ipo and simpo need the response lengths;
+    simpo's log-ratios are the policy's own log-probabilities (dpo_loss passes them so)."""
     d = chosen_logratios - rejected_logratios
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -76,6 +83,10 @@ def preference_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Te
     if loss_type == "robust":
         return ((-(1 - eps) * F.logsigmoid(beta * d) + eps * F.logsigmoid(-beta * d))
                 / (1 - 2 * eps))
+    if loss_type == "simpo":  # TRL CPOTrainer.cpo_loss: logits - simpo_gamma / beta
+        margin = (chosen_logratios / chosen_tokens.clamp(min=1.0)
+                  - rejected_logratios / rejected_tokens.clamp(min=1.0)) - simpo_gamma / beta
+        return -(1 - eps) * F.logsigmoid(beta * margin) - eps * F.logsigmoid(-beta * margin)
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
 
 
@@ -86,16 +97,26 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch
 
 def dpo_loss(seq: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *,
              loss_type: str, beta: float, label_smoothing: float = 0.0,
-             rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             rpo_alpha: float = 0.0, simpo_gamma: float = 0.5
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch loss (the mean over pairs, + rpo_alpha x chosen NLL), and the per-pair terms
     (detached, [B] each) that pair_metrics turns into TRL's metrics; terms of several batches
-    concatenated give the metrics of them all."""
+    concatenated give the metrics of them all. A reference-free loss (simpo) ignores
+    ref_chosen / ref_rejected: its implicit rewards are beta x the policy's log-probabilities
+    per response token (TRL's CPOTrainer rewards, with its average_log_prob)."""
     chosen, rejected = seq.halves("logps")
     chosen_tokens, rejected_tokens = seq.halves("tokens")
-    chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
+    if loss_type in REFERENCE_FREE_LOSSES:
+        chosen_logratios, rejected_logratios = chosen, rejected
+    else:
+        chosen_logratios, rejected_logratios = chosen - ref_chosen, rejected - ref_rejected
     per_pair = preference_loss(chosen_logratios, rejected_logratios, loss_type=loss_type,
                                beta=beta, label_smoothing=label_smoothing,
-                               chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
+                               chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+                               simpo_gamma=simpo_gamma)
+    if loss_type in REFERENCE_FREE_LOSSES:  # rewards per token, as TRL's CPO logs them
+        chosen_logratios = chosen_logratios / chosen_tokens.clamp(min=1.0)
+        rejected_logratios = rejected_logratios / rejected_tokens.clamp(min=1.0)
     loss = per_pair.mean()
     if rpo_alpha:
         loss = loss + rpo_alpha * chosen_nll(chosen, chosen_tokens)

@@ -11,6 +11,11 @@ The steps: `heldout_shard` (this rank's rows) -> `score_policy` (generate with `
 then per response: gold reward, reward-model score, length, finished, KL to a reference) ->
 `summarize` (means over all ranks' rows).
 
+pass@k and mean@N (`EvalSettings.pass_k`, from the eval node; stage=eval, the pipeline summary and
+the shoot-out): each prompt with a gold reward gets N-1 more samples from a generator of its own,
+after the usual one, so the usual sample and every number computed from it stay what they are
+for any N (rlhf_exp/rl/pass_at_k.py has the estimator).
+
 Shapes: B prompts per batch, P prompt tokens (left-padded), R = max_new_tokens.
 """
 
@@ -28,6 +33,7 @@ from rlhf_exp.data.tokenize import pad_left, pad_right, prompt_ids
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import ppo_math, scoring
 from rlhf_exp.rl.generation import GenerationConfig, Rollout, generate
+from rlhf_exp.rl.pass_at_k import PassAtK, prompt_sums
 from rlhf_exp.training import dist, runtime
 
 
@@ -61,6 +67,17 @@ class EvalSettings:
     seed: int  # of the one sampling generator
     device: torch.device
     synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank runs all decode steps
+    pass_k: PassAtK | None = None  # N samples per prompt for pass@k and mean@N; None: not measured
+
+
+# the extra samples' generator: seeded this far from the usual one (seed + rank), so the two
+# streams never coincide on any rank
+EXTRA_SAMPLES_SEED_OFFSET = 1_000_003
+
+
+def pass_at_k_settings(eval_node: DictConfig) -> PassAtK:
+    """`eval.num_samples`, `eval.pass_k`, `eval.pass_threshold` as a PassAtK."""
+    return PassAtK.from_node(eval_node)
 
 
 def stage_settings(cfg: DictConfig, node: DictConfig, zero_stage: int = 0) -> EvalSettings:
@@ -176,6 +193,31 @@ class PolicyScores:
     gold: list[float | None]  # the task's gold reward; None where the row's source has none
     reward: list[float] | None  # the reward model's score; None: no reward model
     kl: list[float] | None  # KL(policy || reference) of the response; None: no reference
+    # with EvalSettings.pass_k: each row's N gold rewards (the usual sample first); None in a
+    # row without one
+    gold_samples: list[list[float] | None] | None = None
+    pass_k: PassAtK | None = None  # the settings gold_samples were drawn with
+
+
+def extra_golds(policy, tokenizer, rows: list[dict], gold: list[float | None],
+                settings: EvalSettings) -> list[list[float]]:
+    """The gold rewards of N-1 more samples of each row, from a generator of their own (the
+    usual sample's stream is untouched). Only the rows with a gold reward are sampled, all of
+    them under synced_gpus (every rank must run the same number of batches)."""
+    s, extra = settings, settings.pass_k.num_samples - 1
+    if extra == 0:
+        return [[] for _ in rows]
+    chosen = [i for i, g in enumerate(gold) if g is not None or s.synced_gpus]
+    repeated = [rows[i] for i in chosen for _ in range(extra)]
+    samples = sample_responses(policy, tokenizer, repeated, s.gen, template=s.template,
+                               max_prompt_len=s.max_prompt_len, batch_size=s.batch_size,
+                               seed=s.seed + EXTRA_SAMPLES_SEED_OFFSET, device=s.device,
+                               synced_gpus=s.synced_gpus)
+    golds = gold_scores(repeated, samples.texts)
+    out: list[list[float]] = [[] for _ in rows]
+    for j, i in enumerate(chosen):
+        out[i] = golds[j * extra:(j + 1) * extra]
+    return out
 
 
 @torch.no_grad()
@@ -184,7 +226,8 @@ def score_policy(policy, tokenizer, rows: list[dict], settings: EvalSettings, *,
                  kl_estimator: str = "k1") -> PolicyScores:
     """Generate for every row (`sample_responses`), then score each response: gold reward,
     the reward model's score (encoded with `reward_tokenizer`, default the policy's), and the
-    KL to `reference` (a model with the policy's vocabulary; the policy itself: 0)."""
+    KL to `reference` (a model with the policy's vocabulary; the policy itself: 0). With
+    `settings.pass_k`: the gold rewards of N-1 more samples of each row (`extra_golds`)."""
     s = settings
     samples = sample_responses(policy, tokenizer, rows, s.gen, template=s.template,
                                max_prompt_len=s.max_prompt_len, batch_size=s.batch_size,
@@ -202,19 +245,28 @@ def score_policy(policy, tokenizer, rows: list[dict], settings: EvalSettings, *,
             kl += sequence_kl(response_logprobs(policy, rollout),
                               response_logprobs(reference, rollout),
                               rollout.response_mask.cpu(), kl_estimator).tolist()
-    return PolicyScores(samples, gold_scores(rows, samples.texts), reward, kl)
+    gold = gold_scores(rows, samples.texts)
+    gold_samples = None
+    if s.pass_k is not None:
+        more = extra_golds(policy, tokenizer, rows, gold, s)
+        gold_samples = [None if g is None else [g, *m] for g, m in zip(gold, more)]
+    return PolicyScores(samples, gold, reward, kl, gold_samples, s.pass_k)
 
 
 def summarize(scores: PolicyScores, device: torch.device) -> dict[str, float]:
     """The means over every rank's rows (each rank passes its own PolicyScores; all must call):
     `response_length`, `finished` (the share of responses that ended with EOS), `reward_score`
     (with a reward model), `gold_reward` (over the rows that have one, where any does) and
-    `kl_to_sft` (KL to the reference, where there is one)."""
+    `kl_to_sft` (KL to the reference, where there is one); with N samples per prompt
+    (`scores.pass_k`) `pass@<k>` and `mean@<N>` over the rows with a gold reward."""
+    pass_k = scores.pass_k
     golds = [g for g in scores.gold if g is not None]
+    per_prompt = [g for g in scores.gold_samples or [] if g is not None]
+    passed = prompt_sums(per_prompt, pass_k) if pass_k is not None else []
     s = dist.all_reduce_mean([sum(golds), len(golds), float(sum(scores.reward or [])),
                               len(scores.gold), float(sum(scores.samples.lengths)),
-                              float(sum(scores.samples.finished)), float(sum(scores.kl or []))],
-                             device)
+                              float(sum(scores.samples.finished)), float(sum(scores.kl or [])),
+                              float(len(per_prompt)), *passed], device)
     n = max(s[3], 1e-9)
     metrics = {"response_length": s[4] / n, "finished": s[5] / n}
     if scores.reward is not None:
@@ -223,6 +275,9 @@ def summarize(scores: PolicyScores, device: torch.device) -> dict[str, float]:
         metrics["gold_reward"] = s[0] / s[1]
     if scores.kl is not None:
         metrics["kl_to_sft"] = s[6] / n
+    if pass_k is not None and s[7] > 0:
+        metrics.update({name: value / s[7]
+                        for name, value in zip(pass_k.metric_names(), s[8:])})
     return metrics
 
 

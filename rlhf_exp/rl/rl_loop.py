@@ -32,10 +32,12 @@ What the loop does, per step s = 1 .. `<stage>.steps`: the prompts of step s
 (rollout.PromptSchedule: a function of s, so a resumed run continues exactly), rollout, update,
 timing (`perf/train_s`, `perf/samples_per_s`, `perf/tokens_per_s`, `<stage>/actor_lr`), finish,
 the NaN stop (nan_stop.py: the loss keys and the gradient norm of every trainable engine, the W&B
-run ended as failed), the log (rl_steps.log_step), the progress bar, the held-out eval every
-`eval_every` steps, a training checkpoint every `save_every` steps. Before the first step (not
-on resume) and after the last: the held-out eval. Then `save_result`: the final policy, the
-run's metrics (with `perf/loop_s`) and result.json.
+run ended as failed), the reward-hacking alarm on the step's statistics (alarm.py), the log
+(rl_steps.log_step), the progress bar, the held-out eval every `eval_every` steps (and the alarm
+on it), a training checkpoint every `save_every` steps (and, with `<stage>.alarm.action=stop`, at
+every eval that is the best so far). Before the first step (not on resume) and after the last:
+the held-out eval. The loop ends early when the alarm fires with `action=stop`. Then
+`save_result`: the final policy, the run's metrics (with `perf/loop_s`) and result.json.
 
 Time, as in train_loop.py: `perf/samples_per_s` and `perf/tokens_per_s` are the sequences
 (completions) and their real tokens (prompt + response, attention mask; all ranks) per second of
@@ -58,8 +60,8 @@ from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.tokenize import prompt_ids
 from rlhf_exp.errors import ConfigError
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import evaluation, rl_steps, rollout
-from rlhf_exp.training import dist, engine, resume, runtime, stage_kit
+from rlhf_exp.rl import alarm, evaluation, rl_steps, rollout
+from rlhf_exp.training import checkpoint, dist, engine, resume, runtime, stage_kit
 from rlhf_exp.training.nan_stop import stop_if_not_finite
 from rlhf_exp.training.tracking import Tracker
 
@@ -76,6 +78,7 @@ class State:
     init_eval: dict = field(default_factory=dict)  # the held-out eval before the first step
     last_eval: dict = field(default_factory=dict)
     last_stats: dict = field(default_factory=dict)  # the last step's (averaged) statistics
+    alarm: alarm.Watch | None = None  # the reward-hacking alarm (set by train())
     loop_s: float = 0.0  # this process's step time (evals, checkpoints left out; not saved)
 
 
@@ -215,33 +218,47 @@ def train(loop: Loop, steps: Steps, state: State, tracker: Tracker,
     run steps state.step + 1 .. `<stage>.steps`; the held-out eval after the last. Returns the
     state (state.loop_s: this process's step time)."""
     node = loop.node
+    watch = state.alarm = alarm.Watch(loop.stage, node.alarm)
+    evaluated_at = None  # the step of the last held-out eval
     if resume_from:
         steps.load(state, resume_from)
         runtime.say(f"{loop.stage}: resumed from {resume_from} at step {state.step}/{node.steps}")
     elif loop.eval_rows:
         state.init_eval = state.last_eval = steps.evaluate()
-        tracker.log(state.init_eval, 0)
+        evaluated_at = 0
+        tracker.log({**state.init_eval, **watch.on_eval(0, state.init_eval, {})}, 0)
+        if watch.keeps_best and watch.is_new_best(0):  # the starting policy may stay the best
+            steps.save(state)
     with runtime.progress(node.steps, loop.stage) as bar:  # closed on errors too
         bar.update(state.step)
-        while state.step < node.steps:
+        while state.step < node.steps and not watch.stop:
             t0 = time.perf_counter()
             stats, table = run_step(loop, steps, state, tracker)
             state.loop_s += time.perf_counter() - t0
             state.step, state.last_stats = state.step + 1, stats
+            stats.update(watch.on_step(state.step, stats))
             rl_steps.log_step(tracker, loop.cfg, loop.stage, state.step, stats, table)
             bar.update(1)
             bar.set_postfix({label: f"{stats.get(key, float('nan')):.3f}"
                              for label, key in loop.postfix.items()})
-            last = state.step >= node.steps
+            last = state.step >= node.steps or watch.stop
             if loop.eval_rows and node.eval_every > 0 and state.step % node.eval_every == 0 \
                     and not last:
-                state.last_eval = steps.evaluate()
-                tracker.log(state.last_eval, state.step)
-            if node.save_every > 0 and state.step % node.save_every == 0 and not last:
+                state.last_eval, evaluated_at = steps.evaluate(), state.step
+                tracker.log({**state.last_eval,
+                             **watch.on_eval(state.step, state.last_eval, stats)}, state.step)
+                last = watch.stop
+            best = watch.keeps_best and watch.is_new_best(state.step)
+            if (node.save_every > 0 and state.step % node.save_every == 0 or best) and not last:
                 steps.save(state)
-    if loop.eval_rows:
+    if loop.eval_rows and evaluated_at != state.step:
         state.last_eval = steps.evaluate()
-        tracker.log(state.last_eval, node.steps)
+        tracker.log({**state.last_eval,
+                     **watch.on_eval(state.step, state.last_eval, state.last_stats)}, state.step)
+    if watch.stop:
+        runtime.say(f"{loop.stage}: stopped by the alarm at step {state.step}/{node.steps}"
+                    + (f"; best held-out eval by {node.alarm.keep_best}: step "
+                       f"{watch.best['step']}" if watch.best else ""))
     return state
 
 
@@ -256,6 +273,9 @@ def run_step(loop: Loop, steps: Steps, state: State, tracker: Tracker
                                       [loop.prompt_tokens[i] for i in idx], state)
     t1 = time.perf_counter()
     stats.update(steps.update(exp, state))
+    if loop.node.alarm.enabled:  # this rank's responses; averaged over ranks by finish()
+        stats["alarm/repeat_ngram_share"] = alarm.repeated_ngram_share(
+            exp.responses, exp.mask, loop.node.alarm.ngram)
     now = time.perf_counter()
     stats.update({"perf/train_s": now - t1,
                   f"{loop.stage}/actor_lr": loop.engines[0].get_lr()[0],
@@ -285,12 +305,20 @@ def save_checkpoint(cfg: DictConfig, stage: str, run_dir: Path, tracker: Tracker
     """A resumable training checkpoint of state.step (rlhf_exp/training/resume.py): the actor, the
     loop's state (rl_steps.loop_state) with the stage's `shared` (rank 0, JSON) and `local` (this
     rank's) additions; `more`: resume.save's `engines` / `files`. The W&B rows are flushed
-    first: every row up to this step survives a kill right after the checkpoint."""
+    first: every row up to this step survives a kill right after the checkpoint. With
+    `<stage>.alarm.action=stop` the checkpoint records its held-out eval's gold (or proxy)
+    reward, and checkpoints/best points at the best one (resume.save)."""
     loop_shared, loop_local = rl_steps.loop_state(state, tracker)
+    if state.alarm is not None:
+        loop_shared["alarm"] = state.alarm.state_dict()
+    keep_best = state.alarm is not None and state.alarm.keeps_best
     tracker.flush()
     resume.save(actor, tokenizer, run_dir, state.step, {**loop_shared, **(shared or {})},
                 stage=stage, local={**loop_local, **(local or {})},
-                lora_save=cfg.model.lora.save, keep_last=cfg[stage].keep_last, **more)
+                lora_save=cfg.model.lora.save, keep_last=cfg[stage].keep_last,
+                best_metric=f"alarm/best_{cfg[stage].alarm.keep_best}" if keep_best else None,
+                best_mode="max",
+                metric_value=state.alarm.value_at(state.step) if keep_best else None, **more)
 
 
 def load_checkpoint(actor, state: State, ckpt: Path) -> dict[str, Any]:
@@ -298,6 +326,8 @@ def load_checkpoint(actor, state: State, ckpt: Path) -> dict[str, Any]:
     the stage's other parts first). Returns the saved state for the stage's own parts."""
     saved = resume.load(actor, ckpt)
     rl_steps.restore_loop_state(state, saved)
+    if state.alarm is not None and "alarm" in saved:
+        state.alarm.load_state_dict(saved["alarm"])
     resume.restore_rng(ckpt)
     return saved
 
@@ -308,18 +338,43 @@ def save_result(loop: Loop, state: State, tracker: Tracker, *, actor, tokenizer,
                 ) -> tuple[runtime.StageResult, Path]:
     """The final policy (checkpoints/final, its `model` artifact), the run's metrics (the last
     step's `final_keys`, the evals, `perf/loop_s`) into the W&B summary and result.json.
-    Returns (result, policy checkpoint)."""
-    stage, steps = loop.stage, loop.node.steps
+    Returns (result, policy checkpoint).
+
+    A run the alarm stopped (`<stage>.alarm.action=stop`) ends at state.step; its result's
+    checkpoint is then the best held-out eval's (checkpoints/best), `final` the last step's."""
+    stage, steps, watch = loop.stage, state.step, state.alarm
     ckpt = rl_steps.save_final_policy(actor, tokenizer, loop.cfg, stage, loop.run_dir, tracker,
-                                      {"stage": stage, "step": steps, **meta}, state.last_eval)
+                                      {"stage": stage, "step": steps, **meta}, state.last_eval,
+                                      step=steps)
     metrics = rl_steps.final_metrics(stage, state, final_keys, steps)
     metrics["perf/loop_s"] = state.loop_s  # this process's steps (a resumed run: the rest only)
+    policy = ckpt
+    if watch is not None:
+        metrics.update(watch.flags())
+        if watch.stop:
+            metrics["alarm/stopped_step"] = steps
+            policy = kept_best(watch, ckpt)
     tracker.summary(metrics)
-    result = runtime.StageResult(stage, str(loop.run_dir), str(ckpt), tracker.run_id,
+    result = runtime.StageResult(stage, str(loop.run_dir), str(policy), tracker.run_id,
                                  str(loop.run_dir / "wandb") if tracker.enabled else None,
-                                 metrics)
+                                 metrics, alarms=dict(watch.fired) if watch is not None else {})
     result.write()
-    return result, ckpt
+    return result, policy
+
+
+def kept_best(watch: alarm.Watch, final: Path) -> Path:
+    """The checkpoint of the best held-out eval by `alarm.keep_best` of a stopped run:
+    checkpoints/best (written at that eval), or `final` when the last eval was the best (or
+    there was none) and marked best too."""
+    if watch.best is None:
+        return final
+    link = final.parent / "best"
+    if watch.best["step"] == int(final.name.removeprefix("step_")) or not link.exists():
+        if dist.is_main():
+            checkpoint.mark(final, "best")
+        dist.barrier()
+        return final
+    return link.resolve()
 
 
 def gold_change(stage: str, state: State) -> str:

@@ -133,12 +133,13 @@ def restore_loop_state(state, saved: dict[str, Any]) -> None:
 
 
 def save_final_policy(actor, tokenizer, cfg: DictConfig, stage: str, run_dir: Path,
-                      tracker: Tracker, meta: dict[str, Any], eval_metrics: dict[str, float]
-                      ) -> Path:
+                      tracker: Tracker, meta: dict[str, Any], eval_metrics: dict[str, float],
+                      step: int | None = None) -> Path:
     """The trained policy as checkpoints/step_N (HF format) linked as `final`, older ones pruned
     to `<stage>.keep_last`; logged as the `model` artifact <experiment_name>-<stage>-model
-    (aliases final, step-N) when logger.log_checkpoints."""
-    steps = cfg[stage].steps
+    (aliases final, step-N) when logger.log_checkpoints. N: `step` (a run the alarm stopped),
+    else `<stage>.steps`."""
+    steps = cfg[stage].steps if step is None else step
     artifact = f"{cfg.experiment_name}-{stage}-model"
     ckpt = checkpoint.save_hf(
         actor, tokenizer, checkpoint.step_dir(run_dir, steps),

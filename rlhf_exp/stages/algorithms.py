@@ -25,7 +25,10 @@ stage.stages=<its stages> <this run's overrides> <its overrides>` composes
 
 <run_dir>/summary.md holds the three tables and the answers; result.json the metrics
 `algorithms/<arm>_<metric>` (gold_reward, gold_gain over SFT, reward_score, response_length,
-kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base).
+kl_to_sft, wall_s; with stage.compare_base: kl_to_base instead, gold_gain_over_base; pass@<k>
+and mean@<N> from eval.num_samples samples per prompt, rlhf_exp/rl/pass_at_k.py), and
+`algorithms/<arm>_alarm` (1: the arm tripped a reward-hacking alarm, rlhf_exp/rl/alarm.py; the
+runs table's `alarm` column names them with their steps).
 
 `rlhf-exp resume=<run_dir>` continues a cut shoot-out as it does a pipeline: every stage runs
 again in its own folder, a finished one returns its result without training, the one that was
@@ -176,10 +179,10 @@ def summary_text(shared: dict[str, runtime.StageResult], results: dict[str, runt
                  runs_table: str, samples: str = "") -> str:
     """Markdown: the stages and their W&B runs, the held-out comparison (only the columns some
     policy has), the compare table, the side-by-side samples."""
-    lines = ["| run | stage | run dir | W&B run | wall s |", "|---|---|---|---|---:|"]
+    lines = ["| run | stage | run dir | W&B run | wall s | alarm |", "|---|---|---|---|---:|---|"]
     for name, res in {**shared, **results}.items():
         lines.append(f"| {name} | {res.stage} | {res.run_dir} | {res.wandb_run_id or '-'} | "
-                     f"{wall.get(name, float('nan')):.1f} |")
+                     f"{wall.get(name, float('nan')):.1f} | {alarm_cell(res)} |")
     columns = heldout_columns(heldout)
     lines += ["", "Every policy on the same held-out prompts, generation settings and seed "
               "(PPO's held-out eval); wall_s: the arm's own stage, from the shared SFT policy:",
@@ -196,6 +199,12 @@ def summary_text(shared: dict[str, runtime.StageResult], results: dict[str, runt
     return "\n".join(lines) + "\n"
 
 
+def alarm_cell(res: runtime.StageResult) -> str:
+    """The reward-hacking alarms an arm tripped, each with the step it fired at
+    (rlhf_exp/rl/alarm.py); "-" for none (and for stages without the alarm)."""
+    return ", ".join(f"{name}@{step}" for name, step in res.alarms.items()) or "-"
+
+
 def add_base_gain(heldout: dict[str, dict[str, float]]) -> None:
     """With a base-model row: each other policy's `gold_gain_over_base` (its gold reward minus
     the base model's, on the same prompts)."""
@@ -208,8 +217,11 @@ def add_base_gain(heldout: dict[str, dict[str, float]]) -> None:
 
 
 def heldout_columns(heldout: dict[str, dict[str, float]]) -> list[str]:
-    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both)."""
-    return [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    """HELDOUT_COLUMNS that at least one policy has (kl_to_sft or kl_to_base, not both), then
+    pass@<k> and mean@<N> (eval.num_samples samples per prompt) where measured."""
+    columns = [c for c in HELDOUT_COLUMNS if any(c in m for m in heldout.values())]
+    return columns + [k for k in dict.fromkeys(k for m in heldout.values() for k in m)
+                      if pipeline.pass_metric(k)]
 
 
 def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
@@ -240,6 +252,8 @@ def run(cfg: DictConfig, run_dir: Path) -> runtime.StageResult:
     metrics = {f"algorithms/{name}_{key}": value for name, m in heldout.items()
                for key, value in m.items()}
     metrics.update({f"algorithms/{name}_wall_s": wall[name] for name in shared})
+    metrics.update({f"algorithms/{name}_alarm": float(bool(res.alarms))
+                    for name, res in results.items()})
     final = checkpoint.final_checkpoint(Path(shared["sft"].run_dir)) if "sft" in shared else None
     result = runtime.StageResult("algorithms", str(run_dir), str(final) if final else None,
                                  None, None, metrics)

@@ -6,8 +6,9 @@ Run: rlhf-exp stage=dpo dpo.init_from=<sft run dir, checkpoint or artifact>
 Reads `cfg.dpo` (conf/dpo/default.yaml). The data are the preference pairs of the data_mix's
 reward share (as the reward stage reads them); batch sizes count pairs, each pair being two
 sequences (chosen, rejected) in one forward. The loss, its variants (`dpo.loss_type`: sigmoid,
-hinge, ipo, robust; `dpo.label_smoothing`; `dpo.rpo_alpha`) and the metrics are TRL's
-(rlhf_exp/rl/dpo_math.py, docs/dpo.md).
+hinge, ipo, robust, simpo; `dpo.label_smoothing`; `dpo.rpo_alpha`; `dpo.simpo_gamma`) and the
+metrics are TRL's (rlhf_exp/rl/dpo_math.py, docs/dpo.md). simpo (SimPO) is reference-free: no
+reference model is loaded and the reference pass is skipped.
 
 The steps, in order:
   data       the reward share's pairs, tokenized (prompt length kept: only response tokens count)
@@ -39,6 +40,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from rlhf_exp.config.choices import REFERENCE_FREE_LOSSES
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
@@ -108,7 +110,7 @@ def dpo_step(eng, batch: dict[str, torch.Tensor],
     loss, terms = dpo_math.dpo_loss(
         pair_logps(eng, batch), batch["ref_chosen_logps"], batch["ref_rejected_logps"],
         loss_type=node.loss_type, beta=node.beta, label_smoothing=node.label_smoothing,
-        rpo_alpha=node.rpo_alpha)
+        rpo_alpha=node.rpo_alpha, simpo_gamma=node.simpo_gamma)
     stats = dpo_math.pair_metrics(terms, node.rpo_alpha)
     del stats["loss"]  # the loop logs the loss it backpropagates as dpo/loss
     return loss, stats
@@ -126,7 +128,7 @@ def evaluate(eng, loader: DataLoader, node: DictConfig, device: torch.device) ->
             _, terms = dpo_math.dpo_loss(
                 pair_logps(eng, batch), batch["ref_chosen_logps"], batch["ref_rejected_logps"],
                 loss_type=node.loss_type, beta=node.beta, label_smoothing=node.label_smoothing,
-                rpo_alpha=node.rpo_alpha)
+                rpo_alpha=node.rpo_alpha, simpo_gamma=node.simpo_gamma)
             parts.append({k: v.cpu() for k, v in terms.items()})
     eng.module.train()
     terms = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -180,13 +182,35 @@ def with_reference(features: list[dict], indices: list[int], values: torch.Tenso
     return out
 
 
+def reference_pass(cfg: DictConfig, reference_path: str, tokenizer, batches, train_set: list,
+                   eval_set: list, device: torch.device, collate) -> tuple[list, list, list]:
+    """(train features, eval features, the training pairs scored): the reference's pass over
+    the pairs the run draws and every held-out pair; none with no reference (simpo)."""
+    if not reference_path:
+        return without_reference(train_set), without_reference(eval_set), []
+    used = pairs_used(batches.sampler, batches.total_steps)
+    train_set, eval_set = score_with_reference(
+        cfg, reference_path, tokenizer,
+        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
+    return train_set, eval_set, used
+
+
+def without_reference(features: list[dict]) -> list[dict]:
+    """The features for a reference-free loss (simpo): reference log-probabilities 0, which
+    dpo_math.dpo_loss does not read (collate_dpo batches them as for every loss)."""
+    return [{**f, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for f in features]
+
+
 def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple[list, list]],
-                         device: torch.device, collate) -> list[list[dict]]:
+                         device: torch.device, collate, micro_batch_size: int | None = None
+                         ) -> list[list[dict]]:
     """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
-    ZeRO-3), run the precomputed pass over each (features, indices) of `sets`, free it."""
+    ZeRO-3), run the precomputed pass over each (features, indices) of `sets` (batches of
+    `micro_batch_size`, default dpo.micro_batch_size_per_device; stage=kto passes its own),
+    free it."""
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
-    micro = cfg.dpo.micro_batch_size_per_device
+    micro = micro_batch_size or cfg.dpo.micro_batch_size_per_device
     out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
                                                       device))
            for feats, idx in sets]
@@ -223,7 +247,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- the policy: from the SFT output (path / artifact) or the base model; dropout off
         start, init_artifact = stage_kit.start_point(dc.init_from,
                                                      models.resolve_base_path(cfg.model), tracker)
-        reference_path = stage_kit.start_point(dc.reference, start, tracker)[0]
+        reference_path = ("" if dc.loss_type in REFERENCE_FREE_LOSSES
+                          else stage_kit.start_point(dc.reference, start, tracker)[0])
         tracker.summary({"dpo/init_path": start, "dpo/init_artifact": init_artifact or "",
                          "dpo/reference_path": reference_path})
         tokenizer, model, trainable, total = stage_kit.load_model(cfg, start, dropout=False)
@@ -244,11 +269,10 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         batches = stage_kit.global_batches(run, dc, train_set, collate, "training pairs")
 
         # --- the reference pass: every pair the run trains on and every held-out pair, once
+        # (none for a reference-free loss: simpo loads and scores no reference model)
         t0 = time.perf_counter()
-        used = pairs_used(batches.sampler, batches.total_steps)
-        train_set, eval_set = score_with_reference(
-            cfg, reference_path, tokenizer,
-            [(train_set, used), (eval_set, list(range(len(eval_set))))], run.device, collate)
+        train_set, eval_set, used = reference_pass(cfg, reference_path, tokenizer, batches,
+                                                   train_set, eval_set, run.device, collate)
         reference_s = time.perf_counter() - t0
         batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
 
@@ -258,8 +282,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
                     f"skipped), {batches.describe('pairs')}, loss {dc.loss_type} beta {dc.beta}; "
-                    f"reference {reference_path} scored {len(used)} + {len(eval_set)} pairs in "
-                    f"{reference_s:.1f} s; {trainable:,}/{total:,} trainable params, zero stage "
+                    f"reference {reference_path or 'none'} scored {len(used)} + "
+                    f"{len(eval_set) if reference_path else 0} pairs in {reference_s:.1f} s; "
+                    f"{trainable:,}/{total:,} trainable params, zero stage "
                     f"{cfg.zero_stage.stage}")
         tracker.summary({"dpo/global_batch_size": batches.global_batch,
                          "dpo/train_examples": len(train_set), "dpo/eval_examples": len(eval_set),

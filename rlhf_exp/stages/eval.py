@@ -6,7 +6,8 @@ Run: rlhf-exp stage=eval eval.from_run=<pipeline run dir>
 Reads `cfg.eval` (conf/eval/default.yaml). Every policy (base, SFT, PPO, PPO-EMA, or any named
 path/artifact) answers the PPO share's held-out prompts with the settings PPO's held-out eval
 uses (so the PPO policy's gold reward here reproduces ppo/eval_gold_reward). Each response is
-scored by the reward model and, where the task has one, by the gold reward; each policy's KL to
+scored by the reward model and, where the task has one, by the gold reward (and, with
+`eval.num_samples` N > 1, pass@k and mean@N over N samples per prompt); each policy's KL to
 the reference (the SFT policy) is measured on its own responses. The reward model is also
 scored on the reward share's held-out preference pairs (accuracy, margin, margin histogram).
 Output: a W&B Table (one row per prompt, columns per policy), eval/* metrics, and in the run dir
@@ -237,7 +238,7 @@ def score_policies(cfg: DictConfig, inputs: Inputs, rows: list[dict],
     settings = evaluation.EvalSettings(
         gen=evaluation.generation_config(ev.generation), template=cfg.model.prompt_template,
         max_prompt_len=ev.max_prompt_len, batch_size=ev.batch_size, seed=cfg.seed,
-        device=device)
+        device=device, pass_k=evaluation.pass_at_k_settings(ev))
     evaluated = evaluation.compare_checkpoints(
         inputs.policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
         reward_model=inputs.reward_path, reference=inputs.ref_path,

@@ -21,11 +21,14 @@ started from), the last one by its stage (`ppo`, `grpo`; with `ppo.ema.enabled` 
 `ppo_ema`). The comparison and a table of the stages are printed and written to
 <run_dir>/summary.md; <run_dir>/result.json holds every stage's metrics plus
 `pipeline/<policy>_<metric>` and `pipeline/gold_reward_gain` (last minus first).
+With `eval.num_samples` N samples per prompt the comparison also has pass@k and mean@N
+(`eval.pass_k`, `eval.pass_threshold`; rlhf_exp/rl/pass_at_k.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -83,7 +86,9 @@ def score_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
     """compare_policies before the means: this rank's held-out rows, each policy's responses
     and scores on them, and the device to average them on."""
     node, kl_estimator = eval_node(cfg, stage)
-    settings = evaluation.stage_settings(cfg, node)
+    # N samples per prompt for pass@k and mean@N: the eval node's (eval.num_samples, ...)
+    settings = dataclasses.replace(evaluation.stage_settings(cfg, node),
+                                   pass_k=evaluation.pass_at_k_settings(cfg.eval))
     rows = evaluation.heldout_shard(cfg, node.eval_num_prompts, dist.rank(), dist.world_size())
     scores = evaluation.compare_checkpoints(
         policies, rows, settings, model_cfg=cfg.model, precision=cfg.hardware.precision,
@@ -93,10 +98,16 @@ def score_policies(cfg: DictConfig, policies: dict[str, str], reference: str,
 
 def summarize_scores(scores: dict[str, evaluation.PolicyScores], device: torch.device
                      ) -> dict[str, dict[str, float]]:
-    """{policy: {gold_reward, reward_score, response_length, kl_to_sft}}, averaged over ranks."""
+    """{policy: {gold_reward, reward_score, response_length, kl_to_sft, pass@<k>..., mean@<N>}},
+    averaged over ranks."""
     shown = ("response_length", "kl_to_sft", "reward_score", "gold_reward")
     return {name: {k: v for k, v in evaluation.summarize(s, device).items()
-                   if k in shown} for name, s in scores.items()}
+                   if k in shown or pass_metric(k)} for name, s in scores.items()}
+
+
+def pass_metric(key: str) -> bool:
+    """`pass@<k>` or `mean@<N>` (rlhf_exp/rl/pass_at_k.py)."""
+    return key.startswith(("pass@", "mean@"))
 
 
 def reward_model_of(stage_cfg: DictConfig, stage: str) -> str | None:
@@ -120,6 +131,8 @@ def summary_text(results: dict[str, runtime.StageResult],
         lines.append(f"| {name} | {res.run_dir} | {res.wandb_run_id or '-'} | {shown} |")
     if comparison:
         cols = ["gold_reward", "reward_score", "response_length", "kl_to_sft"]
+        cols += [k for k in dict.fromkeys(k for m in comparison.values() for k in m)
+                 if pass_metric(k)]
         lines += ["", "Held-out prompts, same prompts and generation settings (the last "
                   "stage's generation, seed):", "", "| policy | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(cols)]

@@ -52,6 +52,8 @@ class StageResult:
     wandb_run_id: str | None = None
     wandb_dir: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # RL stages: the reward-hacking alarms that fired -> the step each first fired at
+    alarms: dict[str, int] = field(default_factory=dict)
 
     def write(self) -> None:
         """`result.json` in the run dir: what the pipeline, sweeps and the parent launcher read."""
