@@ -332,6 +332,11 @@ class PPOConfig:
     micro_batch_size_per_device: int = 32  # per forward/backward during the update
     ppo_epochs: int = 1
     num_minibatches: int = 1
+    # packed rows in every forward (no compute on padding; exact). The update keeps its
+    # micro_batch_size_per_device sequences per micro-batch (the PPO losses are micro-batch
+    # means); the rollout's scoring forwards are cut by micro_batch_tokens
+    packing: bool = True
+    micro_batch_tokens: int = 4096  # token budget of one packed scoring forward (packing: true)
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -391,6 +396,10 @@ class GRPOConfig:
     # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
     # groups and no gradient checkpointing, else off)
     shared_prompt: bool = True
+    # packed rows in every forward (no compute on padding; exact): a micro-batch of the update is
+    # whole groups cut by micro_batch_tokens, not micro_batch_size_per_device rows
+    packing: bool = True
+    micro_batch_tokens: int = 4096  # token budget of one packed forward (packing: true)
     max_prompt_len: int = 32
     # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
     # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way

@@ -155,7 +155,7 @@ def check_ppo(cfg: DictConfig) -> None:
     _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
     for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
                 "num_minibatches", "max_prompt_len", "log_every",
-                "eval_num_prompts", "eval_batch_size", "kl.horizon"):
+                "eval_num_prompts", "eval_batch_size", "kl.horizon", "micro_batch_tokens"):
         _positive(cfg, f"ppo.{key}")
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if pc.rollout_batch_size % (pc.num_minibatches * world):
@@ -195,7 +195,7 @@ def check_grpo(cfg: DictConfig) -> None:
     gc = cfg.grpo
     for key in ("steps", "prompts_per_step", "micro_batch_size_per_device", "num_iterations",
                 "num_minibatches", "max_prompt_len", "log_every", "eval_num_prompts",
-                "eval_batch_size"):
+                "eval_batch_size", "micro_batch_tokens"):
         _positive(cfg, f"grpo.{key}")
     _positive(cfg, "grpo.num_generations", 2)
     _allowed(cfg, "grpo.baseline", GRPO_BASELINES)
