@@ -55,8 +55,16 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp import tasks
 from rlhf_exp.config import ConfigError
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import (evaluation, grpo_math, packed_rows, ppo_math, rewards, rl_loop, rl_steps,
-                         rollout)
+from rlhf_exp.rl import (
+    evaluation,
+    grpo_math,
+    packed_rows,
+    ppo_math,
+    rewards,
+    rl_loop,
+    rl_steps,
+    rollout,
+)
 from rlhf_exp.rl.rollout import Trajectory
 from rlhf_exp.training import dist, engine, runtime, stage_kit
 from rlhf_exp.training.tracking import Tracker, resolve_init
