@@ -1,0 +1,201 @@
+"""Packed rows: several sequences in one row, no compute on padding (issue #21).
+
+A padded micro-batch of N sequences is an [N, max_len] tensor: every row is as long as the
+longest, and the forward and backward spend the difference on pad tokens. A packed micro-batch
+is ONE row [1, sum(len)] that holds the N sequences end to end, with `position_ids` restarting
+at 0 at each sequence. transformers 5.x (masking_utils.find_packed_sequence_indices) reads
+restarting position ids as sequence boundaries when `attention_mask` is None (and there is no
+KV cache) and builds a block-diagonal causal mask, so no token attends across sequences: each
+sequence gets the same logits as alone in its own row (to kernel rounding). Flash-attention
+(GPU) takes the same position ids as its variable-length path.
+
+The API (used by the supervised stages here and by the RL update):
+
+    plan_microbatches(lengths, token_budget)   consecutive groups of rows within a token budget
+    pack(seqs)                                 -> Packed(input_ids, position_ids, lengths, ...)
+    Packed.forward_kwargs()                    what a model forward takes for a packed row
+    next_token_logps(logits, packed)           [T-1] log p(token t+1 | ..t), 0 across boundaries
+    sequence_sums(values, packed)              [N] per-sequence sums of a per-position value
+    last_token(values, packed)                 [N, ...] each sequence's value at its last token
+    unpack(values, packed, pad)                [N, max_len, ...] right-padded, as a padded batch
+    supports_packing(model)                    does this model family pack exactly (else pad)
+
+Positions: a packed row's position t belongs to sequence `packed.seq_ids[t]`; `starts[i]` is
+sequence i's first position. Per-token values "at position t predict token t+1" (next-token
+log-probs) are never read at a sequence's last position (it would predict the next sequence's
+first token); next_token_logps zeroes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_exp.rl.ppo_math import logprobs_from_logits
+
+# model_type of the families whose forward hands its position_ids to masking_utils'
+# create_causal_mask (checked in transformers 5.25; tests/test_packing.py compares packed with
+# per-sequence logits): restarting positions give a block-diagonal causal mask. OPT is not one:
+# its forward calls create_causal_mask without position_ids, so a packed OPT row attends across
+# sequences (measured: logits off by ~0.15) and OPT trains on padded batches.
+PACKING_FAMILIES = frozenset({"llama", "qwen2", "mistral", "gpt2"})
+# the attention implementations that take that mask (sdpa, eager) or the position ids directly
+# (flash-attention's variable-length path)
+PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+
+
+def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Cut rows 0..n-1 (in order) into consecutive groups whose total length stays within
+    `token_budget`; a row longer than the budget goes alone. Returns the groups' row indices;
+    concatenated they are 0..n-1 in order."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if current and used + n > token_budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclass
+class Packed:
+    """N sequences in one row of T = sum(lengths) positions."""
+
+    input_ids: torch.Tensor  # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long, 0..len-1 per sequence
+    lengths: torch.Tensor  # [N] long
+    starts: torch.Tensor  # [N] long: each sequence's first position
+    seq_ids: torch.Tensor  # [T] long: the sequence of each position
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def forward_kwargs(self) -> dict[str, torch.Tensor | bool | None]:
+        """A model forward's inputs: no attention_mask (the packed mask comes from the position
+        ids) and no KV cache (transformers only reads packing without one)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": None, "use_cache": False}
+
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.lengths,
+                                                self.starts, self.seq_ids)))
+
+
+def layout(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(position_ids [T], starts [N], seq_ids [T]) of sequences of `lengths` packed end to end."""
+    lengths = lengths.long()
+    starts = torch.cumsum(lengths, 0) - lengths
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    positions = torch.arange(int(lengths.sum()), device=lengths.device) - starts[seq_ids]
+    return positions, starts, seq_ids
+
+
+def pack(seqs: Sequence[Sequence[int]] | Sequence[torch.Tensor]) -> Packed:
+    """Sequences (lists of ids or 1-D tensors, each non-empty) as one packed row."""
+    if not seqs:
+        raise ValueError("pack: no sequences")
+    parts = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
+    if any(p.numel() == 0 for p in parts):
+        raise ValueError("pack: an empty sequence has no position to attend from")
+    lengths = torch.tensor([p.numel() for p in parts], dtype=torch.long)
+    positions, starts, seq_ids = layout(lengths)
+    return Packed(torch.cat(parts)[None], positions[None], lengths, starts, seq_ids)
+
+
+def pack_values(values: Sequence[Sequence], dtype: torch.dtype = torch.long,
+                first: float | int | None = None) -> torch.Tensor:
+    """Per-token values of the same sequences (labels, masks) concatenated [T]; `first` replaces
+    each sequence's first value (e.g. -100 / 0: no position predicts it, as in a padded row,
+    where the shift drops column 0; in a packed row the previous sequence's last position would)."""
+    out = []
+    for v in values:
+        v = list(v)
+        if first is not None and v:
+            v[0] = first
+        out.extend(v)
+    return torch.tensor(out, dtype=dtype)
+
+
+def next_token_logps(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """[T-1] fp32: position t's log-probability of token t+1 (logits [1, T, V]); 0 where t is a
+    sequence's last position (t+1 starts the next sequence). Computed a slice of positions at a
+    time (ppo_math.logprobs_from_logits), so no [T, V] log-softmax copy is made."""
+    ids = packed.input_ids[0]
+    out = logprobs_from_logits(logits[0, :-1].unsqueeze(1), ids[1:].unsqueeze(1)).squeeze(1)
+    crosses = packed.seq_ids[1:] != packed.seq_ids[:-1]
+    return out.masked_fill(crosses, 0.0)
+
+
+def sequence_sums(values: torch.Tensor, packed: Packed, shift: int = 0) -> torch.Tensor:
+    """[N] the sum per sequence of per-position `values` [T - shift] (shift=1 for values indexed
+    by the predicted token t+1, as next_token_logps' output); differentiable."""
+    owner = packed.seq_ids[shift:]
+    out = torch.zeros(packed.num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add(0, owner, values)
+
+
+def last_token(values: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """[N, ...] each sequence's value at its last position, from values [1, T, ...] or
+    [T, ...] (a reward head's per-token scores, a value head's outputs)."""
+    flat = values[0] if values.dim() >= 2 and values.shape[0] == 1 and \
+        values.shape[1] == packed.num_tokens else values
+    return flat[packed.starts + packed.lengths - 1]
+
+
+def unpack(values: torch.Tensor, packed: Packed, pad: float = 0.0) -> torch.Tensor:
+    """[N, max_len, ...] the per-position values [1, T, ...] or [T, ...] put back as a
+    right-padded batch (pad value `pad`), for code written for padded batches."""
+    flat = values[0] if values.dim() >= 2 and values.shape[0] == 1 and \
+        values.shape[1] == packed.num_tokens else values
+    width = int(packed.lengths.max())
+    out = flat.new_full((packed.num_seqs, width, *flat.shape[1:]), pad)
+    positions = packed.position_ids[0]
+    return out.index_put((packed.seq_ids, positions), flat)
+
+
+def supports_packing(model) -> bool:
+    """Whether `model` (an HF model, or a DeepSpeed engine / PEFT wrapper around one) gives every
+    sequence of a packed row the logits it has alone: a family whose mask is built from restarting
+    position ids (PACKING_FAMILIES) under an attention implementation that honours it."""
+    config = _config(model)
+    if config is None:
+        return False
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    return config.model_type in PACKING_FAMILIES and attn in PACKING_ATTENTION
+
+
+def why_not(model) -> str:
+    """One line: why `model` falls back to padded batches (for the run's log)."""
+    config = _config(model)
+    if config is None:
+        return "no HF config found on the model"
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    return (f"model_type {config.model_type!r} with attention {attn!r} does not build a "
+            f"block-diagonal mask from position ids (packing covers {sorted(PACKING_FAMILIES)} "
+            f"under {sorted(PACKING_ATTENTION)})")
+
+
+def _config(model):
+    seen = 0
+    while model is not None and seen < 6:  # engine.module -> PeftModel.base_model -> HF model
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "model_type") and \
+                not isinstance(config, dict):
+            return config
+        model = getattr(model, "module", None) or getattr(model, "base_model", None)
+        seen += 1
+    return None
