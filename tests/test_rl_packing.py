@@ -78,6 +78,20 @@ def test_token_budget_planner_keeps_order_and_splits_to_a_count():
     assert packed_rows.split_to(plan, [3, 3, 5, 1, 1], 3) == plan
 
 
+def test_models_that_cannot_take_the_mask_fall_back_to_padded_rows(fixed):
+    cfg, model, tok, traj = fixed
+    assert packed_rows.why_not(model, None) is None
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert "flash_attention_2" in packed_rows.why_not(model)
+        geo = grpo.packing_geometry(cfg, 1, grpo.Models(tok, model, None, None, [], 0))
+        assert geo.token_budget is None  # padded rows, the KV-cache shared prompt as before
+    finally:
+        model.config._attn_implementation = "sdpa"
+    geo = grpo.packing_geometry(cfg, 1, grpo.Models(tok, model, None, None, [], 0))
+    assert geo.token_budget == cfg.grpo.micro_batch_tokens and geo.prompt_group == 4
+
+
 # ----------------------------------------------------------------------------- a fixed rollout
 def _rollout(cfg):
     """The tiny Llama (seeded random weights, fp32) and a fixed rollout of 3 prompts x 4 sampled

@@ -34,6 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_exp.rl import ppo_math, scoring
+from rlhf_exp.training.packing import plan_microbatches
+
+# model_type of the families checked to take the custom 4D mask and explicit position ids
+# exactly (transformers 5.25; tests/test_rl_packing.py), under the attention implementations
+# that apply a 4D mask (flash-attention takes none: those models run on padded rows)
+FAMILIES = frozenset({"llama", "qwen2", "gpt2", "opt"})
+ATTENTION = frozenset({"sdpa", "eager"})
 
 
 @dataclass
@@ -136,6 +143,22 @@ def pack(sequences: torch.Tensor, attention_mask: torch.Tensor, response_mask: t
         last_at=torch.tensor(last_at, dtype=torch.long, device=device), shape=(B, R))
 
 
+def why_not(*models) -> str | None:
+    """None when every model given (None entries skipped) packs exactly, else one line why
+    not (the RL stages then run on padded rows)."""
+    for model in models:
+        if model is None:
+            continue
+        hf = scoring._unwrap(model)
+        config = getattr(hf, "config", None)
+        kind = getattr(config, "model_type", None)
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if kind not in FAMILIES or attn not in ATTENTION:
+            return (f"model_type {kind!r} with attention {attn!r} (packed RL rows cover "
+                    f"{sorted(FAMILIES)} under {sorted(ATTENTION)})")
+    return None
+
+
 def model_dtype(model) -> torch.dtype:
     """The floating dtype a model computes in (its attention mask must match)."""
     model = getattr(model, "module", model)  # DeepSpeed engine
@@ -146,16 +169,9 @@ def model_dtype(model) -> torch.dtype:
 # ----------------------------------------------------------------------------- token budget
 def plan_micro_batches(costs: list[int], budget: int) -> list[range]:
     """Consecutive units (in their given order: the data order) cut into micro-batches of at
-    most `budget` tokens each; a unit over the budget alone makes one."""
-    plan, start, used = [], 0, 0
-    for i, c in enumerate(costs):
-        if i > start and used + c > budget:
-            plan.append(range(start, i))
-            start, used = i, 0
-        used += c
-    if costs:
-        plan.append(range(start, len(costs)))
-    return plan
+    most `budget` tokens each (training.packing's planner); a unit over the budget alone makes
+    one."""
+    return [range(g[0], g[-1] + 1) for g in plan_microbatches(costs, budget)]
 
 
 def split_to(plan: list[range], costs: list[int], count: int) -> list[range]:

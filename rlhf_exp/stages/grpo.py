@@ -171,7 +171,8 @@ def check_default_reward_fits(cfg: DictConfig, rows: list[dict]) -> None:
                           "or grpo.reward_functions=[{fn: package.module:function, weight: 1.0}]")
 
 
-def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
+def batch_geometry(cfg: DictConfig, world: int, can_pack: bool = True) -> Geometry:
+    """The rollout's cut; packed rows when `grpo.packing` and the models can (`can_pack`)."""
     gc = cfg.grpo
     prompts_local = gc.prompts_per_step // world
     n_local = prompts_local * gc.num_generations
@@ -179,11 +180,22 @@ def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
     micro = min(gc.micro_batch_size_per_device, minibatch)
     G = gc.num_generations
     shared = gc.shared_prompt and micro % G == 0 and not cfg.model.gradient_checkpointing
-    if gc.packing:  # a packed micro-batch holds whole groups whenever minibatches do
+    packed = gc.packing and can_pack
+    if packed:  # a packed micro-batch holds whole groups whenever minibatches do
         shared = gc.shared_prompt and minibatch % G == 0
     return Geometry(prompts_local, n_local, minibatch, micro, minibatch // micro,
                     gc.steps * gc.num_iterations * gc.num_minibatches, G, minibatch % G == 0,
-                    G if shared else 1, gc.micro_batch_tokens if gc.packing else None)
+                    G if shared else 1, gc.micro_batch_tokens if packed else None)
+
+
+def packing_geometry(cfg: DictConfig, world: int, m: Models) -> Geometry:
+    """The geometry once the models are loaded: packed rows (`grpo.packing`) unless a model
+    cannot take them (flash-attention, an unchecked family): then padded rows, said once."""
+    reason = (packed_rows.why_not(m.actor, m.reference, m.reward_model) if cfg.grpo.packing
+              else None)
+    if reason:
+        runtime.say(f"grpo: padded rows, not packed: {reason}")
+    return batch_geometry(cfg, world, can_pack=reason is None)
 
 
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
@@ -220,7 +232,9 @@ def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts:
                 f"completions = {completions}; update {gc.num_iterations} pass(es) x "
                 f"{gc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
                 f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
-                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; actor zero "
+                f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}; "
+                + (f"packed rows <= {geo.token_budget} tokens" if geo.token_budget else
+                   "padded rows") + "; actor zero "
                 f"{m.actor_stage}; actor {inputs.actor_init}; reward "
                 f"{inputs.reward_model or '-'}"
                 + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
@@ -465,6 +479,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
+        geo = packing_geometry(cfg, run.world, m)
         state = fresh_state(cfg)
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 

@@ -176,14 +176,25 @@ def resolve_inputs(cfg: DictConfig) -> Inputs:
     return Inputs(actor, actor_art, critic, critic_art, rm, rm_art)
 
 
-def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
+def batch_geometry(cfg: DictConfig, world: int, can_pack: bool = True) -> Geometry:
+    """The rollout's cut; packed rows when `ppo.packing` and the models can (`can_pack`)."""
     pc = cfg.ppo
     n_local = pc.rollout_batch_size // world
     minibatch = n_local // pc.num_minibatches
     micro = min(pc.micro_batch_size_per_device, minibatch)
     return Geometry(n_local, minibatch, micro, minibatch // micro,
                     pc.steps * pc.ppo_epochs * pc.num_minibatches,
-                    pc.micro_batch_tokens if pc.packing else None)
+                    pc.micro_batch_tokens if pc.packing and can_pack else None)
+
+
+def packing_geometry(cfg: DictConfig, world: int, m: Models) -> Geometry:
+    """The geometry once the models are loaded: packed rows (`ppo.packing`) unless a model
+    cannot take them (flash-attention, an unchecked family): then padded rows, said once."""
+    reason = (packed_rows.why_not(m.actor, m.reference, m.critic, m.reward_model)
+              if cfg.ppo.packing else None)
+    if reason:
+        runtime.say(f"ppo: padded rows, not packed: {reason}")
+    return batch_geometry(cfg, world, can_pack=reason is None)
 
 
 def as_value_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -265,7 +276,9 @@ def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts:
     runtime.say(f"ppo: {prompts} prompts ({held_out * world} held out), "
                 f"{pc.steps} steps x {pc.rollout_batch_size} rollouts; update {pc.ppo_epochs} "
                 f"epoch(s) x {pc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
-                f"{geo.grad_accum} x {world} ranks; actor zero {m.actor_stage}, critic zero "
+                f"{geo.grad_accum} x {world} ranks; "
+                + (f"packed rows (scoring <= {geo.token_budget} tokens)" if geo.token_budget
+                   else "padded rows") + f"; actor zero {m.actor_stage}, critic zero "
                 f"{m.critic_stage}; actor {inputs.actor_init}; critic {inputs.critic_init}; "
                 f"reward {inputs.reward_model or '-'}"
                 + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
@@ -544,6 +557,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
+        geo = packing_geometry(cfg, run.world, m)
         state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 
