@@ -223,6 +223,14 @@ class TrainLoopConfig:
     # as checkpoints/best; null = keep only the last `keep_last`
     keep_best_metric: str | None = None
     keep_best_mode: str = "min"  # min | max
+    # packed micro-batches (rlhf_exp/training/packing.py): a micro-batch's sequences end to end
+    # in one row, no forward/backward on padding; the same loss and gradients as the padded
+    # batch (to fp32 rounding). Families that cannot pack exactly (OPT) train padded, with a
+    # line in the log. false = always padded
+    packing: bool = True
+    # with packing: the most tokens one packed forward holds; a micro-batch over it runs as
+    # several forwards (one backward); 0 = one forward per micro-batch
+    micro_batch_tokens: int = 0
 
 
 @dataclass

@@ -29,6 +29,7 @@ first token); next_token_logps zeroes them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -199,3 +200,141 @@ def _config(model):
         model = getattr(model, "module", None) or getattr(model, "base_model", None)
         seen += 1
     return None
+
+
+# ----------------------------------------------------------------------------- micro-batch pieces
+def from_flat(input_ids: torch.Tensor, lengths: torch.Tensor) -> Packed:
+    """The Packed of a collated row [1, T] and its sequence lengths [N] (on their device)."""
+    positions, starts, seq_ids = layout(lengths)
+    return Packed(input_ids, positions[None], lengths, starts, seq_ids)
+
+
+def chunk_ranges(lengths: Sequence[int], token_budget: int) -> list[tuple[int, int, int, int]]:
+    """The packed forwards of one micro-batch of units (sequences, or pairs) of `lengths`:
+    (first unit, end unit, first token, end token) per forward, each within `token_budget`
+    tokens (plan_microbatches); token_budget 0 = one forward for all."""
+    n = len(lengths)
+    if token_budget <= 0:
+        return [(0, n, 0, int(sum(lengths)))]
+    out, tok = [], 0
+    for group in plan_microbatches(lengths, token_budget):
+        size = int(sum(lengths[i] for i in group))
+        out.append((group[0], group[-1] + 1, tok, tok + size))
+        tok += size
+    return out
+
+
+# ----------------------------------------------------------------------------- shared prefixes
+@dataclass
+class Tree:
+    """Groups packed as prefix, branch 1, branch 2, ... each (a DPO pair: prompt, chosen,
+    rejected; a GRPO group: prompt, its responses): every branch attends to its own prefix and
+    itself, never to a sibling, so the prefix is computed once for all its branches. Branch
+    positions continue from the prefix's (each branch starts at position len(prefix))."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    allowed: torch.Tensor  # [T, T] bool: query t may attend to key s
+    src: torch.Tensor  # [K] the position whose logits predict branch token tgt[k]
+    tgt: torch.Tensor  # [K] the positions of every branch token
+    owner: torch.Tensor  # [K] the branch of tgt[k]: group g's branch b is g * branches + b
+
+
+def tree(input_ids: torch.Tensor, prefix_lens: Sequence[int],
+         branch_lens: Sequence[Sequence[int]]) -> Tree:
+    """The Tree of a row [1, T] laid out group by group as prefix then branches (each prefix at
+    least 1 token: its last position predicts every branch's first token)."""
+    device = input_ids.device
+    positions, group, branch, src, tgt, owner = [], [], [], [], [], []
+    t = 0
+    nb = len(branch_lens[0]) if branch_lens else 0
+    for g, (p, lens) in enumerate(zip(prefix_lens, branch_lens)):
+        if p < 1:
+            raise ValueError("tree: an empty prefix has no position to predict from")
+        positions.extend(range(p))
+        group.extend([g] * p)
+        branch.extend([0] * p)
+        last_prefix = t + p - 1
+        t += p
+        for b, n in enumerate(lens):
+            positions.extend(range(p, p + n))
+            group.extend([g] * n)
+            branch.extend([b + 1] * n)
+            src.extend([last_prefix, *range(t, t + n - 1)])
+            tgt.extend(range(t, t + n))
+            owner.extend([g * nb + b] * n)
+            t += n
+    as_long = partial_tensor(device)
+    group_t, branch_t = as_long(group), as_long(branch)
+    idx = torch.arange(t, device=device)
+    allowed = ((group_t[:, None] == group_t[None, :]) & (idx[None, :] <= idx[:, None])
+               & ((branch_t[None, :] == 0) | (branch_t[None, :] == branch_t[:, None])))
+    return Tree(input_ids, as_long(positions)[None], allowed, as_long(src), as_long(tgt),
+                as_long(owner))
+
+
+def partial_tensor(device: torch.device):
+    return lambda values: torch.tensor(values, dtype=torch.long, device=device)
+
+
+def attention_mask_4d(allowed: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
+    """`allowed` [T, T] as the 4-D mask transformers passes through unchanged to attention:
+    boolean for sdpa, additive (0 / dtype min) for eager."""
+    if attention(model) == "sdpa":
+        return allowed[None, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def attention(model) -> str:
+    config = _config(model)
+    return (getattr(config, "_attn_implementation", None) or "eager") if config else "eager"
+
+
+def supports_tree(model) -> bool:
+    """Whether `model` takes a custom 4-D mask with packed position ids (sdpa, eager): a Tree
+    layout. Flash-attention's variable-length path has no custom masks."""
+    return supports_packing(model) and attention(model) in ("sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------- stage helpers
+def enabled(node, model, stage: str) -> bool:
+    """`<stage>.packing`, where `model` packs exactly; else padded, said in one line."""
+    if not node.packing:
+        return False
+    if supports_packing(model):
+        return True
+    from rlhf_exp.training import runtime  # the log line; runtime imports nothing of ours
+
+    runtime.say(f"{stage}: packing off, padded micro-batches: {why_not(model)}")
+    return False
+
+
+def param_dtype(model) -> torch.dtype:
+    """The dtype of `model`'s first parameter (float32 when it has none)."""
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+@contextmanager
+def capture_output(module: torch.nn.Module):
+    """Within the block, the outputs of `module`'s forwards are appended to the yielded list
+    (a reward model's per-token head outputs, which its own pooling would reduce to one per
+    row: a packed row needs one per sequence)."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The outermost submodule called `name` (e.g. "score": the sequence-classification head,
+    or its PEFT modules_to_save wrapper)."""
+    found = [(k.count("."), m) for k, m in model.named_modules()
+             if k == name or k.endswith("." + name)]
+    if not found:
+        raise ValueError(f"no submodule named {name!r} in {type(model).__name__}")
+    return min(found, key=lambda x: x[0])[1]

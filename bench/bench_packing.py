@@ -1,0 +1,177 @@
+"""Packed vs padded micro-batches (issue #21): training tokens/s and peak RSS of the SFT, reward
+and DPO steps, on the bundled task and on free text.
+
+    OMP_NUM_THREADS=1 python bench/bench_packing.py                  # all cases, one table
+    OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16
+    python bench/bench_packing.py --data sort --stage dpo            # a subset
+
+What one case measures: the stage's own step function (stages/sft.py lm_step / packed_lm_step,
+reward.pair_step, dpo.dpo_step) on its own collate (padded, or packed), forward + backward + a
+torch AdamW step per micro-batch, on the same micro-batches in the same order for both layouts;
+`--warmup` micro-batches first, then `--steps` timed. Tokens/s counts real (non-pad) tokens, as
+perf/tokens_per_s does, so the two layouts are compared on the same work. The DeepSpeed engine
+and the loop's logging are left out (the same cost in both layouts). Each case runs in its own
+child process, so its peak RSS (ru_maxrss) is its own.
+
+Data:
+  sort   the bundled task (rlhf_exp/tasks/sort_digits.py, 3-7 digits), model=tiny (char-level
+         Llama): rows of nearly equal length, where packing has little padding to remove
+  text   free text with a realistic length spread: the shipped HH-RLHF hub-schema samples
+         (rlhf_exp/data/examples/hub_samples/hh_rlhf, chosen / rejected transcripts split at the
+         last "Assistant:" turn) and the instruction data (rlhf_exp/data/examples/instructions),
+         model=tiny-llama (byte-fallback BPE), max_len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "rlhf_exp" / "data" / "examples"
+MODELS = {"sort": "tiny", "text": "tiny-llama"}
+MAX_LEN = {"sort": (32, 48), "text": (192, 256)}  # (max_prompt_len, max_len)
+
+
+def rows(data: str) -> list[dict]:
+    """Rows with prompt, response, chosen, rejected (the fields tokenize_sft / _pairs read)."""
+    if data == "sort":
+        from rlhf_exp.tasks import sort_digits
+
+        return sort_digits.generate(512, seed=0)
+    out = []
+    for line in (EXAMPLES / "hub_samples/hh_rlhf/helpful-base/train.jsonl").open():
+        r = json.loads(line)
+        cut_c, cut_r = r["chosen"].rfind("Assistant:"), r["rejected"].rfind("Assistant:")
+        prompt = r["chosen"][:cut_c + len("Assistant:")]
+        if r["rejected"][:cut_r + len("Assistant:")] != prompt:
+            continue
+        chosen, rejected = r["chosen"][cut_c + 10:].strip(), r["rejected"][cut_r + 10:].strip()
+        out.append({"prompt": prompt, "response": chosen, "chosen": chosen,
+                    "rejected": rejected})
+    for line in (EXAMPLES / "instructions/pairs.jsonl").open():
+        r = json.loads(line)
+        out.append({"prompt": r["prompt"], "response": r["chosen"], "chosen": r["chosen"],
+                    "rejected": r["rejected"]})
+    return out
+
+
+def compose(model: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf_exp.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=[f"model={model}", "logger=none"])
+
+
+def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup: int) -> dict:
+    """Time `steps` micro-batches of one stage in one layout (this process)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.data import tokenize as tk
+    from rlhf_exp.modeling import models
+    from rlhf_exp.stages import dpo, reward, sft
+
+    torch.manual_seed(0)
+    cfg = compose(MODELS[data])
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    load = models.load_reward_model if stage == "reward" else models.load_causal_lm
+    model = load(path, tok, cfg.model)
+    model.train()
+    max_prompt, max_len = MAX_LEN[data]
+    template = cfg.model.prompt_template
+    if stage == "sft":
+        feats, _ = tk.tokenize_sft(rows(data), tok, template, max_prompt, max_len)
+        collate = tk.collate_sft_packed if packed else partial(tk.collate_sft,
+                                                                pad_id=tok.pad_token_id)
+        step = sft.packed_lm_step if packed else sft.lm_step
+    else:
+        feats, _ = tk.tokenize_pairs(rows(data), tok, template, max_prompt, max_len)
+        if stage == "reward":
+            collate = tk.collate_pairs_packed if packed else partial(tk.collate_pairs,
+                                                                      pad_id=tok.pad_token_id)
+            step = reward.pair_step
+        else:  # dpo with its default shared prompt, reference log-probs made up (cost-free)
+            feats = [{**f, "ref_chosen_logps": -10.0, "ref_rejected_logps": -10.0} for f in feats]
+            collate = (partial(tk.collate_dpo_packed, shared_prompt=True) if packed else
+                       partial(tk.collate_dpo, pad_id=tok.pad_token_id, shared_prompt=True))
+            node = OmegaConf.create({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
+                                     "rpo_alpha": 1.0, "micro_batch_tokens": 0})
+            step = partial(dpo.dpo_step, node=node)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batches = [[feats[(i * micro + j) % len(feats)] for j in range(micro)]
+               for i in range(warmup + steps)]
+    tokens, t0 = 0, 0.0
+    for i, chunk in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        batch = collate(chunk)
+        loss, _ = step(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += real_tokens(batch)
+    elapsed = time.perf_counter() - t0
+    return {"data": data, "stage": stage, "layout": "packed" if packed else "padded",
+            "tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def real_tokens(batch: dict) -> int:
+    """What perf/tokens_per_s counts: num_tokens where the batch has it, else the mask's."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    return int(batch["attention_mask"].sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", nargs="+", default=["sort", "text"], choices=["sort", "text"])
+    ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo"],
+                    choices=["sft", "reward", "dpo"])
+    ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        data, stage, layout = args.one
+        print(json.dumps(one_case(data, stage, layout == "packed", args.micro, args.steps,
+                                  args.warmup)))
+        return
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
+          f"micro {args.micro}, {args.steps} timed steps")
+    print("| data | stage | padded tok/s | packed tok/s | speed-up | padded RSS MB | "
+          "packed RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for data in args.data:
+        for stage in args.stage:
+            res = {}
+            for layout in ("padded", "packed"):
+                out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
+                                      "--micro", str(args.micro), "--steps", str(args.steps),
+                                      "--warmup", str(args.warmup)],
+                                     capture_output=True, text=True, check=True)
+                res[layout] = json.loads(out.stdout.strip().splitlines()[-1])
+            a, b = res["padded"], res["packed"]
+            print(f"| {data} | {stage} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
+                  f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['peak_rss_mb']:.0f} | "
+                  f"{b['peak_rss_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
