@@ -74,8 +74,11 @@ def compose(model: str):
         return hydra_compose("config", overrides=[f"model={model}", "logger=none"])
 
 
-def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup: int) -> dict:
+def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup: int,
+             grpo_tokens: int | None = None) -> dict:
     """Time `steps` micro-batches of one stage in one layout (this process)."""
+    if stage == "grpo":  # the RL update: its own rollout-shaped data
+        return one_grpo_case(data, packed, steps, warmup, grpo_tokens)
     import torch
     from omegaconf import OmegaConf
 
@@ -130,6 +133,106 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+GRPO_GROUP = {"sort": 8, "text": 4}  # completions per prompt (text: the 4 shipped samples)
+GRPO_COMPLETIONS = 64  # per update: grpo's default micro-batch (prompts_per_step 8 x 8)
+GRPO_MAX_NEW = {"sort": 12, "text": 160}  # response columns (grpo.generation.max_new_tokens)
+
+
+def grpo_groups(data: str) -> list[tuple[str, list[str]]]:
+    """(prompt, completions) of GRPO groups. sort: the task's prompts, each group the correct
+    answer G times (a trained policy's nearly equal lengths); text: the shipped instruction
+    prompts with their 4 answers sampled from SmolLM2-135M-Instruct (instructions/samples.jsonl:
+    a real rollout's length spread)."""
+    if data == "sort":
+        from rlhf_exp.tasks import sort_digits
+
+        return [(r["prompt"], [r["response"]] * GRPO_GROUP["sort"])
+                for r in sort_digits.generate(256, seed=0)]
+    groups: dict[str, list[str]] = {}
+    for line in (EXAMPLES / "instructions/samples.jsonl").open():
+        r = json.loads(line)
+        groups.setdefault(r["prompt"], []).append(r["response"])
+    return [(p, a) for p, a in groups.items() if len(a) == GRPO_GROUP["text"]]
+
+
+def grpo_rollout(data: str, tok, template: str, max_prompt: int):
+    """The groups as one fixed rollout (rollout.Trajectory's tensors): left-padded prompts,
+    responses closed by EOS (cut at GRPO_MAX_NEW), padding after."""
+    import torch
+
+    from rlhf_exp.data.tokenize import pad_left
+
+    R, prompts, responses = GRPO_MAX_NEW[data], [], []
+    for prompt, answers in grpo_groups(data):
+        ids = tok(template.format(prompt=prompt))["input_ids"][-max_prompt:]
+        for a in answers:
+            prompts.append(ids)
+            responses.append((tok(a, add_special_tokens=False)["input_ids"]
+                              + [tok.eos_token_id])[:R])
+    seq_p = pad_left(prompts, tok.pad_token_id)
+    mask_p = pad_left([[1] * len(x) for x in prompts], 0)
+    resp = torch.full((len(responses), R), tok.pad_token_id)
+    mask = torch.zeros(len(responses), R)
+    for i, r in enumerate(responses):
+        resp[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    attn = torch.cat([mask_p, mask.long()], 1)
+    return torch.cat([seq_p, resp], 1), attn, (attn.cumsum(-1) - 1).clamp_min(0), mask
+
+
+def one_grpo_case(data: str, packed: bool, steps: int, warmup: int,
+                  budget: int | None = None) -> dict:
+    """Time `steps` GRPO updates of GRPO_COMPLETIONS completions (whole groups, one
+    minibatch) with grpo_step's own micro-batching, forward and loss: padded rows (today's
+    path: micro_batch_size_per_device 64, each group's prompt once through the KV cache) or
+    packed rows (`budget`, default grpo.micro_batch_tokens). A torch AdamW step per update."""
+    import torch
+
+    from rlhf_exp.modeling import models
+    from rlhf_exp.rl import grpo_math
+    from rlhf_exp.stages import grpo
+
+    torch.manual_seed(0)
+    cfg = compose(MODELS[data])
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    model = models.load_causal_lm(path, tok, cfg.model)
+    model.train()
+    seq, attn, pos, mask = grpo_rollout(data, tok, cfg.model.prompt_template, MAX_LEN[data][0])
+    G, n = GRPO_GROUP[data], GRPO_COMPLETIONS
+    geo = grpo.Geometry(n // G, n, n, n, 1, 1, G, True, G,
+                        (budget or cfg.grpo.micro_batch_tokens) if packed else None)
+    m = grpo.Models(tok, model, None, None, [], 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    tokens, t0, rows_total = 0, 0.0, len(seq)
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        lo = (i * n) % (rows_total - rows_total % n)
+        idx = torch.arange(lo, lo + n)
+        exp = grpo.Experience(seq[idx], attn[idx], pos[idx], mask[idx], None, None,
+                              torch.randn(n, generator=gen), torch.ones(n))
+        rows = torch.arange(n)
+        total = float(exp.mask.sum())
+        for b_rows in grpo.micro_batches(exp, rows, geo):
+            b = exp.select(b_rows)
+            logp, _ = grpo.update_forward(m, geo, b, 1.0, False)
+            loss, _ = grpo_math.grpo_loss(logp, logp.detach(), b.advantages, b.mask,
+                                          epsilon=0.2, total_tokens=total,
+                                          total_sequences=float(n))
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += int(exp.attention_mask.sum())
+    elapsed = time.perf_counter() - t0
+    return {"data": data, "stage": "grpo", "layout": "packed" if packed else "padded",
+            "tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
+            "pad_fraction": 1 - float(attn.sum()) / attn.numel(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def real_tokens(batch: dict) -> int:
     """What perf/tokens_per_s counts: num_tokens where the batch has it, else the mask's."""
     if "num_tokens" in batch:
@@ -140,17 +243,19 @@ def real_tokens(batch: dict) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["sort", "text"], choices=["sort", "text"])
-    ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo"],
-                    choices=["sft", "reward", "dpo"])
+    ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo", "grpo"],
+                    choices=["sft", "reward", "dpo", "grpo"])
     ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--grpo-tokens", type=int, default=None,
+                    help="grpo: packed token budget (default grpo.micro_batch_tokens)")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         data, stage, layout = args.one
         print(json.dumps(one_case(data, stage, layout == "packed", args.micro, args.steps,
-                                  args.warmup)))
+                                  args.warmup, args.grpo_tokens)))
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
@@ -164,7 +269,9 @@ def main() -> None:
             for layout in ("padded", "packed"):
                 out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
                                       "--micro", str(args.micro), "--steps", str(args.steps),
-                                      "--warmup", str(args.warmup)],
+                                      "--warmup", str(args.warmup),
+                                      *(["--grpo-tokens", str(args.grpo_tokens)]
+                                        if args.grpo_tokens else [])],
                                      capture_output=True, text=True, check=True)
                 res[layout] = json.loads(out.stdout.strip().splitlines()[-1])
             a, b = res["padded"], res["packed"]

@@ -344,7 +344,7 @@ class PPOConfig:
     # micro_batch_size_per_device sequences per micro-batch (the PPO losses are micro-batch
     # means); the rollout's scoring forwards are cut by micro_batch_tokens
     packing: bool = True
-    micro_batch_tokens: int = 4096  # token budget of one packed scoring forward (packing: true)
+    micro_batch_tokens: int = 512  # token budget of one packed scoring forward (packing: true)
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -407,7 +407,9 @@ class GRPOConfig:
     # packed rows in every forward (no compute on padding; exact): a micro-batch of the update is
     # whole groups cut by micro_batch_tokens, not micro_batch_size_per_device rows
     packing: bool = True
-    micro_batch_tokens: int = 4096  # token budget of one packed forward (packing: true)
+    # token budget of one packed forward (packing: true); on CPU the block mask is dense, so
+    # attention grows with it (bench/bench_packing.py: 512 measured fastest)
+    micro_batch_tokens: int = 512
     max_prompt_len: int = 32
     # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
     # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way
