@@ -63,6 +63,10 @@ def test_rows_pack_alone_and_reward_reads_the_last_token():
     full = packed_rows.pack(seq, attn, resp, group_size=2, full_responses=True)
     assert full.input_ids.tolist() == [[11, 12, 21, 22, 2, 31, 2]]
     assert full.last_at.tolist() == [4, 6]  # each response's EOS
+    two = packed_rows.pack(seq, attn, resp, row_tokens=4)  # a row per sequence, padded to 4
+    assert two.input_ids.tolist() == [[11, 12, 21, 22], [11, 12, 31, 0]]
+    assert two.read_at.tolist() == [1, 2, 3, 5, 6]  # flat over the 2 x 4 tokens
+    assert (two.attention_mask[1, 0, 3] == 0).tolist() == [False, False, False, True]
     assert packed_rows.packed_length(attn, resp, 2) == [5]
     assert packed_rows.packed_length(attn, resp, 1) == [4, 3]
     with pytest.raises(ValueError, match="share their prompt"):
@@ -229,7 +233,10 @@ def test_ppo_packed_micro_batch_equals_padded(fixed):
     for packing in (False, True):
         model.zero_grad()
         critic.zero_grad()
-        packed = packed_rows.pack(b.sequences, b.attention_mask, b.mask) if packing else None
+        # rows of at most 24 tokens: the 6 sequences (7-15 tokens each) in several packed rows
+        packed = (packed_rows.pack(b.sequences, b.attention_mask, b.mask, row_tokens=24)
+                  if packing else None)
+        assert packed is None or packed.input_ids.shape[0] > 1
         logp_b, entropy = ppo.actor_forward(model, b, packed, 1.0)
         pg, _ = ppo_math.policy_loss(logp_b, b.old_logprobs, b.advantages, b.mask, 0.2)
         pg.backward()

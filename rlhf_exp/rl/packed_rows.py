@@ -48,14 +48,15 @@ class PackedRows:
     """B sequences (R response columns each) packed into one row of L tokens; K = the response
     tokens read (sum of the response lengths)."""
 
-    input_ids: torch.Tensor  # [1, L]
-    position_ids: torch.Tensor  # [1, L]
-    attention_mask: torch.Tensor  # [1, 1, L, L] additive: 0 attend, dtype min masked
-    read_at: torch.Tensor  # [K] row position whose output predicts (or values) a response token
+    input_ids: torch.Tensor  # [N, L]: N packed rows (one unless pack(row_tokens=...))
+    position_ids: torch.Tensor  # [N, L]
+    attention_mask: torch.Tensor  # [N, 1, L, L] additive: 0 attend, dtype min masked
+    # [K] position (flat over the N x L tokens) whose output predicts (or values) a response token
+    read_at: torch.Tensor
     rows: torch.Tensor  # [K] which sequence that response token belongs to (0 .. B-1)
     cols: torch.Tensor  # [K] its response column (0 .. R-1)
     labels: torch.Tensor  # [K] the response token itself
-    last_at: torch.Tensor  # [B] position of each sequence's last real token (full_responses)
+    last_at: torch.Tensor  # [B] flat position of each sequence's last real token (full_responses)
     shape: tuple[int, int]  # (B, R)
 
     def with_dtype(self, dtype: torch.dtype) -> PackedRows:
@@ -88,59 +89,81 @@ def packed_length(attention_mask: torch.Tensor, response_mask: torch.Tensor, gro
 
 
 def pack(sequences: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
-         group_size: int = 1, full_responses: bool = False,
+         group_size: int = 1, full_responses: bool = False, row_tokens: int | None = None,
          dtype: torch.dtype = torch.float32) -> PackedRows:
     """Pack [B, P+R] left-padded rows (response mask [B, R], 1 up to and including EOS) into
-    one row. group_size = G > 1: rows g*G .. g*G+G-1 have one prompt, packed once."""
+    one row, or with `row_tokens` into as many rows as it takes to keep each within that many
+    tokens (whole units, in order; the rows padded to the longest, each pad token attending to
+    itself alone): the dense mask's cost grows with the square of a row's length.
+    group_size = G > 1: rows g*G .. g*G+G-1 have one prompt, packed once."""
     B, R = response_mask.shape
     P, G, device = sequences.shape[1] - R, group_size, sequences.device
     if B % G:
         raise ValueError(f"{B} rows are not whole groups of {G}")
+    costs = packed_length(attention_mask, response_mask, G, full_responses)
+    row_of = [0] * len(costs)
+    if row_tokens is not None:
+        for r, units in enumerate(plan_micro_batches(costs, row_tokens)):
+            for u in units:
+                row_of[u] = r
+    n_rows = row_of[-1] + 1
     lengths = response_mask.sum(-1).long().tolist()
-    ids, pos, group_of, seq_of = [], [], [], []  # seq_of: -1 for a prompt token
-    read_at, rows, cols, last_at = [], [], [], []
-    offset = 0
+    # per packed row: token ids, positions, group of each token, sequence (-1: a prompt token)
+    ids, pos, group_of, seq_of = ([[] for _ in range(n_rows)] for _ in range(4))
+    offsets = [0] * n_rows
+    read_at, rows, cols, last_at = [], [], [], []  # read_at / last_at: (row, offset)
     for g, g0 in enumerate(range(0, B, G)):
         if G > 1 and not torch.equal(sequences[g0:g0 + G, :P],
                                      sequences[g0:g0 + 1, :P].expand(G, -1)):
             raise ValueError(f"rows {g0} .. {g0 + G - 1} do not share their prompt")
         prompt = sequences[g0, :P][attention_mask[g0, :P].bool()]
-        p = len(prompt)
+        p, r = len(prompt), row_of[g]
         if p == 0:
             raise ValueError(f"row {g0} has an empty prompt: nothing predicts its first token")
-        ids.append(prompt)
-        pos.append(torch.arange(p, device=device))
-        group_of.append(torch.full((p,), g, device=device))
-        seq_of.append(torch.full((p,), -1, device=device))
-        prompt_last, offset = offset + p - 1, offset + p
+        ids[r].append(prompt)
+        pos[r].append(torch.arange(p, device=device))
+        group_of[r].append(torch.full((p,), g, device=device))
+        seq_of[r].append(torch.full((p,), -1, device=device))
+        prompt_last, offset = offsets[r] + p - 1, offsets[r] + p
         for i in range(g0, g0 + G):
             n = lengths[i]
             keep = n if full_responses else max(n - 1, 0)
-            ids.append(sequences[i, P:P + keep])
-            pos.append(p + torch.arange(keep, device=device))
-            group_of.append(torch.full((keep,), g, device=device))
-            seq_of.append(torch.full((keep,), i, device=device))
+            ids[r].append(sequences[i, P:P + keep])
+            pos[r].append(p + torch.arange(keep, device=device))
+            group_of[r].append(torch.full((keep,), g, device=device))
+            seq_of[r].append(torch.full((keep,), i, device=device))
             if n > 0:  # token 0 is predicted at the prompt's end, token j at token j - 1
-                read_at += [prompt_last, *range(offset, offset + n - 1)]
+                read_at += [(r, prompt_last), *((r, o) for o in range(offset, offset + n - 1))]
                 rows += [i] * n
                 cols += list(range(n))
-            last_at.append(offset + keep - 1 if keep else prompt_last)
+            last_at.append((r, offset + keep - 1 if keep else prompt_last))
             offset += keep
-    group_of, seq_of = torch.cat(group_of), torch.cat(seq_of)
-    L = offset
+        offsets[r] = offset
+    L = max(offsets)
+    for r in range(n_rows):  # pad each row to L; a pad token is its own group
+        pad = L - offsets[r]
+        ids[r].append(torch.zeros(pad, dtype=sequences.dtype, device=device))
+        pos[r].append(torch.zeros(pad, dtype=torch.long, device=device))
+        group_of[r].append(-1 - torch.arange(pad, device=device))
+        seq_of[r].append(torch.full((pad,), -1, device=device))
+    group_t = torch.stack([torch.cat(x) for x in group_of])  # [rows, L]
+    seq_t = torch.stack([torch.cat(x) for x in seq_of])
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    allowed = (causal & (group_of[:, None] == group_of[None, :])
-               & ((seq_of[None, :] == -1) | (seq_of[None, :] == seq_of[:, None])))
-    mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill(~allowed,
-                                                                    torch.finfo(dtype).min)
+    allowed = (causal & (group_t[:, :, None] == group_t[:, None, :])
+               & ((seq_t[:, None, :] == -1) | (seq_t[:, None, :] == seq_t[:, :, None])))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+    def flat(at: list[tuple[int, int]]) -> torch.Tensor:
+        return torch.tensor([r * L + o for r, o in at], dtype=torch.long, device=device)
+
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     cols_t = torch.tensor(cols, dtype=torch.long, device=device)
     return PackedRows(
-        input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos)[None],
-        attention_mask=mask[None, None],
-        read_at=torch.tensor(read_at, dtype=torch.long, device=device), rows=rows_t,
-        cols=cols_t, labels=sequences[rows_t, P + cols_t],
-        last_at=torch.tensor(last_at, dtype=torch.long, device=device), shape=(B, R))
+        input_ids=torch.stack([torch.cat(x) for x in ids]),
+        position_ids=torch.stack([torch.cat(x) for x in pos]),
+        attention_mask=mask[:, None], read_at=flat(read_at), rows=rows_t, cols=cols_t,
+        labels=sequences[rows_t, P + cols_t], last_at=flat(last_at), shape=(B, R))
 
 
 def why_not(*models) -> str | None:
@@ -197,9 +220,11 @@ def split_to(plan: list[range], costs: list[int], count: int) -> list[range]:
 def response_logits(model, packed: PackedRows, temperature: float = 1.0) -> torch.Tensor:
     """[K, V] fp32 logits predicting each response token, divided by the sampling temperature
     (upcast first: rollout.response_logits says why)."""
+    one_row = packed.input_ids.shape[0] == 1  # then the LM head runs at the read positions only
     out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                position_ids=packed.position_ids, logits_to_keep=packed.read_at).logits
-    return out[0].float() / temperature
+                position_ids=packed.position_ids,
+                logits_to_keep=packed.read_at if one_row else 0).logits
+    return (out[0] if one_row else out.flatten(0, 1)[packed.read_at]).float() / temperature
 
 
 def logprobs_and_entropy(model, packed: PackedRows, temperature: float, *,
@@ -218,16 +243,16 @@ def token_values(model, packed: PackedRows) -> torch.Tensor:
     """[B, R] a value model's (stages/ppo.as_value_model) value at each response token's
     state, the padded path's values[:, -(R + 1):-1]."""
     values = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                   position_ids=packed.position_ids)  # [1, L]
-    return packed.scatter(values[0, packed.read_at].float())
+                   position_ids=packed.position_ids)  # [N, L]
+    return packed.scatter(values.flatten()[packed.read_at].float())
 
 
 def sequence_scores(reward_model, packed: PackedRows) -> torch.Tensor:
     """[B] a reward model's score read at each sequence's last real token (pack with
     full_responses=True)."""
     values = scoring.token_values(reward_model, packed.input_ids, packed.attention_mask,
-                                  packed.position_ids)  # [1, L]
-    return values[0, packed.last_at].float()
+                                  packed.position_ids)  # [N, L]
+    return values.flatten()[packed.last_at].float()
 
 
 # ----------------------------------------------------------------------------- whole rollouts

@@ -371,7 +371,7 @@ def update_forward(m: Models, geo: Geometry, b: Experience, temp: float, entropy
     entropy's gradient only for an entropy bonus): packed, or padded rows."""
     if geo.token_budget is not None:
         packed = packed_rows.pack(b.sequences, b.attention_mask, b.mask,
-                                  group_size=geo.prompt_group,
+                                  group_size=geo.prompt_group, row_tokens=geo.token_budget,
                                   dtype=packed_rows.model_dtype(m.actor))
         return packed_rows.logprobs_and_entropy(m.actor, packed, temp,
                                                 entropy="grad" if entropy_grad else "detached")

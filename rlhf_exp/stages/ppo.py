@@ -96,8 +96,8 @@ class Geometry:
     micro: int  # sequences per forward/backward
     grad_accum: int  # micro-batches per optimizer step
     optimizer_steps: int  # over the whole run (the LR schedules' length)
-    # packed rows (rl/packed_rows.py) in every forward, the rollout's scoring forwards cut by
-    # this many tokens; None = padded rows
+    # packed rows (rl/packed_rows.py) in every forward, of at most this many tokens (an update
+    # micro-batch keeps its sequences, in as many packed rows as that takes); None = padded rows
     token_budget: int | None = None
 
 
@@ -416,6 +416,7 @@ def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geo
             for k in range(mb * geo.minibatch, (mb + 1) * geo.minibatch, geo.micro):
                 b = exp.select(perm[k:k + geo.micro])
                 packed = (packed_rows.pack(b.sequences, b.attention_mask, b.mask,
+                                           row_tokens=geo.token_budget,
                                            dtype=packed_rows.model_dtype(m.actor))
                           if geo.token_budget is not None else None)
                 logp, entropy = actor_forward(m.actor, b, packed, temp)
