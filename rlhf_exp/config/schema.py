@@ -342,9 +342,10 @@ class PPOConfig:
     num_minibatches: int = 1
     # packed rows in every forward (no compute on padding; exact). The update keeps its
     # micro_batch_size_per_device sequences per micro-batch (the PPO losses are micro-batch
-    # means); the rollout's scoring forwards are cut by micro_batch_tokens
-    packing: bool = True
-    micro_batch_tokens: int = 512  # token budget of one packed scoring forward (packing: true)
+    # means), in packed rows of at most micro_batch_tokens; the scoring forwards are cut by it.
+    # Off by default: on CPU not faster on the bundled task's short rows (docs/benchmarks.md)
+    packing: bool = False
+    micro_batch_tokens: int = 256  # most tokens in one packed row (packing: true)
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
