@@ -79,6 +79,8 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     """Time `steps` micro-batches of one stage in one layout (this process)."""
     if stage == "grpo":  # the RL update: its own rollout-shaped data
         return one_grpo_case(data, packed, steps, warmup, grpo_tokens)
+    if stage == "ppo":
+        return one_ppo_case(data, packed, steps, warmup, grpo_tokens)
     import torch
     from omegaconf import OmegaConf
 
@@ -233,6 +235,52 @@ def one_grpo_case(data: str, packed: bool, steps: int, warmup: int,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def one_ppo_case(data: str, packed: bool, steps: int, warmup: int,
+                 budget: int | None = None) -> dict:
+    """Time `steps` PPO update micro-batches (ppo.micro_batch_size_per_device = 32 sequences
+    drawn from the GRPO rollout above, one per row): ppo_step's actor forward (policy loss)
+    and critic forward (value loss), backward of both, a torch AdamW step each; padded rows or
+    packed rows of at most `budget` tokens (default ppo.micro_batch_tokens)."""
+    import torch
+
+    from rlhf_exp.modeling import models
+    from rlhf_exp.rl import packed_rows, ppo_math
+    from rlhf_exp.stages import ppo
+
+    torch.manual_seed(0)
+    cfg = compose(MODELS[data])
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    actor = models.load_causal_lm(path, tok, cfg.model).train()
+    critic = ppo.as_value_model(models.load_reward_model(path, tok, cfg.model)).train()
+    opt = torch.optim.AdamW([*actor.parameters(), *critic.parameters()], lr=1e-5)
+    seq, attn, pos, mask = grpo_rollout(data, tok, cfg.model.prompt_template, MAX_LEN[data][0])
+    R, micro, gen = mask.shape[1], cfg.ppo.micro_batch_size_per_device, torch.Generator()
+    gen.manual_seed(0)
+    tokens, t0 = 0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        idx = torch.randperm(len(seq), generator=gen)[:micro]
+        b = ppo.Experience(seq[idx], attn[idx], pos[idx], mask[idx], None, None, None, None)
+        p = (packed_rows.pack(b.sequences, b.attention_mask, b.mask,
+                              row_tokens=budget or cfg.ppo.micro_batch_tokens)
+             if packed else None)
+        logp, _ = ppo.actor_forward(actor, b, p, 1.0)
+        values = (packed_rows.token_values(critic, p) if packed else
+                  critic(input_ids=b.sequences, attention_mask=b.attention_mask,
+                         position_ids=b.position_ids)[:, -(R + 1):-1])
+        (ppo_math.masked_mean(logp, b.mask) + ppo_math.masked_mean(values, b.mask)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            tokens += int(b.attention_mask.sum())
+    elapsed = time.perf_counter() - t0
+    return {"data": data, "stage": "ppo", "layout": "packed" if packed else "padded",
+            "tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def real_tokens(batch: dict) -> int:
     """What perf/tokens_per_s counts: num_tokens where the batch has it, else the mask's."""
     if "num_tokens" in batch:
@@ -244,12 +292,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", nargs="+", default=["sort", "text"], choices=["sort", "text"])
     ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo", "grpo"],
-                    choices=["sft", "reward", "dpo", "grpo"])
+                    choices=["sft", "reward", "dpo", "grpo", "ppo"])
     ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grpo-tokens", type=int, default=None,
-                    help="grpo: packed token budget (default grpo.micro_batch_tokens)")
+                    help="grpo / ppo: packed token budget (default <stage>.micro_batch_tokens)")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
