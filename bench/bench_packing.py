@@ -130,6 +130,63 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# ----------------------------------------------------------------------------- attention choice
+_SEQ_LENGTHS: list[int] = []  # the packed row's sequence lengths, for per_sequence_attention
+
+
+def per_sequence_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           **kwargs):
+    """The alternative to sdpa's block-diagonal mask: one causal sdpa call per sequence of the
+    packed row (query [1, H, T, D]; key / value [1, H_kv, T, D]), no mask at all."""
+    import torch
+    import torch.nn.functional as F
+
+    outs, lo = [], 0
+    for n in _SEQ_LENGTHS:
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, lo:lo + n], key[:, :, lo:lo + n], value[:, :, lo:lo + n],
+            is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]))
+        lo += n
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) -> dict:
+    """Packed SFT steps with sdpa's block-diagonal mask (what transformers builds from the
+    position ids) or with per_sequence_attention: which is faster on this machine."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from rlhf_exp.data import tokenize as tk
+    from rlhf_exp.modeling import models
+    from rlhf_exp.stages import sft
+
+    AttentionInterface.register("per_sequence", per_sequence_attention)
+    AttentionMaskInterface.register("per_sequence", lambda *a, **k: None)  # no mask needed
+    torch.manual_seed(0)
+    cfg = compose(MODELS[data])
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    model = models.load_causal_lm(path, tok, cfg.model)
+    model.train()
+    if kernel == "per_sequence":
+        model.set_attn_implementation("per_sequence")
+    feats, _ = tk.tokenize_sft(rows(data), tok, cfg.model.prompt_template, *MAX_LEN[data])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tokens, t0 = 0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        batch = tk.collate_sft_packed([feats[(i * micro + j) % len(feats)] for j in range(micro)])
+        _SEQ_LENGTHS[:] = batch["seq_lengths"].tolist()
+        loss, _ = sft.packed_lm_step(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += real_tokens(batch) if i >= warmup else 0
+    return {"kernel": kernel, "tokens_per_s": tokens / (time.perf_counter() - t0)}
+
+
 def real_tokens(batch: dict) -> int:
     """What perf/tokens_per_s counts: num_tokens where the batch has it, else the mask's."""
     if "num_tokens" in batch:
@@ -145,12 +202,21 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: packed SFT with sdpa's block mask vs per-sequence sdpa calls")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         data, stage, layout = args.one
         print(json.dumps(one_case(data, stage, layout == "packed", args.micro, args.steps,
                                   args.warmup)))
+        return
+    if args.attention:
+        for data in args.data:
+            for kernel in ("sdpa", "per_sequence"):
+                r = attention_case(data, kernel, args.micro, args.steps, args.warmup)
+                print(f"{data} packed sft, attention {kernel}: {r['tokens_per_s']:.0f} tok/s",
+                      flush=True)
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
