@@ -82,6 +82,7 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     from rlhf_exp.data import tokenize as tk
     from rlhf_exp.modeling import models
     from rlhf_exp.stages import dpo, reward, sft
+    from rlhf_exp.training import packing
 
     torch.manual_seed(0)
     cfg = compose(MODELS[data])
@@ -90,6 +91,8 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     load = models.load_reward_model if stage == "reward" else models.load_causal_lm
     model = load(path, tok, cfg.model)
     model.train()
+    if packed:  # what the stages do (packing.enabled): per-sequence sdpa on CPU
+        packing.use_per_sequence_attention(model)
     max_prompt, max_len = MAX_LEN[data]
     template = cfg.model.prompt_template
     if stage == "sft":
@@ -103,7 +106,7 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
             collate = tk.collate_pairs_packed if packed else partial(tk.collate_pairs,
                                                                       pad_id=tok.pad_token_id)
             step = reward.pair_step
-        else:  # dpo with its default shared prompt, reference log-probs made up (cost-free)
+        else:  # dpo with its default shared prompt (packed: a Tree), made-up reference log-probs
             feats = [{**f, "ref_chosen_logps": -10.0, "ref_rejected_logps": -10.0} for f in feats]
             collate = (partial(tk.collate_dpo_packed, shared_prompt=True) if packed else
                        partial(tk.collate_dpo, pad_id=tok.pad_token_id, shared_prompt=True))
