@@ -233,6 +233,8 @@ def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple
     """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
     ZeRO-3), run the precomputed pass over each (features, indices) of `sets`, free it."""
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
+    if cfg.dpo.packing and packing.supports_packing(model):  # as the policy (dpo_collate)
+        packing.use_per_sequence_attention(model)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
     micro = cfg.dpo.micro_batch_size_per_device
     out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
