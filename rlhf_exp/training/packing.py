@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -363,24 +364,50 @@ def per_sequence_sdpa(module, query, key, value, attention_mask, dropout: float 
     -> [1, T, H, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or attention_mask is not None and \
-            attention_mask.dim() == 4 and not _is_block_causal(attention_mask, cu):
+    cu, segments = kwargs.get("cu_seq_lens_q"), kwargs.get("tree_segments")
+    if (cu is None and segments is None) or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    bounds = cu.tolist()
-    outs = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi], is_causal=True, scale=scaling,
-        dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
-        for lo, hi in zip(bounds, bounds[1:])]
+    sdpa = partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling,
+                   dropout_p=dropout if module.training else 0.0,
+                   enable_gqa=query.shape[1] != key.shape[1])
+    outs = []
+    if segments is not None:  # a Tree of one prefix and two branches per group
+        for start, p, a, b in segments.tolist():
+            lo, mid, hi = start, start + p + a, start + p + a + b
+            outs.append(sdpa(query[:, :, lo:mid], key[:, :, lo:mid], value[:, :, lo:mid],
+                             is_causal=True))
+            # the second branch: its prefix entirely, then itself causally (not the first)
+            keys = torch.cat([key[:, :, lo:lo + p], key[:, :, mid:hi]], dim=2)
+            values = torch.cat([value[:, :, lo:lo + p], value[:, :, mid:hi]], dim=2)
+            mask = torch.ones(b, p + b, dtype=torch.bool, device=query.device)
+            mask[:, p:] = torch.ones(b, b, dtype=torch.bool, device=query.device).tril()
+            outs.append(sdpa(query[:, :, mid:hi], keys, values, attn_mask=mask))
+    else:
+        bounds = cu.tolist()
+        outs = [sdpa(query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi], is_causal=True)
+                for lo, hi in zip(bounds, bounds[1:])]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _is_block_causal(mask: torch.Tensor, cu: torch.Tensor) -> bool:
-    # a mask transformers built from the same packed position ids has the same size; a custom
-    # 4-D mask of another layout (a Tree) never comes with cu_seq_lens (Tree's forward has none)
-    return mask.shape[-1] == int(cu[-1])
+def tree_forward_kwargs(tree_row: Tree, model, prefix_lens: Sequence[int],
+                        branch_lens: Sequence[Sequence[int]]) -> dict:
+    """A model forward's inputs for a Tree: under per_sequence_sdpa the groups' bounds
+    (`tree_segments` [G, 4]: start, prefix, branch 1, branch 2), two sdpa calls per group and no
+    T x T mask; otherwise the 4-D mask (attention_mask_4d)."""
+    kwargs = {"input_ids": tree_row.input_ids, "position_ids": tree_row.position_ids,
+              "use_cache": False}
+    if attention(model) == PER_SEQUENCE and all(len(b) == 2 for b in branch_lens):
+        rows, start = [], 0
+        for p, (a, b) in zip(prefix_lens, branch_lens):
+            rows.append([start, p, a, b])
+            start += p + a + b
+        kwargs["tree_segments"] = torch.tensor(rows, device=tree_row.input_ids.device)
+        kwargs["attention_mask"] = None
+    else:
+        kwargs["attention_mask"] = attention_mask_4d(tree_row.allowed, model,
+                                                     param_dtype(model))
+    return kwargs
 
 
 def use_per_sequence_attention(model) -> bool:
