@@ -19,7 +19,9 @@ Data:
   text   free text with a realistic length spread: the shipped HH-RLHF hub-schema samples
          (rlhf_exp/data/examples/hub_samples/hh_rlhf, chosen / rejected transcripts split at the
          last "Assistant:" turn) and the instruction data (rlhf_exp/data/examples/instructions),
-         model=tiny-llama (byte-fallback BPE), max_len 256
+         model=tiny-llama (byte-fallback BPE), max_len 256; shuffled once (seed 0) as a
+         sampler would draw them: 99 SFT rows of 16-256 tokens (mean 79), real tokens 37% of a
+         padded micro-batch of 16
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -61,6 +64,7 @@ def rows(data: str) -> list[dict]:
         r = json.loads(line)
         out.append({"prompt": r["prompt"], "response": r["chosen"], "chosen": r["chosen"],
                     "rejected": r["rejected"]})
+    random.Random(0).shuffle(out)  # mixed, as the training sampler draws them
     return out
 
 
@@ -134,38 +138,17 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
 
 
 # ----------------------------------------------------------------------------- attention choice
-_SEQ_LENGTHS: list[int] = []  # the packed row's sequence lengths, for per_sequence_attention
-
-
-def per_sequence_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           **kwargs):
-    """The alternative to sdpa's block-diagonal mask: one causal sdpa call per sequence of the
-    packed row (query [1, H, T, D]; key / value [1, H_kv, T, D]), no mask at all."""
-    import torch
-    import torch.nn.functional as F
-
-    outs, lo = [], 0
-    for n in _SEQ_LENGTHS:
-        outs.append(F.scaled_dot_product_attention(
-            query[:, :, lo:lo + n], key[:, :, lo:lo + n], value[:, :, lo:lo + n],
-            is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]))
-        lo += n
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-
-
 def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) -> dict:
     """Packed SFT steps with sdpa's block-diagonal mask (what transformers builds from the
-    position ids) or with per_sequence_attention: which is faster on this machine."""
+    position ids) or with packing.per_sequence_sdpa (one sdpa call per sequence): which is
+    faster on this machine (the stages use the latter on CPU)."""
     import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     from rlhf_exp.data import tokenize as tk
     from rlhf_exp.modeling import models
     from rlhf_exp.stages import sft
+    from rlhf_exp.training import packing
 
-    AttentionInterface.register("per_sequence", per_sequence_attention)
-    AttentionMaskInterface.register("per_sequence", lambda *a, **k: None)  # no mask needed
     torch.manual_seed(0)
     cfg = compose(MODELS[data])
     path = models.resolve_base_path(cfg.model)
@@ -173,7 +156,7 @@ def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) 
     model = models.load_causal_lm(path, tok, cfg.model)
     model.train()
     if kernel == "per_sequence":
-        model.set_attn_implementation("per_sequence")
+        assert packing.use_per_sequence_attention(model)
     feats, _ = tk.tokenize_sft(rows(data), tok, cfg.model.prompt_template, *MAX_LEN[data])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens, t0 = 0, 0.0
@@ -181,7 +164,6 @@ def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) 
         if i == warmup:
             t0 = time.perf_counter()
         batch = tk.collate_sft_packed([feats[(i * micro + j) % len(feats)] for j in range(micro)])
-        _SEQ_LENGTHS[:] = batch["seq_lengths"].tolist()
         loss, _ = sft.packed_lm_step(model, batch)
         loss.backward()
         opt.step()
