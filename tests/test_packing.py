@@ -241,3 +241,17 @@ def test_tree_eager_mask_equals_sdpa():
     with torch.no_grad():
         a, b = dpo.pair_logps(sdpa, batch), dpo.pair_logps(eager, batch)
     assert float((a.logps - b.logps).abs().max()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- the keys
+@pytest.mark.parametrize("node", ["sft", "reward", "dpo"])
+def test_packing_keys_default_and_validation(node):
+    from rlhf_exp.config import ConfigError
+    from tests.conftest import compose
+
+    cfg = compose(f"stage={node}")
+    assert cfg[node].packing is True and cfg[node].micro_batch_tokens == 0
+    with pytest.raises(ConfigError, match=rf"{node}\.micro_batch_tokens=-1 must be >= 0"):
+        compose(f"stage={node}", f"{node}.micro_batch_tokens=-1")
+    with pytest.raises(Exception, match="packing"):  # typed: a bool
+        compose(f"stage={node}", f"{node}.packing=maybe")
