@@ -19,7 +19,9 @@ Data:
   text   free text with a realistic length spread: the shipped HH-RLHF hub-schema samples
          (rlhf_exp/data/examples/hub_samples/hh_rlhf, chosen / rejected transcripts split at the
          last "Assistant:" turn) and the instruction data (rlhf_exp/data/examples/instructions),
-         model=tiny-llama (byte-fallback BPE), max_len 256
+         model=tiny-llama (byte-fallback BPE), max_len 256; shuffled once (seed 0) as a
+         sampler would draw them: 99 SFT rows of 16-256 tokens (mean 79), real tokens 37% of a
+         padded micro-batch of 16
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -61,6 +64,7 @@ def rows(data: str) -> list[dict]:
         r = json.loads(line)
         out.append({"prompt": r["prompt"], "response": r["chosen"], "chosen": r["chosen"],
                     "rejected": r["rejected"]})
+    random.Random(0).shuffle(out)  # mixed, as the training sampler draws them
     return out
 
 
@@ -87,6 +91,7 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     from rlhf_exp.data import tokenize as tk
     from rlhf_exp.modeling import models
     from rlhf_exp.stages import dpo, reward, sft
+    from rlhf_exp.training import packing
 
     torch.manual_seed(0)
     cfg = compose(MODELS[data])
@@ -95,6 +100,8 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     load = models.load_reward_model if stage == "reward" else models.load_causal_lm
     model = load(path, tok, cfg.model)
     model.train()
+    if packed:  # what the stages do (packing.enabled): per-sequence sdpa on CPU
+        packing.use_per_sequence_attention(model)
     max_prompt, max_len = MAX_LEN[data]
     template = cfg.model.prompt_template
     if stage == "sft":
@@ -108,7 +115,7 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
             collate = tk.collate_pairs_packed if packed else partial(tk.collate_pairs,
                                                                       pad_id=tok.pad_token_id)
             step = reward.pair_step
-        else:  # dpo with its default shared prompt, reference log-probs made up (cost-free)
+        else:  # dpo with its default shared prompt (packed: a Tree), made-up reference log-probs
             feats = [{**f, "ref_chosen_logps": -10.0, "ref_rejected_logps": -10.0} for f in feats]
             collate = (partial(tk.collate_dpo_packed, shared_prompt=True) if packed else
                        partial(tk.collate_dpo, pad_id=tok.pad_token_id, shared_prompt=True))
@@ -133,6 +140,41 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     return {"data": data, "stage": stage, "layout": "packed" if packed else "padded",
             "tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ----------------------------------------------------------------------------- attention choice
+def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) -> dict:
+    """Packed SFT steps with sdpa's block-diagonal mask (what transformers builds from the
+    position ids) or with packing.per_sequence_sdpa (one sdpa call per sequence): which is
+    faster on this machine (the stages use the latter on CPU)."""
+    import torch
+
+    from rlhf_exp.data import tokenize as tk
+    from rlhf_exp.modeling import models
+    from rlhf_exp.stages import sft
+    from rlhf_exp.training import packing
+
+    torch.manual_seed(0)
+    cfg = compose(MODELS[data])
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    model = models.load_causal_lm(path, tok, cfg.model)
+    model.train()
+    if kernel == "per_sequence":
+        assert packing.use_per_sequence_attention(model)
+    feats, _ = tk.tokenize_sft(rows(data), tok, cfg.model.prompt_template, *MAX_LEN[data])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tokens, t0 = 0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        batch = tk.collate_sft_packed([feats[(i * micro + j) % len(feats)] for j in range(micro)])
+        loss, _ = sft.packed_lm_step(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += real_tokens(batch) if i >= warmup else 0
+    return {"kernel": kernel, "tokens_per_s": tokens / (time.perf_counter() - t0)}
 
 
 GRPO_GROUP = {"sort": 8, "text": 4}  # completions per prompt (text: the 4 shipped samples)
@@ -298,12 +340,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grpo-tokens", type=int, default=None,
                     help="grpo / ppo: packed token budget (default <stage>.micro_batch_tokens)")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: packed SFT with sdpa's block mask vs per-sequence sdpa calls")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         data, stage, layout = args.one
         print(json.dumps(one_case(data, stage, layout == "packed", args.micro, args.steps,
                                   args.warmup, args.grpo_tokens)))
+        return
+    if args.attention:
+        for data in args.data:
+            for kernel in ("sdpa", "per_sequence"):
+                r = attention_case(data, kernel, args.micro, args.steps, args.warmup)
+                print(f"{data} packed sft, attention {kernel}: {r['tokens_per_s']:.0f} tok/s",
+                      flush=True)
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "

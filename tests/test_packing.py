@@ -140,10 +140,16 @@ def test_pack_unpack_round_trip():
 
 
 # ----------------------------------------------------------------------------- the families
+@pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_packed_logits_equal_per_sequence(family):
+def test_packed_logits_equal_per_sequence(family, per_sequence):
+    """sdpa with transformers' block-diagonal mask, and per_sequence_sdpa (one call per
+    sequence, what a CPU run uses), against each sequence alone."""
     model = _model(family).eval()
     assert packing.supports_packing(model)
+    if per_sequence:
+        assert packing.use_per_sequence_attention(model)
+        assert model.config._attn_implementation == packing.PER_SEQUENCE
     rng = random.Random(2)
     seqs = [torch.tensor(_ids(n, rng)) for n in (5, 11, 1, 8)]
     rows = packing.pack(seqs)
@@ -174,8 +180,9 @@ def test_opt_cannot_pack_and_falls_back(capsys):
 
 
 # ----------------------------------------------------------------------------- the stages
+@pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("budget", [0, 24])
-def test_sft_packed_step_equals_padded(budget):
+def test_sft_packed_step_equals_padded(budget, per_sequence):
     rng = random.Random(4)
     feats = []
     for _ in range(6):
@@ -183,6 +190,8 @@ def test_sft_packed_step_equals_padded(budget):
         feats.append({"input_ids": prompt + response,
                       "labels": [-100] * len(prompt) + response})
     model = _model("llama")
+    if per_sequence:  # padded batches then take transformers' sdpa path, packed ones not
+        assert packing.use_per_sequence_attention(model)
     packed = collate_sft_packed(feats)
     assert int(packed["num_tokens"]) == int(collate_sft(feats, PAD)["attention_mask"].sum())
     _assert_same_step(model, sft.lm_step, collate_sft(feats, PAD),
@@ -193,6 +202,7 @@ def test_sft_packed_step_equals_padded(budget):
 def test_reward_packed_step_equals_padded(budget):
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(_llama_config(num_labels=1))
+    assert packing.enabled(OmegaConf.create({"packing": True}), model, "reward")
     feats = _pairs()
     _assert_same_step(model, reward.pair_step, collate_pairs(feats, PAD),
                       lambda m, b: reward.pair_step(m, b, budget), collate_pairs_packed(feats))
@@ -207,6 +217,7 @@ def test_dpo_packed_step_equals_padded(shared, budget):
                              "rpo_alpha": 1.0, "micro_batch_tokens": budget})
     feats = _pairs()
     model = _model("llama")
+    assert packing.enabled(OmegaConf.create({"packing": True}), model, "dpo")  # per-sequence
     padded = collate_dpo(feats, PAD, shared_prompt=shared)
     packed = collate_dpo_packed(feats, shared_prompt=shared)
     assert int(packed["num_tokens"]) == sum(len(f["chosen_ids"]) + len(f["rejected_ids"])
@@ -230,3 +241,17 @@ def test_tree_eager_mask_equals_sdpa():
     with torch.no_grad():
         a, b = dpo.pair_logps(sdpa, batch), dpo.pair_logps(eager, batch)
     assert float((a.logps - b.logps).abs().max()) < 1e-4
+
+
+# ----------------------------------------------------------------------------- the keys
+@pytest.mark.parametrize("node", ["sft", "reward", "dpo"])
+def test_packing_keys_default_and_validation(node):
+    from rlhf_exp.config import ConfigError
+    from tests.conftest import compose
+
+    cfg = compose(f"stage={node}")
+    assert cfg[node].packing is True and cfg[node].micro_batch_tokens == 0
+    with pytest.raises(ConfigError, match=rf"{node}\.micro_batch_tokens=-1 must be >= 0"):
+        compose(f"stage={node}", f"{node}.micro_batch_tokens=-1")
+    with pytest.raises(Exception, match="packing"):  # typed: a bool
+        compose(f"stage={node}", f"{node}.packing=maybe")

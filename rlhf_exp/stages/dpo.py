@@ -132,11 +132,11 @@ def tree_pair_logps(model, batch: dict[str, torch.Tensor],
     P, C, R = batch["prompt_lens"], batch["chosen_lens"], batch["rejected_lens"]
     ids, chosen, rejected = batch["input_ids"], [], []
     for g0, g1, lo, hi in packing.chunk_ranges((P + C + R).tolist(), token_budget):
-        t = packing.tree(ids[:, lo:hi], P[g0:g1].tolist(),
-                         [[c, r] for c, r in zip(C[g0:g1].tolist(), R[g0:g1].tolist())])
-        mask = packing.attention_mask_4d(t.allowed, model, packing.param_dtype(model))
-        logits = model(input_ids=t.input_ids, position_ids=t.position_ids, attention_mask=mask,
-                       use_cache=False).logits[0, t.src]  # [K, V]: predicts every response token
+        prefixes = P[g0:g1].tolist()
+        branches = [[c, r] for c, r in zip(C[g0:g1].tolist(), R[g0:g1].tolist())]
+        t = packing.tree(ids[:, lo:hi], prefixes, branches)
+        logits = model(**packing.tree_forward_kwargs(t, model, prefixes, branches)
+                       ).logits[0, t.src]  # [K, V]: predicts every response token
         per_token = logprobs_from_logits(logits.unsqueeze(1), t.input_ids[0, t.tgt, None])[:, 0]
         n = 2 * (g1 - g0)  # sides of the chunk's pairs, pair by pair (chosen, rejected)
         sums = [torch.zeros(n, device=ids.device).index_add(0, t.owner, v)
@@ -233,6 +233,8 @@ def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple
     """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
     ZeRO-3), run the precomputed pass over each (features, indices) of `sets`, free it."""
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
+    if cfg.dpo.packing and packing.supports_packing(model):  # as the policy (dpo_collate)
+        packing.use_per_sequence_attention(model)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
     micro = cfg.dpo.micro_batch_size_per_device
     out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -44,7 +45,10 @@ from rlhf_exp.rl.ppo_math import logprobs_from_logits
 PACKING_FAMILIES = frozenset({"llama", "qwen2", "mistral", "gpt2"})
 # the attention implementations that take that mask (sdpa, eager) or the position ids directly
 # (flash-attention's variable-length path)
-PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                               "packed_sdpa"})
+# the attention implementation a CPU run switches an sdpa model to (use_per_sequence_attention)
+PER_SEQUENCE = "packed_sdpa"
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -85,11 +89,17 @@ class Packed:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def forward_kwargs(self) -> dict[str, torch.Tensor | bool | None]:
+    def forward_kwargs(self) -> dict[str, torch.Tensor | bool | int | None]:
         """A model forward's inputs: no attention_mask (the packed mask comes from the position
-        ids) and no KV cache (transformers only reads packing without one)."""
+        ids), no KV cache (transformers only reads packing without one), and the sequence
+        boundaries as flash-attention's variable-length kwargs (cu_seq_lens_*, max_length_*),
+        which transformers hands to the attention function: flash-attention's varlen path and
+        per_sequence_sdpa read them, the others ignore them."""
+        cu = torch.nn.functional.pad(torch.cumsum(self.lengths, 0), (1, 0)).to(torch.int32)
+        longest = int(self.lengths.max())
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "attention_mask": None, "use_cache": False}
+                "attention_mask": None, "use_cache": False, "cu_seq_lens_q": cu,
+                "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
     def to(self, device: torch.device | str) -> Packed:
         return Packed(*(t.to(device) for t in (self.input_ids, self.position_ids, self.lengths,
@@ -280,7 +290,7 @@ def partial_tensor(device: torch.device):
 def attention_mask_4d(allowed: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
     """`allowed` [T, T] as the 4-D mask transformers passes through unchanged to attention:
     boolean for sdpa, additive (0 / dtype min) for eager."""
-    if attention(model) == "sdpa":
+    if attention(model) in ("sdpa", PER_SEQUENCE):
         return allowed[None, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
@@ -294,7 +304,7 @@ def attention(model) -> str:
 def supports_tree(model) -> bool:
     """Whether `model` takes a custom 4-D mask with packed position ids (sdpa, eager): a Tree
     layout. Flash-attention's variable-length path has no custom masks."""
-    return supports_packing(model) and attention(model) in ("sdpa", "eager")
+    return supports_packing(model) and attention(model) in ("sdpa", "eager", PER_SEQUENCE)
 
 
 # ----------------------------------------------------------------------------- stage helpers
@@ -303,6 +313,7 @@ def enabled(node, model, stage: str) -> bool:
     if not node.packing:
         return False
     if supports_packing(model):
+        use_per_sequence_attention(model)  # CPU: faster than sdpa's block mask (measured)
         return True
     from rlhf_exp.training import runtime  # the log line; runtime imports nothing of ours
 
@@ -338,3 +349,82 @@ def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
     if not found:
         raise ValueError(f"no submodule named {name!r} in {type(model).__name__}")
     return min(found, key=lambda x: x[0])[1]
+
+
+# ----------------------------------------------------------------------------- CPU attention
+def per_sequence_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs):
+    """Attention of a packed row as one causal sdpa call per sequence (no T x T mask); any other
+    call (padded batches, generation, a Tree's 4-D mask) is transformers' own sdpa.
+
+    Why: on CPU, sdpa with the block-diagonal mask transformers builds from the position ids
+    computes all T x T scores of the row and masks most of them; per-sequence calls compute
+    only each sequence's own (sum of len^2). Measured faster on free text (docs/benchmarks.md,
+    Packing; bench/bench_packing.py --attention). query [1, H, T, D], key / value [1, H_kv, T, D]
+    -> [1, T, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu, segments = kwargs.get("cu_seq_lens_q"), kwargs.get("tree_segments")
+    if (cu is None and segments is None) or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    sdpa = partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling,
+                   dropout_p=dropout if module.training else 0.0,
+                   enable_gqa=query.shape[1] != key.shape[1])
+    outs = []
+    if segments is not None:  # a Tree of one prefix and two branches per group
+        for start, p, a, b in segments.tolist():
+            lo, mid, hi = start, start + p + a, start + p + a + b
+            outs.append(sdpa(query[:, :, lo:mid], key[:, :, lo:mid], value[:, :, lo:mid],
+                             is_causal=True))
+            # the second branch: its prefix entirely, then itself causally (not the first)
+            keys = torch.cat([key[:, :, lo:lo + p], key[:, :, mid:hi]], dim=2)
+            values = torch.cat([value[:, :, lo:lo + p], value[:, :, mid:hi]], dim=2)
+            mask = torch.ones(b, p + b, dtype=torch.bool, device=query.device)
+            mask[:, p:] = torch.ones(b, b, dtype=torch.bool, device=query.device).tril()
+            outs.append(sdpa(query[:, :, mid:hi], keys, values, attn_mask=mask))
+    else:
+        bounds = cu.tolist()
+        outs = [sdpa(query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi], is_causal=True)
+                for lo, hi in zip(bounds, bounds[1:])]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def tree_forward_kwargs(tree_row: Tree, model, prefix_lens: Sequence[int],
+                        branch_lens: Sequence[Sequence[int]]) -> dict:
+    """A model forward's inputs for a Tree: under per_sequence_sdpa the groups' bounds
+    (`tree_segments` [G, 4]: start, prefix, branch 1, branch 2), two sdpa calls per group and no
+    T x T mask; otherwise the 4-D mask (attention_mask_4d)."""
+    kwargs = {"input_ids": tree_row.input_ids, "position_ids": tree_row.position_ids,
+              "use_cache": False}
+    if attention(model) == PER_SEQUENCE and all(len(b) == 2 for b in branch_lens):
+        rows, start = [], 0
+        for p, (a, b) in zip(prefix_lens, branch_lens):
+            rows.append([start, p, a, b])
+            start += p + a + b
+        kwargs["tree_segments"] = torch.tensor(rows, device=tree_row.input_ids.device)
+        kwargs["attention_mask"] = None
+    else:
+        kwargs["attention_mask"] = attention_mask_4d(tree_row.allowed, model,
+                                                     param_dtype(model))
+    return kwargs
+
+
+def use_per_sequence_attention(model) -> bool:
+    """Switch an sdpa model to per_sequence_sdpa (registered with transformers once) on a
+    machine without CUDA; returns whether it did. Padded batches and generation still run
+    transformers' sdpa (the same mask function)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    inner = model
+    while hasattr(inner, "set_attn_implementation") is False and \
+            getattr(inner, "base_model", inner) is not inner:
+        inner = inner.base_model
+    if torch.cuda.is_available() or attention(model) != "sdpa" or \
+            not hasattr(inner, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(PER_SEQUENCE, per_sequence_sdpa)
+    AttentionMaskInterface.register(PER_SEQUENCE, sdpa_mask)
+    inner.set_attn_implementation(PER_SEQUENCE)
+    return True
