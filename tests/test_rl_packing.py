@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_exp.config import ConfigError
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import grpo_math, packed_rows, ppo_math, rollout
 from rlhf_exp.rl.generation import GenerationConfig
@@ -324,3 +325,10 @@ def test_ppo_run_packed_equals_padded(tmp_path):
     worst = max((a - b).abs().max().item()
                 for a, b in zip(packed["weights"], padded["weights"]))
     assert moved > 5e-5 and worst < 2e-5
+
+
+@pytest.mark.parametrize("override, key", [("grpo.micro_batch_tokens=0", "grpo.micro_batch_tokens"),
+                                           ("ppo.micro_batch_tokens=-5", "ppo.micro_batch_tokens")])
+def test_bad_packing_keys_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose(f"stage={override.split('.')[0]}", override)
