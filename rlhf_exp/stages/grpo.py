@@ -24,7 +24,9 @@ One step (`grpo.steps` of them), each a function below:
                     (`kl_in_reward`); group baselines and advantages over the global batch
                     (`baseline`, `scale_rewards`), zero-std groups counted and optionally left out
   grpo_step         `num_iterations` passes, `num_minibatches` optimizer steps each, micro-batches
-                    of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
+                    of `micro_batch_size_per_device` (`packing`, the default: whole groups on
+                    packed rows cut by `micro_batch_tokens`, rl/packed_rows.py; the same loss
+                    and gradient): clipped token loss with `epsilon` /
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
                     aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
   finish_step       statistics averaged over ranks
