@@ -244,14 +244,14 @@ def test_tree_eager_mask_equals_sdpa():
 
 
 # ----------------------------------------------------------------------------- the keys
-@pytest.mark.parametrize("node", ["sft", "reward", "dpo"])
-def test_packing_keys_default_and_validation(node):
+def test_packing_keys_default_and_validation():
     from rlhf_exp.config import ConfigError
     from tests.conftest import compose
 
-    cfg = compose(f"stage={node}")
-    assert cfg[node].packing is True and cfg[node].micro_batch_tokens == 0
-    with pytest.raises(ConfigError, match=rf"{node}\.micro_batch_tokens=-1 must be >= 0"):
-        compose(f"stage={node}", f"{node}.micro_batch_tokens=-1")
+    cfg = compose()
+    for node in ("sft", "reward", "dpo"):
+        assert cfg[node].packing is True and cfg[node].micro_batch_tokens == 0
+        with pytest.raises(ConfigError, match=rf"{node}\.micro_batch_tokens=-1 must be >= 0"):
+            compose(f"stage={node}", f"{node}.micro_batch_tokens=-1")
     with pytest.raises(Exception, match="packing"):  # typed: a bool
-        compose(f"stage={node}", f"{node}.packing=maybe")
+        compose("sft.packing=maybe")

@@ -19,6 +19,14 @@ The API (used by the supervised stages here and by the RL update):
     last_token(values, packed)                 [N, ...] each sequence's value at its last token
     unpack(values, packed, pad)                [N, max_len, ...] right-padded, as a padded batch
     supports_packing(model)                    does this model family pack exactly (else pad)
+    enabled(node, model, stage)                `<stage>.packing` and supports_packing; on CPU
+                                               also switches sdpa to per_sequence_sdpa
+    chunk_ranges(lengths, token_budget)        the packed forwards of one micro-batch
+    tree(ids, prefix_lens, branch_lens)        groups as prefix + branches (a DPO pair: prompt,
+                                               chosen, rejected; a GRPO group), branches masked
+                                               off each other; tree_forward_kwargs
+    per_sequence_sdpa                          CPU attention: one causal sdpa call per sequence
+                                               (measured faster than the block mask)
 
 Positions: a packed row's position t belongs to sequence `packed.seq_ids[t]`; `starts[i]` is
 sequence i's first position. Per-token values "at position t predict token t+1" (next-token
