@@ -223,6 +223,14 @@ class TrainLoopConfig:
     # as checkpoints/best; null = keep only the last `keep_last`
     keep_best_metric: str | None = None
     keep_best_mode: str = "min"  # min | max
+    # packed micro-batches (rlhf_exp/training/packing.py): a micro-batch's sequences end to end
+    # in one row, no forward/backward on padding; the same loss and gradients as the padded
+    # batch (to fp32 rounding). Families that cannot pack exactly (OPT) train padded, with a
+    # line in the log. false = always padded
+    packing: bool = True
+    # with packing: the most tokens one packed forward holds; a micro-batch over it runs as
+    # several forwards (one backward); 0 = one forward per micro-batch
+    micro_batch_tokens: int = 0
 
 
 @dataclass
@@ -376,6 +384,12 @@ class PPOConfig:
     micro_batch_size_per_device: int = 32  # per forward/backward during the update
     ppo_epochs: int = 1
     num_minibatches: int = 1
+    # packed rows in every forward (no compute on padding; exact). The update keeps its
+    # micro_batch_size_per_device sequences per micro-batch (the PPO losses are micro-batch
+    # means), in packed rows of at most micro_batch_tokens; the scoring forwards are cut by it.
+    # Off by default: on CPU not faster on the bundled task's short rows (docs/benchmarks.md)
+    packing: bool = False
+    micro_batch_tokens: int = 256  # most tokens in one packed row (packing: true)
     max_prompt_len: int = 32
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -443,6 +457,12 @@ class GRPOConfig:
     # compute each group's prompt once in the forwards (exact; needs micro-batches of whole
     # groups and no gradient checkpointing, else off)
     shared_prompt: bool = True
+    # packed rows in every forward (no compute on padding; exact): a micro-batch of the update is
+    # whole groups cut by micro_batch_tokens, not micro_batch_size_per_device rows
+    packing: bool = True
+    # token budget of one packed forward (packing: true); on CPU the block mask is dense, so
+    # attention grows with it (bench/bench_packing.py: 512 measured fastest)
+    micro_batch_tokens: int = 512
     max_prompt_len: int = 32
     # eager decoding (CPU) over a dynamic cache: faster there, and it prefills each group's
     # prompt once; CUDA (compile: auto) decodes over a static cache as CUDA graphs either way

@@ -62,6 +62,9 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
     if cfg[node].adam_eps <= 0:
         raise ConfigError(f"{node}.adam_eps={cfg[node].adam_eps} must be > 0")
     # resume / checkpoint retention
+    if cfg[node].micro_batch_tokens < 0:
+        raise ConfigError(f"{node}.micro_batch_tokens={cfg[node].micro_batch_tokens} must be >= 0"
+                          " (0 = one packed forward per micro-batch)")
     if cfg[node].save_every < 0 or cfg[node].keep_last < 0:
         raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
     _allowed(cfg, f"{node}.keep_best_mode", ("min", "max"))
@@ -216,7 +219,7 @@ def check_ppo(cfg: DictConfig) -> None:
     _allowed(cfg, "ppo.kl.estimator", KL_ESTIMATORS)
     for key in ("steps", "rollout_batch_size", "micro_batch_size_per_device", "ppo_epochs",
                 "num_minibatches", "max_prompt_len", "log_every",
-                "eval_num_prompts", "eval_batch_size", "kl.horizon"):
+                "eval_num_prompts", "eval_batch_size", "kl.horizon", "micro_batch_tokens"):
         _positive(cfg, f"ppo.{key}")
     world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
     if pc.rollout_batch_size % (pc.num_minibatches * world):
@@ -257,7 +260,7 @@ def check_grpo(cfg: DictConfig) -> None:
     gc = cfg.grpo
     for key in ("steps", "prompts_per_step", "micro_batch_size_per_device", "num_iterations",
                 "num_minibatches", "max_prompt_len", "log_every", "eval_num_prompts",
-                "eval_batch_size"):
+                "eval_batch_size", "micro_batch_tokens"):
         _positive(cfg, f"grpo.{key}")
     _positive(cfg, "grpo.num_generations", 2)
     _allowed(cfg, "grpo.baseline", GRPO_BASELINES)

@@ -294,3 +294,60 @@ def collate_dpo(batch: list[dict], pad_id: int, shared_prompt: bool = False
         out["ref_chosen_logps"] = torch.tensor([b["ref_chosen_logps"] for b in batch])
         out["ref_rejected_logps"] = torch.tensor([b["ref_rejected_logps"] for b in batch])
     return out
+
+
+# ----------------------------------------------------------------------------- packed batches
+# One row [1, T] holding the micro-batch's sequences end to end, no padding
+# (rlhf_exp/training/packing.py): `seq_lengths` [N] says where each ends, `num_tokens` counts
+# them for perf/tokens_per_s. The stages' packed steps read these; the rows and their order are
+# the padded collate's.
+def _flat(seqs: list[list[int]]) -> torch.Tensor:
+    return torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
+
+
+def collate_sft_packed(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """collate_sft packed: `input_ids` / `labels` [1, T], `seq_lengths` [N]. Each sequence's
+    first label is -100: in a packed row the previous sequence's last position would predict
+    it (a padded row's shift never does)."""
+    ids = [b["input_ids"] for b in batch]
+    labels = [[-100, *b["labels"][1:]] for b in batch]
+    return {"input_ids": _flat(ids), "labels": _flat(labels),
+            "seq_lengths": torch.tensor([len(s) for s in ids]),
+            "num_tokens": torch.tensor(sum(len(s) for s in ids))}
+
+
+def collate_pairs_packed(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """collate_pairs packed: the B chosen sequences then the B rejected ones in one row."""
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    return {"input_ids": _flat(seqs), "seq_lengths": torch.tensor([len(s) for s in seqs]),
+            "num_tokens": torch.tensor(sum(len(s) for s in seqs))}
+
+
+def collate_dpo_packed(batch: list[dict], shared_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """collate_dpo packed. shared_prompt=False: collate_pairs_packed plus `completion_mask`
+    [1, T] (1 on response tokens; 0 on each sequence's first token, which nothing predicts).
+    shared_prompt=True: pair by pair, the prompt once then the chosen and the rejected response
+    (`input_ids` [1, T]; `prompt_lens`, `chosen_lens`, `rejected_lens` [B]; packing.tree gives
+    the mask that keeps each response off its sibling). `num_tokens` counts the pairs' tokens as
+    2B sequences either way (what the padded layouts count)."""
+    n = [b["prompt_len"] for b in batch]
+    if shared_prompt:
+        seqs, chosen, rejected = [], [], []
+        for b, k in zip(batch, n):
+            seqs.append(b["chosen_ids"][:k] + b["chosen_ids"][k:] + b["rejected_ids"][k:])
+            chosen.append(len(b["chosen_ids"]) - k)
+            rejected.append(len(b["rejected_ids"]) - k)
+        out = {"input_ids": _flat(seqs), "prompt_lens": torch.tensor(n),
+               "chosen_lens": torch.tensor(chosen), "rejected_lens": torch.tensor(rejected)}
+    else:
+        out = collate_pairs_packed(batch)
+        sides = [(b["chosen_ids"], k) for b, k in zip(batch, n)] + \
+            [(b["rejected_ids"], k) for b, k in zip(batch, n)]
+        out["completion_mask"] = _flat([[0] * max(k, 1) + [1] * (len(ids) - max(k, 1))
+                                        for ids, k in sides])
+    out["num_tokens"] = torch.tensor(sum(len(b["chosen_ids"]) + len(b["rejected_ids"])
+                                         for b in batch))
+    if "ref_chosen_logps" in batch[0]:
+        out["ref_chosen_logps"] = torch.tensor([b["ref_chosen_logps"] for b in batch])
+        out["ref_rejected_logps"] = torch.tensor([b["ref_rejected_logps"] for b in batch])
+    return out

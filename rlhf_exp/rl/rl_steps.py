@@ -34,16 +34,18 @@ def sampling_temperature(gen: DictConfig) -> float:
 
 @torch.no_grad()
 def score(traj: Trajectory, reward_model, reward_functions: list[rewards.RewardFunction],
-          reward_model_weight: float, *, micro: int, stage: str
-          ) -> tuple[torch.Tensor, dict[str, float]]:
+          reward_model_weight: float, *, micro: int, stage: str,
+          token_budget: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """[n] each response's score: reward_model_weight x the reward model's score (when there is
     one) plus the weighted reward functions; and their means for logging
-    (`<stage>/reward_model_score`, `<stage>/reward_fn/<name>`)."""
+    (`<stage>/reward_model_score`, `<stage>/reward_fn/<name>`). token_budget: the reward
+    model's forwards on packed rows of that many tokens (packed_rows)."""
     device = traj.sequences.device
     total = torch.zeros(len(traj.rows), device=device)
     stats: dict[str, float] = {}
     if reward_model is not None:
-        rm = rollout.reward_model_scores(reward_model, traj, micro_batch=micro)
+        rm = rollout.reward_model_scores(reward_model, traj, micro_batch=micro,
+                                         token_budget=token_budget)
         total += reward_model_weight * rm
         stats[f"{stage}/reward_model_score"] = rm.mean().item()
     if reward_functions:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_exp.data.tokenize import pad_left
-from rlhf_exp.rl import ppo_math, scoring
+from rlhf_exp.rl import packed_rows, ppo_math, scoring
 from rlhf_exp.rl.generation import GenerationConfig, generate
 
 
@@ -134,10 +134,14 @@ def group_response_logits(model, sequences: torch.Tensor, attention_mask: torch.
 
 @torch.no_grad()
 def logprobs(model, traj: Trajectory, *, temperature: float, micro_batch: int,
-             group_size: int = 1) -> torch.Tensor:
+             group_size: int = 1, token_budget: int | None = None) -> torch.Tensor:
     """[n, R] fp32 log-prob of each sampled token under `model`, micro-batch by micro-batch.
     group_size > 1 (dividing micro_batch): rows come in groups sharing a prompt, each prompt
-    is computed once (group_response_logits)."""
+    is computed once (group_response_logits). token_budget: packed rows instead, cut by that
+    many tokens (packed_rows; 0 at padding)."""
+    if token_budget is not None:
+        return packed_rows.rollout_logprobs(model, traj, temperature=temperature,
+                                            budget=token_budget, group_size=group_size)
     R, out = traj.response_mask.shape[1], []
     for k in range(0, len(traj.rows), micro_batch):
         s = slice(k, k + micro_batch)
@@ -167,9 +171,13 @@ def trim_responses(traj: Trajectory) -> Trajectory:
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, traj: Trajectory, *, micro_batch: int) -> torch.Tensor:
+def reward_model_scores(reward_model, traj: Trajectory, *, micro_batch: int,
+                        token_budget: int | None = None) -> torch.Tensor:
     """[n] the reward model's score of each (prompt, response), read at the row's last real
-    token (its EOS, or the R-th token of a response cut at max_new_tokens)."""
+    token (its EOS, or the R-th token of a response cut at max_new_tokens). token_budget:
+    packed rows instead, cut by that many tokens (packed_rows)."""
+    if token_budget is not None:
+        return packed_rows.rollout_scores(reward_model, traj, budget=token_budget)
     scores = []
     for k in range(0, len(traj.rows), micro_batch):
         s = slice(k, k + micro_batch)

@@ -45,19 +45,25 @@ from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
 from rlhf_exp.data.sampler import GlobalBatchSampler
-from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
+from rlhf_exp.data.tokenize import collate_dpo, collate_dpo_packed, tokenize_pairs
 from rlhf_exp.errors import DataError
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import dpo_math, evaluation
 from rlhf_exp.rl.ppo_math import logprobs_from_logits
-from rlhf_exp.training import dist, engine, runtime, stage_kit, train_loop
+from rlhf_exp.training import dist, engine, packing, runtime, stage_kit, train_loop
 
 
 # ----------------------------------------------------------------------------- the loss
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.SequenceLogps:
+def pair_logps(model, batch: dict[str, torch.Tensor],
+               token_budget: int = 0) -> dpo_math.SequenceLogps:
     """The response log-probabilities of one collate_dpo batch (B chosen rows, then B rejected)
     under `model` (the DeepSpeed engine, whose forward drives ZeRO, or a frozen model); a batch
-    in the shared-prompt layout goes to shared_prompt_logps."""
+    in the shared-prompt layout goes to shared_prompt_logps, a packed one (collate_dpo_packed)
+    to packed_pair_logps / tree_pair_logps."""
+    if "prompt_lens" in batch:
+        return tree_pair_logps(model, batch, token_budget)
+    if "seq_lengths" in batch:
+        return packed_pair_logps(model, batch, token_budget)
     if "prompt_ids" in batch:
         return shared_prompt_logps(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -102,15 +108,58 @@ def shared_prompt_logps(model, batch: dict[str, torch.Tensor]) -> dpo_math.Seque
                                   logits_sum[back])
 
 
+def packed_pair_logps(model, batch: dict[str, torch.Tensor],
+                      token_budget: int = 0) -> dpo_math.SequenceLogps:
+    """pair_logps of a collate_dpo_packed batch without shared prompts: the 2B sequences end to
+    end, in packed forwards of at most `token_budget` tokens (0: one)."""
+    lengths, mask = batch["seq_lengths"], batch["completion_mask"][0]
+    parts = []
+    for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
+        rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
+        logits = model(**rows.forward_kwargs()).logits
+        per_token = packing.next_token_logps(logits, rows)  # position t predicts token t+1
+        m = mask[lo + 1:hi].to(per_token.dtype)
+        mean_logit = logits[0, :-1].detach().float().mean(-1)
+        parts.append([packing.sequence_sums(v, rows, shift=1)
+                      for v in (per_token * m, m, mean_logit * m)])
+    return dpo_math.SequenceLogps(*(torch.cat(p) for p in zip(*parts)))
+
+
+def tree_pair_logps(model, batch: dict[str, torch.Tensor],
+                    token_budget: int = 0) -> dpo_math.SequenceLogps:
+    """pair_logps of a collate_dpo_packed batch with shared prompts: each pair's prompt once,
+    then its chosen and its rejected response, which attend to the prompt and never to each
+    other (packing.tree), in forwards of at most `token_budget` tokens (0: one). The numbers of
+    shared_prompt_logps without its padding, KV-cache copies or second forward."""
+    P, C, R = batch["prompt_lens"], batch["chosen_lens"], batch["rejected_lens"]
+    ids, chosen, rejected = batch["input_ids"], [], []
+    for g0, g1, lo, hi in packing.chunk_ranges((P + C + R).tolist(), token_budget):
+        prefixes = P[g0:g1].tolist()
+        branches = [[c, r] for c, r in zip(C[g0:g1].tolist(), R[g0:g1].tolist())]
+        t = packing.tree(ids[:, lo:hi], prefixes, branches)
+        logits = model(**packing.tree_forward_kwargs(t, model, prefixes, branches)
+                       ).logits[0, t.src]  # [K, V]: predicts every response token
+        per_token = logprobs_from_logits(logits.unsqueeze(1), t.input_ids[0, t.tgt, None])[:, 0]
+        n = 2 * (g1 - g0)  # sides of the chunk's pairs, pair by pair (chosen, rejected)
+        sums = [torch.zeros(n, device=ids.device).index_add(0, t.owner, v)
+                for v in (per_token, torch.ones_like(per_token),
+                          logits.detach().float().mean(-1))]
+        chosen.append([v[0::2] for v in sums])
+        rejected.append([v[1::2] for v in sums])
+    return dpo_math.SequenceLogps(*(torch.cat([*c, *r]) for c, r in
+                                    zip(zip(*chosen), zip(*rejected))))
+
+
 def dpo_step(eng, batch: dict[str, torch.Tensor],
              node: DictConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch of pairs: the DPO loss against the precomputed reference log-probs, and
     TRL's statistics for the training log (dpo/rewards/*, dpo/logps/*, dpo/logits/*,
     dpo/nll_loss)."""
     loss, terms = dpo_math.dpo_loss(
-        pair_logps(eng, batch), batch["ref_chosen_logps"], batch["ref_rejected_logps"],
-        loss_type=node.loss_type, beta=node.beta, label_smoothing=node.label_smoothing,
-        rpo_alpha=node.rpo_alpha, simpo_gamma=node.simpo_gamma)
+        pair_logps(eng, batch, node.micro_batch_tokens), batch["ref_chosen_logps"],
+        batch["ref_rejected_logps"], loss_type=node.loss_type, beta=node.beta,
+        label_smoothing=node.label_smoothing, rpo_alpha=node.rpo_alpha,
+        simpo_gamma=node.simpo_gamma)
     stats = dpo_math.pair_metrics(terms, node.rpo_alpha)
     del stats["loss"]  # the loop logs the loss it backpropagates as dpo/loss
     return loss, stats
@@ -209,6 +258,8 @@ def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple
     `micro_batch_size`, default dpo.micro_batch_size_per_device; stage=kto passes its own),
     free it."""
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
+    if cfg.dpo.packing and packing.supports_packing(model):  # as the policy (dpo_collate)
+        packing.use_per_sequence_attention(model)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
     micro = micro_batch_size or cfg.dpo.micro_batch_size_per_device
     out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
@@ -263,9 +314,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
             raise DataError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
                             f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
                             "data_mix.overlong=drop; raise the limits or use overlong=truncate")
-        # the shared-prompt layout (each pair's prompt computed once) needs a KV cache in training
-        shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
-        collate = partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+        collate = dpo_collate(cfg, model, tokenizer)
         batches = stage_kit.global_batches(run, dc, train_set, collate, "training pairs")
 
         # --- the reference pass: every pair the run trains on and every held-out pair, once
@@ -314,6 +363,19 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                                       "perf/loop_s": state.loop_s})
         stage_kit.close(run, result, done_line(loop, state, result.metrics))
     return eng, tokenizer, result
+
+
+def dpo_collate(cfg: DictConfig, model, tokenizer):
+    """The collate of the run's layout: packed (dpo.packing, where the model packs exactly),
+    the shared prompt as a tree (packing.tree: needs a 4-D mask, sdpa or eager) or not; else
+    padded, the shared-prompt layout needing a KV cache in training (no gradient
+    checkpointing)."""
+    dc = cfg.dpo
+    if packing.enabled(dc, model, "dpo"):
+        return partial(collate_dpo_packed,
+                       shared_prompt=dc.shared_prompt and packing.supports_tree(model))
+    shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
+    return partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
 
 
 def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],

@@ -29,7 +29,9 @@ One step (`grpo.steps` of them), each a function below:
                     (`advantage_estimator`), DAPO's overlong shaping (`overlong`), zero-std
                     groups counted and optionally left out
   grpo_step         `num_iterations` passes, `num_minibatches` optimizer steps each, micro-batches
-                    of `micro_batch_size_per_device`: clipped token loss with `epsilon` /
+                    of `micro_batch_size_per_device` (`packing`, the default: whole groups on
+                    packed rows cut by `micro_batch_tokens`, rl/packed_rows.py; the same loss
+                    and gradient): clipped token loss with `epsilon` /
                     `epsilon_high`, + beta * KL (unless in the reward), - entropy_coef * entropy,
                     aggregated by `loss_agg` over the whole minibatch (every rank's tokens)
   finish_step       statistics averaged over ranks
@@ -60,7 +62,16 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_exp import tasks
 from rlhf_exp.config import ConfigError
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import evaluation, grpo_math, ppo_math, rewards, rl_loop, rl_steps, rollout
+from rlhf_exp.rl import (
+    evaluation,
+    grpo_math,
+    packed_rows,
+    ppo_math,
+    rewards,
+    rl_loop,
+    rl_steps,
+    rollout,
+)
 from rlhf_exp.rl.rollout import Trajectory
 from rlhf_exp.training import dist, engine, runtime, stage_kit
 from rlhf_exp.training.tracking import Tracker, resolve_init
@@ -94,6 +105,9 @@ class Geometry:
     group: int  # num_generations
     shuffle_groups: bool  # minibatches are made of whole groups (minibatch % group == 0)
     prompt_group: int  # rows per prompt in a forward: group (shared_prompt) or 1
+    # packed rows (rl/packed_rows.py), micro-batches cut by this many tokens; None = padded rows,
+    # `micro` per micro-batch
+    token_budget: int | None = None
 
 
 @dataclass
@@ -164,7 +178,8 @@ def check_default_reward_fits(cfg: DictConfig, rows: list[dict]) -> None:
                           "or grpo.reward_functions=[{fn: package.module:function, weight: 1.0}]")
 
 
-def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
+def batch_geometry(cfg: DictConfig, world: int, can_pack: bool = True) -> Geometry:
+    """The rollout's cut; packed rows when `grpo.packing` and the models can (`can_pack`)."""
     gc = cfg.grpo
     prompts_local = gc.prompts_per_step // world
     n_local = prompts_local * gc.num_generations
@@ -172,9 +187,22 @@ def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
     micro = min(gc.micro_batch_size_per_device, minibatch)
     G = gc.num_generations
     shared = gc.shared_prompt and micro % G == 0 and not cfg.model.gradient_checkpointing
+    packed = gc.packing and can_pack
+    if packed:  # a packed micro-batch holds whole groups whenever minibatches do
+        shared = gc.shared_prompt and minibatch % G == 0
     return Geometry(prompts_local, n_local, minibatch, micro, minibatch // micro,
                     gc.steps * gc.num_iterations * gc.num_minibatches, G, minibatch % G == 0,
-                    G if shared else 1)
+                    G if shared else 1, gc.micro_batch_tokens if packed else None)
+
+
+def packing_geometry(cfg: DictConfig, world: int, m: Models) -> Geometry:
+    """The geometry once the models are loaded: packed rows (`grpo.packing`) unless a model
+    cannot take them (flash-attention, an unchecked family): then padded rows, said once."""
+    reason = (packed_rows.why_not(m.actor, m.reference, m.reward_model) if cfg.grpo.packing
+              else None)
+    if reason:
+        runtime.say(f"grpo: padded rows, not packed: {reason}")
+    return batch_geometry(cfg, world, can_pack=reason is None)
 
 
 def load_models(cfg: DictConfig, inputs: Inputs, geo: Geometry,
@@ -213,7 +241,9 @@ def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts:
                 f"{geo.grad_accum} x {world} ranks; baseline {gc.baseline}, scale_rewards "
                 f"{gc.scale_rewards}, loss_agg {gc.loss_agg}, beta {gc.beta}, advantages "
                 f"{gc.advantage_estimator}, ratio per {gc.importance_sampling_level}, refill "
-                f"{gc.refill_max_rounds} rounds, overlong {gc.overlong}; actor zero "
+                f"{gc.refill_max_rounds} rounds, overlong {gc.overlong}; "
+                + (f"packed rows <= {geo.token_budget} tokens" if geo.token_budget else
+                   "padded rows") + "; actor zero "
                 f"{m.actor_stage}; actor {inputs.actor_init}; reward "
                 f"{inputs.reward_model or '-'}"
                 + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
@@ -316,11 +346,13 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, geo: Geometry
     gc, t0 = cfg.grpo, time.perf_counter()
     traj = rollout.trim_responses(traj)  # every forward below skips all-padding columns
     temp, mask = rl_steps.sampling_temperature(gc.generation), traj.response_mask
-    kw = dict(temperature=temp, micro_batch=geo.micro, group_size=geo.prompt_group)
+    kw = dict(temperature=temp, micro_batch=geo.micro, group_size=geo.prompt_group,
+              token_budget=geo.token_budget)
     old_logp = rollout.logprobs(m.actor, traj, **kw) if needs_old_logprobs(cfg) else None
     ref_logp = rollout.logprobs(m.reference, traj, **kw) if m.reference is not None else None
     scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
-                                         gc.reward_model_weight, micro=geo.micro, stage="grpo")
+                                         gc.reward_model_weight, micro=geo.micro, stage="grpo",
+                                         token_budget=geo.token_budget)
     seq_kl = (evaluation.sequence_kl(old_logp, ref_logp, mask, kl_estimator(cfg))
               if ref_logp is not None else None)  # [n] KL(policy || reference) per response
     eos = (traj.responses == m.tokenizer.eos_token_id).any(-1)
@@ -465,6 +497,40 @@ def minibatch_totals(exp: Experience, idx: torch.Tensor, device: torch.device
     return tuple(v * world for v in dist.all_reduce_mean(local, device))
 
 
+def micro_batches(exp: Experience, rows: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
+    """A minibatch's micro-batches (its row indices, in order): `micro` rows each, or packed:
+    whole prompt groups cut by `micro_batch_tokens`, as many on every rank (the most any rank
+    needs: ZeRO reduces gradients in every backward, so the ranks' passes must pair up)."""
+    if geo.token_budget is None:
+        return [rows[k:k + geo.micro] for k in range(0, len(rows), geo.micro)]
+    G = geo.prompt_group
+    costs = packed_rows.packed_length(exp.attention_mask[rows], exp.mask[rows], G)
+    plan = packed_rows.plan_micro_batches(costs, geo.token_budget)
+    count = int(dist.all_gather_cat(torch.tensor([len(plan)], device=rows.device)).max())
+    return [rows[r.start * G:r.stop * G] for r in packed_rows.split_to(plan, costs, count)]
+
+
+def update_forward(m: Models, geo: Geometry, b: Experience, temp: float, entropy_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, R] log-probs and entropies of a micro-batch's responses under the actor (the
+    entropy's gradient only for an entropy bonus): packed, or padded rows."""
+    if geo.token_budget is not None:
+        packed = packed_rows.pack(b.sequences, b.attention_mask, b.mask,
+                                  group_size=geo.prompt_group, row_tokens=geo.token_budget,
+                                  dtype=packed_rows.model_dtype(m.actor))
+        return packed_rows.logprobs_and_entropy(m.actor, packed, temp,
+                                                entropy="grad" if entropy_grad else "detached")
+    R = b.mask.shape[1]
+    if geo.prompt_group > 1:
+        logits = rollout.group_response_logits(m.actor, b.sequences, b.attention_mask,
+                                               b.position_ids, R, geo.prompt_group, temp)
+    else:
+        logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
+                                         b.position_ids, R, temp)
+    logp = ppo_math.logprobs_from_logits(logits, b.responses)
+    return logp, ppo_math.entropy_from_logits(logits if entropy_grad else logits.detach())
+
+
 def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geometry
               ) -> dict[str, float]:
     """`num_iterations` passes over one rollout, `num_minibatches` optimizer steps each.
@@ -472,11 +538,14 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
 
     DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients
     over ranks; the loss handed to it is scaled by both, so the step's gradient is exactly that
-    of `loss_agg` over the whole minibatch (grpo_math)."""
+    of `loss_agg` over the whole minibatch (grpo_math). Packed, the micro-batches of a minibatch
+    vary in number: the accumulation boundary is set by hand (the last one) and the loss is
+    scaled by the ranks alone; the gradient is the same sum over the same tokens."""
     gc, device = cfg.grpo, exp.sequences.device
-    temp, R, world = rl_steps.sampling_temperature(gc.generation), exp.mask.shape[1], \
-        dist.world_size()
+    temp, world = rl_steps.sampling_temperature(gc.generation), dist.world_size()
     max_new = gc.generation.max_new_tokens
+    packed = geo.token_budget is not None
+    scale = world if packed else world * geo.grad_accum  # undo DeepSpeed's averaging (docstring)
     acc: dict[str, list[float]] = defaultdict(list)
     for _ in range(gc.num_iterations):
         if geo.shuffle_groups:  # whole groups stay together (and may share their prompt)
@@ -491,18 +560,12 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
                 acc["grpo/skipped_minibatches"].append(1.0)
                 continue
             acc["grpo/skipped_minibatches"].append(0.0)
-            for k in range(0, geo.minibatch, geo.micro):
-                b = exp.select(rows[k:k + geo.micro])
-                if geo.prompt_group > 1:
-                    logits = rollout.group_response_logits(
-                        m.actor, b.sequences, b.attention_mask, b.position_ids, R,
-                        geo.prompt_group, temp)
-                else:
-                    logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
-                                                     b.position_ids, R, temp)
-                logp = ppo_math.logprobs_from_logits(logits, b.responses)
-                entropy = ppo_math.entropy_from_logits(
-                    logits if gc.entropy_coef > 0 else logits.detach())
+            micros, mb_loss, mb_pg = micro_batches(exp, rows, geo), 0.0, 0.0
+            for j, idx in enumerate(micros):
+                b = exp.select(idx)
+                if packed:
+                    m.actor.set_gradient_accumulation_boundary(j == len(micros) - 1)
+                logp, entropy = update_forward(m, geo, b, temp, gc.entropy_coef > 0)
                 loss, st = grpo_math.grpo_loss(
                     logp, b.old_logprobs if b.old_logprobs is not None else logp.detach(),
                     b.advantages, b.mask * b.keep[:, None], epsilon=gc.epsilon,
@@ -511,15 +574,17 @@ def grpo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Ge
                     entropy=entropy, entropy_coef=gc.entropy_coef, total_tokens=tokens,
                     total_sequences=sequences,
                     importance_sampling_level=gc.importance_sampling_level)
-                scale = world * geo.grad_accum  # undo DeepSpeed's averaging (docstring)
-                m.actor.backward(loss * scale)
+                m.actor.backward(loss * scale, scale_wrt_gas=not packed)
                 m.actor.step()
-                acc["grpo/loss"].append(loss.item() * scale)
-                acc["grpo/pg_loss"].append(st["pg_loss"].item() * scale)
+                # the minibatch's loss on this rank x ranks (the mean over ranks is the loss)
+                mb_loss += loss.item() * world
+                mb_pg += st["pg_loss"].item() * world
                 for key in ("clipfrac", "clipfrac_low", "clipfrac_high", "approx_kl"):
                     acc[f"grpo/{key}"].append(st[key].item())
                 acc["grpo/entropy"].append(
                     ppo_math.masked_mean(entropy.detach(), b.mask).item())
+            acc["grpo/loss"].append(mb_loss)
+            acc["grpo/pg_loss"].append(mb_pg)
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -561,6 +626,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
+        geo = packing_geometry(cfg, run.world, m)
         state = fresh_state(cfg)
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 

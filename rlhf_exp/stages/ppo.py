@@ -64,7 +64,7 @@ from rlhf_exp.data import build_stage_data
 from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import evaluation, ppo_math, rewards, rl_loop, rl_steps, rollout
+from rlhf_exp.rl import evaluation, packed_rows, ppo_math, rewards, rl_loop, rl_steps, rollout
 from rlhf_exp.rl.rollout import Trajectory
 from rlhf_exp.training import checkpoint, dist, engine, resume, runtime, stage_kit
 from rlhf_exp.training.tracking import Tracker, resolve_init
@@ -96,6 +96,9 @@ class Geometry:
     micro: int  # sequences per forward/backward
     grad_accum: int  # micro-batches per optimizer step
     optimizer_steps: int  # over the whole run (the LR schedules' length)
+    # packed rows (rl/packed_rows.py) in every forward, of at most this many tokens (an update
+    # micro-batch keeps its sequences, in as many packed rows as that takes); None = padded rows
+    token_budget: int | None = None
 
 
 @dataclass
@@ -173,13 +176,25 @@ def resolve_inputs(cfg: DictConfig) -> Inputs:
     return Inputs(actor, actor_art, critic, critic_art, rm, rm_art)
 
 
-def batch_geometry(cfg: DictConfig, world: int) -> Geometry:
+def batch_geometry(cfg: DictConfig, world: int, can_pack: bool = True) -> Geometry:
+    """The rollout's cut; packed rows when `ppo.packing` and the models can (`can_pack`)."""
     pc = cfg.ppo
     n_local = pc.rollout_batch_size // world
     minibatch = n_local // pc.num_minibatches
     micro = min(pc.micro_batch_size_per_device, minibatch)
     return Geometry(n_local, minibatch, micro, minibatch // micro,
-                    pc.steps * pc.ppo_epochs * pc.num_minibatches)
+                    pc.steps * pc.ppo_epochs * pc.num_minibatches,
+                    pc.micro_batch_tokens if pc.packing and can_pack else None)
+
+
+def packing_geometry(cfg: DictConfig, world: int, m: Models) -> Geometry:
+    """The geometry once the models are loaded: packed rows (`ppo.packing`) unless a model
+    cannot take them (flash-attention, an unchecked family): then padded rows, said once."""
+    reason = (packed_rows.why_not(m.actor, m.reference, m.critic, m.reward_model)
+              if cfg.ppo.packing else None)
+    if reason:
+        runtime.say(f"ppo: padded rows, not packed: {reason}")
+    return batch_geometry(cfg, world, can_pack=reason is None)
 
 
 def as_value_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -261,7 +276,9 @@ def describe(cfg: DictConfig, m: Models, geo: Geometry, inputs: Inputs, prompts:
     runtime.say(f"ppo: {prompts} prompts ({held_out * world} held out), "
                 f"{pc.steps} steps x {pc.rollout_batch_size} rollouts; update {pc.ppo_epochs} "
                 f"epoch(s) x {pc.num_minibatches} minibatch(es) = micro {geo.micro} x accum "
-                f"{geo.grad_accum} x {world} ranks; actor zero {m.actor_stage}, critic zero "
+                f"{geo.grad_accum} x {world} ranks; "
+                + (f"packed rows (scoring <= {geo.token_budget} tokens)" if geo.token_budget
+                   else "padded rows") + f"; actor zero {m.actor_stage}, critic zero "
                 f"{m.critic_stage}; actor {inputs.actor_init}; critic {inputs.critic_init}; "
                 f"reward {inputs.reward_model or '-'}"
                 + "".join(f" + {f.weight} x {f.spec}" for f in m.reward_functions))
@@ -295,8 +312,12 @@ def rollout_step(m: Models, cfg: DictConfig, geo: Geometry, rows: list[dict],
 
 
 @torch.no_grad()
-def critic_values(critic, traj: Trajectory, micro: int) -> torch.Tensor:
-    """[n, R] the critic's value of each response position's state."""
+def critic_values(critic, traj: Trajectory, micro: int, token_budget: int | None = None
+                  ) -> torch.Tensor:
+    """[n, R] the critic's value of each response position's state (token_budget: on packed
+    rows of that many tokens, 0 at padding)."""
+    if token_budget is not None:
+        return packed_rows.rollout_values(critic, traj, budget=token_budget)
     R, out = traj.response_mask.shape[1], []
     for k in range(0, len(traj.rows), micro):
         s = slice(k, k + micro)
@@ -313,12 +334,13 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, state: State, 
     GAE advantages and returns. Returns (experience, rollout stats, samples-table rows)."""
     pc, t0 = cfg.ppo, time.perf_counter()
     temp, mask = rl_steps.sampling_temperature(pc.generation), traj.response_mask
-    logp = rollout.logprobs(m.actor, traj, temperature=temp, micro_batch=geo.micro)
-    ref_logp = rollout.logprobs(m.reference, traj, temperature=temp, micro_batch=geo.micro)
-    values = critic_values(m.critic, traj, geo.micro)
+    kw = dict(temperature=temp, micro_batch=geo.micro, token_budget=geo.token_budget)
+    logp = rollout.logprobs(m.actor, traj, **kw)
+    ref_logp = rollout.logprobs(m.reference, traj, **kw)
+    values = critic_values(m.critic, traj, geo.micro, geo.token_budget)
     raw_scores, score_stats = rl_steps.score(traj, m.reward_model, m.reward_functions,
                                              pc.reward_model_weight, micro=geo.micro,
-                                             stage="ppo")
+                                             stage="ppo", token_budget=geo.token_budget)
     scores = raw_scores
     if pc.normalize_reward:  # running mean/std over every rank's scores so far
         state.score_moments.update(dist.all_gather_cat(raw_scores))
@@ -356,6 +378,25 @@ def make_experience(m: Models, cfg: DictConfig, traj: Trajectory, state: State, 
     return exp, stats, rl_steps.samples_table(traj.rows, traj.texts, raw_scores, golds)
 
 
+def actor_forward(actor, b: Experience, packed: packed_rows.PackedRows | None, temp: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, R] log-probs of a micro-batch's responses, their mean entropy (detached)): on
+    padded rows, or packed ones."""
+    if packed is None:
+        logits = rollout.response_logits(actor, b.sequences, b.attention_mask, b.position_ids,
+                                         b.mask.shape[1], temp)
+        logp = ppo_math.logprobs_from_logits(logits, b.responses)
+        with torch.no_grad():
+            entropy = ppo_math.masked_mean(ppo_math.entropy_from_logits(logits.detach()),
+                                           b.mask)
+        return logp, entropy
+    logits = packed_rows.response_logits(actor, packed, temp)[None]  # [1, K, V]: real tokens
+    logp = packed.scatter(ppo_math.logprobs_from_logits(logits, packed.labels[None])[0])
+    with torch.no_grad():
+        entropy = ppo_math.entropy_from_logits(logits.detach()).mean()
+    return logp, entropy
+
+
 def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geometry
              ) -> dict[str, float]:
     """PPO epochs over one rollout: clipped policy loss (+ ptx) on the actor, clipped value loss
@@ -374,9 +415,11 @@ def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geo
             mb_kl = []
             for k in range(mb * geo.minibatch, (mb + 1) * geo.minibatch, geo.micro):
                 b = exp.select(perm[k:k + geo.micro])
-                logits = rollout.response_logits(m.actor, b.sequences, b.attention_mask,
-                                                 b.position_ids, R, temp)
-                logp = ppo_math.logprobs_from_logits(logits, b.responses)
+                packed = (packed_rows.pack(b.sequences, b.attention_mask, b.mask,
+                                           row_tokens=geo.token_budget,
+                                           dtype=packed_rows.model_dtype(m.actor))
+                          if geo.token_budget is not None else None)
+                logp, entropy = actor_forward(m.actor, b, packed, temp)
                 pg_loss, st = ppo_math.policy_loss(logp, b.old_logprobs, b.advantages, b.mask,
                                                    pc.clip_range)
                 loss = pg_loss
@@ -387,11 +430,12 @@ def ppo_step(m: Models, cfg: DictConfig, exp: Experience, state: State, geo: Geo
                     acc["ppo/ptx_loss"].append(ptx_loss.item())
                 m.actor.backward(loss)
                 m.actor.step()
-                with torch.no_grad():
-                    entropy = ppo_math.masked_mean(
-                        ppo_math.entropy_from_logits(logits.detach()), b.mask)
-                values = m.critic(input_ids=b.sequences, attention_mask=b.attention_mask,
-                                  position_ids=b.position_ids)[:, -(R + 1):-1].float()
+                if packed is not None:  # the critic's dtype may differ from the actor's
+                    values = packed_rows.token_values(m.critic, packed.with_dtype(
+                        packed_rows.model_dtype(m.critic)))
+                else:
+                    values = m.critic(input_ids=b.sequences, attention_mask=b.attention_mask,
+                                      position_ids=b.position_ids)[:, -(R + 1):-1].float()
                 v_loss, vst = ppo_math.value_loss(values, b.old_values, b.returns, b.mask,
                                                   pc.clip_range_value)
                 m.critic.backward(pc.vf_coef * v_loss)
@@ -514,6 +558,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- models, the step-to-step state
         geo = batch_geometry(cfg, run.world)
         m = load_models(cfg, inputs, geo, reward_functions)
+        geo = packing_geometry(cfg, run.world, m)
         state = fresh_state(cfg, build_ptx(cfg, m.tokenizer, geo))
         describe(cfg, m, geo, inputs, len(prompts.train), len(prompts.eval_rows), tracker)
 

@@ -26,22 +26,44 @@ from rlhf_exp import tasks
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.mix import require_pairs
-from rlhf_exp.data.tokenize import collate_pairs, tokenize_pairs
+from rlhf_exp.data.tokenize import collate_pairs, collate_pairs_packed, tokenize_pairs
 from rlhf_exp.errors import DataError
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import scoring
-from rlhf_exp.training import runtime, stage_kit, train_loop
+from rlhf_exp.training import packing, runtime, stage_kit, train_loop
 
 
-def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(model, batch: dict[str, torch.Tensor],
+                token_budget: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores, rejected scores), each (B,), from one collate_pairs batch of 2B rows.
     Called through the DeepSpeed engine's forward (its hooks drive ZeRO's backward), which runs
     HF's pooling: the rightmost non-pad token, i.e. the EOS at `scoring.last_index`. Positions
-    count real tokens only, so a left-padded batch scores the same (absolute-position models)."""
+    count real tokens only, so a left-padded batch scores the same (absolute-position models).
+    A collate_pairs_packed batch goes to packed_pair_scores."""
+    if "seq_lengths" in batch:
+        return packed_pair_scores(model, batch, token_budget)
     mask = batch["attention_mask"]
     scores = model(input_ids=batch["input_ids"], attention_mask=mask,
                    position_ids=scoring.position_ids(mask), use_cache=False
                    ).logits.squeeze(-1).float()
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def packed_pair_scores(model, batch: dict[str, torch.Tensor],
+                       token_budget: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """pair_scores of a collate_pairs_packed batch, in packed forwards of at most
+    `token_budget` tokens (0: one). HF's pooling reads one token per row, so the head's
+    per-token output is taken from the `score` module and read at each sequence's last token
+    (its EOS, as the padded path's pooling reads it)."""
+    head = packing.find_module(getattr(model, "module", model), "score")
+    lengths, scores = batch["seq_lengths"], []
+    for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
+        rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
+        with packing.capture_output(head) as out:
+            model(**rows.forward_kwargs())
+        scores.append(packing.last_token(out[-1], rows).squeeze(-1).float())
+    scores = torch.cat(scores)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
@@ -70,10 +92,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
 
 
-def pair_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch of pairs: the Bradley-Terry loss, and the pairwise stats the training log
-    shows (reward/accuracy, reward/chosen_score, reward/rejected_score, reward/margin)."""
-    c, r = pair_scores(eng, batch)
+def pair_step(eng, batch: dict[str, torch.Tensor],
+              token_budget: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch of pairs (padded or packed): the Bradley-Terry loss, and the pairwise
+    stats the training log shows (reward/accuracy, reward/chosen_score, reward/rejected_score,
+    reward/margin)."""
+    c, r = pair_scores(eng, batch, token_budget)
     loss = bradley_terry_loss(c, r)
     c, r = c.detach().float(), r.detach().float()
     return loss, {"accuracy": float((c > r).float().mean()), "chosen_score": float(c.mean()),
@@ -141,7 +165,11 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                             "and data_mix.overlong=drop; raise the limits or use "
                             "overlong=truncate")
         collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-        batches = stage_kit.global_batches(run, rc, train_set, collate, "training pairs")
+        # packed micro-batches (the same pairs, no padding) where the model packs exactly
+        packed = packing.enabled(rc, model, "reward")
+        batches = stage_kit.global_batches(run, rc, train_set,
+                                           collate_pairs_packed if packed else collate,
+                                           "training pairs")
         eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
                                  collate_fn=collate)
 
@@ -149,7 +177,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         eng = stage_kit.build_engine(model, cfg, rc, total_steps=batches.total_steps)
         runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
-                    f"skipped), {batches.describe('pairs')}, {trainable:,}/{total:,} "
+                    f"skipped), {batches.describe('pairs')}{', packed' if packed else ''}, "
+                    f"{trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"reward/global_batch_size": batches.global_batch,
                          "reward/train_examples": len(train_set),
@@ -166,7 +195,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                lora_save=cfg.model.lora.save)
         eval_fn = (partial(evaluate, loader=eval_loader, eval_set=eval_set, device=run.device)
                    if eval_set else None)
-        state = train_loop.train(eng, batches.loader, batches.sampler, loop, pair_step, eval_fn,
+        state = train_loop.train(eng, batches.loader, batches.sampler, loop,
+                                 partial(pair_step, token_budget=rc.micro_batch_tokens), eval_fn,
                                  tracker, run.resume_from)
 
         # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,

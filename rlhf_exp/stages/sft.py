@@ -15,20 +15,37 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from rlhf_exp.data import build_stage_data
 from rlhf_exp.data import cache_dir as data_cache_dir
-from rlhf_exp.data.tokenize import collate_sft, tokenize_sft
+from rlhf_exp.data.tokenize import collate_sft, collate_sft_packed, tokenize_sft
 from rlhf_exp.errors import DataError
 from rlhf_exp.modeling import models
-from rlhf_exp.training import dist, runtime, stage_kit, train_loop
+from rlhf_exp.training import dist, packing, runtime, stage_kit, train_loop
 
 
 def lm_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the mean next-token loss over its response tokens (HF's loss)."""
     return eng(**batch).loss, {}
+
+
+def packed_lm_step(eng, batch: dict[str, torch.Tensor],
+                   token_budget: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+    """lm_step on a collate_sft_packed micro-batch: the same mean over the micro-batch's
+    response tokens, in packed forwards of at most `token_budget` tokens (0: one)."""
+    labels, lengths = batch["labels"][0], batch["seq_lengths"]
+    loss_sum = labels.new_zeros((), dtype=torch.float32)
+    for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
+        rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
+        logits = eng(**rows.forward_kwargs()).logits
+        # HF's causal-LM loss: fp32 logits, position t predicts label t+1 (a sequence's first
+        # label is -100, so no position predicts across a boundary)
+        loss_sum = loss_sum + F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
+                                              ignore_index=-100, reduction="sum")
+    return loss_sum / (labels != -100).sum().clamp(min=1), {}
 
 
 def evaluate(eng, loader: DataLoader, device: torch.device) -> dict[str, float]:
@@ -83,14 +100,21 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                             f"{sc.max_len} / max_prompt_len={sc.max_prompt_len} and "
                             "data_mix.overlong=drop; raise the limits or use overlong=truncate")
         collate = partial(collate_sft, pad_id=tokenizer.pad_token_id)
-        batches = stage_kit.global_batches(run, sc, train_set, collate, "training examples")
+        # packed micro-batches (the same rows, no padding) where the model packs exactly
+        packed = packing.enabled(sc, model, "sft")
+        batches = stage_kit.global_batches(run, sc, train_set,
+                                           collate_sft_packed if packed else collate,
+                                           "training examples")
+        step_fn = partial(packed_lm_step, token_budget=sc.micro_batch_tokens) if packed \
+            else lm_step
         eval_loader = DataLoader(eval_features_for_rank(eval_set, run.rank, run.world),
                                  batch_size=sc.micro_batch_size_per_device, collate_fn=collate)
 
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, sc, total_steps=batches.total_steps)
         runtime.say(f"sft: {len(train_set)} train / {len(eval_set)} eval examples ({dropped} "
-                    f"dropped as over-long), {batches.describe()}, {trainable:,}/{total:,} "
+                    f"dropped as over-long), {batches.describe()}{', packed' if packed else ''}, "
+                    f"{trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"sft/global_batch_size": batches.global_batch,
                          "sft/train_examples": len(train_set),
@@ -103,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                tokenizer=tokenizer, device=run.device,
                                lora_save=cfg.model.lora.save)
         eval_fn = partial(evaluate, loader=eval_loader, device=run.device) if eval_set else None
-        state = train_loop.train(eng, batches.loader, batches.sampler, loop, lm_step, eval_fn,
+        state = train_loop.train(eng, batches.loader, batches.sampler, loop, step_fn, eval_fn,
                                  tracker, run.resume_from)
 
         # --- final checkpoint (HF format), marked final, logged as a `model` artifact
