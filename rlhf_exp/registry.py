@@ -14,6 +14,7 @@ back): hooks and schemas are named as "package.module:attribute" strings, import
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ class StartKey:
     kind: str | None = None
     # the stage feeds this model its policy's token ids: it must share the policy's tokenizer
     same_tokenizer: bool = False
+    # cfg -> whether the stage loads a model from this key when it is set (None: always); e.g.
+    # grpo loads no reward model at grpo.reward_model_weight 0, so nothing of it is checked
+    loaded_if: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
         shares=("ppo",), chainable=True, trains_policy=True, resumable=True,
         starts=(StartKey("grpo.actor_init", "policy", "policy", kind="policy"),
                 StartKey("grpo.reward_model", "reward", None, kind="reward",
-                         same_tokenizer=True)),
+                         same_tokenizer=True,
+                         loaded_if=lambda cfg: cfg.grpo.reward_model_weight > 0)),
         objective="grpo/eval_gold_reward",
         summary_metrics=("grpo/init_eval_gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
         compare_metrics=("grpo/gold_reward", "grpo/eval_gold_reward", "grpo/kl"),
@@ -183,7 +188,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "train_examples", "eval_examples", "dropped_overlong",
                                       "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_dpo",
-        input_check="rlhf_exp.command.preflight:check_loop_data",
+        input_check="rlhf_exp.command.preflight:check_dpo_data",
         # its held-out gold reward samples with PPO's eval settings (numbers comparable)
         also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
                     "ppo.max_prompt_len")),
@@ -203,7 +208,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
                                       "train_examples", "eval_examples", "desirable_examples",
                                       "dropped_overlong", "trainable_params"), *_PERF),
         node_check="rlhf_exp.config.stage_checks:check_kto",
-        input_check="rlhf_exp.data.unpaired:check_kto_data",
+        input_check="rlhf_exp.command.preflight:check_kto_data",
         # its held-out gold reward samples with PPO's eval settings (numbers comparable)
         also_reads=("ppo.generation.", "ppo.eval_num_prompts", "ppo.eval_batch_size",
                     "ppo.max_prompt_len")),

@@ -86,6 +86,8 @@ KIND_CASES = [
     # every DPO pair longer than dpo.max_len under overlong=drop
     ("dpo_all_pairs_too_long", ["stage=dpo", "data_mix.overlong=drop", "dpo.max_len=6",
                                 "dpo.max_prompt_len=4"], "dpo: all "),
+    ("kto_all_rows_too_long", ["stage=kto", "data_mix.overlong=drop", "kto.max_len=6",
+                               "kto.max_prompt_len=4"], "kto: all "),
 ]
 
 
@@ -110,7 +112,11 @@ def test_wrong_checkpoint_or_tokenizer_exits_2_before_the_run(args, needle, ckpt
     ["stage=dpo", "dpo.init_from=@sft@", "dpo.reference=@hub_lm@"],
     ["stage=chat", "chat.policy=@sft@", "chat.prompt=hi"],
     ["stage=reward", "reward.init_from=@sft@"],  # a reward model starts from a policy
-], ids=["grpo", "grpo_hub", "ppo_critic", "dpo", "chat", "reward_from_sft"])
+    # grpo.reward_model_weight=0 loads no reward model (the registry's StartKey.loaded_if):
+    # its tokenizer is not the policy's business
+    ["stage=grpo", "grpo.actor_init=@sft@", "grpo.reward_model=@gpt2_rm@",
+     "grpo.reward_model_weight=0", "grpo.reward_functions=[{fn: 'rlhf_exp.tasks:gold_reward_fn'}]"],
+], ids=["grpo", "grpo_hub", "ppo_critic", "dpo", "chat", "reward_from_sft", "grpo_rm_unused"])
 def test_right_kinds_pass_the_checks(args, ckpts):
     """The same checks on the right kinds (and on plain hub dirs) raise nothing."""
     from rlhf_exp.command import preflight, preflight_checks
@@ -122,13 +128,15 @@ def test_right_kinds_pass_the_checks(args, ckpts):
     preflight_checks.check_inputs(cfg, preflight.starting_points(cfg), stages)
 
 
-def test_dpo_lengths_counted_as_the_stage_counts(ckpts):
-    """Limits that keep some pairs pass; the count is that of the stage's tokenization."""
-    from rlhf_exp.command import preflight_checks
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_pair_lengths_counted_as_the_stage_counts(stage, ckpts):
+    """Limits that keep some rows pass; the count is that of the stage's tokenization (its
+    registry input check)."""
+    from rlhf_exp import registry
 
-    cfg = compose("stage=dpo", "data_mix.overlong=drop", "dpo.max_len=64",
-                  "dpo.max_prompt_len=32", "data_mix.sources.0.synthetic.num_examples=400")
-    preflight_checks.check_dpo_lengths(cfg, ["dpo"])
+    cfg = compose(f"stage={stage}", "data_mix.overlong=drop", f"{stage}.max_len=64",
+                  f"{stage}.max_prompt_len=32", "data_mix.sources.0.synthetic.num_examples=400")
+    registry.load(registry.get(stage).input_check)(cfg, stage)
 
 
 CONFIG_CASES = [

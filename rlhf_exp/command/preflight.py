@@ -511,6 +511,56 @@ def check_loop_data(cfg: DictConfig, name: str) -> None:
                         "them or add data")
 
 
+def check_dpo_data(cfg: DictConfig, name: str) -> None:
+    """DPO: one global batch of pairs, and under data_mix.overlong=drop at least one training
+    pair within dpo.max_len / max_prompt_len, counted with the policy's tokenizer (the stage's
+    tokenization, its cache shared)."""
+    from rlhf_exp.data import cache_dir as data_cache_dir
+    from rlhf_exp.data.tokenize import tokenize_pairs
+
+    check_loop_data(cfg, name)
+    if cfg.data_mix.overlong != "drop":
+        return
+    dc = cfg[name]
+    tokenizer = preflight_checks.policy_tokenizer(cfg, name, _stages(cfg))
+    kept, dropped = tokenize_pairs(stage_data(cfg, name).train, tokenizer,
+                                   cfg.model.prompt_template, dc.max_prompt_len, dc.max_len,
+                                   "drop", data_cache_dir(cfg.data_mix))
+    if not kept:
+        raise UserError(f"{name}: all {dropped} training pairs are longer than {name}.max_len="
+                        f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
+                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+
+
+def check_kto_data(cfg: DictConfig, name: str) -> None:
+    """KTO: the reward share gives at least one global batch of unpaired rows (a pair gives
+    two), and under data_mix.overlong=drop at least one within kto.max_len / max_prompt_len
+    (the stage's tokenization, its cache shared)."""
+    from rlhf_exp.data import cache_dir as data_cache_dir
+    from rlhf_exp.data.unpaired import tokenize_unpaired, unpaired_rows
+
+    kc, world = cfg[name], _world(cfg)
+    rows = unpaired_rows(stage_data(cfg, name).train)
+    batch = kc.micro_batch_size_per_device * kc.gradient_accumulation_steps * world
+    if len(rows) < batch:
+        raise UserError(f"{name}: the reward share gives {len(rows)} unpaired training rows (a "
+                        "preference pair gives two; formats preference, hh, chat with "
+                        f"chosen/rejected, or unpaired), fewer than one global batch of {batch} "
+                        f"({name}.micro_batch_size_per_device x "
+                        f"{name}.gradient_accumulation_steps x {world} ranks)")
+    if cfg.data_mix.overlong != "drop":
+        return
+    tokenizer = preflight_checks.policy_tokenizer(cfg, name, _stages(cfg))
+    kept, dropped = tokenize_unpaired(rows, tokenizer, cfg.model.prompt_template,
+                                      kc.max_prompt_len, kc.max_len, "drop",
+                                      kc.micro_batch_size_per_device,
+                                      data_cache_dir(cfg.data_mix))
+    if not kept:
+        raise UserError(f"{name}: all {dropped} training rows are longer than {name}.max_len="
+                        f"{kc.max_len} / max_prompt_len={kc.max_prompt_len} and "
+                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+
+
 def check_ppo_data(cfg: DictConfig, name: str) -> None:
     """PPO: its reward functions work on real rows, one rollout of prompts, and SFT rows for
     the ptx term."""

@@ -10,7 +10,8 @@ stage. Every failure is a UserError naming the key (or override) and what to cha
                           policy as a reward model), from each checkpoint's rlhf_exp.json
     check_tokenizers_match dpo.reference, grpo.reward_model, ppo.critic_init / reward_model
                           have the policy's tokenizer
-    check_dpo_lengths     dpo with data_mix.overlong=drop keeps at least one training pair
+    policy_tokenizer      the tokenizer a stage's policy will have (its input checks count
+                          lengths with it: dpo, kto under data_mix.overlong=drop)
     check_run_dir_owner   an existing run dir holds this very run (same stage and config)
 """
 
@@ -28,11 +29,9 @@ from rlhf_exp.errors import ConfigError, UserError
 
 def check_inputs(cfg: DictConfig, refs: list[tuple[str, str]], stages: list[str]) -> None:
     """From preflight, after its own checks of the starting points and the data: the kind of
-    each starting point, the tokenizers of the models scoring the policy's tokens, DPO's
-    lengths."""
+    each starting point, the tokenizers of the models scoring the policy's tokens."""
     check_checkpoint_kinds(refs)
     check_tokenizers_match(cfg, stages)
-    check_dpo_lengths(cfg, stages)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -184,12 +183,14 @@ def check_checkpoint_kinds(refs: list[tuple[str, str]]) -> None:
 
 
 # ----------------------------------------------------------------------------- tokenizers
-def _scored_with(stage: str) -> tuple[str, tuple[str, ...]]:
+def _scored_with(stage: str, cfg: DictConfig | None = None) -> tuple[str, tuple[str, ...]]:
     """(the policy's starting-point key, the keys of the frozen models `stage` feeds the
-    policy's token ids: they must share its tokenizer), from the stage registry."""
+    policy's token ids: they must share its tokenizer; with `cfg`, only those the run loads),
+    from the stage registry."""
     starts = registry.get(stage).starts
     policy = next(s.key for s in starts if s.handoff == "policy")
-    return policy, tuple(s.key for s in starts if s.same_tokenizer)
+    return policy, tuple(s.key for s in starts if s.same_tokenizer and (
+        cfg is None or s.loaded_if is None or s.loaded_if(cfg)))
 
 
 def _scoring_stages(stages: list[str]) -> list[str]:
@@ -224,10 +225,8 @@ def check_tokenizers_match(cfg: DictConfig, stages: list[str]) -> None:
     if cfg.model.tokenizer_path:
         return
     for stage in _scoring_stages(stages):
-        refs = [(k, str(OmegaConf.select(cfg, k))) for k in _scored_with(stage)[1]
+        refs = [(k, str(OmegaConf.select(cfg, k))) for k in _scored_with(stage, cfg)[1]
                 if OmegaConf.select(cfg, k)]
-        if stage == "grpo" and cfg.grpo.reward_model_weight <= 0:
-            refs = []  # no reward model is loaded
         paths = [(k, ref, p) for k, ref in refs if (p := _resolved(ref)) is not None]
         if not paths:
             continue
@@ -244,28 +243,12 @@ def check_tokenizers_match(cfg: DictConfig, stages: list[str]) -> None:
                     "model.tokenizer_path for both)")
 
 
-# ----------------------------------------------------------------------------- dpo lengths
-def check_dpo_lengths(cfg: DictConfig, stages: list[str]) -> None:
-    """dpo with data_mix.overlong=drop: at least one training pair within dpo.max_len /
-    max_prompt_len, counted with the policy's tokenizer (the stage's tokenization, its cache
-    shared), before a W&B run exists."""
-    if "dpo" not in stages or cfg.data_mix.overlong != "drop":
-        return
-    from rlhf_exp.data import build_stage_data
-    from rlhf_exp.data import cache_dir as data_cache_dir
-    from rlhf_exp.data.tokenize import tokenize_pairs
+def policy_tokenizer(cfg: DictConfig, stage: str, stages: list[str]):
+    """The tokenizer `stage`'s policy will have (its starting point's, else the base model's):
+    what its input check counts lengths with. Only the tokenizer files are read."""
     from rlhf_exp.modeling import models
 
-    dc = cfg.dpo
-    data = build_stage_data(cfg.data_mix, "reward", cfg.seed)
-    tokenizer = models.load_tokenizer(_policy_path(cfg, "dpo", stages), cfg.model)
-    kept, dropped = tokenize_pairs(data.train, tokenizer, cfg.model.prompt_template,
-                                   dc.max_prompt_len, dc.max_len, "drop",
-                                   data_cache_dir(cfg.data_mix))
-    if not kept:
-        raise UserError(f"dpo: all {dropped} training pairs are longer than dpo.max_len="
-                        f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
-                        "data_mix.overlong=drop; raise the limits or use overlong=truncate")
+    return models.load_tokenizer(_policy_path(cfg, stage, stages), cfg.model)
 
 
 # ----------------------------------------------------------------------------- run dir

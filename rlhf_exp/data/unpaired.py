@@ -100,19 +100,3 @@ def collate_kto(batch: list[dict], pad_id: int, shared_prompt: bool = False
     out["label"] = torch.tensor([b["label"] for b in batch], dtype=torch.bool)
     return out
 
-
-def check_kto_data(cfg, name: str) -> None:
-    """Preflight of stage=kto (registry input_check): the reward share gives at least one global
-    batch of unpaired rows (pairs count twice)."""
-    from rlhf_exp.data.mix import build_stage_data
-    from rlhf_exp.errors import UserError
-
-    kc, world = cfg[name], cfg.hardware.nproc_per_node * cfg.hardware.nnodes
-    rows = len(unpaired_rows(build_stage_data(cfg.data_mix, "reward", cfg.seed).train))
-    batch = kc.micro_batch_size_per_device * kc.gradient_accumulation_steps * world
-    if rows < batch:
-        raise UserError(f"{name}: the reward share gives {rows} unpaired training rows (a "
-                        "preference pair gives two; formats preference, hh, chat with "
-                        f"chosen/rejected, or unpaired), fewer than one global batch of {batch} "
-                        f"({name}.micro_batch_size_per_device x "
-                        f"{name}.gradient_accumulation_steps x {world} ranks)")
