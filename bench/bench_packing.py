@@ -2,7 +2,7 @@
 and DPO steps, on the bundled task and on free text.
 
     OMP_NUM_THREADS=1 python bench/bench_packing.py                  # all cases, one table
-    OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16
+    OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16 --repeats 5
     python bench/bench_packing.py --data sort --stage dpo            # a subset
 
 What one case measures: the stage's own step function (stages/sft.py lm_step / packed_lm_step,
@@ -185,7 +185,10 @@ def main() -> None:
     ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo"],
                     choices=["sft", "reward", "dpo"])
     ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed micro-batches per run; 0 = 48 on sort (short steps), 12 on text")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per layout, alternating; the median tokens/s is reported")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--attention", action="store_true",
                     help="instead: packed SFT with sdpa's block mask vs per-sequence sdpa calls")
@@ -205,20 +208,24 @@ def main() -> None:
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
-          f"micro {args.micro}, {args.steps} timed steps")
+          f"micro {args.micro}, {args.steps or '48 (sort) / 12 (text)'} timed steps, median of "
+          f"{args.repeats} runs per layout")
     print("| data | stage | padded tok/s | packed tok/s | speed-up | padded RSS MB | "
           "packed RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for data in args.data:
         for stage in args.stage:
-            res = {}
-            for layout in ("padded", "packed"):
-                out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
-                                      "--micro", str(args.micro), "--steps", str(args.steps),
-                                      "--warmup", str(args.warmup)],
-                                     capture_output=True, text=True, check=True)
-                res[layout] = json.loads(out.stdout.strip().splitlines()[-1])
-            a, b = res["padded"], res["packed"]
+            steps = args.steps or (48 if data == "sort" else 12)
+            runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+            for _ in range(args.repeats):  # alternating, so a load change hits both layouts
+                for layout in ("padded", "packed"):
+                    out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
+                                          "--micro", str(args.micro), "--steps", str(steps),
+                                          "--warmup", str(args.warmup)],
+                                         capture_output=True, text=True, check=True)
+                    runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            a, b = (sorted(runs[k], key=lambda r: r["tokens_per_s"])[len(runs[k]) // 2]
+                    for k in ("padded", "packed"))
             print(f"| {data} | {stage} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
                   f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['peak_rss_mb']:.0f} | "
                   f"{b['peak_rss_mb']:.0f} |", flush=True)
