@@ -155,8 +155,9 @@ def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) 
     tok = models.load_tokenizer(path, cfg.model)
     model = models.load_causal_lm(path, tok, cfg.model)
     model.train()
-    if kernel == "per_sequence":
+    if kernel == "per_sequence":  # every packed row split, whatever its lengths
         assert packing.use_per_sequence_attention(model)
+        packing.PER_SEQUENCE_MIN_MEAN = 1
     feats, _ = tk.tokenize_sft(rows(data), tok, cfg.model.prompt_template, *MAX_LEN[data])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens, t0 = 0, 0.0
