@@ -142,11 +142,9 @@ def test_pack_unpack_round_trip():
 # ----------------------------------------------------------------------------- the families
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_packed_logits_equal_per_sequence(family, per_sequence, monkeypatch):
+def test_packed_logits_equal_per_sequence(family, per_sequence):
     """sdpa with transformers' block-diagonal mask, and per_sequence_sdpa (one call per
-    sequence, what a CPU run uses; made to split these short sequences too), against each
-    sequence alone."""
-    monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", 1)
+    sequence, what a CPU run uses), against each sequence alone."""
     model = _model(family).eval()
     assert packing.supports_packing(model)
     if per_sequence:
@@ -184,8 +182,7 @@ def test_opt_cannot_pack_and_falls_back(capsys):
 # ----------------------------------------------------------------------------- the stages
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("budget", [0, 24])
-def test_sft_packed_step_equals_padded(budget, per_sequence, monkeypatch):
-    monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", 1)  # split even short sequences
+def test_sft_packed_step_equals_padded(budget, per_sequence):
     rng = random.Random(4)
     feats = []
     for _ in range(6):
@@ -217,7 +214,7 @@ def test_reward_packed_step_equals_padded(budget):
 def test_dpo_packed_step_equals_padded(shared, budget, min_mean, monkeypatch):
     """Packed (the 2B sequences end to end, or each prompt once as a tree) against the padded
     layout of the same dpo.shared_prompt, with the RPO term on (it reads the token counts);
-    per-sequence sdpa calls (min_mean 1) and the one masked call (long minimum)."""
+    the tree as per-pair sdpa calls (min_mean 1) and as one masked call (long minimum)."""
     monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", min_mean)
     node = OmegaConf.create({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
                              "rpo_alpha": 1.0, "micro_batch_tokens": budget})

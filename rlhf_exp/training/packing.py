@@ -57,9 +57,10 @@ PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_atte
                                "packed_sdpa"})
 # the attention implementation a CPU run switches an sdpa model to (use_per_sequence_attention)
 PER_SEQUENCE = "packed_sdpa"
-# per_sequence_sdpa makes one sdpa call per sequence only where sequences average at least this
-# many tokens; shorter ones take one call with the block mask: per-call overhead outweighs the
-# masked-out scores there (measured on CPU: docs/benchmarks.md, Packing)
+# a Tree (two sdpa calls per group, the second with its own small mask) is split per group only
+# where a group's two segments average at least this many tokens; shorter groups take one call
+# with the Tree's 4-D mask: the per-group calls cost more than the masked-out scores there
+# (measured on CPU: docs/benchmarks.md, Packing). Plain packed rows are always split.
 PER_SEQUENCE_MIN_MEAN = 64
 
 
@@ -377,9 +378,7 @@ def per_sequence_sdpa(module, query, key, value, attention_mask, dropout: float 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu, segments = kwargs.get("cu_seq_lens_q"), kwargs.get("tree_segments")
-    short = cu is not None and attention_mask is not None and \
-        int(cu[-1]) < PER_SEQUENCE_MIN_MEAN * (len(cu) - 1)  # the block mask is cheaper
-    if (cu is None and segments is None) or query.shape[0] != 1 or short:
+    if (cu is None and segments is None) or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     sdpa = partial(torch.nn.functional.scaled_dot_product_attention, scale=scaling,
