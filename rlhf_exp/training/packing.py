@@ -61,7 +61,7 @@ PER_SEQUENCE = "packed_sdpa"
 # where a group's two segments average at least this many tokens; shorter groups take one call
 # with the Tree's 4-D mask: the per-group calls cost more than the masked-out scores there
 # (measured on CPU: docs/benchmarks.md, Packing). Plain packed rows are always split.
-PER_SEQUENCE_MIN_MEAN = 64
+PER_SEQUENCE_MIN_MEAN = 32
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
