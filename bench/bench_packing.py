@@ -2,7 +2,7 @@
 and DPO steps, on the bundled task and on free text.
 
     OMP_NUM_THREADS=1 python bench/bench_packing.py                  # all cases, one table
-    OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16
+    OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16 --repeats 5
     python bench/bench_packing.py --data sort --stage dpo            # a subset
 
 What one case measures: the stage's own step function (stages/sft.py lm_step / packed_lm_step,
@@ -160,8 +160,9 @@ def attention_case(data: str, kernel: str, micro: int, steps: int, warmup: int) 
     tok = models.load_tokenizer(path, cfg.model)
     model = models.load_causal_lm(path, tok, cfg.model)
     model.train()
-    if kernel == "per_sequence":
+    if kernel == "per_sequence":  # every packed row split, whatever its lengths
         assert packing.use_per_sequence_attention(model)
+        packing.PER_SEQUENCE_MIN_MEAN = 1
     feats, _ = tk.tokenize_sft(rows(data), tok, cfg.model.prompt_template, *MAX_LEN[data])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     tokens, t0 = 0, 0.0
@@ -336,7 +337,10 @@ def main() -> None:
     ap.add_argument("--stage", nargs="+", default=["sft", "reward", "dpo", "grpo"],
                     choices=["sft", "reward", "dpo", "grpo", "ppo"])
     ap.add_argument("--micro", type=int, default=16, help="rows (pairs) per micro-batch")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed micro-batches per run; 0 = 48 on sort (short steps), 12 on text")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per layout, alternating; the median tokens/s is reported")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grpo-tokens", type=int, default=None,
                     help="grpo / ppo: packed token budget (default <stage>.micro_batch_tokens)")
@@ -358,22 +362,26 @@ def main() -> None:
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
-          f"micro {args.micro}, {args.steps} timed steps")
+          f"micro {args.micro}, {args.steps or '48 (sort) / 12 (text)'} timed steps, median of "
+          f"{args.repeats} runs per layout")
     print("| data | stage | padded tok/s | packed tok/s | speed-up | padded RSS MB | "
           "packed RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for data in args.data:
         for stage in args.stage:
-            res = {}
-            for layout in ("padded", "packed"):
-                out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
-                                      "--micro", str(args.micro), "--steps", str(args.steps),
-                                      "--warmup", str(args.warmup),
-                                      *(["--grpo-tokens", str(args.grpo_tokens)]
-                                        if args.grpo_tokens else [])],
-                                     capture_output=True, text=True, check=True)
-                res[layout] = json.loads(out.stdout.strip().splitlines()[-1])
-            a, b = res["padded"], res["packed"]
+            steps = args.steps or (48 if data == "sort" else 12)
+            runs: dict[str, list[dict]] = {"padded": [], "packed": []}
+            for _ in range(args.repeats):  # alternating, so a load change hits both layouts
+                for layout in ("padded", "packed"):
+                    out = subprocess.run([sys.executable, __file__, "--one", data, stage, layout,
+                                          "--micro", str(args.micro), "--steps", str(steps),
+                                          "--warmup", str(args.warmup),
+                                          *(["--grpo-tokens", str(args.grpo_tokens)]
+                                            if args.grpo_tokens else [])],
+                                         capture_output=True, text=True, check=True)
+                    runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            a, b = (sorted(runs[k], key=lambda r: r["tokens_per_s"])[len(runs[k]) // 2]
+                    for k in ("padded", "packed"))
             print(f"| {data} | {stage} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
                   f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}x | {a['peak_rss_mb']:.0f} | "
                   f"{b['peak_rss_mb']:.0f} |", flush=True)

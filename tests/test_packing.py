@@ -208,11 +208,14 @@ def test_reward_packed_step_equals_padded(budget):
                       lambda m, b: reward.pair_step(m, b, budget), collate_pairs_packed(feats))
 
 
+@pytest.mark.parametrize("min_mean", [1, 10_000])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("budget", [0, 40])
-def test_dpo_packed_step_equals_padded(shared, budget):
+def test_dpo_packed_step_equals_padded(shared, budget, min_mean, monkeypatch):
     """Packed (the 2B sequences end to end, or each prompt once as a tree) against the padded
-    layout of the same dpo.shared_prompt, with the RPO term on (it reads the token counts)."""
+    layout of the same dpo.shared_prompt, with the RPO term on (it reads the token counts);
+    the tree as per-pair sdpa calls (min_mean 1) and as one masked call (long minimum)."""
+    monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", min_mean)
     node = OmegaConf.create({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
                              "rpo_alpha": 1.0, "micro_batch_tokens": budget})
     feats = _pairs()

@@ -57,6 +57,11 @@ PACKING_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_atte
                                "packed_sdpa"})
 # the attention implementation a CPU run switches an sdpa model to (use_per_sequence_attention)
 PER_SEQUENCE = "packed_sdpa"
+# a Tree (two sdpa calls per group, the second with its own small mask) is split per group only
+# where a group's two segments average at least this many tokens; shorter groups take one call
+# with the Tree's 4-D mask: the per-group calls cost more than the masked-out scores there
+# (measured on CPU: docs/benchmarks.md, Packing). Plain packed rows are always split.
+PER_SEQUENCE_MIN_MEAN = 32
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -400,12 +405,15 @@ def per_sequence_sdpa(module, query, key, value, attention_mask, dropout: float 
 
 def tree_forward_kwargs(tree_row: Tree, model, prefix_lens: Sequence[int],
                         branch_lens: Sequence[Sequence[int]]) -> dict:
-    """A model forward's inputs for a Tree: under per_sequence_sdpa the groups' bounds
-    (`tree_segments` [G, 4]: start, prefix, branch 1, branch 2), two sdpa calls per group and no
-    T x T mask; otherwise the 4-D mask (attention_mask_4d)."""
+    """A model forward's inputs for a Tree: under per_sequence_sdpa, where a group's two
+    segments average PER_SEQUENCE_MIN_MEAN tokens, the groups' bounds (`tree_segments` [G, 4]:
+    start, prefix, branch 1, branch 2), two sdpa calls per group and no T x T mask; otherwise
+    the 4-D mask (attention_mask_4d)."""
     kwargs = {"input_ids": tree_row.input_ids, "position_ids": tree_row.position_ids,
               "use_cache": False}
-    if attention(model) == PER_SEQUENCE and all(len(b) == 2 for b in branch_lens):
+    tokens = tree_row.input_ids.shape[1]
+    if attention(model) == PER_SEQUENCE and all(len(b) == 2 for b in branch_lens) and \
+            tokens >= PER_SEQUENCE_MIN_MEAN * 2 * len(prefix_lens):  # else one masked call
         rows, start = [], 0
         for p, (a, b) in zip(prefix_lens, branch_lens):
             rows.append([start, p, a, b])
