@@ -216,8 +216,11 @@ def test_dpo_packed_step_equals_padded(shared, budget, min_mean, monkeypatch):
     layout of the same dpo.shared_prompt, with the RPO term on (it reads the token counts);
     the tree as per-pair sdpa calls (min_mean 1) and as one masked call (long minimum)."""
     monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", min_mean)
-    node = OmegaConf.create({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
-                             "rpo_alpha": 1.0, "micro_batch_tokens": budget})
+    from rlhf_exp.config.schema import DPOConfig
+
+    node = OmegaConf.merge(OmegaConf.structured(DPOConfig),  # the stage's defaults, then these
+                           {"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
+                            "rpo_alpha": 1.0, "micro_batch_tokens": budget})
     feats = _pairs()
     model = _model("llama")
     assert packing.enabled(OmegaConf.create({"packing": True}), model, "dpo")  # per-sequence
