@@ -48,7 +48,7 @@ from rlhf_exp.data.sampler import GlobalBatchSampler
 from rlhf_exp.data.tokenize import collate_dpo, collate_dpo_packed, tokenize_pairs
 from rlhf_exp.errors import DataError
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import dpo_math, evaluation
+from rlhf_exp.rl import dpo_math, evaluation, gold_evals
 from rlhf_exp.rl.ppo_math import logprobs_from_logits
 from rlhf_exp.training import dist, engine, packing, runtime, stage_kit, train_loop
 
@@ -269,21 +269,6 @@ def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple
     return out
 
 
-# ----------------------------------------------------------------------------- gold reward
-def heldout_gold(eng, tokenizer, cfg: DictConfig, rows: list[dict]) -> dict[str, float]:
-    """The held-out gold reward of the policy: `dpo/eval_gold_reward` and
-    `dpo/eval_response_length`, computed exactly as PPO's held-out eval (ppo.generation,
-    ppo.eval_batch_size, ppo.max_prompt_len, seed + rank; evaluation.heldout_eval)."""
-    settings = evaluation.stage_settings(cfg, cfg.ppo, eng.zero_optimization_stage())
-    return evaluation.heldout_eval(eng, tokenizer, rows, settings, prefix="dpo")
-
-
-def as_initial(metrics: dict[str, float]) -> dict[str, float]:
-    """dpo/eval_gold_reward -> dpo/init_eval_gold_reward (the starting policy's, for the summary
-    and result.json, as PPO names it)."""
-    return {k.replace("dpo/eval_", "dpo/init_eval_"): v for k, v in metrics.items()}
-
-
 # ----------------------------------------------------------------------------- the stage
 def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.StageResult]:
     """Train and save; returns (engine, tokenizer, result) so callers and tests can inspect."""
@@ -339,7 +324,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                          "dpo/train_examples": len(train_set), "dpo/eval_examples": len(eval_set),
                          **overlong, "dpo/trainable_params": trainable,
                          "dpo/reference_pairs": len(used), "perf/reference_s": reference_s})
-        init_gold = starting_gold(run, eng, tokenizer, gold_rows, overlong)
+        init_gold = gold_evals.starting_gold("dpo", run, eng, tokenizer, gold_rows, overlong)
 
         # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
         loop = train_loop.Loop(stage="dpo", node=dc, total_steps=batches.total_steps,
@@ -355,10 +340,10 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
         # --- held-out gold reward after the last step; final checkpoint (HF format,
         # AutoModelForCausalLM), marked final, logged as a `model` artifact
-        final_gold(run, eng, tokenizer, gold_rows, state)
+        gold_evals.final_gold("dpo", run, eng, tokenizer, gold_rows, state)
         result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
                                        init_artifact=init_artifact,
-                                       extra_metrics={**as_initial(init_gold), **overlong,
+                                       extra_metrics={**init_gold, **overlong,
                                                       "perf/reference_s": reference_s,
                                                       "perf/loop_s": state.loop_s})
         stage_kit.close(run, result, done_line(loop, state, result.metrics))
@@ -378,27 +363,8 @@ def dpo_collate(cfg: DictConfig, model, tokenizer):
     return partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
 
 
-def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
-                  overlong: dict[str, int]) -> dict[str, float]:
-    """The held-out gold reward of the starting policy (step 0, logged with the data statistic
-    `overlong`); a resumed run logged it already and reads it back from its checkpoint."""
-    if not gold_rows:
-        runtime.say("dpo: the ppo share has no held-out prompts (data_mix.split, eval_fraction):"
-                    " no held-out gold reward")
-    if run.resume_from is not None:
-        return run.saved.get("extra", {}).get("init_gold", {})
-    init_gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows) if gold_rows else {}
-    run.tracker.log({**overlong, **init_gold}, 0)
-    return init_gold
 
 
-def final_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
-               state: train_loop.LoopState) -> None:
-    """The held-out gold reward after the last step, logged and kept with the eval metrics."""
-    if gold_rows:
-        gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows)
-        run.tracker.log(gold, state.step)
-        state.eval_metrics.update(gold)
 
 
 def done_line(loop: train_loop.Loop, state: train_loop.LoopState, m: dict[str, float]) -> str:

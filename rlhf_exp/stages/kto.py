@@ -42,7 +42,7 @@ from rlhf_exp.data import cache_dir as data_cache_dir
 from rlhf_exp.data.unpaired import collate_kto, tokenize_unpaired, unpaired_rows
 from rlhf_exp.errors import DataError
 from rlhf_exp.modeling import models
-from rlhf_exp.rl import evaluation, kto_math
+from rlhf_exp.rl import evaluation, gold_evals, kto_math
 from rlhf_exp.stages.dpo import pair_logps, pairs_used, score_with_reference
 from rlhf_exp.training import dist, runtime, stage_kit, train_loop
 
@@ -85,31 +85,6 @@ def evaluate(eng, loader: DataLoader, node: DictConfig, device: torch.device) ->
     return {f"kto/eval_{k}": v for k, v in kto_math.kto_metrics(terms).items()}
 
 
-# ----------------------------------------------------------------------------- gold reward
-def heldout_gold(eng, tokenizer, cfg: DictConfig, rows: list[dict]) -> dict[str, float]:
-    """`kto/eval_gold_reward` and `kto/eval_response_length`, exactly as PPO's and DPO's
-    held-out eval (evaluation.heldout_eval with PPO's settings)."""
-    settings = evaluation.stage_settings(cfg, cfg.ppo, eng.zero_optimization_stage())
-    return evaluation.heldout_eval(eng, tokenizer, rows, settings, prefix="kto")
-
-
-def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
-                  logged: dict[str, int]) -> dict[str, float]:
-    """The starting policy's held-out gold reward as `kto/init_eval_*` (logged at step 0 with
-    `logged`); a resumed run reads it back from its checkpoint."""
-    if run.resume_from is not None:
-        return run.saved.get("extra", {}).get("init_gold", {})
-    gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows) if gold_rows else {}
-    run.tracker.log({**logged, **gold}, 0)
-    return {k.replace("kto/eval_", "kto/init_eval_"): v for k, v in gold.items()}
-
-
-def final_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
-               state: train_loop.LoopState) -> None:
-    if gold_rows:
-        gold = heldout_gold(eng, tokenizer, run.cfg, gold_rows)
-        run.tracker.log(gold, state.step)
-        state.eval_metrics.update(gold)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -182,7 +157,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                          "kto/train_examples": len(train_set), "kto/eval_examples": len(eval_set),
                          "kto/desirable_examples": desirable, **logged,
                          "kto/trainable_params": trainable, "perf/reference_s": reference_s})
-        init_gold = starting_gold(run, eng, tokenizer, gold_rows, logged)
+        init_gold = gold_evals.starting_gold("kto", run, eng, tokenizer, gold_rows, logged)
 
         # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
         loop = train_loop.Loop(stage="kto", node=kc, total_steps=batches.total_steps,
@@ -198,7 +173,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                  tracker, run.resume_from)
 
         # --- held-out gold reward after the last step; the final checkpoint and its artifact
-        final_gold(run, eng, tokenizer, gold_rows, state)
+        gold_evals.final_gold("kto", run, eng, tokenizer, gold_rows, state)
         result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=kc.init_from,
                                        init_artifact=init_artifact,
                                        extra_metrics={**init_gold, **logged,
