@@ -1,4 +1,4 @@
-"""Resume: a training run of every stage (sft, reward, ppo, grpo, dpo) killed with SIGKILL after a
+"""Resume: a training run of every stage (sft, reward, ppo, grpo, dpo, kto) killed with SIGKILL
 checkpoint, restarted with `resume=<run dir>`, ends like an uninterrupted run with the same seed
 and continues the same W&B run, whose merged history holds every step exactly once (the killed
 part keeps every row up to its checkpoint: rlhf_exp/tracking.Tracker.flush). Then the checks of
@@ -65,10 +65,10 @@ def _ppo_controller_moved(killed: Path, reference: Path, resumed: dict) -> None:
     assert resumed["metrics"]["ppo/kl_coef"] != 0.1  # the adaptive KL controller moved, resumed
 
 
-def _dpo_gold_once(killed: Path, reference: Path, resumed: dict) -> None:
+def _gold_once(stage: str, killed: Path) -> None:
     """The held-out gold reward of the start (step 0, by the killed part) and of the end."""
     (run,) = read_merged(killed / "wandb")
-    assert logged_steps(run, "dpo/eval_gold_reward", "dpo") == [0, 6]
+    assert logged_steps(run, f"{stage}/eval_gold_reward", stage) == [0, 6]
 
 
 def _grpo_refilled(killed: Path, reference: Path, resumed: dict) -> None:
@@ -137,7 +137,14 @@ CASES = {
          "ppo.eval_num_prompts=8", "ppo.eval_batch_size=8"],
         6, ("dpo/loss", "dpo/first_loss", "dpo/eval_loss", "dpo/eval_rewards/margins",
             "dpo/eval_gold_reward", "dpo/init_eval_gold_reward"), ("dpo/loss", "dpo/lr"),
-        "dpo/eval_loss", [2, 4, 6], extra=_dpo_gold_once),
+        "dpo/eval_loss", [2, 4, 6], extra=lambda k, r, res: _gold_once("dpo", k)),
+    "kto": Case(
+        ["stage=kto", *SMALL, "kto.micro_batch_size_per_device=8", "kto.max_steps=6",
+         "kto.log_every=1", "kto.eval_every=2", "kto.save_every=2", "kto.keep_last=1",
+         "ppo.eval_num_prompts=8", "ppo.eval_batch_size=8"],
+        6, ("kto/loss", "kto/first_loss", "kto/eval_loss", "kto/eval_kl",
+            "kto/eval_gold_reward", "kto/init_eval_gold_reward"), ("kto/loss", "kto/kl", "kto/lr"),
+        "kto/eval_loss", [2, 4, 6], extra=lambda k, r, res: _gold_once("kto", k)),
 }
 
 
