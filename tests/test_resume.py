@@ -1,8 +1,8 @@
 """Resume: a training run of every stage (sft, reward, ppo, grpo, dpo, kto) killed with SIGKILL
-after a checkpoint, restarted with `resume=<run dir>`, ends like an uninterrupted run with the same seed
-and continues the same W&B run, whose merged history holds every step exactly once (the killed
-part keeps every row up to its checkpoint: rlhf_exp/tracking.Tracker.flush). Then the checks of
-`resume=` itself: a bad run dir, another stage or config, what may change."""
+after a checkpoint, restarted with `resume=<run dir>`, ends like an uninterrupted run with the
+same seed and continues the same W&B run, whose merged history holds every step exactly once
+(the killed part keeps every row up to its checkpoint: rlhf_exp/tracking.Tracker.flush). Then
+the checks of `resume=` itself: a bad run dir, another stage or config, what may change."""
 
 from __future__ import annotations
 
