@@ -221,16 +221,18 @@ def plot(runs: list[Run], keys: list[str], metrics: list[str], out: Path,
 
     n = max(1, len(metrics))
     fig, axes = plt.subplots(n, 1, figsize=(8, 3.2 * n), squeeze=False)
+    # the default cycle has 10 colours: past 10 runs, the line style tells repeats apart
+    styles = ["-", "--", ":", "-."]
     for ax, metric in zip(axes[:, 0], metrics):
-        for run in runs:
+        for i, run in enumerate(runs):
             points = run.series(metric, x)
             if not points:
                 continue
             flat = flatten(run.config)
             extra = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(flat.get(k))}" for k in keys[:3])
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None,
-                    label=f"{run.label} {extra}".strip())
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, color=f"C{i % 10}",
+                    linestyle=styles[i // 10 % len(styles)], label=f"{run.label} {extra}".strip())
         ax.set_title(metric.replace("{stage}", "<stage>") + (
             " (each run's own stage)" if "{stage}" in metric else ""))
         if x == "time":
