@@ -36,7 +36,7 @@ first token); next_token_logps zeroes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -444,3 +444,57 @@ def use_per_sequence_attention(model) -> bool:
     AttentionMaskInterface.register(PER_SEQUENCE, sdpa_mask)
     inner.set_attn_implementation(PER_SEQUENCE)
     return True
+
+
+# ----------------------------------------------------------------------------- token budgets
+@dataclass
+class TokenBudget:
+    """Token-budget micro-batches of the supervised loop (`<stage>.micro_batch_tokens` > 0 with
+    packing): an optimizer step's rows on this rank (the sampler's `gradient_accumulation_steps`
+    micro-batches, in order) are re-cut into consecutive groups of at most `tokens` tokens, one
+    packed forward and backward each (a row over the budget goes alone).
+
+    The step's loss stays the padded one, (1/accum) x sum over the sampler's micro-batches of
+    each one's mean: every row carries a weight per normaliser of its sampler micro-batch,
+    `w_<name>` = 1 / (accum x that micro-batch's `norms()[name]`, at least 1), and the stage's
+    step function returns the weighted sum over its rows, so the budget micro-batches' losses
+    add up to the step's loss (gradients too)."""
+
+    tokens: int  # the budget, > 0
+    cost: Callable[[dict], int]  # the tokens of one row (a sequence, or a pair's two)
+    norms: Callable[[list[dict]], dict[str, float]]  # a sampler micro-batch's normalisers
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]  # the packed collate of rows
+
+    def cut(self, micro_batches: list[list[dict]], count: Callable[[int], int] | None = None
+            ) -> list[dict[str, torch.Tensor]]:
+        """The step's collated budget micro-batches, with their `w_<name>` [rows] tensors.
+        `count(n)`: how many micro-batches to run given this rank's n (the most over ranks:
+        ZeRO reduces gradients in every backward, so the ranks' passes must pair up); the plan
+        is split further to reach it."""
+        from rlhf_exp.rl.packed_rows import split_to  # (packed_rows imports this module)
+
+        accum = len(micro_batches)
+        rows: list[dict] = []
+        weights: list[dict[str, float]] = []
+        for micro in micro_batches:
+            w = {k: 1.0 / (accum * max(float(v), 1.0)) for k, v in self.norms(micro).items()}
+            rows.extend(micro)
+            weights.extend([w] * len(micro))
+        costs = [int(self.cost(r)) for r in rows]
+        plan = [range(g[0], g[-1] + 1) for g in plan_microbatches(costs, self.tokens)]
+        if count is not None:
+            plan = split_to(plan, costs, min(count(len(plan)), len(rows)))
+        out = []
+        for r in plan:
+            batch = self.collate([rows[i] for i in r])
+            for name in weights[0]:
+                batch[f"w_{name}"] = torch.tensor([weights[i][name] for i in r],
+                                                  dtype=torch.float32)
+            out.append(batch)
+        return out
+
+
+def raw_rows(batch: list[dict]) -> list[dict]:
+    """A DataLoader collate that keeps a micro-batch's rows as they are (TokenBudget.cut
+    collates the step's rows once they are re-cut)."""
+    return list(batch)
