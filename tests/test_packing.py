@@ -390,3 +390,40 @@ def test_dpo_token_budget_step_equals_padded_step(shared, loss_type):
     _assert_same(padded, cut)
     assert 1 < len(cut[3]) < 6 and set(cut[2]) >= {"nll_loss", "logits/chosen",
                                                     "rewards/accuracies"}
+
+
+# ----------------------------------------------------------------------------- ranks
+TWO_RANKS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+             "sft.max_steps=4", "sft.log_every=1", "sft.eval_every=0", "sft.warmup_steps=1",
+             "sft.micro_batch_size_per_device=4", "logger.log_checkpoints=false"]
+
+
+@pytest.mark.slow  # trains, and torchrun with 2 ranks (gloo, CPU)
+def test_token_budget_two_ranks_give_the_one_rank_and_padded_loss_curve(tmp_path):
+    """SFT with token-budget micro-batches: 2 ranks x accumulation 1 (the ranks' passes paired
+    up by count) give the curve of 1 rank x accumulation 2, and that is the padded run's
+    (packing off): the same global batches, the same loss normalisation."""
+    from rlhf_exp.stages import sft
+    from rlhf_exp.training.wandb_reader import read_runs
+    from tests.conftest import cli, compose
+
+    budget = "sft.micro_batch_tokens=40"  # ~2-3 sequences of the sort task per pass
+    proc = cli(*TWO_RANKS, budget, "hardware.nproc_per_node=2",
+               f"hydra.run.dir={tmp_path / 'two'}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching 2 ranks" in proc.stdout and "packed" in proc.stdout
+    curves = {}
+    for name, extra in (("one", [budget]), ("padded", ["sft.packing=false"])):
+        sft.train(compose(*TWO_RANKS, "sft.gradient_accumulation_steps=2", *extra),
+                  tmp_path / name)
+    for name in ("two", "one", "padded"):
+        (run,) = read_runs(tmp_path / name / "wandb")
+        # the gradient norm too: Adam's steps hide a wrongly scaled gradient, the norm not
+        curves[name] = (run.metric("sft/loss"), run.metric("sft/grad_norm"))
+        assert run.summary["sft/global_batch_size"] == 8
+    loss, norm = curves["one"]
+    assert len(loss) == 4 and loss[-1] < loss[0] and len(norm) == 4
+    # fp32 forwards of other shapes and summation orders, 4 steps of Adam: as test_scale.py
+    for other in ("two", "padded"):
+        assert curves[other][0] == pytest.approx(loss, rel=1e-4, abs=1e-5), other
+        assert curves[other][1] == pytest.approx(norm, rel=1e-4, abs=1e-5), other
