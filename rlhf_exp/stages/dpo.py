@@ -380,7 +380,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         overlong = {"dpo/dropped_overlong": dropped + eval_dropped}
         runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
-                    f"skipped), {batches.describe('pairs')}, loss {dc.loss_type} beta {dc.beta}; "
+                    f"skipped), {batches.describe('pairs')}{packing.describe(False, budget)}, "
+                    f"loss {dc.loss_type} beta {dc.beta}; "
                     f"reference {reference_path or 'none'} scored {len(used)} + "
                     f"{len(eval_set) if reference_path else 0} pairs in {reference_s:.1f} s; "
                     f"{trainable:,}/{total:,} trainable params, zero stage "

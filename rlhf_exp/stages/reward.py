@@ -198,7 +198,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         eng = stage_kit.build_engine(model, cfg, rc, total_steps=batches.total_steps)
         runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
-                    f"skipped), {batches.describe('pairs')}{', packed' if packed else ''}, "
+                    f"skipped), {batches.describe('pairs')}{packing.describe(packed, budget)}, "
                     f"{trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"reward/global_batch_size": batches.global_batch,

@@ -133,8 +133,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, sc, total_steps=batches.total_steps)
         runtime.say(f"sft: {len(train_set)} train / {len(eval_set)} eval examples ({dropped} "
-                    f"dropped as over-long), {batches.describe()}{', packed' if packed else ''}, "
-                    f"{trainable:,}/{total:,} "
+                    f"dropped as over-long), {batches.describe()}"
+                    f"{packing.describe(packed, budget)}, {trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"sft/global_batch_size": batches.global_batch,
                          "sft/train_examples": len(train_set),

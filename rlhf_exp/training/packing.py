@@ -494,6 +494,13 @@ class TokenBudget:
         return out
 
 
+def describe(packed: bool, budget: TokenBudget | None) -> str:
+    """The run line's words for the layout: ", packed", ", packed in passes of <= N tokens"."""
+    if budget is not None:
+        return f", packed in passes of <= {budget.tokens} tokens"
+    return ", packed" if packed else ""
+
+
 def raw_rows(batch: list[dict]) -> list[dict]:
     """A DataLoader collate that keeps a micro-batch's rows as they are (TokenBudget.cut
     collates the step's rows once they are re-cut)."""
