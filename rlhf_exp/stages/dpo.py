@@ -358,13 +358,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                             f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
                             "data_mix.overlong=drop; raise the limits or use overlong=truncate")
         collate = dpo_collate(cfg, model, tokenizer)
-        # token-budget micro-batches: the loader hands over rows, the loop re-cuts each step
-        budget = packing.TokenBudget(
-            dc.micro_batch_tokens, partial(pair_tokens, shared=collate.keywords["shared_prompt"]),
-            pair_norms, collate) \
-            if dc.micro_batch_tokens > 0 and collate.func is collate_dpo_packed else None
-        step_collate = packing.raw_rows if budget else collate
-        batches = stage_kit.global_batches(run, dc, train_set, step_collate, "training pairs")
+        budget, feed = token_budget(dc, collate)  # feed: the loader's collate
+        batches = stage_kit.global_batches(run, dc, train_set, feed, "training pairs")
 
         # --- the reference pass: every pair the run trains on and every held-out pair, once
         # (none for a reference-free loss: simpo loads and scores no reference model)
@@ -372,8 +367,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         train_set, eval_set, used = reference_pass(cfg, reference_path, tokenizer, batches,
                                                    train_set, eval_set, run.device, collate)
         reference_s = time.perf_counter() - t0
-        batches.loader = DataLoader(train_set, batch_sampler=batches.sampler,
-                                    collate_fn=step_collate)
+        batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=feed)
 
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, dc, total_steps=batches.total_steps)
@@ -427,6 +421,16 @@ def dpo_collate(cfg: DictConfig, model, tokenizer):
                        shared_prompt=dc.shared_prompt and packing.supports_tree(model))
     shared = dc.shared_prompt and not cfg.model.gradient_checkpointing
     return partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
+
+
+def token_budget(dc: DictConfig, collate) -> tuple[packing.TokenBudget | None, object]:
+    """Token-budget micro-batches (dpo.micro_batch_tokens > 0, packed) and the loader's collate:
+    rows (the loop re-cuts each step by the budget), or the run's collate."""
+    if dc.micro_batch_tokens <= 0 or collate.func is not collate_dpo_packed:
+        return None, collate
+    cost = partial(pair_tokens, shared=collate.keywords["shared_prompt"])
+    return packing.TokenBudget(dc.micro_batch_tokens, cost, pair_norms, collate), \
+        packing.raw_rows
 
 
 def starting_gold(run: stage_kit.StageRun, eng, tokenizer, gold_rows: list[dict],
