@@ -36,6 +36,10 @@ ranks (NaN/inf stops the run with one line, the last checkpoint kept), the log w
 `log_every` steps (and at the last), eval every `eval_every` steps (`eval_every=0`: none
 during training), a resumable checkpoint every `save_every` steps (`tracker.flush()` first, so
 the W&B rows up to it survive a kill).
+With `Loop.budget` (token-budget micro-batches, packing.TokenBudget) the loader yields the
+sampler's micro-batches as row lists and each step's rows are re-cut by the budget
+(`budget_step`): step_fn then gets the re-cut packed micro-batches, with `w_<name>` weights, and
+returns their share of the step's loss and stats (weighted sums), not micro-batch means.
 After the last step: one eval. `resume_from` (a checkpoint of rlhf_exp/training/resume.py) restores
 weights, optimizer, LR schedule, loop counters, data position and RNG first.
 """
