@@ -12,6 +12,10 @@ sequence gets the same logits as alone in its own row (to kernel rounding). Flas
 The API (used by the supervised stages here and by the RL update):
 
     plan_microbatches(lengths, token_budget)   consecutive groups of rows within a token budget
+    split_to(plan, costs, count)               a plan cut further to `count` groups (equal
+                                               pass counts over ranks)
+    TokenBudget(tokens, cost, norms, collate)  the supervised loop's token-budget micro-batches:
+                                               .cut(step's micro-batches) -> weighted batches
     pack(seqs)                                 -> Packed(input_ids, position_ids, lengths, ...)
     Packed.forward_kwargs()                    what a model forward takes for a packed row
     next_token_logps(logits, packed)           [T-1] log p(token t+1 | ..t), 0 across boundaries
@@ -82,6 +86,25 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
     if current:
         groups.append(current)
     return groups
+
+
+def split_to(plan: list[range], costs: list[int], count: int) -> list[range]:
+    """The plan cut further (its most expensive splittable micro-batch halved by cost, order
+    kept) until it has `count` micro-batches: every rank must run the same number of
+    forward/backward passes (ZeRO's per-backward collectives). count <= number of units."""
+    plan = list(plan)
+    while len(plan) < count:
+        k = max((j for j in range(len(plan)) if len(plan[j]) > 1),
+                key=lambda j: sum(costs[u] for u in plan[j]))
+        r = plan[k]
+        half, acc, cut = sum(costs[u] for u in r) / 2, 0, r.start + 1
+        for u in r[:-1]:
+            acc += costs[u]
+            cut = u + 1
+            if acc >= half:
+                break
+        plan[k:k + 1] = [range(r.start, cut), range(cut, r.stop)]
+    return plan
 
 
 @dataclass
@@ -471,8 +494,6 @@ class TokenBudget:
         `count(n)`: how many micro-batches to run given this rank's n (the most over ranks:
         ZeRO reduces gradients in every backward, so the ranks' passes must pair up); the plan
         is split further to reach it."""
-        from rlhf_exp.rl.packed_rows import split_to  # (packed_rows imports this module)
-
         accum = len(micro_batches)
         rows: list[dict] = []
         weights: list[dict[str, float]] = []
