@@ -11,6 +11,7 @@ attending across a sequence boundary (~1e-1 on OPT, below)."""
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -261,3 +262,168 @@ def test_packing_keys_default_and_validation():
             compose(f"stage={node}", f"{node}.micro_batch_tokens=-1")
     with pytest.raises(Exception, match="packing"):  # typed: a bool
         compose("sft.packing=maybe")
+
+
+# ----------------------------------------------------------------------------- token budgets
+# A step of today (`accum` sampler micro-batches, padded, each loss / accum through DeepSpeed)
+# against the same rows re-cut into token-budget micro-batches (packing.TokenBudget), each
+# backpropagated as it is (the loop's scale_wrt_gas=False): the same step loss, gradients and
+# logged statistics. The budgets are chosen so that micro-batches straddle the sampler's.
+def _padded_step(model, step, micro_batches, collate):
+    model.zero_grad()
+    total, stats = 0.0, {}
+    for mb in micro_batches:
+        loss, st = step(model, collate(mb))
+        (loss / len(micro_batches)).backward()
+        total += float(loss.detach()) / len(micro_batches)
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v / len(micro_batches)
+    return total, _grads(model), stats
+
+
+def _budget_step(model, step, budget, micro_batches, count=None):
+    model.zero_grad()
+    parts = budget.cut(micro_batches, count)
+    total, stats = 0.0, {}
+    for batch in parts:
+        loss, st = step(model, batch)
+        loss.backward()
+        total += float(loss.detach())
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v
+    return total, _grads(model), stats, parts
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, straddles: bool = True) -> None:
+    """a: _padded_step's (loss, grads, stats); b: _budget_step's (of 3 sampler micro-batches)."""
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b, parts) = a, b
+    # fp32 rounding is relative: a loss of ~300 (IPO's squares) differs in its 7th digit
+    assert abs(loss_a - loss_b) < TOL * max(1.0, abs(loss_a)), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    scale = max(1.0, max(float(g.abs().max()) for g in grads_a.values()))
+    worst = max(float((grads_a[k] - grads_b[k]).abs().max()) for k in grads_a)
+    assert worst < TOL * scale, (worst, scale)
+    assert stats_a.keys() == stats_b.keys()
+    for k in stats_a:  # logits/* sum logits over tokens: a looser absolute bound
+        assert abs(stats_a[k] - stats_b[k]) < 1e-4 * max(1.0, abs(stats_a[k])), k
+    if straddles:  # the cut is not the sampler's: a budget micro-batch holds rows of two
+        ends, n = set(), 0
+        for p in parts:
+            n += len(next(v for k, v in p.items() if k.startswith("w_")))
+            ends.add(n)
+        assert ends != set(range(n // 3, n + 1, n // 3)), "the test's cut is the sampler's"
+
+
+def _sft_feats(n: int, seed: int) -> list[dict]:
+    rng, feats = random.Random(seed), []
+    for _ in range(n):
+        prompt, response = _ids(rng.randint(1, 8), rng), _ids(rng.randint(1, 14), rng)
+        feats.append({"input_ids": prompt + response,
+                      "labels": [-100] * len(prompt) + response})
+    return feats
+
+
+@pytest.mark.parametrize("tokens", [1, 20, 45, 10_000])
+def test_sft_token_budget_step_equals_padded_step(tokens):
+    feats = _sft_feats(9, seed=5)
+    micro_batches = [feats[0:3], feats[3:6], feats[6:9]]  # micro 3 x accum 3
+    budget = packing.TokenBudget(tokens, lambda f: len(f["input_ids"]), sft.response_tokens,
+                                 collate_sft_packed)
+    model = _model("llama")
+    assert packing.use_per_sequence_attention(model)  # what a CPU run trains with
+    padded = _padded_step(model, sft.lm_step, micro_batches, lambda mb: collate_sft(mb, PAD))
+    cut = _budget_step(model, sft.packed_lm_step, budget, micro_batches)
+    _assert_same(padded, cut, straddles=tokens != 1)
+    parts = cut[3]
+    assert sum(len(p["seq_lengths"]) for p in parts) == 9
+    if tokens == 1:
+        assert len(parts) == 9  # every sequence over the budget: alone
+    if tokens == 10_000:
+        assert len(parts) == 1  # the whole step in one forward
+    else:  # each within the budget, unless one sequence alone
+        assert all(int(p["num_tokens"]) <= tokens or len(p["seq_lengths"]) == 1 for p in parts)
+    # more passes than the plan (another rank needs more): split further, the same step
+    _assert_same(padded, _budget_step(model, sft.packed_lm_step, budget, micro_batches,
+                                      count=lambda n: n + 2), straddles=False)
+    assert len(_budget_step(model, sft.packed_lm_step, budget, micro_batches,
+                            count=lambda n: n + 2)[3]) == min(9, len(parts) + 2)
+
+
+@pytest.mark.parametrize("tokens", [30, 100])
+def test_reward_token_budget_step_equals_padded_step(tokens):
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(_llama_config(num_labels=1))
+    assert packing.enabled(OmegaConf.create({"packing": True}), model, "reward")
+    feats = _pairs(6, seed=8)
+    micro_batches = [feats[0:2], feats[2:4], feats[4:6]]
+    budget = packing.TokenBudget(tokens, reward.pair_tokens, reward.pair_count,
+                                 collate_pairs_packed)
+    _assert_same(_padded_step(model, reward.pair_step, micro_batches,
+                              lambda mb: collate_pairs(mb, PAD)),
+                 _budget_step(model, reward.pair_step, budget, micro_batches))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dpo_token_budget_step_equals_padded_step(shared, loss_type):
+    """With the RPO term on (a per-token mean of each sampler micro-batch) and every logged
+    statistic (means over pairs, logits/* per token)."""
+    from rlhf_exp.config.schema import DPOConfig
+
+    node = OmegaConf.merge(OmegaConf.structured(DPOConfig),
+                           {"loss_type": loss_type, "beta": 0.1, "rpo_alpha": 1.0})
+    feats = _pairs(6, seed=9)
+    micro_batches = [feats[0:2], feats[2:4], feats[4:6]]
+    model = _model("llama")
+    assert packing.enabled(OmegaConf.create({"packing": True}), model, "dpo")
+    collate = partial(collate_dpo_packed, shared_prompt=shared)
+    budget = packing.TokenBudget(50, partial(dpo.pair_tokens, shared=shared), dpo.pair_norms,
+                                 collate)
+    step = partial(dpo.dpo_step, node=node)
+    padded = _padded_step(model, step, micro_batches,
+                          lambda mb: collate_dpo(mb, PAD, shared_prompt=shared))
+    cut = _budget_step(model, step, budget, micro_batches)
+    _assert_same(padded, cut)
+    assert 1 < len(cut[3]) < 6 and set(cut[2]) >= {"nll_loss", "logits/chosen",
+                                                    "rewards/accuracies"}
+
+
+# ----------------------------------------------------------------------------- ranks
+TWO_RANKS = ["stage=sft", "seed=7", "data_mix.sources.0.synthetic.num_examples=600",
+             "sft.max_steps=4", "sft.log_every=1", "sft.eval_every=0", "sft.warmup_steps=1",
+             "sft.micro_batch_size_per_device=4", "logger.log_checkpoints=false"]
+
+
+@pytest.mark.slow  # trains, and torchrun with 2 ranks (gloo, CPU)
+def test_token_budget_two_ranks_give_the_one_rank_and_padded_loss_curve(tmp_path):
+    """SFT with token-budget micro-batches: 2 ranks x accumulation 1 (the ranks' passes paired
+    up by count) give the curve of 1 rank x accumulation 2, and that is the padded run's
+    (packing off): the same global batches, the same loss normalisation."""
+    from rlhf_exp.stages import sft
+    from rlhf_exp.training.wandb_reader import read_runs
+    from tests.conftest import cli, compose
+
+    budget = "sft.micro_batch_tokens=40"  # ~2-3 sequences of the sort task per pass
+    proc = cli(*TWO_RANKS, budget, "hardware.nproc_per_node=2",
+               f"hydra.run.dir={tmp_path / 'two'}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "launching 2 ranks" in proc.stdout and "packed" in proc.stdout
+    curves = {}
+    for name, extra in (("one", [budget]), ("padded", ["sft.packing=false"])):
+        sft.train(compose(*TWO_RANKS, "sft.gradient_accumulation_steps=2", *extra),
+                  tmp_path / name)
+    for name in ("two", "one", "padded"):
+        (run,) = read_runs(tmp_path / name / "wandb")
+        # the gradient norm too: Adam's steps hide a wrongly scaled gradient, the norm not
+        curves[name] = (run.metric("sft/loss"), run.metric("sft/grad_norm"))
+        assert run.summary["sft/global_batch_size"] == 8
+    loss, norm = curves["one"]
+    assert len(loss) == 4 and loss[-1] < loss[0] and len(norm) == 4
+    # fp32 forwards of other shapes and summation orders, 4 steps of Adam: as test_scale.py
+    for other in ("two", "padded"):
+        assert curves[other][0] == pytest.approx(loss, rel=1e-4, abs=1e-5), other
+        assert curves[other][1] == pytest.approx(norm, rel=1e-4, abs=1e-5), other

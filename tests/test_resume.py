@@ -88,13 +88,14 @@ CASES = {
     "sft": Case(
         ["stage=sft", *SMALL, "sft.micro_batch_size_per_device=8", "sft.max_steps=6",
          "sft.log_every=1", "sft.eval_every=2", "sft.save_every=2", "sft.keep_last=1",
-         "sft.keep_best_metric=sft/eval_loss", "sft.keep_best_mode=max"],
+         "sft.keep_best_metric=sft/eval_loss", "sft.keep_best_mode=max",
+         "sft.micro_batch_tokens=64"],  # token-budget micro-batches (several per step)
         6, ("sft/loss", "sft/eval_loss", "sft/first_loss"), ("sft/loss", "sft/lr"),
         "sft/eval_loss", [2, 4, 6], extra=_sft_retention),
     "reward": Case(
         ["stage=reward", *SMALL, "reward.micro_batch_size_per_device=8", "reward.max_steps=6",
          "reward.log_every=1", "reward.eval_every=2", "reward.save_every=2",
-         "reward.keep_last=1"],
+         "reward.keep_last=1", "reward.micro_batch_tokens=128"],
         6, ("reward/loss", "reward/first_loss", "reward/eval_loss", "reward/eval_accuracy",
             "reward/eval_margin"), ("reward/loss", "reward/lr"), "reward/eval_loss", [2, 4, 6],
         extra=_reward_once),
@@ -134,7 +135,7 @@ CASES = {
     "dpo": Case(
         ["stage=dpo", *SMALL, "dpo.micro_batch_size_per_device=8", "dpo.max_steps=6",
          "dpo.log_every=1", "dpo.eval_every=2", "dpo.save_every=2", "dpo.keep_last=1",
-         "ppo.eval_num_prompts=8", "ppo.eval_batch_size=8"],
+         "ppo.eval_num_prompts=8", "ppo.eval_batch_size=8", "dpo.micro_batch_tokens=128"],
         6, ("dpo/loss", "dpo/first_loss", "dpo/eval_loss", "dpo/eval_rewards/margins",
             "dpo/eval_gold_reward", "dpo/init_eval_gold_reward"), ("dpo/loss", "dpo/lr"),
         "dpo/eval_loss", [2, 4, 6], extra=lambda k, r, res: _gold_once("dpo", k)),

@@ -228,8 +228,10 @@ class TrainLoopConfig:
     # batch (to fp32 rounding). Families that cannot pack exactly (OPT) train padded, with a
     # line in the log. false = always padded
     packing: bool = True
-    # with packing: the most tokens one packed forward holds; a micro-batch over it runs as
-    # several forwards (one backward); 0 = one forward per micro-batch
+    # with packing: token-budget micro-batches: each optimizer step's rows (micro x accum per
+    # rank, the sampler's, in order) re-cut into packed passes of at most this many tokens, the
+    # step's loss unchanged (training/packing.TokenBudget); 0 = micro_batch_size_per_device
+    # rows per pass
     micro_batch_tokens: int = 0
 
 

@@ -64,7 +64,7 @@ def _check_train_loop(cfg: DictConfig, node: str) -> None:
     # resume / checkpoint retention
     if cfg[node].micro_batch_tokens < 0:
         raise ConfigError(f"{node}.micro_batch_tokens={cfg[node].micro_batch_tokens} must be >= 0"
-                          " (0 = one packed forward per micro-batch)")
+                          " (0 = micro_batch_size_per_device rows per pass)")
     if cfg[node].save_every < 0 or cfg[node].keep_last < 0:
         raise ConfigError(f"{node}.save_every and {node}.keep_last must be >= 0")
     _allowed(cfg, f"{node}.keep_best_mode", ("min", "max"))

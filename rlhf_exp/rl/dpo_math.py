@@ -97,7 +97,9 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch
 
 def dpo_loss(seq: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, *,
              loss_type: str, beta: float, label_smoothing: float = 0.0,
-             rpo_alpha: float = 0.0, simpo_gamma: float = 0.5
+             rpo_alpha: float = 0.0, simpo_gamma: float = 0.5,
+             pair_weights: torch.Tensor | None = None,
+             chosen_token_weights: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The batch loss (the mean over pairs, + rpo_alpha x chosen NLL), and the per-pair terms
     (detached, [B] each) that pair_metrics turns into TRL's metrics; terms of several batches
@@ -117,9 +119,12 @@ def dpo_loss(seq: SequenceLogps, ref_chosen: torch.Tensor, ref_rejected: torch.T
     if loss_type in REFERENCE_FREE_LOSSES:  # rewards per token, as TRL's CPO logs them
         chosen_logratios = chosen_logratios / chosen_tokens.clamp(min=1.0)
         rejected_logratios = rejected_logratios / rejected_tokens.clamp(min=1.0)
-    loss = per_pair.mean()
+    # weights [B] (a token-budget micro-batch, training/packing.TokenBudget): the weighted sums
+    # replace the means, pair_weights for the pairs', chosen_token_weights for the NLL's
+    loss = per_pair.mean() if pair_weights is None else (per_pair * pair_weights).sum()
     if rpo_alpha:
-        loss = loss + rpo_alpha * chosen_nll(chosen, chosen_tokens)
+        loss = loss + rpo_alpha * (chosen_nll(chosen, chosen_tokens) if chosen_token_weights is None
+                                   else -(chosen * chosen_token_weights).sum())
     logits_chosen, logits_rejected = seq.halves("logits_sum")
     terms = {"pair_loss": per_pair, "rewards/chosen": beta * chosen_logratios,
              "rewards/rejected": beta * rejected_logratios, "logps/chosen": chosen,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_exp.rl import ppo_math, scoring
-from rlhf_exp.training.packing import plan_microbatches
+from rlhf_exp.training.packing import plan_microbatches, split_to  # noqa: F401 (split_to: re-export)
 
 # model_type of the families checked to take the custom 4D mask and explicit position ids
 # exactly (transformers 5.25; tests/test_rl_packing.py), under the attention implementations
@@ -195,25 +195,6 @@ def plan_micro_batches(costs: list[int], budget: int) -> list[range]:
     most `budget` tokens each (training.packing's planner); a unit over the budget alone makes
     one."""
     return [range(g[0], g[-1] + 1) for g in plan_microbatches(costs, budget)]
-
-
-def split_to(plan: list[range], costs: list[int], count: int) -> list[range]:
-    """The plan cut further (its most expensive splittable micro-batch halved by cost, order
-    kept) until it has `count` micro-batches: every rank must run the same number of
-    forward/backward passes (ZeRO's per-backward collectives). count <= number of units."""
-    plan = list(plan)
-    while len(plan) < count:
-        k = max((j for j in range(len(plan)) if len(plan[j]) > 1),
-                key=lambda j: sum(costs[u] for u in plan[j]))
-        r = plan[k]
-        half, acc, cut = sum(costs[u] for u in r) / 2, 0, r.start + 1
-        for u in r[:-1]:
-            acc += costs[u]
-            cut = u + 1
-            if acc >= half:
-                break
-        plan[k:k + 1] = [range(r.start, cut), range(cut, r.stop)]
-    return plan
 
 
 # ----------------------------------------------------------------------------- forwards

@@ -156,13 +156,56 @@ def dpo_step(eng, batch: dict[str, torch.Tensor],
     TRL's statistics for the training log (dpo/rewards/*, dpo/logps/*, dpo/logits/*,
     dpo/nll_loss)."""
     loss, terms = dpo_math.dpo_loss(
-        pair_logps(eng, batch, node.micro_batch_tokens), batch["ref_chosen_logps"],
+        pair_logps(eng, batch), batch["ref_chosen_logps"],
         batch["ref_rejected_logps"], loss_type=node.loss_type, beta=node.beta,
         label_smoothing=node.label_smoothing, rpo_alpha=node.rpo_alpha,
-        simpo_gamma=node.simpo_gamma)
+        simpo_gamma=node.simpo_gamma, pair_weights=batch.get("w_pairs"),
+        chosen_token_weights=batch.get("w_chosen_tokens"))
+    if "w_pairs" in batch:  # a token-budget micro-batch: its share of the step's metrics
+        return loss, weighted_pair_metrics(terms, batch)
     stats = dpo_math.pair_metrics(terms, node.rpo_alpha)
     del stats["loss"]  # the loop logs the loss it backpropagates as dpo/loss
     return loss, stats
+
+
+def weighted_pair_metrics(terms: dict[str, torch.Tensor],
+                          batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """dpo_math.pair_metrics (less `loss`) as a token-budget micro-batch's share of its step's
+    (packing.TokenBudget): the means over pairs and the per-token means of each sampler
+    micro-batch become sums weighted by `w_pairs`, `w_chosen_tokens`, `w_rejected_tokens`
+    (1 / (accum x that micro-batch's pairs, chosen or rejected response tokens))."""
+    wp, wc, wr = batch["w_pairs"], batch["w_chosen_tokens"], batch["w_rejected_tokens"]
+    chosen, rejected = terms["rewards/chosen"], terms["rewards/rejected"]
+
+    def total(values: torch.Tensor, w: torch.Tensor) -> float:
+        return float((values * w).sum())
+
+    return {"rewards/chosen": total(chosen, wp), "rewards/rejected": total(rejected, wp),
+            "rewards/accuracies": total((chosen > rejected).float(), wp),
+            "rewards/margins": total(chosen - rejected, wp),
+            "logps/chosen": total(terms["logps/chosen"], wp),
+            "logps/rejected": total(terms["logps/rejected"], wp),
+            "logits/chosen": total(terms["logits_sum/chosen"], wc),
+            "logits/rejected": total(terms["logits_sum/rejected"], wr),
+            "nll_loss": total(-terms["logps/chosen"], wc)}
+
+
+def pair_tokens(pair: dict, shared: bool = False) -> int:
+    """A pair's tokens in its packed row, chosen and rejected, the prompt once where `shared`
+    (its cost in a token budget)."""
+    return len(pair["chosen_ids"]) + len(pair["rejected_ids"]) - \
+        (pair["prompt_len"] if shared else 0)
+
+
+def pair_norms(micro_batch: list[dict]) -> dict[str, float]:
+    """A sampler micro-batch's loss and metric normalisers (packing.TokenBudget.norms): its
+    pairs, and its chosen and rejected response tokens (those after the prompt, as
+    collate_dpo_packed's completion_mask counts them)."""
+    def response(side: str) -> float:
+        return float(sum(len(f[side]) - max(f["prompt_len"], 1) for f in micro_batch))
+
+    return {"pairs": float(len(micro_batch)), "chosen_tokens": response("chosen_ids"),
+            "rejected_tokens": response("rejected_ids")}
 
 
 def evaluate(eng, loader: DataLoader, node: DictConfig, device: torch.device) -> dict[str, float]:
@@ -300,7 +343,8 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                             f"{dc.max_len} / max_prompt_len={dc.max_prompt_len} and "
                             "data_mix.overlong=drop; raise the limits or use overlong=truncate")
         collate = dpo_collate(cfg, model, tokenizer)
-        batches = stage_kit.global_batches(run, dc, train_set, collate, "training pairs")
+        budget, feed = token_budget(dc, collate)  # feed: the loader's collate
+        batches = stage_kit.global_batches(run, dc, train_set, feed, "training pairs")
 
         # --- the reference pass: every pair the run trains on and every held-out pair, once
         # (none for a reference-free loss: simpo loads and scores no reference model)
@@ -308,14 +352,15 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         train_set, eval_set, used = reference_pass(cfg, reference_path, tokenizer, batches,
                                                    train_set, eval_set, run.device, collate)
         reference_s = time.perf_counter() - t0
-        batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
+        batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=feed)
 
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, dc, total_steps=batches.total_steps)
         overlong = {"dpo/dropped_overlong": dropped + eval_dropped}
         runtime.say(f"dpo: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
-                    f"skipped), {batches.describe('pairs')}, loss {dc.loss_type} beta {dc.beta}; "
+                    f"skipped), {batches.describe('pairs')}{packing.describe(False, budget)}, "
+                    f"loss {dc.loss_type} beta {dc.beta}; "
                     f"reference {reference_path or 'none'} scored {len(used)} + "
                     f"{len(eval_set) if reference_path else 0} pairs in {reference_s:.1f} s; "
                     f"{trainable:,}/{total:,} trainable params, zero stage "
@@ -331,7 +376,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,
                                lora_save=cfg.model.lora.save,
-                               extra_state={"init_gold": init_gold})
+                               extra_state={"init_gold": init_gold}, budget=budget)
         eval_fn = (partial(evaluate, loader=DataLoader(eval_set, dc.micro_batch_size_per_device,
                                                        collate_fn=collate),
                            node=dc, device=run.device) if eval_set else None)
@@ -363,8 +408,14 @@ def dpo_collate(cfg: DictConfig, model, tokenizer):
     return partial(collate_dpo, pad_id=tokenizer.pad_token_id, shared_prompt=shared)
 
 
-
-
+def token_budget(dc: DictConfig, collate) -> tuple[packing.TokenBudget | None, object]:
+    """Token-budget micro-batches (dpo.micro_batch_tokens > 0, packed) and the loader's collate:
+    rows (the loop re-cuts each step by the budget), or the run's collate."""
+    if dc.micro_batch_tokens <= 0 or collate.func is not collate_dpo_packed:
+        return None, collate
+    cost = partial(pair_tokens, shared=collate.keywords["shared_prompt"])
+    return packing.TokenBudget(dc.micro_batch_tokens, cost, pair_norms, collate), \
+        packing.raw_rows
 
 
 def done_line(loop: train_loop.Loop, state: train_loop.LoopState, m: dict[str, float]) -> str:

@@ -98,10 +98,27 @@ def pair_step(eng, batch: dict[str, torch.Tensor],
     stats the training log shows (reward/accuracy, reward/chosen_score, reward/rejected_score,
     reward/margin)."""
     c, r = pair_scores(eng, batch, token_budget)
+    if "w_pairs" in batch:  # a token-budget micro-batch (packing.TokenBudget): its share of
+        w = batch["w_pairs"]  # the step, each pair x 1 / (accum x its micro-batch's pairs)
+        loss = (-F.logsigmoid(c - r) * w).sum()
+        c, r = c.detach().float(), r.detach().float()
+        return loss, {"accuracy": float(((c > r).float() * w).sum()),
+                      "chosen_score": float((c * w).sum()),
+                      "rejected_score": float((r * w).sum()), "margin": float(((c - r) * w).sum())}
     loss = bradley_terry_loss(c, r)
     c, r = c.detach().float(), r.detach().float()
     return loss, {"accuracy": float((c > r).float().mean()), "chosen_score": float(c.mean()),
                   "rejected_score": float(r.mean()), "margin": float((c - r).mean())}
+
+
+def pair_tokens(pair: dict) -> int:
+    """A pair's tokens, chosen and rejected (its cost in a token budget)."""
+    return len(pair["chosen_ids"]) + len(pair["rejected_ids"])
+
+
+def pair_count(micro_batch: list[dict]) -> dict[str, float]:
+    """A sampler micro-batch's loss normaliser (packing.TokenBudget.norms): its pairs."""
+    return {"pairs": float(len(micro_batch))}
 
 
 def evaluate(eng, loader: DataLoader, eval_set: list[dict],
@@ -167,9 +184,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
         # packed micro-batches (the same pairs, no padding) where the model packs exactly
         packed = packing.enabled(rc, model, "reward")
-        batches = stage_kit.global_batches(run, rc, train_set,
-                                           collate_pairs_packed if packed else collate,
-                                           "training pairs")
+        budget = packing.TokenBudget(rc.micro_batch_tokens, pair_tokens, pair_count,
+                                     collate_pairs_packed) \
+            if packed and rc.micro_batch_tokens > 0 else None
+        batches = stage_kit.global_batches(
+            run, rc, train_set,
+            packing.raw_rows if budget else collate_pairs_packed if packed else collate,
+            "training pairs")
         eval_loader = DataLoader(eval_set, batch_size=rc.micro_batch_size_per_device,
                                  collate_fn=collate)
 
@@ -177,7 +198,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         eng = stage_kit.build_engine(model, cfg, rc, total_steps=batches.total_steps)
         runtime.say(f"reward: {len(train_set)} train / {len(eval_set)} eval pairs ({dropped} + "
                     f"{eval_dropped} dropped as over-long, {unpaired} rows without a pair "
-                    f"skipped), {batches.describe('pairs')}{', packed' if packed else ''}, "
+                    f"skipped), {batches.describe('pairs')}{packing.describe(packed, budget)}, "
                     f"{trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"reward/global_batch_size": batches.global_batch,
@@ -192,11 +213,11 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         loop = train_loop.Loop(stage="reward", node=rc, total_steps=batches.total_steps,
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,
-                               lora_save=cfg.model.lora.save)
+                               lora_save=cfg.model.lora.save, budget=budget)
         eval_fn = (partial(evaluate, loader=eval_loader, eval_set=eval_set, device=run.device)
                    if eval_set else None)
         state = train_loop.train(eng, batches.loader, batches.sampler, loop,
-                                 partial(pair_step, token_budget=rc.micro_batch_tokens), eval_fn,
+                                 pair_step, eval_fn,
                                  tracker, run.resume_from)
 
         # --- final checkpoint (HF format, AutoModelForSequenceClassification), marked final,

@@ -35,17 +35,34 @@ def lm_step(eng, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str
 def packed_lm_step(eng, batch: dict[str, torch.Tensor],
                    token_budget: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """lm_step on a collate_sft_packed micro-batch: the same mean over the micro-batch's
-    response tokens, in packed forwards of at most `token_budget` tokens (0: one)."""
+    response tokens, in packed forwards of at most `token_budget` tokens (0: one). A token-budget
+    micro-batch (packing.TokenBudget: `w_tokens` [N]) returns its share of the step's loss
+    instead: each sequence's token losses x its weight, 1 / (accum x the response tokens of
+    its sampler micro-batch)."""
     labels, lengths = batch["labels"][0], batch["seq_lengths"]
+    weights = batch.get("w_tokens")
     loss_sum = labels.new_zeros((), dtype=torch.float32)
     for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
         rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
         logits = eng(**rows.forward_kwargs()).logits
         # HF's causal-LM loss: fp32 logits, position t predicts label t+1 (a sequence's first
         # label is -100, so no position predicts across a boundary)
-        loss_sum = loss_sum + F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
-                                              ignore_index=-100, reduction="sum")
+        if weights is None:
+            loss_sum = loss_sum + F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
+                                                  ignore_index=-100, reduction="sum")
+        else:
+            per_token = F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
+                                        ignore_index=-100, reduction="none")
+            loss_sum = loss_sum + (per_token * weights[s0 + rows.seq_ids[1:]]).sum()
+    if weights is not None:
+        return loss_sum, {}
     return loss_sum / (labels != -100).sum().clamp(min=1), {}
+
+
+def response_tokens(micro_batch: list[dict]) -> dict[str, float]:
+    """A sampler micro-batch's loss normaliser (packing.TokenBudget.norms): the response tokens
+    its mean is over (labels after a sequence's first, which no position predicts)."""
+    return {"tokens": float(sum(sum(x != -100 for x in f["labels"][1:]) for f in micro_batch))}
 
 
 def evaluate(eng, loader: DataLoader, device: torch.device) -> dict[str, float]:
@@ -102,19 +119,22 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         collate = partial(collate_sft, pad_id=tokenizer.pad_token_id)
         # packed micro-batches (the same rows, no padding) where the model packs exactly
         packed = packing.enabled(sc, model, "sft")
-        batches = stage_kit.global_batches(run, sc, train_set,
-                                           collate_sft_packed if packed else collate,
-                                           "training examples")
-        step_fn = partial(packed_lm_step, token_budget=sc.micro_batch_tokens) if packed \
-            else lm_step
+        budget = packing.TokenBudget(sc.micro_batch_tokens, lambda f: len(f["input_ids"]),
+                                     response_tokens, collate_sft_packed) \
+            if packed and sc.micro_batch_tokens > 0 else None
+        batches = stage_kit.global_batches(
+            run, sc, train_set,
+            packing.raw_rows if budget else collate_sft_packed if packed else collate,
+            "training examples")
+        step_fn = packed_lm_step if packed else lm_step
         eval_loader = DataLoader(eval_features_for_rank(eval_set, run.rank, run.world),
                                  batch_size=sc.micro_batch_size_per_device, collate_fn=collate)
 
         # --- DeepSpeed engine
         eng = stage_kit.build_engine(model, cfg, sc, total_steps=batches.total_steps)
         runtime.say(f"sft: {len(train_set)} train / {len(eval_set)} eval examples ({dropped} "
-                    f"dropped as over-long), {batches.describe()}{', packed' if packed else ''}, "
-                    f"{trainable:,}/{total:,} "
+                    f"dropped as over-long), {batches.describe()}"
+                    f"{packing.describe(packed, budget)}, {trainable:,}/{total:,} "
                     f"trainable params, zero stage {cfg.zero_stage.stage}")
         tracker.summary({"sft/global_batch_size": batches.global_batch,
                          "sft/train_examples": len(train_set),
@@ -125,7 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         loop = train_loop.Loop(stage="sft", node=sc, total_steps=batches.total_steps,
                                steps_per_epoch=batches.sampler.steps_per_epoch, run_dir=run_dir,
                                tokenizer=tokenizer, device=run.device,
-                               lora_save=cfg.model.lora.save)
+                               lora_save=cfg.model.lora.save, budget=budget)
         eval_fn = partial(evaluate, loader=eval_loader, device=run.device) if eval_set else None
         state = train_loop.train(eng, batches.loader, batches.sampler, loop, step_fn, eval_fn,
                                  tracker, run.resume_from)

@@ -12,6 +12,10 @@ sequence gets the same logits as alone in its own row (to kernel rounding). Flas
 The API (used by the supervised stages here and by the RL update):
 
     plan_microbatches(lengths, token_budget)   consecutive groups of rows within a token budget
+    split_to(plan, costs, count)               a plan cut further to `count` groups (equal
+                                               pass counts over ranks)
+    TokenBudget(tokens, cost, norms, collate)  the supervised loop's token-budget micro-batches:
+                                               .cut(step's micro-batches) -> weighted batches
     pack(seqs)                                 -> Packed(input_ids, position_ids, lengths, ...)
     Packed.forward_kwargs()                    what a model forward takes for a packed row
     next_token_logps(logits, packed)           [T-1] log p(token t+1 | ..t), 0 across boundaries
@@ -36,7 +40,7 @@ first token); next_token_logps zeroes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -82,6 +86,25 @@ def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[in
     if current:
         groups.append(current)
     return groups
+
+
+def split_to(plan: list[range], costs: list[int], count: int) -> list[range]:
+    """The plan cut further (its most expensive splittable micro-batch halved by cost, order
+    kept) until it has `count` micro-batches: every rank must run the same number of
+    forward/backward passes (ZeRO's per-backward collectives). count <= number of units."""
+    plan = list(plan)
+    while len(plan) < count:
+        k = max((j for j in range(len(plan)) if len(plan[j]) > 1),
+                key=lambda j: sum(costs[u] for u in plan[j]))
+        r = plan[k]
+        half, acc, cut = sum(costs[u] for u in r) / 2, 0, r.start + 1
+        for u in r[:-1]:
+            acc += costs[u]
+            cut = u + 1
+            if acc >= half:
+                break
+        plan[k:k + 1] = [range(r.start, cut), range(cut, r.stop)]
+    return plan
 
 
 @dataclass
@@ -444,3 +467,62 @@ def use_per_sequence_attention(model) -> bool:
     AttentionMaskInterface.register(PER_SEQUENCE, sdpa_mask)
     inner.set_attn_implementation(PER_SEQUENCE)
     return True
+
+
+# ----------------------------------------------------------------------------- token budgets
+@dataclass
+class TokenBudget:
+    """Token-budget micro-batches of the supervised loop (`<stage>.micro_batch_tokens` > 0 with
+    packing): an optimizer step's rows on this rank (the sampler's `gradient_accumulation_steps`
+    micro-batches, in order) are re-cut into consecutive groups of at most `tokens` tokens, one
+    packed forward and backward each (a row over the budget goes alone).
+
+    The step's loss stays the padded one, (1/accum) x sum over the sampler's micro-batches of
+    each one's mean: every row carries a weight per normaliser of its sampler micro-batch,
+    `w_<name>` = 1 / (accum x that micro-batch's `norms()[name]`, at least 1), and the stage's
+    step function returns the weighted sum over its rows, so the budget micro-batches' losses
+    add up to the step's loss (gradients too)."""
+
+    tokens: int  # the budget, > 0
+    cost: Callable[[dict], int]  # the tokens of one row (a sequence, or a pair's two)
+    norms: Callable[[list[dict]], dict[str, float]]  # a sampler micro-batch's normalisers
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]  # the packed collate of rows
+
+    def cut(self, micro_batches: list[list[dict]], count: Callable[[int], int] | None = None
+            ) -> list[dict[str, torch.Tensor]]:
+        """The step's collated budget micro-batches, with their `w_<name>` [rows] tensors.
+        `count(n)`: how many micro-batches to run given this rank's n (the most over ranks:
+        ZeRO reduces gradients in every backward, so the ranks' passes must pair up); the plan
+        is split further to reach it."""
+        accum = len(micro_batches)
+        rows: list[dict] = []
+        weights: list[dict[str, float]] = []
+        for micro in micro_batches:
+            w = {k: 1.0 / (accum * max(float(v), 1.0)) for k, v in self.norms(micro).items()}
+            rows.extend(micro)
+            weights.extend([w] * len(micro))
+        costs = [int(self.cost(r)) for r in rows]
+        plan = [range(g[0], g[-1] + 1) for g in plan_microbatches(costs, self.tokens)]
+        if count is not None:
+            plan = split_to(plan, costs, min(count(len(plan)), len(rows)))
+        out = []
+        for r in plan:
+            batch = self.collate([rows[i] for i in r])
+            for name in weights[0]:
+                batch[f"w_{name}"] = torch.tensor([weights[i][name] for i in r],
+                                                  dtype=torch.float32)
+            out.append(batch)
+        return out
+
+
+def describe(packed: bool, budget: TokenBudget | None) -> str:
+    """The run line's words for the layout: ", packed", ", packed in passes of <= N tokens"."""
+    if budget is not None:
+        return f", packed in passes of <= {budget.tokens} tokens"
+    return ", packed" if packed else ""
+
+
+def raw_rows(batch: list[dict]) -> list[dict]:
+    """A DataLoader collate that keeps a micro-batch's rows as they are (TokenBudget.cut
+    collates the step's rows once they are re-cut)."""
+    return list(batch)

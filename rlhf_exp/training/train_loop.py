@@ -36,6 +36,10 @@ ranks (NaN/inf stops the run with one line, the last checkpoint kept), the log w
 `log_every` steps (and at the last), eval every `eval_every` steps (`eval_every=0`: none
 during training), a resumable checkpoint every `save_every` steps (`tracker.flush()` first, so
 the W&B rows up to it survive a kill).
+With `Loop.budget` (token-budget micro-batches, packing.TokenBudget) the loader yields the
+sampler's micro-batches as row lists and each step's rows are re-cut by the budget
+(`budget_step`): step_fn then gets the re-cut packed micro-batches, with `w_<name>` weights, and
+returns their share of the step's loss and stats (weighted sums), not micro-batch means.
 After the last step: one eval. `resume_from` (a checkpoint of rlhf_exp/training/resume.py) restores
 weights, optimizer, LR schedule, loop counters, data position and RNG first.
 """
@@ -53,7 +57,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf_exp.errors import UserError
-from rlhf_exp.training import checkpoint, dist, resume, runtime
+from rlhf_exp.training import checkpoint, dist, packing, resume, runtime
 from rlhf_exp.training.nan_stop import check_finite, stop_if_not_finite  # noqa: F401 (check_finite: re-export)
 from rlhf_exp.training.tracking import Tracker
 
@@ -76,6 +80,11 @@ class Loop:
     # values of the stage's own saved with every resumable checkpoint (JSON; a resumed run reads
     # them back as resume.read_state(ckpt)["extra"]), e.g. DPO's step-0 held-out gold reward
     extra_state: dict[str, Any] = field(default_factory=dict)
+    # token-budget micro-batches (`<stage>.micro_batch_tokens` > 0 with packing): the loader
+    # yields the sampler's micro-batches as row lists (packing.raw_rows) and each optimizer
+    # step's rows are re-cut by this budget (packing.TokenBudget); None = the loader's
+    # micro-batches as they are
+    budget: packing.TokenBudget | None = None
 
 
 @dataclass
@@ -114,17 +123,25 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
             if resume_from:  # RNG after the iterator: creating one draws from torch's RNG
                 resume.restore_rng(resume_from)
                 resume_from = None
+            pending: list = []  # token budget: the step's sampler micro-batches so far
             for batch in batches:
-                batch = {k: v.to(loop.device) for k, v in batch.items()}
-                loss, stats = step_fn(eng, batch)
-                eng.backward(loss)
-                eng.step()
-                value = float(loss.detach())
-                step_loss += value
-                _add_to_window(state, {"loss": value, **stats}, batch)
-                state.micro += 1
-                if state.micro % node.gradient_accumulation_steps:  # mid-accumulation
-                    continue
+                if loop.budget is not None:
+                    pending.append(batch)
+                    if len(pending) < node.gradient_accumulation_steps:
+                        continue
+                    step_loss = budget_step(eng, loop, state, step_fn, pending)
+                    pending = []
+                else:
+                    batch = {k: v.to(loop.device) for k, v in batch.items()}
+                    loss, stats = step_fn(eng, batch)
+                    eng.backward(loss)
+                    eng.step()
+                    value = float(loss.detach())
+                    step_loss += value
+                    _add_to_window(state, {"loss": value, **stats}, _tokens(batch))
+                    state.micro += 1
+                    if state.micro % node.gradient_accumulation_steps:  # mid-accumulation
+                        continue
                 state.step += 1
                 bar.update(1)
                 stop_if_not_finite({"training loss": step_loss}, [eng], stage=loop.stage,
@@ -155,14 +172,49 @@ def train(eng, loader, sampler, loop: Loop, step_fn: StepFn, eval_fn: EvalFn | N
     return state
 
 
-def _add_to_window(state: LoopState, values: dict[str, float], batch: dict) -> None:
+def budget_step(eng, loop: Loop, state: LoopState, step_fn: StepFn,
+                micro_batches: list[list[dict]]) -> float:
+    """One optimizer step of token-budget micro-batches (packing.TokenBudget): the step's rows
+    re-cut by the budget, as many passes on every rank; each pass's loss is its share of the
+    step's loss (weighted by the stage's step_fn), so DeepSpeed must neither divide it by the
+    accumulation steps nor decide the boundary by counting: the boundary is set by hand on the
+    last pass (as grpo_step does). Returns this rank's step loss; the log window gets the step's
+    values as `accum` sampler micro-batches (what the padded loop adds), so `<stage>/loss` and
+    the stats keep their meaning."""
+    parts = loop.budget.cut(micro_batches, count=lambda n: int(
+        dist.all_gather_cat(torch.tensor([n], device=loop.device)).max()))
+    step_loss, sums, tokens = 0.0, {}, 0
+    for j, batch in enumerate(parts):
+        batch = {k: v.to(loop.device) for k, v in batch.items()}
+        eng.set_gradient_accumulation_boundary(j == len(parts) - 1)
+        loss, stats = step_fn(eng, batch)
+        eng.backward(loss, scale_wrt_gas=False)
+        eng.step()
+        step_loss += float(loss.detach())
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + value
+        tokens += _tokens(batch)
+    accum = len(micro_batches)
+    values = {"loss": step_loss, **sums}
+    _add_to_window(state, {k: v * accum for k, v in values.items()}, tokens, n=accum)
+    state.micro += accum
+    return step_loss
+
+
+def _tokens(batch: dict) -> int:
+    if "num_tokens" in batch:  # a layout without one row per sequence (DPO's shared prompts)
+        return int(batch["num_tokens"])
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return 0
+
+
+def _add_to_window(state: LoopState, values: dict[str, float], tokens: int, n: int = 1) -> None:
+    """Add `values` (sums over `n` micro-batches) and `tokens` to the log window."""
     for name, value in values.items():
         state.window[name] = state.window.get(name, 0.0) + value
-    state.window_n += 1
-    if "num_tokens" in batch:  # a layout without one row per sequence (DPO's shared prompts)
-        state.window_tokens += int(batch["num_tokens"])
-    elif "attention_mask" in batch:
-        state.window_tokens += int(batch["attention_mask"].sum())
+    state.window_n += n
+    state.window_tokens += tokens
 
 
 def log_window(eng, loop: Loop, state: LoopState, tracker: Tracker, elapsed: float) -> None:
