@@ -180,6 +180,59 @@ def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(run_dir.rglob("*"))}
 
 
+def perturbed_pair_models():
+    """The preference-loss parity setup: the tiny model (the reference, eval mode), a policy
+    0.05-perturbed from it (seeded, train mode), their tokenizer and path, and 4 sort pairs."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from rlhf_exp.config import ModelConfig, TinyModelConfig
+    from rlhf_exp.modeling import models
+    from rlhf_exp.tasks import sort_digits
+
+    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", tiny=TinyModelConfig()))
+    path = str(models.tiny_model_dir(model_cfg.tiny))
+    tokenizer = models.load_tokenizer(path, model_cfg)
+    reference = models.load_causal_lm(path, tokenizer, model_cfg).eval()
+    policy = copy.deepcopy(reference).train()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+            for r in sort_digits.generate(4, seed=3)]
+    return SimpleNamespace(path=path, tokenizer=tokenizer, reference=reference, policy=policy,
+                           rows=rows)
+
+
+def tiny_groups(cfg):
+    """The tiny Llama of `cfg.model` (seeded random weights, dropout off), its tokenizer, and
+    `sample(group_size)`: 3 prompts x 4 completions sampled with a fixed seed (8 new tokens)."""
+    import torch
+
+    from rlhf_exp.modeling import models
+    from rlhf_exp.rl import rollout
+    from rlhf_exp.rl.generation import GenerationConfig
+    from rlhf_exp.training import engine
+
+    path = models.resolve_base_path(cfg.model)
+    tok = models.load_tokenizer(path, cfg.model)
+    model = engine.disable_dropout(models.load_causal_lm(path, tok, cfg.model))
+    rows = [{"prompt": f"sort:{d}="} for d in ("52813", "31", "9876543")]
+    ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    gen = GenerationConfig(max_new_tokens=8, compile="none", use_static_cache=False)
+
+    def sample(group_size: int):
+        return rollout.sample(model, tok, [r for r in rows for _ in range(4)],
+                              [p for p in ids for _ in range(4)], gen,
+                              generator=torch.Generator().manual_seed(0), synced_gpus=False,
+                              device=torch.device("cpu"), group_size=group_size)
+    return model, tok, sample
+
+
 def assert_one_line_exit_2(proc, needle: str) -> None:
     """A refused command: exit 2, one stderr line `rlhf-exp: error: ...` holding `needle`, no
     traceback."""

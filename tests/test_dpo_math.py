@@ -13,6 +13,7 @@ import torch
 
 from rlhf_exp.config import DPO_LOSS_TYPES
 from rlhf_exp.rl import dpo_math
+from tests.conftest import perturbed_pair_models
 
 
 def _logsig(x: float) -> float:
@@ -142,25 +143,12 @@ def parity_setup():
     """The tiny model (the reference) and a policy 0.05-perturbed from it, 4 sort pairs, and
     our collated batch with the reference's log-probs."""
     pytest.importorskip("trl")
-    from omegaconf import OmegaConf
-
-    from rlhf_exp.config import ModelConfig, TinyModelConfig
     from rlhf_exp.data.tokenize import collate_dpo, tokenize_pairs
-    from rlhf_exp.modeling import models
     from rlhf_exp.stages.dpo import pair_logps
-    from rlhf_exp.tasks import sort_digits
 
-    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", tiny=TinyModelConfig()))
-    path = str(models.tiny_model_dir(model_cfg.tiny))
-    tokenizer = models.load_tokenizer(path, model_cfg)
-    reference = models.load_causal_lm(path, tokenizer, model_cfg).eval()
-    policy = copy.deepcopy(reference).train()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
-            for r in sort_digits.generate(4, seed=3)]
+    tiny = perturbed_pair_models()
+    path, tokenizer, reference, policy, rows = (tiny.path, tiny.tokenizer, tiny.reference,
+                                                tiny.policy, tiny.rows)
     feats, _ = tokenize_pairs(rows, tokenizer, "{prompt}", 32, 48)
     batch = collate_dpo(feats, tokenizer.pad_token_id)
     with torch.no_grad():

@@ -20,13 +20,12 @@ from rlhf_exp.config import ConfigError
 from rlhf_exp.errors import UserError
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import ppo_math, rollout
-from rlhf_exp.rl.generation import GenerationConfig
 from rlhf_exp.stages import eval as eval_stage
 from rlhf_exp.stages import grpo, pipeline
 from rlhf_exp.tasks import sort_digits
-from rlhf_exp.training import checkpoint, engine, resume, runtime
+from rlhf_exp.training import checkpoint, resume, runtime
 from rlhf_exp.training.wandb_reader import read_runs
-from tests.conftest import FAST, compose
+from tests.conftest import FAST, compose, tiny_groups
 
 # 4 prompts x 4 completions, two passes x two minibatches, the reference loaded (beta > 0),
 # clip-higher, zero-std groups filtered: every optional path of the update runs
@@ -140,19 +139,7 @@ def test_reward_model_alone_is_the_reward(sft_run, reward_dir, tmp_path):
 # ----------------------------------------------------------------------------- shared prompts
 def _groups():
     """A tiny Llama (seeded random weights) and 3 prompts x 4 sampled completions."""
-    cfg = compose("stage=grpo")
-    path = models.resolve_base_path(cfg.model)
-    tok = models.load_tokenizer(path, cfg.model)
-    model = engine.disable_dropout(models.load_causal_lm(path, tok, cfg.model))
-    rows = [{"prompt": f"sort:{d}="} for d in ("52813", "31", "9876543")]
-    ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    gen = GenerationConfig(max_new_tokens=8, compile="none", use_static_cache=False)
-
-    def sample(group_size: int) -> rollout.Trajectory:
-        return rollout.sample(model, tok, [r for r in rows for _ in range(4)],
-                              [p for p in ids for _ in range(4)], gen,
-                              generator=torch.Generator().manual_seed(0), synced_gpus=False,
-                              device=torch.device("cpu"), group_size=group_size)
+    model, _, sample = tiny_groups(compose("stage=grpo"))
     return model, sample
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from rlhf_exp.rl import dpo_math, kto_math
-from tests.conftest import assert_one_line_exit_2, compose
+from tests.conftest import assert_one_line_exit_2, compose, perturbed_pair_models
 
 BETA, GAMMA, ALPHA = 2.0, 0.7, 0.5  # SimPO-like beta (its paper uses 2-2.5), gamma, cpo_alpha
 
@@ -28,24 +28,7 @@ BETA, GAMMA, ALPHA = 2.0, 0.7, 0.5  # SimPO-like beta (its paper uses 2-2.5), ga
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny model (reference), a policy 0.05-perturbed from it, and 4 sort pairs."""
-    from omegaconf import OmegaConf
-
-    from rlhf_exp.config import ModelConfig, TinyModelConfig
-    from rlhf_exp.modeling import models
-    from rlhf_exp.tasks import sort_digits
-
-    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", tiny=TinyModelConfig()))
-    path = str(models.tiny_model_dir(model_cfg.tiny))
-    tokenizer = models.load_tokenizer(path, model_cfg)
-    reference = models.load_causal_lm(path, tokenizer, model_cfg).eval()
-    policy = copy.deepcopy(reference).train()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
-            for r in sort_digits.generate(4, seed=3)]
-    return SimpleNamespace(tokenizer=tokenizer, reference=reference, policy=policy, rows=rows)
+    return perturbed_pair_models()
 
 
 def _grads(model) -> dict[str, torch.Tensor]:

@@ -18,11 +18,10 @@ import torch
 from rlhf_exp.config import ConfigError
 from rlhf_exp.modeling import models
 from rlhf_exp.rl import grpo_math, packed_rows, ppo_math, rollout
-from rlhf_exp.rl.generation import GenerationConfig
 from rlhf_exp.stages import grpo, ppo
 from rlhf_exp.training import engine
 from rlhf_exp.training.wandb_reader import read_runs
-from tests.conftest import FAST, compose
+from tests.conftest import FAST, compose, tiny_groups
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -103,16 +102,8 @@ def _rollout(cfg):
     """The tiny Llama (seeded random weights, fp32) and a fixed rollout of 3 prompts x 4 sampled
     completions whose responses are cut at EOS at lengths 1 .. 8 (the random model rarely
     stops by itself): left-padded prompts of 3 lengths, ragged responses."""
-    path = models.resolve_base_path(cfg.model)
-    tok = models.load_tokenizer(path, cfg.model)
-    model = engine.disable_dropout(models.load_causal_lm(path, tok, cfg.model))
-    rows = [{"prompt": f"sort:{d}="} for d in ("52813", "31", "9876543")]
-    ids = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-    gen = GenerationConfig(max_new_tokens=8, compile="none", use_static_cache=False)
-    traj = rollout.sample(model, tok, [r for r in rows for _ in range(4)],
-                          [p for p in ids for _ in range(4)], gen,
-                          generator=torch.Generator().manual_seed(0), synced_gpus=False,
-                          device=torch.device("cpu"), group_size=4)
+    model, tok, sample = tiny_groups(cfg)
+    traj = sample(4)
     R = traj.response_mask.shape[1]
     P = traj.sequences.shape[1] - R
     lengths = [8, 3, 1, 6, 2, 8, 5, 4, 7, 1, 3, 8]
