@@ -67,6 +67,23 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 
 # the demo's data mix (conf/experiment/demo.yaml): the prompts its SFT policy never trained on
 DATA = ["data_mix.sources.0.synthetic.num_examples=40000"]
+# --model smollm2-135m: the instructions task, LoRA as conf/experiment/smollm2_instructions.yaml
+# (r 16, alpha 32, every linear layer); each stage gets the whole train-topic share (56 rows)
+REAL_LORA = {"r": 16, "alpha": 32}
+REAL_SPLIT = {"grpo": "[0,0,1]", "dpo": "[0,1,0]"}  # the PPO/GRPO share; the reward (pairs) share
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """The model and data mix overrides of every composed config of this bench."""
+    if not is_real(args):
+        return DATA
+    return [f"model={args.model}", "data_mix=instructions",
+            f"data_mix.split={REAL_SPLIT[args.algo]}", "model.lora.enabled=true",
+            f"model.lora.r={REAL_LORA['r']}", f"model.lora.alpha={REAL_LORA['alpha']}"]
+
+
+def is_real(args: argparse.Namespace) -> bool:
+    return args.model != "tiny"
 
 
 @dataclass
@@ -93,7 +110,7 @@ def compose(args: argparse.Namespace, *overrides: str):
     from rlhf_exp.cli import CONF_DIR, check
 
     base = [f"seed={args.seed}", f"hardware={'cpu' if args.device == 'cpu' else '1gpu'}",
-            "logger=none", "experiment_name=bench_vs_trl", *DATA]
+            "logger=none", "experiment_name=bench_vs_trl", *data_overrides(args)]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose("config", overrides=[*base, *overrides])
     check(cfg)
@@ -107,13 +124,15 @@ def heldout_gold(policy, tokenizer, cfg, args: argparse.Namespace) -> float:
     from rlhf_exp.rl import evaluation
 
     rows = evaluation.heldout_rows(cfg, args.eval_prompts)
+    # the real model: its preset's held-out eval (T 0.7, top-p 0.9, a dynamic KV cache)
     gen = evaluation.GenerationConfig(max_new_tokens=args.new_tokens, do_sample=True,
-                                      temperature=1.0, compile="none")
+                                      temperature=args.temperature, top_p=args.top_p,
+                                      use_static_cache=not is_real(args), compile="none")
     policy.eval()
     with torch.no_grad():
         settings = evaluation.EvalSettings(gen=gen, template=cfg.model.prompt_template,
-                                           max_prompt_len=32, batch_size=64, seed=args.seed,
-                                           device=torch.device(args.device))
+                                           max_prompt_len=args.prompt_len, batch_size=64,
+                                           seed=args.seed, device=torch.device(args.device))
         metrics = evaluation.heldout_eval(policy, tokenizer, rows, settings, prefix="bench")
     return metrics["bench/eval_gold_reward"]
 
@@ -126,13 +145,59 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def start_path(args: argparse.Namespace, cfg) -> str:
+    """The starting policy: --sft, else the model preset's base (as `model=NAME` resolves it)."""
+    from rlhf_exp.modeling import models
+
+    return args.sft or models.resolve_base_path(cfg.model)
+
+
+def init_override(key: str, args: argparse.Namespace) -> list[str]:
+    """Our stage's starting policy: --sft, else null (= the model preset's base)."""
+    return [f"{key}={args.sft}"] if args.sft else []
+
+
+def load_start(args: argparse.Namespace, cfg):
+    """(tokenizer, starting policy in fp32 on the device) loaded as our stages load it: the same
+    tokenizer (a distinct pad token added) and embeddings for both frameworks."""
+    from rlhf_exp.modeling import models
+
+    path = start_path(args, cfg)
+    tokenizer = models.load_tokenizer(path, cfg.model)
+    return tokenizer, models.load_causal_lm(path, tokenizer, cfg.model, "fp32").to(args.device)
+
+
+def trl_lora(cfg):
+    """TRL's peft_config: our model.lora (r, alpha, dropout, target modules) as peft builds it
+    for us (rlhf_exp.modeling.models.apply_lora); None when LoRA is off."""
+    if not cfg.model.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = list(cfg.model.lora.target_modules)
+    return LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha,
+                      lora_dropout=cfg.model.lora.dropout, task_type="CAUSAL_LM",
+                      target_modules="all-linear" if targets == ["all-linear"] else targets)
+
+
+def real_overrides(args: argparse.Namespace, stage: str) -> list[str]:
+    """The real model's prompt length and sampling (its preset's) for our stage; none for tiny."""
+    if not is_real(args):
+        return []
+    out = [f"{stage}.max_prompt_len={args.prompt_len}"]
+    if stage == "grpo":
+        out += [f"grpo.generation.temperature={args.temperature}",
+                f"grpo.generation.top_p={args.top_p}"]
+    return out
+
+
 # ----------------------------------------------------------------------------- GRPO
 def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
-    from rlhf_exp.modeling import models
     from rlhf_exp.stages import grpo
 
     t0 = time.perf_counter()
-    cfg = compose(args, "stage=grpo", f"grpo.actor_init={args.sft}", f"grpo.steps={args.steps}",
+    cfg = compose(args, "stage=grpo", *init_override("grpo.actor_init", args),
+                  f"grpo.steps={args.steps}",
                   f"grpo.prompts_per_step={args.prompts}",
                   f"grpo.num_generations={args.generations}",
                   f"grpo.micro_batch_size_per_device={args.prompts * args.generations}",
@@ -141,9 +206,8 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
                   "grpo.loss_agg=token_mean", "grpo.scale_rewards=group", "grpo.epsilon=0.2",
                   "grpo.eval_every=0", "grpo.eval_num_prompts=1",  # evaluated here instead
                   "grpo.save_every=0",  # as TRL's save_strategy="no"
-                  "logger.log_checkpoints=false", *args.ours_set)
-    tokenizer = models.load_tokenizer(args.sft, cfg.model)
-    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+                  "logger.log_checkpoints=false", *real_overrides(args, "grpo"), *args.ours_set)
+    tokenizer, start = load_start(args, cfg)
     init_gold = heldout_gold(start, tokenizer, cfg, args)
     del start
     actor, _, result = grpo.train(cfg, work / "ours")
@@ -154,34 +218,62 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
                   peak_memory_mib(args.device), init_gold, gold)
 
 
+def check_prompt_ids(trainer, tokenizer, cfg, rows: list[dict], max_prompt_len: int) -> None:
+    """TRL's token ids of every prompt equal ours (data.tokenize.prompt_ids), none of them cut."""
+    from rlhf_exp.data.tokenize import prompt_ids, row_messages
+
+    ours = [prompt_ids(tokenizer, r, cfg.model.prompt_template, max_prompt_len) for r in rows]
+    theirs = trainer._tokenize_prompts([row_messages(r) for r in rows])[0]
+    assert [list(t) for t in theirs] == ours, "TRL renders the prompts differently from ours"
+    longest = max(len(t) for t in theirs)
+    assert longest <= max_prompt_len, f"a prompt of {longest} tokens would be cut"
+    print(f"# prompt ids: TRL's equal ours on all {len(rows)} prompts (longest {longest} tokens, "
+          f"none cut); first: {tokenizer.decode(ours[0])!r}", flush=True)
+
+
 def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from rlhf_exp import tasks
     from rlhf_exp.data import build_stage_data
+    from rlhf_exp.data.tokenize import row_messages
     from rlhf_exp.modeling import models
 
     t0 = time.perf_counter()
     cfg = compose(args, "stage=grpo")
     rows = build_stage_data(cfg.data_mix, "ppo", args.seed).train
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "task": r["task"]} for r in rows])
-    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    if is_real(args):
+        # conversational prompts: TRL's chat template renders what ours renders (checked below)
+        dataset = Dataset.from_list([{"prompt": row_messages(r), "raw_prompt": r["prompt"],
+                                      "task": r["task"]} for r in rows])
+    else:
+        dataset = Dataset.from_list([{"prompt": r["prompt"], "raw_prompt": r["prompt"],
+                                      "task": r["task"]} for r in rows])
+    # the real model: loaded as ours loads it (its base has no pad token: ours adds one); the
+    # tiny path: TRL loads the SFT checkpoint itself
+    tokenizer, model = load_start(args, cfg) if is_real(args) else (None, args.sft)
+    tokenizer = tokenizer or models.load_tokenizer(args.sft, cfg.model)
 
-    def gold_reward(prompts, completions, task, **_):
-        return tasks.gold_reward_fn(prompts, completions, task=task)
+    def gold_reward(prompts, completions, task, raw_prompt, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return tasks.gold_reward_fn(raw_prompt, texts, task=task)
 
     config = GRPOConfig(
         output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         per_device_train_batch_size=args.prompts * args.generations,
         gradient_accumulation_steps=1, num_generations=args.generations,
-        max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, beta=args.beta,
+        max_completion_length=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+        beta=args.beta,
         epsilon=0.2, scale_rewards="group", loss_type="dapo", num_iterations=1,
         logging_steps=10, save_strategy="no", report_to="none", seed=args.seed,
         use_cpu=args.device == "cpu", bf16=False, disable_dropout=True)
-    trainer = GRPOTrainer(model=args.sft, reward_funcs=gold_reward, args=config,
-                          train_dataset=dataset, processing_class=tokenizer)
+    trainer = GRPOTrainer(model=model, reward_funcs=gold_reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=trl_lora(cfg))
+    if is_real(args):
+        check_prompt_ids(trainer, tokenizer, cfg, rows, args.prompt_len)
     init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
     trainer.model.train()
     t1 = time.perf_counter()
@@ -193,12 +285,13 @@ def run_trl_grpo(args: argparse.Namespace, work: Path) -> Result:
 
 
 # ----------------------------------------------------------------------------- DPO
-def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
-    from rlhf_exp.modeling import models
+def run_ours_dpo(args: argparse.Namespace, work: Path, *extra: str,
+                 name: str = "ours") -> Result:
     from rlhf_exp.stages import dpo
 
     t0 = time.perf_counter()
-    cfg = compose(args, "stage=dpo", f"dpo.init_from={args.sft}", f"dpo.max_steps={args.steps}",
+    cfg = compose(args, "stage=dpo", *init_override("dpo.init_from", args),
+                  f"dpo.max_steps={args.steps}",
                   f"dpo.micro_batch_size_per_device={args.pairs}",
                   "dpo.gradient_accumulation_steps=1", f"dpo.lr={args.lr}",
                   "dpo.lr_scheduler=constant", "dpo.warmup_steps=0", f"dpo.beta={args.beta}",
@@ -206,16 +299,30 @@ def run_ours_dpo(args: argparse.Namespace, work: Path) -> Result:
                   f"dpo.max_len={args.max_len}",
                   "dpo.eval_every=0", "dpo.log_every=10",
                   "ppo.eval_num_prompts=1",  # its own held-out gold: evaluated here instead
-                  "logger.log_checkpoints=false", *args.ours_set)
-    tokenizer = models.load_tokenizer(args.sft, cfg.model)
-    start = models.load_causal_lm(args.sft, tokenizer, cfg.model, "fp32").to(args.device)
+                  "logger.log_checkpoints=false", *real_overrides(args, "dpo"), *extra,
+                  *args.ours_set)
+    tokenizer, start = load_start(args, cfg)
     init_gold = heldout_gold(start, tokenizer, cfg, args)
     del start
     policy, _, result = dpo.train(cfg, work / "ours")
     gold = heldout_gold(policy.module, tokenizer, cfg, args)
     m = result.metrics
-    return Result("ours", "dpo", args.steps * args.pairs, m["perf/reference_s"] + m["perf/loop_s"],
+    return Result(name, "dpo", args.steps * args.pairs, m["perf/reference_s"] + m["perf/loop_s"],
                   time.perf_counter() - t0, peak_memory_mib(args.device), init_gold, gold)
+
+
+def run_ours_padded_dpo(args: argparse.Namespace, work: Path) -> Result:
+    """Ours without packing: each micro-batch's pairs right-padded to its longest."""
+    return run_ours_dpo(args, work, "dpo.packing=false", name="ours_padded")
+
+
+def check_pair_lengths(trainer, max_len: int) -> None:
+    """Whether TRL's tokenized pairs fit max_length (keep_start cuts the end of longer ones)."""
+    data = trainer.train_dataset
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in
+                  zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    print(f"# pairs: {len(data)}, longest prompt + answer {longest} tokens "
+          f"({'none cut' if longest <= max_len else 'cut at ' + str(max_len)})", flush=True)
 
 
 def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Result:
@@ -223,14 +330,22 @@ def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Resu
     from trl import DPOConfig, DPOTrainer
 
     from rlhf_exp.data import build_stage_data
+    from rlhf_exp.data.tokenize import row_messages
     from rlhf_exp.modeling import models
 
     t0 = time.perf_counter()
     cfg = compose(args, "stage=dpo")
     rows = build_stage_data(cfg.data_mix, "reward", args.seed).train
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                 for r in rows])
-    tokenizer = models.load_tokenizer(args.sft, cfg.model)
+    if is_real(args):  # conversational: the chat template renders prompt and answers
+        dataset = Dataset.from_list([
+            {"prompt": row_messages(r),
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+        tokenizer, model = load_start(args, cfg)
+    else:
+        dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                     for r in rows])
+        tokenizer, model = models.load_tokenizer(args.sft, cfg.model), args.sft
     config = DPOConfig(
         output_dir=str(work / "trl"), max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
@@ -252,8 +367,10 @@ def _run_trl_dpo(args: argparse.Namespace, work: Path, precompute: bool) -> Resu
         return out
 
     DPOTrainer._precompute_ref_logps = timed_pass
-    trainer = DPOTrainer(model=args.sft, args=config, train_dataset=dataset,
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, peft_config=trl_lora(cfg))
+    if is_real(args):
+        check_pair_lengths(trainer, args.max_len)
     t_ref = sum(ref_s)
     init_gold = heldout_gold(trainer.model, tokenizer, cfg, args)
     trainer.model.train()
@@ -275,13 +392,26 @@ def run_trl_precompute_dpo(args: argparse.Namespace, work: Path) -> Result:
 
 
 RUNNERS = {("ours", "grpo"): run_ours_grpo, ("trl", "grpo"): run_trl_grpo,
-           ("ours", "dpo"): run_ours_dpo, ("trl", "dpo"): run_trl_dpo,
+           ("ours", "dpo"): run_ours_dpo, ("ours_padded", "dpo"): run_ours_padded_dpo,
+           ("trl", "dpo"): run_trl_dpo,
            ("trl_precompute", "dpo"): run_trl_precompute_dpo}
-# per algorithm: the defaults of the options that differ (GRPO: TRL's beta 0 as in its docs;
-# DPO: TRL's beta 0.1 and our dpo defaults' lr)
-DEFAULTS = {"grpo": {"frameworks": "ours,trl", "steps": 30, "lr": 3e-4, "beta": 0.0},
-            "dpo": {"frameworks": "ours,trl,trl_precompute", "steps": 100, "lr": 1e-3,
-                    "beta": 0.1}}
+# per model and algorithm: the defaults of the options that differ. Tiny (the demo's SFT policy
+# on the sort task): GRPO with TRL's beta 0 as in its docs; DPO with TRL's beta 0.1 and our dpo
+# defaults' lr. SmolLM2 (its base instruct model on the instructions task): the settings of
+# conf/experiment/smollm2_instructions.yaml (4 prompts x 4 completions, 64 new tokens, T 0.7,
+# top-p 0.9, GRPO beta 0.04, lr 2e-4, prompts <= 64 tokens, DPO max_len 144), a few steps
+TINY = {"new_tokens": 12, "temperature": 1.0, "top_p": 1.0, "prompt_len": 32,
+        "eval_prompts": 256, "prompts": 8, "generations": 8, "pairs": 32, "max_len": 48}
+SMOLLM2 = {"new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "prompt_len": 64,
+           "eval_prompts": 64, "prompts": 4, "generations": 4, "pairs": 8, "max_len": 144}
+DEFAULTS = {("tiny", "grpo"): {**TINY, "frameworks": "ours,trl", "steps": 30, "lr": 3e-4,
+                               "beta": 0.0},
+            ("tiny", "dpo"): {**TINY, "frameworks": "ours,trl,trl_precompute", "steps": 100,
+                              "lr": 1e-3, "beta": 0.1},
+            ("smollm2-135m", "grpo"): {**SMOLLM2, "frameworks": "ours,trl", "steps": 6,
+                                       "lr": 2e-4, "beta": 0.04},
+            ("smollm2-135m", "dpo"): {**SMOLLM2, "frameworks": "ours,ours_padded,trl",
+                                      "steps": 20, "lr": 2e-4, "beta": 0.1}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -304,19 +434,32 @@ def child(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--algo", choices=sorted({a for _, a in RUNNERS}), default="grpo")
+    p.add_argument("--model", choices=sorted({m for m, _ in DEFAULTS}), default="tiny",
+                   help="tiny: the demo's SFT policy (--sft); smollm2-135m: its base instruct "
+                        "model (model=smollm2-135m), data_mix=instructions, LoRA r16")
     p.add_argument("--frameworks", help="comma-separated, run in order (grpo: ours,trl; dpo: "
-                                        "ours,trl,trl_precompute)")
-    p.add_argument("--sft", required=True, help="the starting policy (SFT checkpoint or run dir)")
-    p.add_argument("--steps", type=int, help="optimizer steps (grpo: 30, dpo: 100)")
-    p.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per step")
-    p.add_argument("--generations", type=int, default=8, help="GRPO: completions per prompt")
-    p.add_argument("--pairs", type=int, default=32, help="DPO: preference pairs per step")
-    p.add_argument("--max-len", type=int, default=48, help="DPO: max prompt + response tokens")
-    p.add_argument("--new-tokens", type=int, default=12,
-                   help="max completion tokens (GRPO's training and both evals)")
-    p.add_argument("--lr", type=float, help="constant learning rate (grpo: 3e-4, dpo: 1e-3)")
-    p.add_argument("--beta", type=float, help="KL / DPO beta (grpo: 0, dpo: 0.1)")
-    p.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts")
+                                        "ours,trl,trl_precompute; smollm2 dpo: "
+                                        "ours,ours_padded,trl)")
+    p.add_argument("--sft", help="the starting policy (SFT checkpoint or run dir); required "
+                                 "for tiny, else the model's base")
+    p.add_argument("--steps", type=int, help="optimizer steps (grpo: 30, dpo: 100; smollm2: "
+                                             "6, 20)")
+    p.add_argument("--prompts", type=int, help="GRPO: prompts per step (8; smollm2: 4)")
+    p.add_argument("--generations", type=int, help="GRPO: completions per prompt (8; smollm2: 4)")
+    p.add_argument("--pairs", type=int, help="DPO: preference pairs per step (32; smollm2: 8)")
+    p.add_argument("--max-len", type=int, help="DPO: max prompt + response tokens (48; "
+                                               "smollm2: 144)")
+    p.add_argument("--new-tokens", type=int,
+                   help="max completion tokens (GRPO's training and both evals; 12; smollm2: 64)")
+    p.add_argument("--temperature", type=float, help="sampling T (GRPO and evals; 1; smollm2: "
+                                                     "0.7)")
+    p.add_argument("--top-p", type=float, help="sampling top-p (1; smollm2: 0.9)")
+    p.add_argument("--prompt-len", type=int, help="max prompt tokens (32; smollm2: 64)")
+    p.add_argument("--lr", type=float, help="constant learning rate (grpo: 3e-4, dpo: 1e-3; "
+                                            "smollm2: 2e-4)")
+    p.add_argument("--beta", type=float, help="KL / DPO beta (grpo: 0, dpo: 0.1; smollm2 grpo: "
+                                              "0.04)")
+    p.add_argument("--eval-prompts", type=int, help="held-out prompts (256; smollm2: all 64)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -325,12 +468,15 @@ def main() -> None:
                         "grpo.actor.zero_stage=0, dpo.micro_batch_size_per_device=16")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    for key, value in DEFAULTS[args.algo].items():
+    for key, value in DEFAULTS[(args.model, args.algo)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if not args.sft and not is_real(args):
+        p.error("--sft is required with --model tiny (the demo's SFT checkpoint or run dir)")
     from rlhf_exp.training.tracking import resolve_init
 
-    args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
+    if args.sft:
+        args.sft = str(resolve_init(args.sft)[0])  # a run dir -> its final checkpoint
     if args.child:
         return child(args)
 
@@ -353,8 +499,11 @@ def main() -> None:
               f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     shape = (f"{args.prompts} prompts x {args.generations} completions, {args.new_tokens} new "
              "tokens" if args.algo == "grpo" else f"{args.pairs} pairs, max_len {args.max_len}")
-    print(f"\n# {args.algo}: {args.steps} steps x {shape}, lr {args.lr}, beta {args.beta}; "
-          f"{device}; held-out gold on {args.eval_prompts} prompts (T=1, seed {args.seed})")
+    start = args.sft or f"{args.model} base"
+    print(f"\n# {args.algo}: {args.steps} steps x {shape}, lr {args.lr}, beta {args.beta}, "
+          f"from {start}; {device}; held-out gold on {args.eval_prompts} prompts "
+          f"(T={args.temperature}, top-p {args.top_p}, {args.new_tokens} new tokens, "
+          f"seed {args.seed})")
     print(f"{'framework':<15} {unit:>14} {'loop s':>8} {'total s':>8} {'peak MiB':>9} "
           f"{'gold start':>10} {'gold end':>9}")
     for r in results:
