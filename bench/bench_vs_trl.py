@@ -486,6 +486,9 @@ def main() -> None:
         print(f"# running {framework} {args.algo} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        for line in proc.stdout.splitlines():  # the child's checks (prompt ids, pair lengths)
+            if line.startswith("# "):
+                print(line, flush=True)
         if proc.returncode != 0 or not lines:
             print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"{framework} {args.algo} failed (exit {proc.returncode})")
