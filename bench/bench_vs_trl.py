@@ -1,10 +1,29 @@
-"""Ours against TRL on the same tiny model, data, batch, lengths and step count.
+"""Ours against TRL on the same model, data, batch, lengths and step count.
 
     rlhf-exp experiment=demo 'stage.stages=[sft]' hydra.run.dir=outputs/demo_sft   # once
     pip install -e '.[bench]'                                         # TRL 1.16 (not a runtime dep)
     python bench/bench_vs_trl.py --algo grpo --sft outputs/demo_sft/sft --steps 30
     python bench/bench_vs_trl.py --algo dpo --sft outputs/demo_sft/sft --steps 100
     python bench/bench_vs_trl.py --algo grpo --sft <dir> --device cuda
+    rlhf-exp-fetch smollm2-135m                                       # once, the real model
+    OMP_NUM_THREADS=1 python bench/bench_vs_trl.py --model smollm2-135m --algo grpo --threads 1
+    OMP_NUM_THREADS=1 python bench/bench_vs_trl.py --model smollm2-135m --algo dpo --threads 1
+
+`--model tiny` (the default) is the demo's SFT policy (`--sft`) on the sort task. `--model
+smollm2-135m` starts from SmolLM2-135M-Instruct as `model=smollm2-135m` resolves it (`--sft`
+optional) on data_mix=instructions (docs/instructions.md) with the settings of
+conf/experiment/smollm2_instructions.yaml: LoRA r 16, alpha 32, dropout 0 on every linear layer
+in both frameworks (TRL: the same peft LoraConfig as models.apply_lora builds), prompts of at
+most 64 tokens rendered by the model's chat template (SmolLM2's ChatML with its default system
+prompt: TRL gets conversational rows, and its token ids of every prompt are checked equal to
+ours in the child), lr 2e-4 constant. GRPO: the task's checker as the reward function, 4
+prompts x 4 completions, 64 new tokens, T 0.7, top-p 0.9, beta 0.04 (the preset's: a reference
+in both; TRL's is the base with the adapter disabled, ours a frozen copy), 6 steps, from the
+whole train-topic share (56 prompts). DPO: all 56 checker-ranked train-topic pairs (the
+reward share set to the whole mix), 8 pairs a step, 20 steps, max_len 144 (the child prints
+the longest pair: nothing is cut), beta 0.1, frameworks `ours` (packing, the stage default),
+`ours_padded` (dpo.packing=false) and `trl`. The held-out eval is the preset's: all 64
+held-out-topic prompts, T 0.7, top-p 0.9, 64 new tokens, seeded, one function for both.
 
 Each framework x algorithm runs in its own child process (so peak memory is its own), one after
 the other, from the same SFT checkpoint; the parent prints one table. Per run:
@@ -19,10 +38,11 @@ the other, from the same SFT checkpoint; the parent prints one table. Per run:
     pass before the steps
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
-    (rlhf_exp.rl.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 from a
-    generator seeded with --seed, batch 64), and the starting policy's on the same prompts.
+    (rlhf_exp.rl.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 (the
+    real model: T 0.7, top-p 0.9) from a generator seeded with --seed, batch 64), and the
+    starting policy's on the same prompts.
 
-GRPO settings shared by both (TRL's names): num_generations, per-step prompts
+GRPO settings shared by both, on either model (TRL's names): num_generations, per-step prompts
 (generation_batch_size = prompts x num_generations), max_completion_length, learning_rate
 (constant schedule), beta (0: no reference model), epsilon 0.2, scale_rewards=group,
 loss_type=dapo (= our loss_agg=token_mean), one optimizer step per rollout, AdamW, grad clip 1.
@@ -145,6 +165,12 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def print_perf(metrics: dict) -> None:
+    """Where our loop's time went: the run's perf/* seconds (README's metrics table)."""
+    parts = {k: v for k, v in metrics.items() if k.startswith("perf/") and k.endswith("_s")}
+    print("# ours " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(parts.items())), flush=True)
+
+
 def start_path(args: argparse.Namespace, cfg) -> str:
     """The starting policy: --sft, else the model preset's base (as `model=NAME` resolves it)."""
     from rlhf_exp.modeling import models
@@ -211,6 +237,7 @@ def run_ours_grpo(args: argparse.Namespace, work: Path) -> Result:
     init_gold = heldout_gold(start, tokenizer, cfg, args)
     del start
     actor, _, result = grpo.train(cfg, work / "ours")
+    print_perf(result.metrics)
     gold = heldout_gold(actor.module, tokenizer, cfg, args)
     # perf/loop_s: the steps' wall time (rollout, experience, update), evals and saves left out
     return Result("ours", "grpo", args.steps * args.prompts * args.generations,
@@ -305,6 +332,7 @@ def run_ours_dpo(args: argparse.Namespace, work: Path, *extra: str,
     init_gold = heldout_gold(start, tokenizer, cfg, args)
     del start
     policy, _, result = dpo.train(cfg, work / "ours")
+    print_perf(result.metrics)
     gold = heldout_gold(policy.module, tokenizer, cfg, args)
     m = result.metrics
     return Result(name, "dpo", args.steps * args.pairs, m["perf/reference_s"] + m["perf/loop_s"],
