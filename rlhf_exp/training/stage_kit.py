@@ -176,7 +176,9 @@ def runner(stage: str, train: Callable[[DictConfig, Path], tuple]
             runtime.say(f"{stage}: {run_dir} has already finished (checkpoints/final); not "
                         "training again")
             return done
-        return train(cfg, run_dir)[2]
+        result = train(cfg, run_dir)[2]
+        engine.release_engines()  # the next stage in this process gets the memory back
+        return result
 
     run.__doc__ = f"Run stage {stage} in `run_dir` unless it has finished there."
     return run
