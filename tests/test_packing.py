@@ -258,22 +258,28 @@ def test_tree_eager_mask_equals_sdpa(row_tokens, monkeypatch):
 
 
 def test_tree_rows_cut_whole_groups_and_pad():
-    """tree_rows: whole groups per row within the budget (a longer one alone), rows padded to
-    the longest, pad positions attending only to themselves and seen by no real position;
-    src / tgt / owner are tree's, moved to the flattened rows."""
+    """tree_rows: whole groups per row within the budget, longest first (a longer one alone),
+    rows padded to the longest, pad positions attending only to themselves and seen by no real
+    position; every branch token keeps tree's token, position, predicting token and owner."""
+    assert packing.fill_rows([6, 4, 11, 3, 7], 10) == [[2], [3, 4], [0, 1]]
     prefixes, branches = [3, 2, 4], [[2, 1], [1, 1], [5, 2]]
     ids = torch.arange(1, 1 + sum(p + sum(b) for p, b in zip(prefixes, branches)))[None]
     one = packing.tree(ids, prefixes, branches)
     rows = packing.tree_rows(ids, prefixes, branches, row_tokens=10)
-    assert rows.input_ids.shape == (2, 11)  # groups of 6 + 4 tokens, then 11 alone
-    assert rows.input_ids[0, :10].tolist() == list(range(1, 11))
-    assert rows.input_ids[1].tolist() == list(range(11, 22))
-    pad = rows.allowed[0, 10]
-    assert pad.tolist() == [False] * 10 + [True] and not rows.allowed[0, :10, 10].any()
-    assert torch.equal(rows.input_ids.flatten()[rows.tgt], one.input_ids[0, one.tgt])
-    assert torch.equal(rows.position_ids.flatten()[rows.tgt], one.position_ids[0, one.tgt])
-    assert torch.equal(rows.owner, one.owner)
-    assert torch.equal(rows.allowed[1], one.allowed[10:, 10:])
+    assert rows.input_ids.shape == (2, 11)  # the group of 11 alone, then those of 6 + 4
+    assert rows.input_ids[0].tolist() == list(range(11, 22))
+    assert rows.input_ids[1, :10].tolist() == list(range(1, 11))
+    pad = rows.allowed[1, 10]
+    assert pad.tolist() == [False] * 10 + [True] and not rows.allowed[1, :10, 10].any()
+    assert torch.equal(rows.allowed[0], one.allowed[10:, 10:])
+    assert torch.equal(rows.allowed[1, :10, :10], one.allowed[:10, :10])
+
+    def branch_tokens(t: packing.Tree) -> list[tuple[int, ...]]:
+        flat_ids, flat_pos = t.input_ids.flatten(), t.position_ids.flatten()
+        return sorted(zip(t.owner.tolist(), flat_ids[t.tgt].tolist(),
+                          flat_pos[t.tgt].tolist(), flat_ids[t.src].tolist()))
+
+    assert branch_tokens(rows) == branch_tokens(one)
 
 
 # ----------------------------------------------------------------------------- the keys

@@ -67,11 +67,12 @@ PER_SEQUENCE = "packed_sdpa"
 # with the Tree's 4-D mask: the per-group calls cost more than the masked-out scores there
 # (measured on CPU: docs/benchmarks.md, Packing). Plain packed rows are always split.
 PER_SEQUENCE_MIN_MEAN = 32
-# those shorter groups go in rows of at most this many tokens (whole groups; a longer group
-# alone), batched padded under one [rows, L, L] mask: the masked attention costs rows x L^2
-# instead of T^2 for the whole micro-batch in one row (measured on CPU: docs/benchmarks.md,
-# "DPO against TRL with packing")
-TREE_ROW_TOKENS = 128
+# those shorter groups go in rows of at most this many tokens (whole groups, longest first; a
+# longer group alone), batched padded under one [rows, L, L] mask: the masked attention costs
+# rows x L^2 instead of T^2 for the whole micro-batch in one row (measured on CPU, the sort
+# task's ~23-token pairs: 48-128 within noise of each other, all faster than one row and than
+# the padded layout; docs/benchmarks.md "DPO against TRL with packing")
+TREE_ROW_TOKENS = 64
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -325,33 +326,51 @@ def tree(input_ids: torch.Tensor, prefix_lens: Sequence[int],
                 as_long(owner))
 
 
+def fill_rows(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Units of `sizes` tokens in rows of at most `row_tokens` (one longer unit alone): first
+    fit, longest first (ties in order), so the rows come out nearly equally full and a batch
+    of them wastes little on padding. Returns each row's unit indices, ascending."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        for r, u in enumerate(used):
+            if u + sizes[i] <= row_tokens:
+                rows[r].append(i)
+                used[r] += sizes[i]
+                break
+        else:
+            rows.append([i])
+            used.append(sizes[i])
+    return [sorted(r) for r in rows]
+
+
 def tree_rows(input_ids: torch.Tensor, prefix_lens: Sequence[int],
               branch_lens: Sequence[Sequence[int]], row_tokens: int) -> Tree:
     """The Tree of a row [1, T] (as `tree`) cut into rows of at most `row_tokens` tokens, whole
-    groups each (plan_microbatches), right-padded to the longest and stacked: `input_ids` and
+    groups each (fill_rows), right-padded to the longest and stacked: `input_ids` and
     `position_ids` [R, L], `allowed` [R, L, L] (a pad position attends to itself only, and
     nothing attends to it), `src` / `tgt` index the flattened [R * L] positions, `owner` counts
-    the branches over all rows as `tree` does."""
+    the branches of the groups in their order in `input_ids`, as `tree` does."""
     sizes = [p + sum(lens) for p, lens in zip(prefix_lens, branch_lens)]
-    plan = plan_microbatches(sizes, row_tokens)
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    plan = fill_rows(sizes, row_tokens)
     width = max(sum(sizes[g] for g in groups) for groups in plan)
     nb = len(branch_lens[0]) if branch_lens else 0
+    device = input_ids.device
     ids, positions, allowed, src, tgt, owner = [], [], [], [], [], []
-    start = 0
     for r, groups in enumerate(plan):
-        n = sum(sizes[g] for g in groups)
-        t = tree(input_ids[:, start:start + n], [prefix_lens[g] for g in groups],
-                 [branch_lens[g] for g in groups])
-        start += n
-        pad = width - n
+        row = torch.cat([input_ids[:, starts[g]:starts[g] + sizes[g]] for g in groups], dim=1)
+        t = tree(row, [prefix_lens[g] for g in groups], [branch_lens[g] for g in groups])
+        n, pad = row.shape[1], width - row.shape[1]
         ids.append(torch.nn.functional.pad(t.input_ids[0], (0, pad)))
         positions.append(torch.nn.functional.pad(t.position_ids[0], (0, pad)))
-        mask = torch.eye(width, dtype=torch.bool, device=input_ids.device)
+        mask = torch.eye(width, dtype=torch.bool, device=device)
         mask[:n, :n] = t.allowed
         allowed.append(mask)
         src.append(t.src + r * width)
         tgt.append(t.tgt + r * width)
-        owner.append(t.owner + groups[0] * nb)
+        index = torch.tensor(groups, dtype=torch.long, device=device)  # row group -> group
+        owner.append(index[t.owner // nb] * nb + t.owner % nb)
     return Tree(torch.stack(ids), torch.stack(positions), torch.stack(allowed),
                 torch.cat(src), torch.cat(tgt), torch.cat(owner))
 
