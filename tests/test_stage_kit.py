@@ -161,6 +161,7 @@ def test_a_finished_stage_leaves_no_engine_alive_for_the_next_stage(tmp_path):
 
     cfg = compose("stage=sft", "model=tiny-llama", "logger=none", "sft.max_steps=2",
                   "sft.eval_every=0", "data_mix.sources.0.synthetic.num_examples=200")
+    engine.release_engines()  # earlier tests' engines, if any
     before = _live_engines()
     eng, _, _ = sft.train(cfg, tmp_path / "train")  # the stage's steps alone: no release
     del eng
