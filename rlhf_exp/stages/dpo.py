@@ -136,10 +136,10 @@ def tree_pair_logps(model, batch: dict[str, torch.Tensor],
     for g0, g1, lo, hi in packing.chunk_ranges((P + C + R).tolist(), token_budget):
         prefixes = P[g0:g1].tolist()
         branches = [[c, r] for c, r in zip(C[g0:g1].tolist(), R[g0:g1].tolist())]
-        t = packing.tree(ids[:, lo:hi], prefixes, branches)
-        logits = model(**packing.tree_forward_kwargs(t, model, prefixes, branches)
-                       ).logits[0, t.src]  # [K, V]: predicts every response token
-        per_token = logprobs_from_logits(logits.unsqueeze(1), t.input_ids[0, t.tgt, None])[:, 0]
+        t, kwargs = packing.tree_forward(ids[:, lo:hi], model, prefixes, branches)
+        logits = model(**kwargs).logits.flatten(0, 1)[t.src]  # [K, V]: every response token
+        per_token = logprobs_from_logits(logits.unsqueeze(1),
+                                         t.input_ids.flatten()[t.tgt, None])[:, 0]
         n = 2 * (g1 - g0)  # sides of the chunk's pairs, pair by pair (chosen, rejected)
         sums = [torch.zeros(n, device=ids.device).index_add(0, t.owner, v)
                 for v in (per_token, torch.ones_like(per_token),

@@ -44,16 +44,18 @@ def packed_lm_step(eng, batch: dict[str, torch.Tensor],
     loss_sum = labels.new_zeros((), dtype=torch.float32)
     for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
         rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
-        logits = eng(**rows.forward_kwargs()).logits
         # HF's causal-LM loss: fp32 logits, position t predicts label t+1 (a sequence's first
-        # label is -100, so no position predicts across a boundary)
-        if weights is None:
-            loss_sum = loss_sum + F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
-                                                  ignore_index=-100, reduction="sum")
-        else:
-            per_token = F.cross_entropy(logits[0, :-1].float(), labels[lo + 1:hi],
-                                        ignore_index=-100, reduction="none")
-            loss_sum = loss_sum + (per_token * weights[s0 + rows.seq_ids[1:]]).sum()
+        # label is -100, so no position predicts across a boundary). The LM head runs only at
+        # the positions that predict a response token: with a 49k vocabulary the prompt's
+        # logits (a chat template's system prompt alone is 30 tokens) would be most of the
+        # step's memory and a large share of its compute, for nothing.
+        targets = labels[lo + 1:hi]
+        keep = (targets != -100).nonzero().squeeze(1)
+        logits = eng(**rows.forward_kwargs(), logits_to_keep=keep).logits[0]
+        per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        if weights is not None:
+            per_token = per_token * weights[s0 + rows.seq_ids[1:][keep]]
+        loss_sum = loss_sum + per_token.sum()
     if weights is not None:
         return loss_sum, {}
     return loss_sum / (labels != -100).sum().clamp(min=1), {}

@@ -8,6 +8,7 @@ JIT-compile for a minute on a CPU machine).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -73,6 +74,26 @@ def lr_lambda(name: str, warmup: int, total: int, min_ratio: float):
     return fn
 
 
+# Every engine built in this process and not yet released. A ZeRO engine's gradient hooks hold a
+# reference to it that Python's garbage collector cannot see, so an engine outlives its last
+# reference (weights, gradients and optimizer states: ~4x the trained weights) until destroy()
+# removes the hooks. That matters when several stages run in one process (pipeline, shoot-out).
+_LIVE: list[weakref.ref] = []
+
+
+def release_engines() -> int:
+    """Destroy every DeepSpeed engine built in this process since the last call (their hooks
+    removed, so their memory can be freed once nothing else refers to them); the count.
+    Their modules stay usable for inference."""
+    released = 0
+    while _LIVE:
+        engine = _LIVE.pop()()
+        if engine is not None:
+            engine.destroy()
+            released += 1
+    return released
+
+
 def build_train_engine(model, cfg: DictConfig, *, lr: float, weight_decay: float,
                        betas=(0.9, 0.95), eps: float = 1e-8, micro_batch_size: int,
                        grad_accum: int, max_grad_norm: float, scheduler: str, warmup_steps: int,
@@ -92,6 +113,7 @@ def build_train_engine(model, cfg: DictConfig, *, lr: float, weight_decay: float
                                  max_grad_norm=max_grad_norm, zero_stage=zero_stage)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                       config=ds_config)
+    _LIVE.append(weakref.ref(engine))
     return engine
 
 
@@ -110,6 +132,7 @@ def build_eval_engine(model, cfg: DictConfig, *, zero_stage: int | None = None):
                                  zero_stage=3)
     ds_config["zero_optimization"].pop("offload_optimizer", None)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    _LIVE.append(weakref.ref(engine))
     engine.module.eval()
     # DeepSpeed's ZeRO-3 parameter manager of this model (its hooks keep it alive anyway); kept
     # reachable so callers and tests can see where the partitions live (`.offload_device`)

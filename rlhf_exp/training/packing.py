@@ -28,7 +28,8 @@ The API (used by the supervised stages here and by the RL update):
     chunk_ranges(lengths, token_budget)        the packed forwards of one micro-batch
     tree(ids, prefix_lens, branch_lens)        groups as prefix + branches (a DPO pair: prompt,
                                                chosen, rejected; a GRPO group), branches masked
-                                               off each other; tree_forward_kwargs
+                                               off each other; tree_rows (the same, cut into
+                                               batched rows); tree_forward
     per_sequence_sdpa                          CPU attention: one causal sdpa call per sequence
                                                (measured faster than the block mask)
 
@@ -66,6 +67,12 @@ PER_SEQUENCE = "packed_sdpa"
 # with the Tree's 4-D mask: the per-group calls cost more than the masked-out scores there
 # (measured on CPU: docs/benchmarks.md, Packing). Plain packed rows are always split.
 PER_SEQUENCE_MIN_MEAN = 32
+# those shorter groups go in rows of at most this many tokens (whole groups, longest first; a
+# longer group alone), batched padded under one [rows, L, L] mask: the masked attention costs
+# rows x L^2 instead of T^2 for the whole micro-batch in one row (measured on CPU, the sort
+# task's ~23-token pairs: 48-128 within noise of each other, all faster than one row and than
+# the padded layout; docs/benchmarks.md "DPO against TRL with packing")
+TREE_ROW_TOKENS = 64
 
 
 def plan_microbatches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -319,17 +326,67 @@ def tree(input_ids: torch.Tensor, prefix_lens: Sequence[int],
                 as_long(owner))
 
 
+def fill_rows(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """Units of `sizes` tokens in rows of at most `row_tokens` (one longer unit alone): first
+    fit, longest first (ties in order), so the rows come out nearly equally full and a batch
+    of them wastes little on padding. Returns each row's unit indices, ascending."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        for r, u in enumerate(used):
+            if u + sizes[i] <= row_tokens:
+                rows[r].append(i)
+                used[r] += sizes[i]
+                break
+        else:
+            rows.append([i])
+            used.append(sizes[i])
+    return [sorted(r) for r in rows]
+
+
+def tree_rows(input_ids: torch.Tensor, prefix_lens: Sequence[int],
+              branch_lens: Sequence[Sequence[int]], row_tokens: int) -> Tree:
+    """The Tree of a row [1, T] (as `tree`) cut into rows of at most `row_tokens` tokens, whole
+    groups each (fill_rows), right-padded to the longest and stacked: `input_ids` and
+    `position_ids` [R, L], `allowed` [R, L, L] (a pad position attends to itself only, and
+    nothing attends to it), `src` / `tgt` index the flattened [R * L] positions, `owner` counts
+    the branches of the groups in their order in `input_ids`, as `tree` does."""
+    sizes = [p + sum(lens) for p, lens in zip(prefix_lens, branch_lens)]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    plan = fill_rows(sizes, row_tokens)
+    width = max(sum(sizes[g] for g in groups) for groups in plan)
+    nb = len(branch_lens[0]) if branch_lens else 0
+    device = input_ids.device
+    ids, positions, allowed, src, tgt, owner = [], [], [], [], [], []
+    for r, groups in enumerate(plan):
+        row = torch.cat([input_ids[:, starts[g]:starts[g] + sizes[g]] for g in groups], dim=1)
+        t = tree(row, [prefix_lens[g] for g in groups], [branch_lens[g] for g in groups])
+        n, pad = row.shape[1], width - row.shape[1]
+        ids.append(torch.nn.functional.pad(t.input_ids[0], (0, pad)))
+        positions.append(torch.nn.functional.pad(t.position_ids[0], (0, pad)))
+        mask = torch.eye(width, dtype=torch.bool, device=device)
+        mask[:n, :n] = t.allowed
+        allowed.append(mask)
+        src.append(t.src + r * width)
+        tgt.append(t.tgt + r * width)
+        index = torch.tensor(groups, dtype=torch.long, device=device)  # row group -> group
+        owner.append(index[t.owner // nb] * nb + t.owner % nb)
+    return Tree(torch.stack(ids), torch.stack(positions), torch.stack(allowed),
+                torch.cat(src), torch.cat(tgt), torch.cat(owner))
+
+
 def partial_tensor(device: torch.device):
     return lambda values: torch.tensor(values, dtype=torch.long, device=device)
 
 
 def attention_mask_4d(allowed: torch.Tensor, model, dtype: torch.dtype) -> torch.Tensor:
-    """`allowed` [T, T] as the 4-D mask transformers passes through unchanged to attention:
-    boolean for sdpa, additive (0 / dtype min) for eager."""
+    """`allowed` [T, T] (or [R, T, T]: a batch of rows) as the 4-D mask transformers passes
+    through unchanged to attention: boolean for sdpa, additive (0 / dtype min) for eager."""
+    allowed = allowed if allowed.dim() == 3 else allowed[None]
     if attention(model) in ("sdpa", PER_SEQUENCE):
-        return allowed[None, None]
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def attention(model) -> str:
@@ -426,27 +483,30 @@ def per_sequence_sdpa(module, query, key, value, attention_mask, dropout: float 
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def tree_forward_kwargs(tree_row: Tree, model, prefix_lens: Sequence[int],
-                        branch_lens: Sequence[Sequence[int]]) -> dict:
-    """A model forward's inputs for a Tree: under per_sequence_sdpa, where a group's two
-    segments average PER_SEQUENCE_MIN_MEAN tokens, the groups' bounds (`tree_segments` [G, 4]:
-    start, prefix, branch 1, branch 2), two sdpa calls per group and no T x T mask; otherwise
-    the 4-D mask (attention_mask_4d)."""
-    kwargs = {"input_ids": tree_row.input_ids, "position_ids": tree_row.position_ids,
-              "use_cache": False}
-    tokens = tree_row.input_ids.shape[1]
+def tree_forward(input_ids: torch.Tensor, model, prefix_lens: Sequence[int],
+                 branch_lens: Sequence[Sequence[int]]) -> tuple[Tree, dict]:
+    """The Tree of a row [1, T] of groups and a model forward's inputs for it; the forward's
+    logits flattened to [R * T', V] and indexed by `src` predict the branch tokens. Under
+    per_sequence_sdpa, where a group's two segments average PER_SEQUENCE_MIN_MEAN tokens: one
+    row, the groups' bounds (`tree_segments` [G, 4]: start, prefix, branch 1, branch 2), two
+    sdpa calls per group and no T x T mask; otherwise rows of at most TREE_ROW_TOKENS tokens
+    (tree_rows) under their 4-D mask (attention_mask_4d)."""
+    tokens = input_ids.shape[1]
     if attention(model) == PER_SEQUENCE and all(len(b) == 2 for b in branch_lens) and \
-            tokens >= PER_SEQUENCE_MIN_MEAN * 2 * len(prefix_lens):  # else one masked call
+            tokens >= PER_SEQUENCE_MIN_MEAN * 2 * len(prefix_lens):  # else masked rows
+        tree_row = tree(input_ids, prefix_lens, branch_lens)
         rows, start = [], 0
         for p, (a, b) in zip(prefix_lens, branch_lens):
             rows.append([start, p, a, b])
             start += p + a + b
-        kwargs["tree_segments"] = torch.tensor(rows, device=tree_row.input_ids.device)
-        kwargs["attention_mask"] = None
-    else:
-        kwargs["attention_mask"] = attention_mask_4d(tree_row.allowed, model,
-                                                     param_dtype(model))
-    return kwargs
+        segments = torch.tensor(rows, device=input_ids.device)
+        return tree_row, {"input_ids": tree_row.input_ids, "position_ids": tree_row.position_ids,
+                          "use_cache": False, "tree_segments": segments, "attention_mask": None}
+    batched = tree_rows(input_ids, prefix_lens, branch_lens, TREE_ROW_TOKENS)
+    return batched, {"input_ids": batched.input_ids, "position_ids": batched.position_ids,
+                     "use_cache": False,
+                     "attention_mask": attention_mask_4d(batched.allowed, model,
+                                                         param_dtype(model))}
 
 
 def use_per_sequence_attention(model) -> bool:

@@ -19,6 +19,7 @@ prints the error line last, on its own line.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,14 @@ def runner(stage: str, train: Callable[[DictConfig, Path], tuple]
             runtime.say(f"{stage}: {run_dir} has already finished (checkpoints/final); not "
                         "training again")
             return done
-        return train(cfg, run_dir)[2]
+        try:
+            result = train(cfg, run_dir)[2]
+        except BaseException:
+            with contextlib.suppress(Exception):  # the run's own error is the one to show
+                engine.release_engines()
+            raise
+        engine.release_engines()  # the next stage in this process gets the memory back
+        return result
 
     run.__doc__ = f"Run stage {stage} in `run_dir` unless it has finished there."
     return run
