@@ -35,7 +35,9 @@ the other, from the same SFT checkpoint; the parent prints one table. Per run:
     `trainer.train()`, which here evaluates nothing and saves nothing (save_strategy "no").
     DPO's includes the reference log-probs: TRL computes them inside its steps (or, with
     precompute_ref_log_probs, in a pass before them: framework `trl_precompute`), we in one
-    pass before the steps
+    pass over the training pairs before the steps (`perf/reference_s`; the reference model's
+    load and its scoring of the held-out pairs are set-up and evaluation work, left out as
+    TRL's reference load is: `perf/reference_load_s`, `perf/reference_eval_s`)
   - peak memory: the child's peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA
   - held-out gold reward after the steps: the same function for both frameworks
     (rlhf_exp.rl.evaluation.heldout_eval: the data_mix's held-out prompts, sampled at T=1 (the

@@ -5,7 +5,8 @@
 
 Runs one bench_vs_trl.py DPO child (100 steps x 32 pairs, --threads 1, its defaults) in this
 process and adds up the process CPU time (time.process_time) of the same part its wall clock
-covers: ours, the reference pass and the training loop less its held-out pair evals; TRL,
+covers: ours, the reference pass over the training pairs (perf/reference_s: not the model's
+load, not the held-out pairs) and the training loop less its held-out pair evals; TRL,
 trainer.train() and its precompute pass. On a box where other jobs compete for the cores, wall
 seconds swing with their load while CPU seconds barely move (docs/benchmarks.md, "DPO against
 TRL with packing"). Prints the child's RESULT line, then `pairs per CPU-second`.
@@ -49,7 +50,13 @@ def main() -> None:
         from rlhf_exp.stages import dpo
         from rlhf_exp.training import train_loop
 
-        dpo.reference_pass = timed(dpo.reference_pass, "timed")
+        original, scoring, calls = dpo.reference_logps, timed(dpo.reference_logps, "timed"), []
+
+        def training_pairs_only(*a, **kw):  # score_with_reference scores them first
+            calls.append(1)
+            return (scoring if len(calls) == 1 else original)(*a, **kw)
+
+        dpo.reference_logps = training_pairs_only
         train_loop.train = timed(train_loop.train, "timed")
         dpo.evaluate = timed(dpo.evaluate, "excluded")  # called inside the loop, not timed
     else:

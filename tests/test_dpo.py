@@ -78,6 +78,9 @@ def test_wandb_run_holds_the_metrics_gold_before_after_and_artifact(sft_dpo):
     assert m["dpo/init_eval_gold_reward"] == pytest.approx(init)
     assert m["dpo/eval_gold_reward"] == pytest.approx(final)
     assert run.summary["dpo/reference_pairs"] == 64  # 8 steps x 8 pairs, no pair twice
+    # the reference's seconds, split: the training pairs, the held-out pairs, its load
+    for key in ("perf/reference_s", "perf/reference_eval_s", "perf/reference_load_s"):
+        assert run.summary[key] > 0 and m[key] == pytest.approx(run.summary[key]), key
     models = [a for a in run.artifacts if a["type"] == "model"]
     assert models and models[0]["name"].startswith("default-dpo-model")
     assert "final" in models[0]["aliases"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -116,12 +117,17 @@ def packed_pair_logps(model, batch: dict[str, torch.Tensor],
     parts = []
     for s0, s1, lo, hi in packing.chunk_ranges(lengths.tolist(), token_budget):
         rows = packing.from_flat(batch["input_ids"][:, lo:hi], lengths[s0:s1])
-        logits = model(**rows.forward_kwargs()).logits
-        per_token = packing.next_token_logps(logits, rows)  # position t predicts token t+1
-        m = mask[lo + 1:hi].to(per_token.dtype)
-        mean_logit = logits[0, :-1].detach().float().mean(-1)
-        parts.append([packing.sequence_sums(v, rows, shift=1)
-                      for v in (per_token * m, m, mean_logit * m)])
+        # the LM head only at the positions t that predict a response token t+1 (a sequence's
+        # first token has mask 0, so none predicts across a boundary): with a 49k vocabulary
+        # the prompts' logits would be a fifth of the forward, for nothing
+        keep = mask[lo + 1:hi].nonzero().squeeze(1)
+        logits = model(**rows.forward_kwargs(), logits_to_keep=keep).logits[0]  # [K, V]
+        per_token = logprobs_from_logits(logits.unsqueeze(1),
+                                         rows.input_ids[0, keep + 1, None])[:, 0]
+        owner = rows.seq_ids[keep + 1]
+        parts.append([torch.zeros(rows.num_seqs, device=per_token.device).index_add(0, owner, v)
+                      for v in (per_token, torch.ones_like(per_token),
+                                logits.detach().float().mean(-1))])
     return dpo_math.SequenceLogps(*(torch.cat(p) for p in zip(*parts)))
 
 
@@ -137,7 +143,11 @@ def tree_pair_logps(model, batch: dict[str, torch.Tensor],
         prefixes = P[g0:g1].tolist()
         branches = [[c, r] for c, r in zip(C[g0:g1].tolist(), R[g0:g1].tolist())]
         t, kwargs = packing.tree_forward(ids[:, lo:hi], model, prefixes, branches)
-        logits = model(**kwargs).logits.flatten(0, 1)[t.src]  # [K, V]: every response token
+        if "tree_segments" in kwargs:  # one row: the LM head only where a response token is
+            logits = model(**kwargs, logits_to_keep=t.src).logits[0]  # predicted, not prompts
+        else:  # batched rows: each row's positions differ, and logits_to_keep is one for all
+            logits = model(**kwargs).logits.flatten(0, 1)[t.src]
+        # logits [K, V]: the positions predicting every response token
         per_token = logprobs_from_logits(logits.unsqueeze(1),
                                          t.input_ids.flatten()[t.tgt, None])[:, 0]
         n = 2 * (g1 - g0)  # sides of the chunk's pairs, pair by pair (chosen, rejected)
@@ -274,17 +284,38 @@ def with_reference(features: list[dict], indices: list[int], values: torch.Tenso
     return out
 
 
+@dataclass
+class ReferenceScores:
+    """What score_with_reference returns: each set's features with the reference log-probs, and
+    the seconds it took, split so that a throughput figure can count the training rows' pass
+    alone (perf/reference_s): loading the model and scoring the held-out rows are set-up and
+    evaluation work, as the policy's load and the evals are left out of perf/loop_s."""
+
+    sets: list[list[dict]]
+    load_s: float = 0.0
+    score_s: list[float] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """perf/reference_s (the training rows: the first set), perf/reference_eval_s (the
+        held-out rows: the second), perf/reference_load_s (building the frozen model)."""
+        train_s, eval_s = (self.score_s + [0.0, 0.0])[:2]
+        return {"perf/reference_s": train_s, "perf/reference_eval_s": eval_s,
+                "perf/reference_load_s": self.load_s}
+
+
 def reference_pass(cfg: DictConfig, reference_path: str, tokenizer, batches, train_set: list,
-                   eval_set: list, device: torch.device, collate) -> tuple[list, list, list]:
-    """(train features, eval features, the training pairs scored): the reference's pass over
-    the pairs the run draws and every held-out pair; none with no reference (simpo)."""
+                   eval_set: list, device: torch.device, collate
+                   ) -> tuple[ReferenceScores, list]:
+    """(the train and eval features with reference log-probs, and the seconds; the training
+    pairs scored): the reference's pass over the pairs the run draws and every held-out pair;
+    none with no reference (simpo)."""
     if not reference_path:
-        return without_reference(train_set), without_reference(eval_set), []
+        return ReferenceScores([without_reference(train_set), without_reference(eval_set)]), []
     used = pairs_used(batches.sampler, batches.total_steps)
-    train_set, eval_set = score_with_reference(
-        cfg, reference_path, tokenizer,
-        [(train_set, used), (eval_set, list(range(len(eval_set))))], device, collate)
-    return train_set, eval_set, used
+    scores = score_with_reference(cfg, reference_path, tokenizer,
+                                  [(train_set, used), (eval_set, list(range(len(eval_set))))],
+                                  device, collate)
+    return scores, used
 
 
 def without_reference(features: list[dict]) -> list[dict]:
@@ -295,21 +326,25 @@ def without_reference(features: list[dict]) -> list[dict]:
 
 def score_with_reference(cfg: DictConfig, path: str, tokenizer, sets: list[tuple[list, list]],
                          device: torch.device, collate, micro_batch_size: int | None = None
-                         ) -> list[list[dict]]:
+                         ) -> ReferenceScores:
     """Load the frozen reference from `path` (dropout off; ZeRO-3 partitions it when the run is
     ZeRO-3), run the precomputed pass over each (features, indices) of `sets` (batches of
     `micro_batch_size`, default dpo.micro_batch_size_per_device; stage=kto passes its own),
     free it."""
+    t0 = time.perf_counter()
     model = models.load_causal_lm(path, tokenizer, cfg.model, cfg.hardware.precision)
     if cfg.dpo.packing and packing.supports_packing(model):  # as the policy (dpo_collate)
         packing.use_per_sequence_attention(model)
     reference = engine.build_frozen(model, cfg, zero_stage=cfg.zero_stage.stage, offload=False)
     micro = micro_batch_size or cfg.dpo.micro_batch_size_per_device
-    out = [with_reference(feats, idx, reference_logps(reference, feats, idx, micro, collate,
-                                                      device))
-           for feats, idx in sets]
+    scores = ReferenceScores([], load_s=time.perf_counter() - t0)
+    for feats, idx in sets:
+        t0 = time.perf_counter()
+        values = reference_logps(reference, feats, idx, micro, collate, device)
+        scores.sets.append(with_reference(feats, idx, values))
+        scores.score_s.append(time.perf_counter() - t0)
     del reference, model
-    return out
+    return scores
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -348,10 +383,9 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
 
         # --- the reference pass: every pair the run trains on and every held-out pair, once
         # (none for a reference-free loss: simpo loads and scores no reference model)
-        t0 = time.perf_counter()
-        train_set, eval_set, used = reference_pass(cfg, reference_path, tokenizer, batches,
-                                                   train_set, eval_set, run.device, collate)
-        reference_s = time.perf_counter() - t0
+        scores, used = reference_pass(cfg, reference_path, tokenizer, batches, train_set,
+                                      eval_set, run.device, collate)
+        train_set, eval_set = scores.sets
         batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=feed)
 
         # --- DeepSpeed engine
@@ -362,13 +396,14 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                     f"skipped), {batches.describe('pairs')}{packing.describe(False, budget)}, "
                     f"loss {dc.loss_type} beta {dc.beta}; "
                     f"reference {reference_path or 'none'} scored {len(used)} + "
-                    f"{len(eval_set) if reference_path else 0} pairs in {reference_s:.1f} s; "
+                    f"{len(eval_set) if reference_path else 0} pairs in "
+                    f"{sum(scores.score_s):.1f} s; "
                     f"{trainable:,}/{total:,} trainable params, zero stage "
                     f"{cfg.zero_stage.stage}")
         tracker.summary({"dpo/global_batch_size": batches.global_batch,
                          "dpo/train_examples": len(train_set), "dpo/eval_examples": len(eval_set),
                          **overlong, "dpo/trainable_params": trainable,
-                         "dpo/reference_pairs": len(used), "perf/reference_s": reference_s})
+                         "dpo/reference_pairs": len(used), **scores.metrics()})
         init_gold = gold_evals.starting_gold("dpo", run, eng, tokenizer, gold_rows, overlong)
 
         # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
@@ -389,7 +424,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=dc.init_from,
                                        init_artifact=init_artifact,
                                        extra_metrics={**init_gold, **overlong,
-                                                      "perf/reference_s": reference_s,
+                                                      **scores.metrics(),
                                                       "perf/loop_s": state.loop_s})
         stage_kit.close(run, result, done_line(loop, state, result.metrics))
     return eng, tokenizer, result

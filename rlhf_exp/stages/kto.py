@@ -29,7 +29,6 @@ The steps, in order:
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 from pathlib import Path
 
@@ -134,13 +133,12 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         batches = stage_kit.global_batches(run, kc, train_set, collate, "training rows")
 
         # --- the reference pass: every row the run trains on and every held-out row, once
-        t0 = time.perf_counter()
         used = pairs_used(batches.sampler, batches.total_steps)
-        train_set, eval_set = score_with_reference(
+        scores = score_with_reference(
             cfg, reference_path, tokenizer,
             [(train_set, used), (eval_set, list(range(len(eval_set))))], run.device, collate,
             micro_batch_size=kc.micro_batch_size_per_device)
-        reference_s = time.perf_counter() - t0
+        train_set, eval_set = scores.sets
         batches.loader = DataLoader(train_set, batch_sampler=batches.sampler, collate_fn=collate)
 
         # --- DeepSpeed engine
@@ -150,13 +148,13 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
                     f"{len(eval_set)} eval rows ({dropped} dropped as over-long), "
                     f"{batches.describe('rows')}, beta {kc.beta}, weights "
                     f"{kc.desirable_weight}/{kc.undesirable_weight}; reference {reference_path} "
-                    f"scored {len(used)} + {len(eval_set)} rows in {reference_s:.1f} s; "
+                    f"scored {len(used)} + {len(eval_set)} rows in {sum(scores.score_s):.1f} s; "
                     f"{trainable:,}/{total:,} trainable params")
         logged = {"kto/dropped_overlong": dropped}
         tracker.summary({"kto/global_batch_size": batches.global_batch,
                          "kto/train_examples": len(train_set), "kto/eval_examples": len(eval_set),
                          "kto/desirable_examples": desirable, **logged,
-                         "kto/trainable_params": trainable, "perf/reference_s": reference_s})
+                         "kto/trainable_params": trainable, **scores.metrics()})
         init_gold = gold_evals.starting_gold("kto", run, eng, tokenizer, gold_rows, logged)
 
         # --- the optimizer-step loop (rlhf_exp/training/train_loop.py)
@@ -177,7 +175,7 @@ def train(cfg: DictConfig, run_dir: Path) -> tuple[object, object, runtime.Stage
         result = train_loop.save_final(eng, cfg, loop, state, tracker, init_from=kc.init_from,
                                        init_artifact=init_artifact,
                                        extra_metrics={**init_gold, **logged,
-                                                      "perf/reference_s": reference_s,
+                                                      **scores.metrics(),
                                                       "perf/loop_s": state.loop_s})
         stage_kit.close(run, result, done_line(loop, state, result.metrics))
     return eng, tokenizer, result

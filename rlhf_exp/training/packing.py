@@ -18,7 +18,6 @@ The API (used by the supervised stages here and by the RL update):
                                                .cut(step's micro-batches) -> weighted batches
     pack(seqs)                                 -> Packed(input_ids, position_ids, lengths, ...)
     Packed.forward_kwargs()                    what a model forward takes for a packed row
-    next_token_logps(logits, packed)           [T-1] log p(token t+1 | ..t), 0 across boundaries
     sequence_sums(values, packed)              [N] per-sequence sums of a per-position value
     last_token(values, packed)                 [N, ...] each sequence's value at its last token
     unpack(values, packed, pad)                [N, max_len, ...] right-padded, as a padded batch
@@ -36,7 +35,8 @@ The API (used by the supervised stages here and by the RL update):
 Positions: a packed row's position t belongs to sequence `packed.seq_ids[t]`; `starts[i]` is
 sequence i's first position. Per-token values "at position t predict token t+1" (next-token
 log-probs) are never read at a sequence's last position (it would predict the next sequence's
-first token); next_token_logps zeroes them.
+first token): the stages compute logits only at the positions that predict a response token
+(`logits_to_keep` as indices), and a sequence's first token is never one.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-
-from rlhf_exp.rl.ppo_math import logprobs_from_logits
 
 # model_type of the families whose forward hands its position_ids to masking_utils'
 # create_causal_mask (checked in transformers 5.25; tests/test_packing.py compares packed with
@@ -184,16 +182,6 @@ def pack_values(values: Sequence[Sequence], dtype: torch.dtype = torch.long,
     return torch.tensor(out, dtype=dtype)
 
 
-def next_token_logps(logits: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """[T-1] fp32: position t's log-probability of token t+1 (logits [1, T, V]); 0 where t is a
-    sequence's last position (t+1 starts the next sequence). Computed a slice of positions at a
-    time (ppo_math.logprobs_from_logits), so no [T, V] log-softmax copy is made."""
-    ids = packed.input_ids[0]
-    out = logprobs_from_logits(logits[0, :-1].unsqueeze(1), ids[1:].unsqueeze(1)).squeeze(1)
-    crosses = packed.seq_ids[1:] != packed.seq_ids[:-1]
-    return out.masked_fill(crosses, 0.0)
-
-
 def sequence_sums(values: torch.Tensor, packed: Packed, shift: int = 0) -> torch.Tensor:
     """[N] the sum per sequence of per-position `values` [T - shift] (shift=1 for values indexed
     by the predicted token t+1, as next_token_logps' output); differentiable."""
@@ -297,33 +285,9 @@ def tree(input_ids: torch.Tensor, prefix_lens: Sequence[int],
          branch_lens: Sequence[Sequence[int]]) -> Tree:
     """The Tree of a row [1, T] laid out group by group as prefix then branches (each prefix at
     least 1 token: its last position predicts every branch's first token)."""
-    device = input_ids.device
-    positions, group, branch, src, tgt, owner = [], [], [], [], [], []
-    t = 0
-    nb = len(branch_lens[0]) if branch_lens else 0
-    for g, (p, lens) in enumerate(zip(prefix_lens, branch_lens)):
-        if p < 1:
-            raise ValueError("tree: an empty prefix has no position to predict from")
-        positions.extend(range(p))
-        group.extend([g] * p)
-        branch.extend([0] * p)
-        last_prefix = t + p - 1
-        t += p
-        for b, n in enumerate(lens):
-            positions.extend(range(p, p + n))
-            group.extend([g] * n)
-            branch.extend([b + 1] * n)
-            src.extend([last_prefix, *range(t, t + n - 1)])
-            tgt.extend(range(t, t + n))
-            owner.extend([g * nb + b] * n)
-            t += n
-    as_long = partial_tensor(device)
-    group_t, branch_t = as_long(group), as_long(branch)
-    idx = torch.arange(t, device=device)
-    allowed = ((group_t[:, None] == group_t[None, :]) & (idx[None, :] <= idx[:, None])
-               & ((branch_t[None, :] == 0) | (branch_t[None, :] == branch_t[:, None])))
-    return Tree(input_ids, as_long(positions)[None], allowed, as_long(src), as_long(tgt),
-                as_long(owner))
+    t = _tree_layout(input_ids, prefix_lens, branch_lens, [list(range(len(prefix_lens)))],
+                     int(input_ids.shape[1]))
+    return Tree(t.input_ids, t.position_ids, t.allowed[0], t.src, t.tgt, t.owner)
 
 
 def fill_rows(sizes: Sequence[int], row_tokens: int) -> list[list[int]]:
@@ -352,27 +316,55 @@ def tree_rows(input_ids: torch.Tensor, prefix_lens: Sequence[int],
     nothing attends to it), `src` / `tgt` index the flattened [R * L] positions, `owner` counts
     the branches of the groups in their order in `input_ids`, as `tree` does."""
     sizes = [p + sum(lens) for p, lens in zip(prefix_lens, branch_lens)]
-    starts = [sum(sizes[:g]) for g in range(len(sizes))]
     plan = fill_rows(sizes, row_tokens)
     width = max(sum(sizes[g] for g in groups) for groups in plan)
+    return _tree_layout(input_ids, prefix_lens, branch_lens, plan, width)
+
+
+def _tree_layout(input_ids: torch.Tensor, prefix_lens: Sequence[int],
+                 branch_lens: Sequence[Sequence[int]], plan: list[list[int]],
+                 width: int) -> Tree:
+    """tree / tree_rows: the groups of each row of `plan` (indices, in order) laid out in rows
+    of `width` positions. Built as plain lists and a few batched tensor ops: a DPO step lays out
+    hundreds of short pairs, and per-group tensor calls cost a measurable share of it."""
+    sizes = [p + sum(lens) for p, lens in zip(prefix_lens, branch_lens)]
+    starts = [0] * len(sizes)
+    for g in range(1, len(sizes)):
+        starts[g] = starts[g - 1] + sizes[g - 1]
     nb = len(branch_lens[0]) if branch_lens else 0
-    device = input_ids.device
-    ids, positions, allowed, src, tgt, owner = [], [], [], [], [], []
+    flat_ids = input_ids[0].tolist()
+    cells = len(plan) * width
+    ids, positions, branch = [0] * cells, [0] * cells, [0] * cells
+    group = list(range(-1, -cells - 1, -1))  # a pad position is its own group: sees itself only
+    src: list[int] = []
+    tgt: list[int] = []
+    owner: list[int] = []
     for r, groups in enumerate(plan):
-        row = torch.cat([input_ids[:, starts[g]:starts[g] + sizes[g]] for g in groups], dim=1)
-        t = tree(row, [prefix_lens[g] for g in groups], [branch_lens[g] for g in groups])
-        n, pad = row.shape[1], width - row.shape[1]
-        ids.append(torch.nn.functional.pad(t.input_ids[0], (0, pad)))
-        positions.append(torch.nn.functional.pad(t.position_ids[0], (0, pad)))
-        mask = torch.eye(width, dtype=torch.bool, device=device)
-        mask[:n, :n] = t.allowed
-        allowed.append(mask)
-        src.append(t.src + r * width)
-        tgt.append(t.tgt + r * width)
-        index = torch.tensor(groups, dtype=torch.long, device=device)  # row group -> group
-        owner.append(index[t.owner // nb] * nb + t.owner % nb)
-    return Tree(torch.stack(ids), torch.stack(positions), torch.stack(allowed),
-                torch.cat(src), torch.cat(tgt), torch.cat(owner))
+        t = r * width
+        for g in groups:
+            p, size = prefix_lens[g], sizes[g]
+            if p < 1:
+                raise ValueError("tree: an empty prefix has no position to predict from")
+            ids[t:t + size] = flat_ids[starts[g]:starts[g] + size]
+            group[t:t + size] = [g] * size
+            positions[t:t + p] = range(p)
+            last_prefix = t + p - 1
+            t += p
+            for b, n in enumerate(branch_lens[g]):
+                positions[t:t + n] = range(p, p + n)
+                branch[t:t + n] = [b + 1] * n
+                src.extend([last_prefix, *range(t, t + n - 1)])
+                tgt.extend(range(t, t + n))
+                owner.extend([g * nb + b] * n)
+                t += n
+    as_long = partial_tensor(input_ids.device)
+    group_t = as_long(group).view(len(plan), width)
+    branch_t = as_long(branch).view(len(plan), width)
+    idx = torch.arange(width, device=input_ids.device)
+    allowed = ((group_t[:, :, None] == group_t[:, None, :]) & (idx[None, :] <= idx[:, None])
+               & ((branch_t[:, None, :] == 0) | (branch_t[:, None, :] == branch_t[:, :, None])))
+    return Tree(as_long(ids).view(len(plan), width), as_long(positions).view(len(plan), width),
+                allowed, as_long(src), as_long(tgt), as_long(owner))
 
 
 def partial_tensor(device: torch.device):
