@@ -242,6 +242,24 @@ def test_dpo_packed_step_equals_padded(shared, budget, min_mean, row_tokens, mon
     assert float((a.logits_sum - b.logits_sum).abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_dpo_packed_logps_equal_padded_in_other_families(family, shared, monkeypatch):
+    """The one-row DPO layouts (LM head only at the response-predicting positions, via
+    logits_to_keep as indices) in the other packing families: the padded layout's log-probs,
+    token counts and mean logits."""
+    monkeypatch.setattr(packing, "PER_SEQUENCE_MIN_MEAN", 1)  # every tree as one row
+    model = _model(family).eval()
+    assert packing.enabled(OmegaConf.create({"packing": True}), model, "dpo")
+    feats = _pairs()
+    with torch.no_grad():
+        a = dpo.pair_logps(model, collate_dpo(feats, PAD, shared_prompt=shared))
+        b = dpo.pair_logps(model, collate_dpo_packed(feats, shared_prompt=shared))
+    assert float((a.logps - b.logps).abs().max()) < 1e-4
+    assert torch.equal(a.tokens, b.tokens)
+    assert float((a.logits_sum - b.logits_sum).abs().max()) < 1e-4
+
+
 @pytest.mark.parametrize("row_tokens", [10_000, 20])
 def test_tree_eager_mask_equals_sdpa(row_tokens, monkeypatch):
     """The tree layout under eager attention (an additive 4-D mask) gives sdpa's numbers, in one
