@@ -122,13 +122,18 @@ def packed_pair_logps(model, batch: dict[str, torch.Tensor],
         # the prompts' logits would be a fifth of the forward, for nothing
         keep = mask[lo + 1:hi].nonzero().squeeze(1)
         logits = model(**rows.forward_kwargs(), logits_to_keep=keep).logits[0]  # [K, V]
-        per_token = logprobs_from_logits(logits.unsqueeze(1),
-                                         rows.input_ids[0, keep + 1, None])[:, 0]
-        owner = rows.seq_ids[keep + 1]
-        parts.append([torch.zeros(rows.num_seqs, device=per_token.device).index_add(0, owner, v)
-                      for v in (per_token, torch.ones_like(per_token),
-                                logits.detach().float().mean(-1))])
+        parts.append(response_sums(logits, rows.input_ids[0, keep + 1],
+                                   rows.seq_ids[keep + 1], rows.num_seqs))
     return dpo_math.SequenceLogps(*(torch.cat(p) for p in zip(*parts)))
+
+
+def response_sums(logits: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor,
+                  n: int) -> list[torch.Tensor]:
+    """[log-prob sum, token count, mean-logit sum], each [n], of response tokens `targets` [K]
+    predicted by `logits` [K, V], token k belonging to sequence owner[k] (of n)."""
+    per_token = logprobs_from_logits(logits.unsqueeze(1), targets[:, None])[:, 0]
+    return [torch.zeros(n, device=logits.device).index_add(0, owner, v)
+            for v in (per_token, torch.ones_like(per_token), logits.detach().float().mean(-1))]
 
 
 def tree_pair_logps(model, batch: dict[str, torch.Tensor],
@@ -147,13 +152,8 @@ def tree_pair_logps(model, batch: dict[str, torch.Tensor],
             logits = model(**kwargs, logits_to_keep=t.src).logits[0]  # predicted, not prompts
         else:  # batched rows: each row's positions differ, and logits_to_keep is one for all
             logits = model(**kwargs).logits.flatten(0, 1)[t.src]
-        # logits [K, V]: the positions predicting every response token
-        per_token = logprobs_from_logits(logits.unsqueeze(1),
-                                         t.input_ids.flatten()[t.tgt, None])[:, 0]
-        n = 2 * (g1 - g0)  # sides of the chunk's pairs, pair by pair (chosen, rejected)
-        sums = [torch.zeros(n, device=ids.device).index_add(0, t.owner, v)
-                for v in (per_token, torch.ones_like(per_token),
-                          logits.detach().float().mean(-1))]
+        # sides of the chunk's pairs, pair by pair (chosen, rejected)
+        sums = response_sums(logits, t.input_ids.flatten()[t.tgt], t.owner, 2 * (g1 - g0))
         chosen.append([v[0::2] for v in sums])
         rejected.append([v[1::2] for v in sums])
     return dpo_math.SequenceLogps(*(torch.cat([*c, *r]) for c, r in

@@ -184,7 +184,7 @@ def pack_values(values: Sequence[Sequence], dtype: torch.dtype = torch.long,
 
 def sequence_sums(values: torch.Tensor, packed: Packed, shift: int = 0) -> torch.Tensor:
     """[N] the sum per sequence of per-position `values` [T - shift] (shift=1 for values indexed
-    by the predicted token t+1, as next_token_logps' output); differentiable."""
+    by the predicted token t+1); differentiable."""
     owner = packed.seq_ids[shift:]
     out = torch.zeros(packed.num_seqs, dtype=values.dtype, device=values.device)
     return out.index_add(0, owner, values)
